@@ -1,0 +1,283 @@
+"""The `bench` command line (typer)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import ConfigError, RunConfig
+from .ui import console, error, info, progress_factory, run_table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="emotion-bench: PyTorch parallel-training strategies measured on speech emotion recognition.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: scan a folder of WAV files, write the synthetic set.")
+app.add_typer(data_app, name="data")
+
+
+class Exit(Exception):
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _fail(message: str, code: int = 2):
+    error(message)
+    raise Exit(code)
+
+
+# ------------------------------------------------------------------------------------------ run
+
+@app.command()
+def run(
+    strategy: str = typer.Option("single", help="Parallelism strategy (bench list): single, dp, ddp, fsdp, pipeline, model-parallel."),
+    gpus: int = typer.Option(1, "--gpus", "--devices", help="Devices in the whole run; without CUDA, CPU worker processes (gloo)."),
+    model: str = typer.Option("cnn", help="Model zoo name: cnn, crnn, lstm, transformer."),
+    model_size: str = typer.Option("base", help="Model size: small, base, large."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 (autocast) or fp16 (autocast + GradScaler, CUDA only)."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile each block before wrapping."),
+    compile_backend: str = typer.Option("inductor", help="torch.compile backend (aot_eager compiles in seconds, for tests)."),
+    epochs: int = typer.Option(8, help="Passes over the training split."),
+    batch_size: int = typer.Option(32, help="Samples per step: per device (weak scaling) or global (strong scaling)."),
+    scaling: str = typer.Option("weak", help="weak: --batch-size per device; strong: --batch-size is the global batch."),
+    dataset: str = typer.Option("synthetic", help="'synthetic' (embedded default) or a folder of WAV files."),
+    size: str = typer.Option("small", help="Synthetic size: tiny (128 clips), small (1,281), medium (3,200), full (12,798), or a clip count."),
+    seed: int = typer.Option(0, help="Seed of model init, batch order and crops."),
+    data_seed: int = typer.Option(0, help="Seed of the synthetic data and the speaker split (same for every run by default)."),
+    device: str = typer.Option("auto", help="auto (CUDA if available), cpu or cuda."),
+    warmup_steps: int = typer.Option(5, help="Steps run before the timed window (not measured)."),
+    target_f1: Optional[float] = typer.Option(None, help="Val macro-F1 to reach; its training time (s) is recorded."),
+    lr: float = typer.Option(2e-3, help="AdamW learning rate."),
+    dropout: float = typer.Option(0.1, help="Model dropout probability."),
+    schedule: str = typer.Option("1f1b", help="Pipeline schedule: gpipe or 1f1b."),
+    microbatches: Optional[int] = typer.Option(None, help="Pipeline micro-batches per step [default: 2 x stages]."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="ddp: synchronise BatchNorm statistics across ranks."),
+    nnodes: int = typer.Option(1, help="Machines taking part (torchrun --nnodes); run the same command on each."),
+    node_rank: int = typer.Option(0, help="This machine's index, 0 .. nnodes-1."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous (multi-node), the same on every node."),
+    threads: Optional[int] = typer.Option(None, help="torch threads per process [default: cores / processes on this machine]."),
+    timeout_s: float = typer.Option(300.0, help="Seconds a collective may wait for a hung or dead peer before the run fails."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps [default: all epochs]."),
+    peak_tflops: Optional[float] = typer.Option(None, help="Per-device peak TFLOP/s used for MFU [default: data-sheet table]."),
+    out: str = typer.Option("results/runs", help="Folder for the result file <run_id>.json."),
+):
+    """Train one cell of the matrix, measure it, and write one result file (its path is the last line)."""
+    cfg = RunConfig(strategy=strategy, devices=gpus, nodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                    model=model, model_size=model_size, dropout=dropout, precision=precision, compile=compile,
+                    compile_backend=compile_backend, batch_size=batch_size, scaling=scaling, epochs=epochs,
+                    max_steps=max_steps, lr=lr, seed=seed, data_seed=data_seed, dataset=dataset, size=size,
+                    device=device, warmup_steps=warmup_steps, target_f1=target_f1, schedule=schedule,
+                    microbatches=microbatches, sync_bn=sync_bn, threads=threads, timeout_s=timeout_s,
+                    peak_tflops=peak_tflops, out_dir=out)
+    from .distenv import under_torchrun
+    from .runner import worker_main
+
+    if under_torchrun():
+        raise Exit(worker_main(cfg))
+    path = execute_run(cfg)
+    if path is not None:
+        print(path)
+
+
+def execute_run(cfg: RunConfig, *, quiet: bool = False) -> Path | None:
+    """Validate, prepare data, run in process or through torchrun, show the table; the result path."""
+    from .distenv import resolve_device_type
+    from .results import load_result
+    from .runner import RunFailed, launch, load_data, new_run_id, run_in_process
+    from .strategies import check_strategy
+
+    t0 = time.perf_counter()
+    try:
+        cfg.validate()
+        device_type = resolve_device_type(cfg)
+        spec = check_strategy(cfg, device_type)
+        from emotion_models.models import build_model
+
+        build_model(cfg.model, size=cfg.model_size)  # unknown names fail here, before data work
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    if cfg.run_id is None:
+        cfg = cfg.replace(run_id=new_run_id(cfg, device_type))
+    if device_type == "cpu" and spec.multiprocess and not quiet:
+        info(f"no CUDA here: --gpus {cfg.devices} runs {cfg.devices} CPU worker processes with gloo "
+             f"(device_type cpu, {cfg.devices // cfg.nodes} on this node)")
+    try:
+        with progress_factory(transient=quiet) as progress:
+            data = load_data(cfg, progress=lambda n, d: progress(n, d))
+            if not quiet:
+                s = data.summary()
+                info(f"data: {s['source']}: {s['clips']} clips, {s['speakers']} speakers, "
+                     f"train/val/test {s['per_split']['train']}/{s['per_split']['val']}/{s['per_split']['test']} clips"
+                     + (f", {s['skipped']} skipped" if s["skipped"] else ""))
+            if spec.multiprocess:
+                path = launch(cfg, device_type, data, t0, status=(lambda m: None) if quiet else info)
+            else:
+                path = run_in_process(cfg, device_type, data, progress, t0)
+    except RunFailed as exc:
+        error(f"run failed: {exc}")
+        if exc.path:
+            print(exc.path)
+        raise Exit(1)
+    except (ConfigError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    if path is None:
+        info("done: this node's ranks finished; rank 0 on another node wrote the result file")
+        return None
+    if not quiet:
+        console.print(run_table(load_result(path)))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ env, list
+
+@app.command("env")
+def env_cmd(json_out: bool = typer.Option(False, "--json", help="Print the fingerprint as JSON.")):
+    """Print the hardware and software fingerprint recorded with every result."""
+    from .envinfo import fingerprint
+
+    fp = fingerprint()
+    if json_out:
+        print(json.dumps(fp, indent=1))
+        return
+    for key, value in fp.items():
+        if key == "gpus":
+            for g in value:
+                info(f"gpu {g['index']}: {g['name']}, {g['memory_bytes'] / 2**30:.1f} GiB, capability {g['capability']}, driver {g['driver']}")
+            continue
+        if key == "ram_bytes":
+            value = f"{value / 2**30:.1f} GiB"
+        info(f"{key}: {value}")
+
+
+@app.command("list")
+def list_cmd():
+    """Show the models, strategies and dataset sources."""
+    from rich.table import Table
+
+    from emotion_models.models import MODELS, build_model
+    from emotion_models.synthetic import SIZES, class_counts
+
+    from .strategies import all_strategies
+
+    t = Table(title="models")
+    for col in ("name", "features", "params (base)", "blocks", "description"):
+        t.add_column(col)
+    for name, (_, kind, desc) in MODELS.items():
+        m = build_model(name)
+        t.add_row(name, kind, f"{sum(p.numel() for p in m.parameters()):,}", str(len(m.blocks)), desc)
+    console.print(t)
+    t = Table(title="strategies")
+    for col in ("name", "processes", "needs CUDA", "what it does"):
+        t.add_column(col)
+    for spec in all_strategies().values():
+        t.add_row(spec.name, "N (torchrun)" if spec.multiprocess else "1", "yes" if spec.needs_cuda else "no", spec.summary)
+    console.print(t)
+    t = Table(title="dataset sources")
+    t.add_column("--dataset")
+    t.add_column("what")
+    sizes = ", ".join(f"{s} ({sum(class_counts(s).values()):,} clips)" for s in SIZES)
+    t.add_row("synthetic", f"embedded procedural emotional speech, 7 classes, real class balance; --size {sizes}")
+    t.add_row("PATH", "a folder: the Kaggle audio-emotions merge (Emotions/Angry/...) or RAVDESS, CREMA-D, TESS, SAVEE as distributed")
+    console.print(t)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+@data_app.command("scan")
+def data_scan(
+    path: str = typer.Argument(..., help="Folder to walk recursively."),
+    out: Optional[str] = typer.Option(None, "--out", help="Write the manifest CSV (path,label,corpus,speaker,split) here."),
+    seed: int = typer.Option(0, help="Seed of the speaker-disjoint split."),
+    show_skipped: int = typer.Option(50, help="List at most this many skipped files (all are counted)."),
+):
+    """Label every clip under PATH, split speakers 80/10/10, and summarise what was found and skipped."""
+    from rich.table import Table
+
+    from emotion_models.labels import CLASSES
+    from emotion_models.scan import ScanError, scan_folder, write_manifest
+
+    try:
+        report = scan_folder(path, seed=seed)
+    except ScanError as exc:
+        _fail(str(exc))
+    for column, keys in (("label", CLASSES), ("corpus", None), ("split", ("train", "val", "test"))):
+        counts = report.counts(column)
+        t = Table(title=f"clips per {column}")
+        t.add_column(column)
+        t.add_column("clips", justify="right")
+        for k in keys or sorted(counts):
+            t.add_row(k, str(counts.get(k, 0)))
+        console.print(t)
+    speakers = {r.speaker for r in report.rows if r.speaker}
+    unknown = sum(1 for r in report.rows if not r.speaker)
+    info(f"{len(report.rows)} clips, {len(speakers)} speakers" + (f", {unknown} clips of unknown speaker (each its own group)" if unknown else ""))
+    if report.disagreements:
+        info(f"file name and folder disagree on {sum(report.disagreements.values())} clips (the file name wins):")
+        for (corpus, folder, name), n in sorted(report.disagreements.items()):
+            info(f"  {corpus}: folder says {folder}, file name says {name}: {n}")
+    for title, items in (("skipped", report.skipped), ("flagged (kept)", report.flagged)):
+        if items:
+            reasons = Counter(r.split(":")[0] for _, r in items)
+            info(f"{title}: {len(items)} files (" + ", ".join(f"{k}: {v}" for k, v in reasons.most_common()) + ")")
+            for p, r in items[:show_skipped]:
+                info(f"  {p}: {r}")
+            if len(items) > show_skipped:
+                info(f"  ... and {len(items) - show_skipped} more (--show-skipped N)")
+    if out:
+        write_manifest(report.rows, out)
+        info(f"manifest: {out}")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: str = typer.Option(..., "--out", help="Folder to write Emotions/<Class>/synth_*.wav into (Kaggle layout)."),
+    size: str = typer.Option("small", help="tiny, small, medium, full, or a clip count."),
+    seed: int = typer.Option(0, help="Seed of the synthetic data."),
+):
+    """Write the synthetic dataset as 16 kHz 16-bit WAV files in the Kaggle audio-emotions layout."""
+    import soundfile as sf
+
+    from emotion_models.synthetic import SAMPLE_RATE, render, synthetic_clips
+
+    folders = {"angry": "Angry", "happy": "Happy", "sad": "Sad", "neutral": "Neutral", "fearful": "Fearful",
+               "disgusted": "Disgusted", "surprised": "Suprised"}  # the merge's own spelling
+    try:
+        clips = synthetic_clips(size, seed)
+    except ValueError as exc:
+        _fail(str(exc))
+    root = Path(out) / "Emotions"
+    with progress_factory() as progress:
+        tick = progress(len(clips), "writing WAV files")
+        for c in clips:
+            d = root / folders[c.label]
+            d.mkdir(parents=True, exist_ok=True)
+            sf.write(d / c.filename, render(c), SAMPLE_RATE, subtype="PCM_16")
+            tick(1)
+    info(f"wrote {len(clips)} clips to {root}")
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except Exit as exc:
+        sys.exit(exc.code)
+    except typer.Abort:
+        error("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        error("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and anything unexpected: one line, no traceback
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # typer's (vendored) click usage errors
+            exc.show()
+            sys.exit(exc.exit_code)
+        if os.environ.get("EMOTION_BENCH_DEBUG"):
+            raise
+        error(f"{type(exc).__name__}: {exc} (internal error; set EMOTION_BENCH_DEBUG=1 for the traceback)")
+        sys.exit(1)

@@ -1,0 +1,68 @@
+"""The distributed environment of one process: rank, world, device, backend."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str | None  # None when there is no process group
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def resolve_device_type(cfg: RunConfig) -> str:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def set_threads(cfg: RunConfig, local_processes: int) -> int:
+    """Split the cores between the processes of this machine so workers do not oversubscribe."""
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // local_processes)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def init_env(cfg: RunConfig, device_type: str) -> DistEnv:
+    """Join the process group when launched by torchrun; a plain process is rank 0 of 1."""
+    if not under_torchrun():
+        return DistEnv(0, 1, 0, 1, torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu"), None)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                              "lower --gpus or --nproc-per-node")
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                                device_id=device if device_type == "cuda" else None)
+    return DistEnv(rank, world, local_rank, local_world, device, backend)

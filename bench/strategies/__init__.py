@@ -1,0 +1,92 @@
+"""Strategies: one small function each, registered by name, returning a Plan.
+
+`def ddp(model, env, cfg) -> Plan` wraps the model for its parallelism and says how a step
+runs. Precision and compile are applied around them in one fixed order (bench/train.py):
+build (seeded, identical on every rank) -> move to device -> compile each block in place ->
+strategy wraps -> optimiser over plan.parameters.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, RunConfig
+from ..distenv import DistEnv
+
+
+@dataclass
+class Plan:
+    model: nn.Module  # what the step calls: the wrapped model (DDP, FSDP module, DataParallel, ...)
+    input_device: torch.device  # where batches go
+    # custom step for strategies whose forward/backward is not model(x) -> loss.backward()
+    # (pipeline schedules): step(x, y, autocast_ctx) -> loss on the rank that has it, else None
+    step: Callable | None = None
+    shard_batch: bool = True  # each rank trains on its own slice of the global batch
+    loss_rank: int | None = None  # None: average the loss over ranks; else the rank that computes it
+    autocast: bool = True  # wrap the forward in autocast for bf16/fp16 (False: the strategy casts itself)
+    grad_scaler: Callable[[], object] | None = None  # fp16: factory of the scaler to use
+    # collective: the full model (weights gathered) on rank 0 for evaluation, None on other ranks
+    eval_module: Callable[[], nn.Module | None] | None = None
+    info: dict = field(default_factory=dict)  # recorded in the result's config (schedule, bubble, ...)
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    fn: Callable[[nn.Module, DistEnv, RunConfig], Plan]
+    multiprocess: bool  # launched as one process per device through torchrun
+    needs_cuda: bool  # cannot run on CPU at all
+    summary: str
+    check: Callable[[RunConfig, str], None] | None = None  # raises ConfigError before anything starts
+
+
+STRATEGIES: dict[str, StrategySpec] = {}
+_MODULES = ("single", "dp", "ddp", "fsdp", "pipeline", "model_parallel")
+
+
+def register(name: str, *, multiprocess: bool, needs_cuda: bool = False, summary: str, check=None):
+    def deco(fn):
+        STRATEGIES[name] = StrategySpec(name, fn, multiprocess, needs_cuda, summary, check)
+        return fn
+
+    return deco
+
+
+def get_strategy(name: str) -> StrategySpec:
+    for mod in _MODULES:
+        importlib.import_module(f"{__name__}.{mod}")
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def all_strategies() -> dict[str, StrategySpec]:
+    get_strategy("single")
+    return STRATEGIES
+
+
+def check_strategy(cfg: RunConfig, device_type: str) -> StrategySpec:
+    """Everything that can be known before a process starts: one clear ConfigError if not."""
+    spec = get_strategy(cfg.strategy)
+    if spec.needs_cuda and device_type != "cuda":
+        raise ConfigError(f"--strategy {cfg.strategy} needs CUDA GPUs and this run is on CPU: "
+                          "use --strategy ddp for multi-process training on CPU")
+    if not spec.multiprocess and not spec.needs_cuda and cfg.devices > 1:
+        raise ConfigError(f"--strategy {cfg.strategy} uses one device; for --gpus {cfg.devices} use ddp, fsdp or pipeline")
+    if not spec.multiprocess and cfg.nodes > 1:
+        raise ConfigError(f"--strategy {cfg.strategy} runs in one process and cannot span --nnodes {cfg.nodes}")
+    if cfg.precision == "fp16" and device_type != "cuda":
+        raise ConfigError("--precision fp16 needs CUDA (fp16 autocast with a GradScaler); on CPU use bf16 or fp32")
+    if cfg.sync_bn and cfg.strategy != "ddp":
+        raise ConfigError("--sync-bn applies to --strategy ddp only")
+    if spec.check:
+        spec.check(cfg, device_type)
+    return spec

@@ -1,0 +1,21 @@
+"""DistributedDataParallel: one process per device, each on its slice of the global batch."""
+from __future__ import annotations
+
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..config import ConfigError
+from . import Plan, register
+
+
+def _check(cfg, device_type):
+    if cfg.sync_bn and device_type != "cuda":
+        # torch's SyncBatchNorm kernels are CUDA-only
+        raise ConfigError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
+
+
+@register("ddp", multiprocess=True, check=_check,
+          summary="DistributedDataParallel, DistributedSampler; NCCL on GPU, gloo on CPU")
+def ddp(model, env, cfg) -> Plan:
+    wrapped = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    # every replica holds the full model: rank 0 evaluates its own copy
+    return Plan(model=wrapped, input_device=env.device, eval_module=lambda: model if env.is_main else None)

@@ -1,0 +1,79 @@
+"""Console output: progress bars, the end-of-run table, one-line errors."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def error(message: str) -> None:
+    """The one clear line a user sees for bad input or a failed run."""
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+
+
+def info(message: str) -> None:
+    console.print(message, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def progress_factory(transient: bool = False):
+    """Yields make(total, description="training") -> tick(n) bound to one rich Progress."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn()]
+    # 2 refreshes a second: the refresh thread must not steal time from the measured loop
+    with Progress(*columns, console=console, transient=transient, refresh_per_second=2,
+                  disable=not sys.stdout.isatty()) as prog:
+
+        def make(total: int, description: str = "training steps"):
+            task = prog.add_task(description, total=total)
+            return lambda n=1: prog.advance(task, n)
+
+        yield make
+
+
+def fmt(value, spec: str = ".1f", unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:{spec}}{unit}"
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2**20:.0f} MiB"
+
+
+def run_table(result: dict) -> Table:
+    c, t, u, q = result["config"], result["throughput"], result["utilization"], result["quality"]
+    test = q.get("test") or {}
+    table = Table(title=f"{c['strategy']} · {c['model']} · {c['precision']}{' · compiled' if c['compile'] else ''} · "
+                        f"{c['devices']}x {c['device_type']}", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("throughput", fmt(t.get("samples_per_s"), ".1f", " samples/s"))
+    table.add_row("per device", fmt(t.get("samples_per_s_per_device"), ".1f", " samples/s"))
+    table.add_row("step time p50 / p90", f"{fmt(t.get('step_time_ms_p50'), '.1f')} / {fmt(t.get('step_time_ms_p90'), '.1f')} ms")
+    table.add_row("measured steps", f"{t.get('measured_steps')} (after {t.get('warmup_steps')} warmup)")
+    table.add_row("CPU busy (mean)", fmt(u.get("cpu_percent_mean"), ".0f", " %"))
+    table.add_row("GPU busy (NVML, mean)", fmt(u.get("gpu_busy_percent_mean"), ".0f", " %"))
+    table.add_row("peak memory", fmt_bytes(u.get("peak_allocated_bytes") or u.get("process_rss_peak_bytes")))
+    if u.get("gpu_energy_j") is not None:
+        table.add_row("GPU energy", fmt(u.get("gpu_energy_j"), ".0f", " J"))
+    f = result.get("flops") or {}
+    table.add_row("achieved", fmt(f.get("achieved_tflops"), ".3f", " TFLOP/s"))
+    mfu = f.get("mfu")
+    table.add_row("MFU", f"{mfu * 100:.1f} % of {f['peak_tflops_per_device']} TFLOP/s/device ({f['peak_source']})"
+                  if mfu is not None else f"n/a (peak {f.get('peak_source', 'unknown')})")
+    table.add_row("test macro-F1", fmt(test.get("macro_f1"), ".3f"))
+    table.add_row("test UAR", fmt(test.get("uar"), ".3f"))
+    table.add_row("test accuracy", fmt(test.get("accuracy"), ".3f"))
+    if q.get("target_f1") is not None:
+        table.add_row(f"time to val F1 {q['target_f1']}", fmt(q.get("time_to_target_s"), ".1f", " s"))
+    table.add_row("wall time", fmt(result["timing"].get("wall_s"), ".1f", " s"))
+    return table

@@ -1,0 +1,297 @@
+"""The model zoo. Every model is an ordered list of blocks, each a tensor -> tensor module.
+
+That one shape is what lets pipeline and model parallel split any model into consecutive
+stages (`model.stages(n)`), and FSDP2 shard it block by block.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .labels import CLASSES
+
+NUM_CLASSES = len(CLASSES)
+SIZES = ("small", "base", "large")
+
+
+class BlockModel(nn.Module):
+    """Runs `blocks` in order. Input: (batch, n_features, frames) features of kind `feature_kind`."""
+
+    def __init__(self, name: str, blocks: list[nn.Module], *, feature_kind: str, n_features: int, frames: int):
+        super().__init__()
+        self.name = name
+        self.blocks = nn.ModuleList(blocks)
+        self.feature_kind = feature_kind
+        self.n_features = n_features
+        self.frames = frames
+        self._bounds: dict[int, list[tuple[int, int]]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def example_input(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A random batch of the right shape."""
+        return torch.randn(batch_size, self.n_features, self.frames, device=device)
+
+    def block_flops(self, batch_size: int = 2) -> list[int]:
+        """Forward FLOPs of each block on an example batch (torch.utils.flop_counter)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        costs = []
+        x = self.example_input(batch_size, next(self.parameters()).device)
+        with torch.no_grad():
+            for block in self.blocks:
+                rnn_flops: list[int] = []
+                hooks = [m.register_forward_hook(lambda m, i, o: rnn_flops.append(_rnn_flops(m, i[0])))
+                         for m in block.modules() if isinstance(m, nn.RNNBase)]
+                with FlopCounterMode(display=False) as counter:
+                    x = block(x)
+                for h in hooks:
+                    h.remove()
+                costs.append(counter.get_total_flops() + sum(rnn_flops))
+        return costs
+
+    def stage_boundaries(self, n: int) -> list[tuple[int, int]]:
+        """Split blocks into n consecutive [start, end) ranges minimising the costliest stage."""
+        if n < 1 or n > len(self.blocks):
+            raise ValueError(f"{self.name} has {len(self.blocks)} blocks: it cannot be split into {n} stages "
+                             f"(use at most {len(self.blocks)})")
+        if n in self._bounds:
+            return self._bounds[n]
+        # costs from a fresh CPU copy: this model may already be compiled, sharded or on a GPU
+        fresh = rebuild(self) if hasattr(self, "build_kwargs") else self
+        # parameters count a little too, so cheap-but-heavy heads do not pile up on one stage
+        costs = [f + 1_000 * sum(p.numel() for p in b.parameters()) + 1 for f, b in zip(fresh.block_flops(), fresh.blocks)]
+        nb = len(costs)
+        prefix = [0]
+        for c in costs:
+            prefix.append(prefix[-1] + c)
+        inf = float("inf")
+        best = [[inf] * (nb + 1) for _ in range(n + 1)]
+        cut = [[0] * (nb + 1) for _ in range(n + 1)]
+        best[0][0] = 0
+        for k in range(1, n + 1):
+            for j in range(k, nb + 1):
+                for i in range(k - 1, j):
+                    v = max(best[k - 1][i], prefix[j] - prefix[i])
+                    if v < best[k][j]:
+                        best[k][j], cut[k][j] = v, i
+        bounds, j = [], nb
+        for k in range(n, 0, -1):
+            i = cut[k][j]
+            bounds.append((i, j))
+            j = i
+        self._bounds[n] = bounds[::-1]
+        return self._bounds[n]
+
+    def stages(self, n: int) -> list[nn.Sequential]:
+        """n consecutive, roughly balanced stages sharing this model's block modules."""
+        return [nn.Sequential(*self.blocks[a:b]) for a, b in self.stage_boundaries(n)]
+
+
+def _rnn_flops(rnn: nn.RNNBase, x: torch.Tensor) -> int:
+    """Forward FLOPs of a batch-first GRU/LSTM, which torch's flop counter does not count."""
+    gates = {"LSTM": 4, "GRU": 3}.get(rnn.mode, 1)
+    b, t = x.shape[0], x.shape[1]
+    dirs = 2 if rnn.bidirectional else 1
+    total, inp = 0, rnn.input_size
+    for _ in range(rnn.num_layers):
+        total += 2 * b * t * gates * rnn.hidden_size * (inp + rnn.hidden_size) * dirs
+        inp = rnn.hidden_size * dirs
+    return total
+
+
+# ------------------------------------------------------------------------------------------ blocks
+
+class ConvBlock(nn.Module):
+    """3x3 conv, batch norm, ReLU, 2x2 max pool. The first block adds the channel axis."""
+
+    def __init__(self, cin: int, cout: int, *, add_channel: bool = False):
+        super().__init__()
+        self.add_channel = add_channel
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                                  nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+    def forward(self, x):
+        return self.body(x.unsqueeze(1) if self.add_channel else x)
+
+
+class PoolHead(nn.Module):
+    """Global average pool over every axis after the channels, dropout, linear classifier."""
+
+    def __init__(self, channels: int, dropout: float):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.drop(x.flatten(2).mean(-1)))
+
+
+class ToSequence(nn.Module):
+    """(B, C, F, T) conv maps -> (B, T, hidden) frame vectors."""
+
+    def __init__(self, in_features: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(in_features, hidden)
+
+    def forward(self, x):
+        b, c, f, t = x.shape
+        return torch.relu(self.proj(x.permute(0, 3, 1, 2).reshape(b, t, c * f)))
+
+
+class Recurrent(nn.Module):
+    """One bidirectional GRU or LSTM layer returning its output sequence only."""
+
+    def __init__(self, kind: str, input_size: int, hidden: int, dropout: float):
+        super().__init__()
+        rnn = nn.GRU if kind == "gru" else nn.LSTM
+        self.rnn = rnn(input_size, hidden, batch_first=True, bidirectional=True)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.rnn(x)[0])
+
+
+class AttentionPool(nn.Module):
+    """Softmax attention over time, then a linear classifier: (B, T, D) -> (B, classes)."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, NUM_CLASSES)
+
+    def forward(self, x):
+        w = torch.softmax(self.score(x), dim=1)
+        return self.fc(self.drop((w * x).sum(1)))
+
+
+class Frames(nn.Module):
+    """(B, F, T) features -> (B, T/stride, hidden) frame vectors."""
+
+    def __init__(self, n_features: int, hidden: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv1d(n_features, hidden, kernel_size=stride, stride=stride)
+
+    def forward(self, x):
+        return torch.relu(self.proj(x)).transpose(1, 2)
+
+
+class MeanMaxHead(nn.Module):
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(2 * dim, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.cat([x.mean(1), x.amax(1)], dim=-1)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping (16 x 16) patches of the log-mel plus learned positions: (B, F, T) -> (B, N, D)."""
+
+    def __init__(self, n_features: int, frames: int, dim: int, patch: int = 16):
+        super().__init__()
+        self.proj = nn.Conv2d(1, dim, kernel_size=patch, stride=patch)
+        n = (n_features // patch) * (frames // patch)
+        self.pos = nn.Parameter(torch.zeros(1, n, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+
+    def forward(self, x):
+        return self.proj(x.unsqueeze(1)).flatten(2).transpose(1, 2) + self.pos
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, batch_first=True, norm_first=True)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class TokenHead(nn.Module):
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.norm(x).mean(1)))
+
+
+# ------------------------------------------------------------------------------------------ zoo
+
+def _cnn(size: str, dropout: float, n_features: int, frames: int) -> BlockModel:
+    w = {"small": 8, "base": 16, "large": 32}[size]
+    widths = [w, 2 * w, 4 * w, 8 * w]
+    blocks = [ConvBlock(1, widths[0], add_channel=True)]
+    blocks += [ConvBlock(a, b) for a, b in zip(widths, widths[1:])]
+    blocks.append(PoolHead(widths[-1], dropout))
+    return BlockModel("cnn", blocks, feature_kind="logmel", n_features=n_features, frames=frames)
+
+
+def _crnn(size: str, dropout: float, n_features: int, frames: int) -> BlockModel:
+    w, hidden = {"small": (8, 32), "base": (16, 64), "large": (32, 128)}[size]
+    blocks = [ConvBlock(1, w, add_channel=True), ConvBlock(w, 2 * w),
+              ToSequence(2 * w * (n_features // 4), hidden), Recurrent("gru", hidden, hidden, dropout),
+              AttentionPool(2 * hidden, dropout)]
+    return BlockModel("crnn", blocks, feature_kind="logmel", n_features=n_features, frames=frames)
+
+
+def _lstm(size: str, dropout: float, n_features: int, frames: int) -> BlockModel:
+    hidden, layers = {"small": (32, 2), "base": (64, 2), "large": (128, 3)}[size]
+    blocks: list[nn.Module] = [Frames(n_features, hidden, stride=2)]
+    blocks += [Recurrent("lstm", hidden if i == 0 else 2 * hidden, hidden, dropout) for i in range(layers)]
+    blocks.append(MeanMaxHead(2 * hidden, dropout))
+    return BlockModel("lstm", blocks, feature_kind="mfcc", n_features=n_features, frames=frames)
+
+
+def _transformer(size: str, dropout: float, n_features: int, frames: int) -> BlockModel:
+    dim, heads, layers = {"small": (64, 4, 2), "base": (128, 4, 4), "large": (256, 8, 6)}[size]
+    blocks: list[nn.Module] = [PatchEmbed(n_features, frames, dim)]
+    blocks += [EncoderBlock(dim, heads, dropout) for _ in range(layers)]
+    blocks.append(TokenHead(dim, dropout))
+    return BlockModel("transformer", blocks, feature_kind="logmel", n_features=n_features, frames=frames)
+
+
+MODELS: dict[str, tuple[Callable[..., BlockModel], str, str]] = {
+    # name: (builder, feature kind, one-line description)
+    "cnn": (_cnn, "logmel", "4 conv blocks (conv3x3-BN-ReLU-pool) on log-mel, global pool, linear"),
+    "crnn": (_crnn, "logmel", "2 conv blocks, bidirectional GRU, attention pooling"),
+    "lstm": (_lstm, "mfcc", "strided frame projection, bidirectional LSTM layers on 40 MFCC, mean+max pool"),
+    "transformer": (_transformer, "logmel", "16x16 patch embedding, pre-norm encoder layers, mean pool"),
+}
+
+
+def build_model(name: str, *, size: str = "base", dropout: float = 0.1, n_features: int | None = None,
+                frames: int = 301) -> BlockModel:
+    """A model of the zoo: `build_model("cnn")`. Sizes: small | base | large."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}: choose one of {', '.join(SIZES)}")
+    builder, kind, _ = MODELS[name]
+    if n_features is None:
+        n_features = 64 if kind == "logmel" else 40
+    model = builder(size, dropout, n_features, frames)
+    model.build_kwargs = dict(name=name, size=size, dropout=dropout, n_features=n_features, frames=frames)
+    return model
+
+
+def rebuild(model: BlockModel) -> BlockModel:
+    """A fresh model of the same architecture (weights not copied): a target for a full state dict."""
+    kw = dict(model.build_kwargs)
+    return build_model(kw.pop("name"), **kw)
+
+
+def feature_kind(name: str) -> str:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    return MODELS[name][1]
