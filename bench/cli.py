@@ -91,6 +91,7 @@ def execute_run(cfg: RunConfig, *, quiet: bool = False) -> Path | None:
     from .strategies import check_strategy
 
     t0 = time.perf_counter()
+    device_type = "cuda" if cfg.device == "cuda" else "cpu"
     try:
         cfg.validate()
         device_type = resolve_device_type(cfg)
@@ -99,7 +100,17 @@ def execute_run(cfg: RunConfig, *, quiet: bool = False) -> Path | None:
 
         build_model(cfg.model, size=cfg.model_size)  # unknown names fail here, before data work
     except (ConfigError, ValueError) as exc:
-        _fail(str(exc))
+        # a combination that cannot run is still a recorded cell: failed, with the reason
+        from .runner import build_result
+        from .results import write_result
+
+        failed = cfg.replace(run_id=cfg.run_id or new_run_id(cfg, device_type))
+        path = write_result(build_result(failed, device_type=device_type, world_size=cfg.devices, backend=None,
+                                         body=None, status="failed", error=str(exc), wall_s=time.perf_counter() - t0,
+                                         data_summary=None), cfg.out_dir)
+        error(str(exc))
+        print(path)
+        raise Exit(2)
     if cfg.run_id is None:
         cfg = cfg.replace(run_id=new_run_id(cfg, device_type))
     if device_type == "cpu" and spec.multiprocess and not quiet:

@@ -132,6 +132,8 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     warmup = min(cfg.warmup_steps, total_steps - 1)
+    # one-cycle LR over the planned steps: stable final epochs; stepped on the host, no sync
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.15)
     max_offset = fcfg.cache_frames - fcfg.crop_frames
 
     clock = _Clock(device)
@@ -179,6 +181,7 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
                     scaler.update()
                 else:
                     opt.step()
+                sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.detach().float() if loss is not None else zero)
                 step_marks.append((start, clock.mark()))

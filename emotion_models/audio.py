@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -11,6 +12,9 @@ import torchaudio
 
 SAMPLE_RATE = 16_000
 SHORT_CLIP_S = 0.05  # clips under 50 ms are flagged
+
+
+_DATA_SHORT = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
 
 
 class DecodeError(Exception):
@@ -58,6 +62,10 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
         raise DecodeError(f"cannot decode: {str(exc).strip().splitlines()[0]}") from None
     if info.frames > 0 and data.shape[0] < info.frames:
         raise DecodeError(f"truncated: header says {info.frames} frames, body holds {data.shape[0]}")
+    # libsndfile shortens a WAV whose body ends early and notes it: "data : 16000 (should be 7978)"
+    m = _DATA_SHORT.search(info.extra_info or "")
+    if m and int(m.group(1)) > int(m.group(2)):
+        raise DecodeError(f"truncated: header declares {m.group(1)} data bytes, the file holds {m.group(2)}")
     if data.shape[0] == 0:
         raise DecodeError("no audio frames")
     return data.mean(axis=1), sr

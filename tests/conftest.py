@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """Every test shares one feature cache in a temp folder, never the user's."""
+    path = tmp_path_factory.mktemp("feature-cache")
+    os.environ["EMOTION_BENCH_CACHE"] = str(path)
+    yield path
+
+
+def tone(seconds=1.0, sr=16000, freq=220.0, channels=1, amp=0.5):
+    t = np.arange(int(seconds * sr)) / sr
+    y = amp * np.sin(2 * np.pi * freq * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))
+    return np.stack([y] * channels, axis=1) if channels > 1 else y
+
+
+def write_wav(path: Path, seconds=1.0, sr=16000, channels=1, subtype="PCM_16", freq=220.0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, tone(seconds, sr, freq, channels), sr, subtype=subtype)
+    return path
+
+
+def bench(*args, env=None, timeout=600, cwd=None):
+    """Run the real `bench` CLI in a subprocess; returns CompletedProcess with text output."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "bench", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd or ROOT)
