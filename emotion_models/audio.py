@@ -90,27 +90,33 @@ def prepare_waveform(wave: np.ndarray | torch.Tensor, sr: int, cfg: FeatureConfi
 
 
 class FeatureExtractor(torch.nn.Module):
-    """Batched log-mel or MFCC with per-utterance mean/variance normalisation."""
+    """Batched log-mel or MFCC with per-utterance mean/variance normalisation.
+
+    torchaudio's Spectrogram (complex) -> power -> MelScale -> log(mel + 1e-6) [-> DCT-II for
+    MFCC, as torchaudio.transforms.MFCC(log_mels=True)]. The power is taken as re^2 + im^2,
+    about twice as fast on CPU as |z|^2, which keeps the cache build fast.
+    """
 
     def __init__(self, cfg: FeatureConfig):
         super().__init__()
-        self.cfg = cfg
-        mel_kwargs = dict(n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop_length,
-                          f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels)
-        if cfg.kind == "logmel":
-            self.transform = torchaudio.transforms.MelSpectrogram(sample_rate=cfg.sample_rate, **mel_kwargs)
-        elif cfg.kind == "mfcc":
-            self.transform = torchaudio.transforms.MFCC(sample_rate=cfg.sample_rate, n_mfcc=cfg.n_mfcc,
-                                                        log_mels=True, melkwargs=mel_kwargs)
-        else:
+        if cfg.kind not in ("logmel", "mfcc"):
             raise ValueError(f"unknown feature kind {cfg.kind!r}: use logmel or mfcc")
+        self.cfg = cfg
+        self.spec = torchaudio.transforms.Spectrogram(n_fft=cfg.n_fft, win_length=cfg.win_length,
+                                                      hop_length=cfg.hop_length, power=None)
+        self.mel = torchaudio.transforms.MelScale(n_mels=cfg.n_mels, sample_rate=cfg.sample_rate, f_min=cfg.f_min,
+                                                  f_max=cfg.f_max, n_stft=cfg.n_fft // 2 + 1)
+        if cfg.kind == "mfcc":
+            self.register_buffer("dct", torchaudio.functional.create_dct(cfg.n_mfcc, cfg.n_mels, norm="ortho"))
 
     @torch.no_grad()
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
         """(B, samples) -> (B, n_features, frames)."""
-        feats = self.transform(waves)
-        if self.cfg.kind == "logmel":
-            feats = torch.log(feats + 1e-6)
+        spec = self.spec(waves)
+        power = spec.real.square() + spec.imag.square()
+        feats = torch.log(self.mel(power) + 1e-6)
+        if self.cfg.kind == "mfcc":
+            feats = torch.matmul(feats.transpose(1, 2), self.dct).transpose(1, 2)
         mean = feats.mean(dim=(1, 2), keepdim=True)
         std = feats.std(dim=(1, 2), keepdim=True)
         return (feats - mean) / (std + 1e-5)

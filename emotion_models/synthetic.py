@@ -15,7 +15,7 @@ import torch
 
 from .labels import CLASSES
 
-GENERATOR_VERSION = 1  # bump when the output changes: it is part of the feature cache key
+GENERATOR_VERSION = 2  # bump when the output changes: it is part of the feature cache key
 SAMPLE_RATE = 16_000
 
 # Real class balance of the Kaggle merge after relabelling by native file name (12,798 clips).
@@ -139,11 +139,13 @@ def render(clip: SynthClip) -> np.ndarray:
 
     duration = rng.uniform(1.6, 3.6)
     n = int(duration * sr)
-    t = np.arange(n) / sr
+    block = 80  # F0 is computed per 5 ms block (about one period), then held per sample
+    nb = n // block + 1
+    tb = np.arange(nb) * block / sr
     rate = sp.rate_sps * lerp(1.0, p.rate_x) * rng.uniform(0.9, 1.1)
     # syllable boundaries with pauses in between
     voiced = np.zeros(n)
-    accent = np.zeros(n)
+    accent = np.zeros(nb)
     syl_index = np.full(n, -1)
     onsets = []
     pos = rng.uniform(0.05, 0.25) * sr
@@ -153,8 +155,9 @@ def render(clip: SynthClip) -> np.ndarray:
         a, b = int(pos), int(min(pos + syl, n))
         ramp = np.sin(np.linspace(0, np.pi, b - a)) ** 0.6
         voiced[a:b] = ramp
-        phase = np.linspace(0, 1, b - a)
-        accent[a:b] = {
+        ab, bb = a // block, max(b // block, a // block + 1)
+        phase = np.linspace(0, 1, bb - ab)
+        accent[ab:bb] = {
             "accents-abrupt": np.exp(-6 * phase),
             "accents-rise": phase**1.5,
         }.get(p.contour, np.sin(np.pi * phase)) * rng.uniform(0.3, 1.0)
@@ -166,7 +169,7 @@ def render(clip: SynthClip) -> np.ndarray:
     n_syl = max(s, 1)
 
     # F0 contour (semitones around the speaker's base)
-    x = t / duration
+    x = tb / duration
     range_st = 2.0 * lerp(1.0, p.range_x)
     contour = {
         "fall": 1.0 - 2.0 * x,
@@ -178,11 +181,9 @@ def render(clip: SynthClip) -> np.ndarray:
     }[p.contour]
     st = lerp(0.0, p.f0_st) + range_st * (contour + 1.2 * accent) + rng.normal(0, 0.7)
     if p.tremor_hz:
-        st = st + k * 0.5 * np.sin(2 * np.pi * p.tremor_hz * t + rng.uniform(0, 2 * np.pi))
+        st = st + k * 0.5 * np.sin(2 * np.pi * p.tremor_hz * tb + rng.uniform(0, 2 * np.pi))
     jitter = lerp(0.7, p.jitter_pct) / 100.0
-    block = 80  # 5 ms blocks of F0 perturbation, about one period
-    jit = np.repeat(rng.normal(0, 1, n // block + 1), block)[:n]
-    f0 = sp.f0_hz * 2 ** (st / 12) * (1 + jitter * jit)
+    f0 = np.repeat(sp.f0_hz * 2 ** (st / 12) * (1 + jitter * rng.normal(0, 1, nb)), block)[:n]
 
     # glottal pulses: one per F0 period, amplitude shimmer and creaky (irregular) periods
     phase = np.cumsum(f0 / sr)
@@ -196,7 +197,7 @@ def render(clip: SynthClip) -> np.ndarray:
     source[pulse_at] = amp
     source *= voiced
     breath = sp.breath + lerp(0.0, p.breath)
-    source += rng.normal(0, 1, n) * (0.02 + 0.25 * breath) * voiced
+    source += rng.standard_normal(n, dtype=np.float32) * (0.02 + 0.25 * breath) * voiced
     # fricative bursts at syllable onsets
     for a in onsets:
         m = min(int(0.03 * sr), n - a)
@@ -212,12 +213,12 @@ def render(clip: SynthClip) -> np.ndarray:
     env = _resonance(freqs, formants, BANDWIDTHS)[np.maximum(frame_syl, 0)]  # one per syllable
     tilt = -12.0 + lerp(0.0, p.tilt_db)  # dB per octave above 200 Hz
     env *= (np.maximum(freqs, 200.0) / 200.0) ** (tilt / 6.02)
-    window = torch.hann_window(N_FFT, dtype=torch.float64)
-    spec = torch.stft(torch.from_numpy(source), N_FFT, HOP, window=window, return_complex=True)
-    spec = spec * torch.from_numpy(env.T[:, : spec.shape[1]])
+    window = torch.hann_window(N_FFT)
+    spec = torch.stft(torch.from_numpy(source.astype(np.float32)), N_FFT, HOP, window=window, return_complex=True)
+    spec = spec * torch.from_numpy(env.T[:, : spec.shape[1]].astype(np.float32))
     speech = torch.istft(spec, N_FFT, HOP, window=window, length=n).numpy()
 
     speech *= 10 ** (lerp(0.0, p.level_db) / 20) / (np.abs(speech).max() + 1e-9)
     noise_db = rng.uniform(-38, -24)  # background noise relative to neutral speech peak
-    y = speech + rng.normal(0, 10 ** (noise_db / 20), n)
+    y = speech + rng.standard_normal(n, dtype=np.float32) * 10 ** (noise_db / 20)
     return (y / (np.abs(y).max() + 1e-9) * 0.9).astype(np.float32)
