@@ -143,6 +143,56 @@ def execute_run(cfg: RunConfig, *, quiet: bool = False) -> Path | None:
     return path
 
 
+# ------------------------------------------------------------------------------------------ parity
+
+@app.command()
+def parity(
+    gpus: int = typer.Option(2, "--gpus", "--devices", help="Devices (CPU worker processes without CUDA) per strategy."),
+    strategies: str = typer.Option("ddp,fsdp,pipeline:gpipe,pipeline:1f1b",
+                                   help="Comma-separated cells; pipeline:SCHEDULE picks the schedule."),
+    model: str = typer.Option("cnn", help="Model zoo name."),
+    model_size: str = typer.Option("small", help="Model size: small, base, large."),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 (fp16 needs CUDA)."),
+    steps: int = typer.Option(6, help="Optimiser steps compared."),
+    batch_size: int = typer.Option(16, help="Global batch (the same for every cell), samples."),
+    size: str = typer.Option("tiny", help="Synthetic dataset size."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="ddp with SyncBatchNorm (CUDA only)."),
+    compile_backend: Optional[str] = typer.Option(None, help="Compile every cell with this torch.compile backend."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Train a few steps of each strategy and compare losses and parameters with `single`."""
+    from rich.table import Table
+
+    from .parity import BASES, run_parity
+
+    def run_cell(cfg):
+        path = execute_run(cfg, quiet=True)
+        if path is None:
+            raise RuntimeError("no result on this node")
+        return path
+
+    cells = [c.strip() for c in strategies.split(",") if c.strip()]
+    rows = run_parity(strategies=cells, devices=gpus, model=model, model_size=model_size, precision=precision,
+                      steps=steps, batch_size=batch_size, size=size, sync_bn=sync_bn,
+                      compile_backend=compile_backend, device=device, run=run_cell)
+    t = Table(title=f"parity against single: {model}-{model_size}, {precision}, {steps} steps, global batch {batch_size}")
+    t.add_column("cell", no_wrap=True)
+    for col in ("loss deviation (max)", "parameter deviation", "tolerance loss / params", "basis", "verdict"):
+        t.add_column(col)
+    for r in rows:
+        verdict = "[green]ok[/]" if r.ok else "[red]FAIL[/]"
+        t.add_row(r.cell, f"{r.loss_dev:.1e}", f"{r.param_dev:.1e}", f"{r.loss_tol:g} / {r.param_tol:g}", r.basis, verdict)
+    console.print(t)
+    info("deviations are relative to single: per loss step |l - l_single| / |l_single|; parameters ||p - p_single|| / ||p_single||")
+    for basis in sorted({b for r in rows for b in r.basis.split("+")}):
+        info(f"  {basis}: {BASES[basis][2]}")
+    for r in rows:
+        if r.error:
+            error(f"{r.cell}: {r.error}")
+    if not all(r.ok for r in rows):
+        raise Exit(1)
+
+
 # ------------------------------------------------------------------------------------------ env, list
 
 @app.command("env")

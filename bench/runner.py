@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +34,7 @@ from .strategies import check_strategy
 
 CONFIG_ENV = "EMOTION_BENCH_CONFIG"
 LAUNCH_DIR_ENV = "EMOTION_BENCH_LAUNCH_DIR"
+ELAPSED_ENV = "EMOTION_BENCH_ELAPSED_S"  # seconds the launcher had run when it started torchrun
 FAULT_ENV = "EMOTION_BENCH_FAULT"  # tests only: "kill:RANK:STEP" or "raise:RANK:STEP" or "hang:RANK:STEP"
 
 
@@ -162,7 +164,7 @@ def worker_main(cli_cfg: RunConfig) -> int:
     launch_dir = os.environ.get(LAUNCH_DIR_ENV)
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - float(os.environ.get(ELAPSED_ENV, "0"))  # the launcher's start, if any
     device_type = "cpu"
     data = None
     try:
@@ -186,11 +188,18 @@ def worker_main(cli_cfg: RunConfig) -> int:
                                   body=body, status="ok", error=None, wall_s=time.perf_counter() - t0,
                                   data_summary=data.summary())
             print(write_result(result, cfg.out_dir))
+        if env.distributed:
+            # leave together: a rank that tears down gloo while its peer still uses the
+            # connection makes the peer abort ("terminate called without an active exception")
+            import torch.distributed as dist
+
+            dist.barrier()
         return 0
     except Exception as exc:
         message = _describe(exc)
         if launch_dir:
             Path(launch_dir, f"error-rank{rank}.json").write_text(json.dumps({"rank": rank, "error": message}))
+            traceback.print_exc()  # into the worker log kept beside the failed result, not on the console
         elif rank == 0:
             write_result(build_result(cfg, device_type=device_type, world_size=world, backend=None, body=None,
                                       status="failed", error=f"rank {rank}: {message}", wall_s=time.perf_counter() - t0,
@@ -233,6 +242,7 @@ def launch(cfg: RunConfig, device_type: str, data: Dataset, t0: float, status: C
         env[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg.replace(threads=threads)))
         env[LAUNCH_DIR_ENV] = launch_dir
         env["OMP_NUM_THREADS"] = str(threads)
+        env[ELAPSED_ENV] = str(time.perf_counter() - t0)
         env.pop("TORCHELASTIC_RUN_ID", None)
         log_path = Path(launch_dir, "torchrun.log")
         status(f"launching {per_node} worker process(es) per node through torchrun, {threads} thread(s) each")

@@ -19,6 +19,12 @@ def fsdp(model, env, cfg) -> Plan:
     dtype = _DTYPES.get(cfg.precision)
     # FSDP2 casts parameters itself (param_dtype) and reduces gradients in fp32; no autocast on top
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    if dtype:
+        # BatchNorm keeps fp32 parameters and statistics (its own group, inputs cast up), as autocast
+        # does; with bf16 weights its fp32 running stats would not even type-check on CPU
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
     for block in model.blocks:  # per block first, so each block's all-gather overlaps the previous block
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

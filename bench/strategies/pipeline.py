@@ -31,6 +31,11 @@ def _check(cfg, device_type):
         raise ConfigError("--strategy pipeline supports fp32 and bf16 (no GradScaler across pipeline stages)")
 
 
+class _Contiguous(torch.nn.Module):
+    def forward(self, x):
+        return x.contiguous()
+
+
 @register("pipeline", multiprocess=True, check=_check,
           summary="torch.distributed.pipelining, one stage per rank from model.stages(N), --schedule gpipe|1f1b")
 def pipeline(model, env, cfg) -> Plan:
@@ -38,6 +43,8 @@ def pipeline(model, env, cfg) -> Plan:
     bounds = model.stage_boundaries(n)
     first_block = bounds[rank][0]
     stage_module = model.stages(n)[rank]
+    if rank < n - 1:
+        stage_module.append(_Contiguous())  # gloo sends only contiguous tensors; no parameters, no state keys
     stage = PipelineStage(stage_module, rank, n, env.device)
     m = num_microbatches(cfg)
     schedule = SCHEDULES[cfg.schedule](stage, n_microbatches=m, loss_fn=F.cross_entropy)  # grads averaged over m
