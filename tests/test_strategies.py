@@ -1,0 +1,184 @@
+"""The strategy matrix on CPU with real processes: gloo, world size 2, tiny models."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from bench.results import load_result
+from conftest import ROOT, bench
+
+TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "8", "--model-size", "small", "--warmup-steps", "2"]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return load_result(proc.stdout.strip().splitlines()[-1])
+
+
+def _no_orphans():
+    """No bench worker or torchrun process may outlive a run."""
+    time.sleep(0.5)
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if any("torch.distributed.run" in c or c == "bench" for c in (p.info["cmdline"] or []))
+            and p.pid != os.getpid()]
+    return left
+
+
+@pytest.mark.parametrize("strategy,extra", [
+    ("ddp", ["--precision", "bf16"]),
+    ("fsdp", ["--precision", "bf16"]),
+    ("pipeline", ["--schedule", "gpipe", "--microbatches", "4"]),
+])
+def test_multiprocess_strategy_end_to_end(tmp_path, strategy, extra):
+    proc = bench("run", "--strategy", strategy, "--gpus", "2", *TINY, *extra, "--out", tmp_path)
+    r = _ok(proc)
+    assert "2 CPU worker processes with gloo" in proc.stdout
+    c = r["config"]
+    assert (c["strategy"], c["devices"], c["world_size"], c["backend"], c["device_type"]) == (strategy, 2, 2, "gloo", "cpu")
+    assert c["global_batch_size"] == 16 and c["batch_size_per_device"] == 8
+    assert len(r["utilization"]["per_rank"]) == 2 and all(x["peak_rss_bytes"] > 0 for x in r["utilization"]["per_rank"])
+    assert r["throughput"]["samples_per_s"] > 0 and len(r["losses"]) == r["timing"]["steps"]
+    assert all(l == l and l > 0 for l in r["losses"])  # finite, global mean over ranks
+    assert r["quality"]["test"]["num_samples"] > 0
+    if strategy == "pipeline":
+        assert c["num_microbatches"] == 4 and c["schedule"] == "gpipe"
+        assert c["bubble_fraction"] == pytest.approx(1 / 5)
+    assert len(list(tmp_path.glob("*.json"))) == 1  # rank 0 alone writes
+
+
+@pytest.mark.parametrize("strategy", ["dp", "model-parallel"])
+def test_cuda_only_strategies_fail_clearly_on_cpu(tmp_path, strategy):
+    proc = bench("run", "--strategy", strategy, "--gpus", "2", *TINY, "--device", "cpu", "--out", tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "needs CUDA" in proc.stderr and "ddp" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_impossible_combinations_fail_before_starting(tmp_path):
+    cases = [
+        (["--strategy", "pipeline", "--gpus", "6"], "at most 5 stages"),
+        (["--strategy", "pipeline", "--gpus", "2", "--microbatches", "3"], "micro-batches"),
+        (["--strategy", "single", "--gpus", "2"], "uses one device"),
+        (["--strategy", "ddp", "--gpus", "2", "--sync-bn"], "--sync-bn needs CUDA"),
+        (["--strategy", "ddp", "--gpus", "3", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1"], "does not divide"),
+    ]
+    for args, text in cases:
+        proc = bench("run", *TINY, *args, "--out", tmp_path)
+        assert proc.returncode == 2 and text in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+def test_parity_exact_for_batch_independent_model():
+    """lstm has no BatchNorm: every strategy computes the same mathematics as single."""
+    proc = bench("parity", "--gpus", "2", "--model", "lstm", "--steps", "4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for cell in ("ddp", "fsdp", "pipeline:gpipe", "pipeline:1f1b"):
+        assert cell in out
+    assert out.count("exact") >= 4 and "FAIL" not in out
+
+
+def test_parity_batchnorm_tolerance(tmp_path):
+    from bench.parity import BASES, ParityRow, tolerance
+
+    assert tolerance("ddp", 2, "cnn", "fp32", False)[2] == "batchnorm"
+    assert tolerance("ddp", 2, "lstm", "fp32", False)[2] == "exact"
+    assert tolerance("fsdp", 2, "lstm", "bf16", False)[2] == "bf16"
+    assert not ParityRow("x", BASES["exact"][0] * 2, 0.0, *BASES["exact"][:2], "exact").ok
+    proc = bench("parity", "--gpus", "2", "--model", "cnn", "--strategies", "ddp", "--steps", "4")
+    assert proc.returncode == 0 and "batchnorm" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_parity_exits_non_zero_on_a_failed_cell():
+    proc = bench("parity", "--gpus", "2", "--model", "lstm", "--strategies", "nosuch", "--steps", "2")
+    assert proc.returncode == 1 and "FAIL" in proc.stdout and "unknown strategy" in proc.stderr
+
+
+def test_compile_aot_eager_ddp(tmp_path):
+    r = _ok(bench("run", "--strategy", "ddp", "--gpus", "2", *TINY, "--compile", "--compile-backend", "aot_eager",
+                  "--out", tmp_path))
+    assert r["config"]["compile"] is True and r["throughput"]["samples_per_s"] > 0
+
+
+def test_compile_aot_eager_single_matches_eager(tmp_path):
+    eager = _ok(bench("run", *TINY, "--out", tmp_path / "e"))
+    comp = _ok(bench("run", *TINY, "--compile", "--compile-backend", "aot_eager", "--out", tmp_path / "c"))
+    torch.testing.assert_close(torch.tensor(comp["losses"]), torch.tensor(eager["losses"]), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_inductor(tmp_path):
+    r = _ok(bench("run", *TINY, "--compile", "--out", tmp_path))
+    assert r["config"]["compile_backend"] == "inductor"
+
+
+def test_killed_worker_ends_the_run_with_a_failed_result(tmp_path):
+    t = time.monotonic()
+    proc = bench("run", "--strategy", "ddp", "--gpus", "2", *TINY, "--timeout-s", "30", "--out", tmp_path,
+                 env={"EMOTION_BENCH_FAULT": "kill:1:3"}, timeout=180)
+    assert time.monotonic() - t < 120
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    r = load_result(proc.stdout.strip().splitlines()[-1])
+    assert r["status"] == "failed" and "rank 1" in r["error"] and "SIGKILL" in r["error"]
+    assert not _no_orphans()
+
+
+def test_hung_worker_is_bounded_by_the_timeout(tmp_path):
+    t = time.monotonic()
+    proc = bench("run", "--strategy", "ddp", "--gpus", "2", *TINY, "--timeout-s", "10", "--out", tmp_path,
+                 env={"EMOTION_BENCH_FAULT": "hang:1:3"}, timeout=180)
+    assert time.monotonic() - t < 120
+    assert proc.returncode == 1
+    r = load_result(proc.stdout.strip().splitlines()[-1])
+    assert r["status"] == "failed" and "rank" in r["error"]
+    assert not _no_orphans()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost(tmp_path):
+    port = _free_port()
+    env = dict(os.environ)
+    procs = [subprocess.Popen([sys.executable, "-m", "bench", "run", "--strategy", "ddp", "--gpus", "2", *TINY,
+                               "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", f"127.0.0.1:{port}",
+                               "--out", str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    r = load_result(files[0])
+    assert (r["config"]["nodes"], r["config"]["world_size"], r["config"]["devices"]) == (2, 2, 2)
+    assert sum("rank 0 on another node" in o for o, _ in outs) == 1
+
+
+def test_users_own_torchrun(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "bench", "run", "--strategy", "ddp", *TINY, "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    r = load_result(files[0])
+    assert r["config"]["devices"] == 2 and r["config"]["world_size"] == 2
+
+
+gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpus < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("strategy", ["dp", "model-parallel", "ddp", "fsdp", "pipeline"])
+def test_multi_gpu_strategies(tmp_path, strategy):
+    r = _ok(bench("run", "--strategy", strategy, "--gpus", "2", *TINY, "--out", tmp_path))
+    assert r["config"]["device_type"] == "cuda"
