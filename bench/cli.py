@@ -21,13 +21,16 @@ app.add_typer(data_app, name="data")
 
 
 class Exit(Exception):
-    def __init__(self, code: int):
+    """Leave with this exit code; the message (already shown to the user) travels for callers."""
+
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(message)
         self.code = code
 
 
 def _fail(message: str, code: int = 2):
     error(message)
-    raise Exit(code)
+    raise Exit(code, message)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -108,9 +111,10 @@ def execute_run(cfg: RunConfig, *, quiet: bool = False) -> Path | None:
         path = write_result(build_result(failed, device_type=device_type, world_size=cfg.devices, backend=None,
                                          body=None, status="failed", error=str(exc), wall_s=time.perf_counter() - t0,
                                          data_summary=None), cfg.out_dir)
-        error(str(exc))
-        print(path)
-        raise Exit(2)
+        if not quiet:
+            error(str(exc))
+            print(path)
+        raise Exit(2, str(exc))
     if cfg.run_id is None:
         cfg = cfg.replace(run_id=new_run_id(cfg, device_type))
     if device_type == "cpu" and spec.multiprocess and not quiet:
@@ -129,12 +133,15 @@ def execute_run(cfg: RunConfig, *, quiet: bool = False) -> Path | None:
             else:
                 path = run_in_process(cfg, device_type, data, progress, t0)
     except RunFailed as exc:
-        error(f"run failed: {exc}")
-        if exc.path:
-            print(exc.path)
-        raise Exit(1)
+        if not quiet:
+            error(f"run failed: {exc}")
+            if exc.path:
+                print(exc.path)
+        raise Exit(1, str(exc))
     except (ConfigError, ValueError, OSError) as exc:
-        _fail(str(exc))
+        if not quiet:
+            error(str(exc))
+        raise Exit(2, str(exc))
     if path is None:
         info("done: this node's ranks finished; rank 0 on another node wrote the result file")
         return None
