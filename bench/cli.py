@@ -200,6 +200,195 @@ def parity(
         raise Exit(1)
 
 
+# ------------------------------------------------------------------------------------------ sweep
+
+def _csv(value: str | None, cast=str) -> list | None:
+    return [cast(v.strip()) for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command()
+def sweep(
+    strategies: Optional[str] = typer.Option(None, help="Comma-separated strategies, e.g. single,ddp,fsdp,pipeline."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", "--devices", help="Comma-separated device counts, e.g. 1,2,4."),
+    precision: Optional[str] = typer.Option(None, help="Comma-separated precisions, e.g. fp32,bf16."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated models [default: cnn]."),
+    compile: Optional[str] = typer.Option(None, "--compile", help="Comma-separated off,on [default: off]."),
+    repeat: Optional[int] = typer.Option(None, help="Repeats per cell; seeds differ per repeat (seed + repeat index)."),
+    config: Optional[str] = typer.Option(None, "--config", help="A sweep TOML file or a preset: smoke, cpu, gpu-node."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per cell [default: the preset's, else 8]."),
+    size: Optional[str] = typer.Option(None, help="Synthetic size per cell [default: the preset's, else small]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size per cell, samples (per device under weak scaling)."),
+    dataset: Optional[str] = typer.Option(None, help="'synthetic' or a folder of WAV files."),
+    out: str = typer.Option("results/sweep", help="Folder for the cells' result files and sweep.json."),
+    resume: bool = typer.Option(False, "--resume", help="Skip cells whose result file already exists in --out."),
+):
+    """Run a matrix of cells one after another; cells that cannot run here are skipped with a reason."""
+    from .distenv import resolve_device_type
+    from .sweep import SweepSpec, _bool, done, expand, load_spec, write_manifest
+
+    try:
+        spec = load_spec(config) if config else SweepSpec(strategies=["single"], gpus=[1])
+        for name, value in (("strategies", _csv(strategies)), ("gpus", _csv(gpus, int)),
+                            ("precision", _csv(precision)), ("models", _csv(models)),
+                            ("compile", _csv(compile, _bool)), ("repeat", repeat)):
+            if value is not None:
+                setattr(spec, name, value)
+        for name, value in (("epochs", epochs), ("size", size), ("batch_size", batch_size), ("dataset", dataset)):
+            if value is not None:
+                spec.run[name] = value
+        device_type = resolve_device_type(RunConfig(**spec.run))
+        cells = expand(spec, device_type, out)
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    states: dict[str, dict] = {}
+    todo = []
+    for c in cells:
+        if c.skip_reason:
+            states[c.key] = {"state": "skipped", "reason": c.skip_reason}
+        elif resume and done(out, c.key):
+            states[c.key] = {"state": "done", "result": f"{c.key}.json", "resumed": True}
+        else:
+            todo.append(c)
+    write_manifest(out, cells, states)
+    skipped = [c for c in cells if c.skip_reason]
+    info(f"sweep: {len(cells)} cells, {len(skipped)} skipped here, "
+         f"{len(cells) - len(skipped) - len(todo)} already done, {len(todo)} to run -> {out}")
+    for c in skipped:
+        info(f"  skip {c.key}: {c.skip_reason}")
+    failed = 0
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not sys.stdout.isatty()) as prog:
+        task = prog.add_task("sweep", total=len(todo))
+        for c in todo:
+            prog.update(task, description=f"sweep: {c.key}")
+            try:
+                execute_run(c.cfg, quiet=True)
+                states[c.key] = {"state": "done", "result": f"{c.key}.json"}
+            except Exit as exc:  # recorded as a failed result by execute_run; the sweep goes on
+                failed += 1
+                states[c.key] = {"state": "failed", "result": f"{c.key}.json", "error": str(exc)}
+                prog.console.print(f"[red]failed[/] {c.key}: {exc}")
+            write_manifest(out, cells, states)
+            prog.advance(task)
+    info(f"sweep done: {len(todo) - failed} ran, {failed} failed, {len(skipped)} skipped; results in {out}")
+    info(f"next: bench report {out} --out reports/")
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def _load(paths: list[str]):
+    from .results import load_results
+
+    results, bad = [], []
+    for p in paths:
+        try:
+            r, b = load_results([p])
+        except FileNotFoundError as exc:
+            _fail(f"{exc}: pass result folders or files")
+        for x in r:
+            x["_source"] = p
+        results += r
+        bad += b
+    return results, bad
+
+
+@app.command()
+def report(
+    dirs: list[str] = typer.Argument(..., help="Result folders (or files); folders from two machines are compared side by side."),
+    out: str = typer.Option("reports", "--out", help="Folder for report.md, report.html, results.csv and the PNG plots."),
+):
+    """Tables (DeepLearningExamples style), scaling plots and a hardware comparison from result files."""
+    from rich.table import Table
+
+    from .report import main_tables, write_report
+
+    results, bad = _load(dirs)
+    if not results:
+        _fail(f"no result files under {', '.join(dirs)}" + (f" ({len(bad)} unreadable JSON files)" if bad else ""))
+    skipped = []
+    for d in dirs:
+        manifest = Path(d) / "sweep.json"
+        if manifest.exists():
+            skipped += [(c["key"], c.get("reason", "")) for c in json.loads(manifest.read_text())["cells"]
+                        if c.get("state") == "skipped"]
+    rep = write_report(results, bad, out, skipped)
+    for title, header, rows, note in main_tables(rep["cells"]):
+        t = Table(title=title, caption=note)
+        for h in header:
+            t.add_column(h, justify="right")
+        for r in rows:
+            t.add_row(*r)
+        console.print(t)
+    for p, why in bad:
+        error(f"not a result file: {p}: {why}")
+    info(f"report: {Path(out) / 'report.md'}, {Path(out) / 'report.html'}, {Path(out) / 'results.csv'}, "
+         f"{len(rep['plots'])} plots")
+
+
+# ------------------------------------------------------------------------------------------ compare
+
+@app.command("compare")
+def compare_cmd(
+    baseline: str = typer.Argument(..., help="Baseline result folder or file."),
+    current: str = typer.Argument(..., help="Current result folder or file."),
+    max_regression: str = typer.Option("5%", help="Smallest relative change that counts (throughput, step time, efficiency, memory)."),
+    max_f1_drop: float = typer.Option(0.02, help="Smallest macro-F1 change that counts, absolute (0.02 = two points of F1)."),
+    noise_k: float = typer.Option(2.0, help="A change must also exceed k x the spread of the baseline's repeats."),
+    gate: str = typer.Option("throughput,step_time,efficiency,memory,macro_f1",
+                             help="Metrics whose regression fails the comparison (the others are reported only)."),
+    fmt: str = typer.Option("text", "--format", help="text (terminal table) or md (markdown, for a PR comment)."),
+):
+    """Match cells by config and flag regressions, improvements, or changes within noise; exit 1 on a regression."""
+    from rich.table import Table
+
+    from .compare import METRICS, compare, parse_fraction, table_rows
+    from .report import md_table
+
+    try:
+        threshold = parse_fraction(max_regression)
+    except ValueError as exc:
+        _fail(f"--max-regression: {exc}")
+    gates = [g.strip() for g in gate.split(",") if g.strip()]
+    unknown = set(gates) - set(METRICS)
+    if unknown:
+        _fail(f"--gate: unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    if fmt not in ("text", "md"):
+        _fail("--format: use text or md")
+    base, bad_b = _load([baseline])
+    cur, bad_c = _load([current])
+    if not base:
+        _fail(f"no result files in baseline {baseline}")
+    if not cur:
+        _fail(f"no result files in current {current}")
+    verdicts = compare(base, cur, max_regression=threshold, max_f1_drop=max_f1_drop, noise_k=noise_k, gate=gates)
+    header, rows = table_rows(verdicts)
+    regressions = [v for v in verdicts if v.verdict in ("regression", "failed")]
+    summary = (f"{len(verdicts)} cells: {len(regressions)} regressed, "
+               f"{sum(v.verdict == 'improvement' for v in verdicts)} improved, "
+               f"{sum(v.verdict == 'within noise' for v in verdicts)} within noise; gated on {', '.join(gates)}; "
+               f"a change counts above max({threshold * 100:g}% (F1: {max_f1_drop} absolute), {noise_k:g} x baseline spread)")
+    if fmt == "md":
+        print(md_table(header, rows))
+        print()
+        print(summary)
+    else:
+        t = Table(title=f"compare {baseline} -> {current}")
+        for h in header:
+            t.add_column(h)
+        for r in rows:
+            style = "red" if r[-2] in ("regression", "failed") else ("green" if r[-2] == "improvement" else None)
+            t.add_row(*r, style=style)
+        console.print(t)
+        info(summary)
+    for p, why in bad_b + bad_c:
+        error(f"not a result file: {p}: {why}")
+    if regressions:
+        raise Exit(1)
+
+
 # ------------------------------------------------------------------------------------------ env, list
 
 @app.command("env")

@@ -49,6 +49,7 @@ class RunConfig:
     peak_tflops: float | None = None  # override the per-device peak used for MFU, TFLOP/s
     eval_each_epoch: bool = True  # val macro-F1 after every epoch (outside the timed window)
     save_params: str | None = None  # write the final full state dict here (bench parity)
+    repeat: int = 0  # index of this repeat of a sweep cell (its seed differs per repeat)
     out_dir: str = "results/runs"  # where <run_id>.json goes
     run_id: str | None = None  # set by the launcher; derived when None
 

@@ -28,6 +28,9 @@ THROUGHPUT_KEYS = ("samples_per_s", "samples_per_s_per_device", "step_time_ms_p5
 TEST_KEYS = ("accuracy", "macro_f1", "uar", "per_class", "confusion_matrix")
 
 
+NOT_RESULTS = {"sweep.json"}  # JSON files that live beside results but are not results
+
+
 class ResultError(ValueError):
     """A result file that does not follow the schema."""
 
@@ -90,7 +93,7 @@ def iter_result_files(paths) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*.json") if not q.name.startswith(".")))
+            files.extend(sorted(q for q in p.rglob("*.json") if not q.name.startswith(".") and q.name not in NOT_RESULTS))
         elif p.exists():
             files.append(p)
         else:

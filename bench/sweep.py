@@ -1,0 +1,141 @@
+"""`bench sweep`: expand the matrix, skip what cannot run here (with the reason), run the rest.
+
+Each cell's run_id is its key, so `DIR/<key>.json` existing means the cell is done: `--resume`
+skips it. Result files are atomic, so an interrupted sweep never leaves a half-written one; the
+cell that was running simply runs again. `DIR/sweep.json` lists every cell with its state.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from emotion_models.atomic import atomic_write_text
+
+from .config import ConfigError, RunConfig
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+MATRIX_KEYS = ("strategies", "gpus", "precision", "models", "compile", "repeat")
+
+
+@dataclass
+class SweepSpec:
+    strategies: list[str]
+    gpus: list[int]
+    precision: list[str] = field(default_factory=lambda: ["fp32"])
+    models: list[str] = field(default_factory=lambda: ["cnn"])
+    compile: list[bool] = field(default_factory=lambda: [False])
+    repeat: int = 1
+    run: dict = field(default_factory=dict)  # RunConfig fields shared by every cell
+
+
+@dataclass
+class Cell:
+    key: str
+    cfg: RunConfig
+    skip_reason: str | None = None
+
+
+def _bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("on", "true", "yes", "1", "compile"):
+        return True
+    if str(v).lower() in ("off", "false", "no", "0", "eager"):
+        return False
+    raise ConfigError(f"compile value {v!r}: use on or off")
+
+
+def load_spec(path_or_preset: str) -> SweepSpec:
+    """A sweep from a TOML file or a shipped preset name (smoke, cpu, gpu-node)."""
+    path = Path(path_or_preset)
+    if not path.exists():
+        preset = PRESET_DIR / f"{path_or_preset}.toml"
+        if not preset.exists():
+            names = ", ".join(p.stem for p in sorted(PRESET_DIR.glob("*.toml")))
+            raise ConfigError(f"--config {path_or_preset}: no such file or preset (presets: {names})")
+        path = preset
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
+    unknown = set(raw) - set(MATRIX_KEYS) - {"run"}
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown keys {sorted(unknown)}; use {', '.join(MATRIX_KEYS)} and [run]")
+    run = dict(raw.get("run", {}))
+    valid = {f.name for f in fields(RunConfig)}
+    bad = set(run) - valid
+    if bad:
+        raise ConfigError(f"--config {path}: [run] has unknown fields {sorted(bad)}")
+    return SweepSpec(strategies=list(raw.get("strategies", ["single"])), gpus=[int(g) for g in raw.get("gpus", [1])],
+                     precision=list(raw.get("precision", ["fp32"])), models=list(raw.get("models", ["cnn"])),
+                     compile=[_bool(c) for c in raw.get("compile", ["off"])], repeat=int(raw.get("repeat", 1)),
+                     run=run)
+
+
+def cell_key(cfg: RunConfig) -> str:
+    comp = "compiled" if cfg.compile else "eager"
+    return f"{cfg.model}-{cfg.strategy}-{cfg.devices}x-{cfg.precision}-{comp}-{cfg.scaling}-b{cfg.batch_size}-r{cfg.repeat}"
+
+
+def _why_not_here(cfg: RunConfig, device_type: str) -> str | None:
+    from .strategies import check_strategy
+
+    try:
+        cfg.validate()
+        check_strategy(cfg, device_type)
+    except ConfigError as exc:
+        return str(exc)
+    if device_type == "cpu":
+        cores = os.cpu_count() or 1
+        per_worker = cfg.threads or 1
+        if cfg.devices // cfg.nodes * per_worker > cores:
+            return (f"{cfg.devices} CPU workers x {per_worker} thread(s) need {cfg.devices * per_worker} cores; "
+                    f"this machine has {cores}")
+    else:
+        import torch
+
+        if cfg.devices // cfg.nodes > torch.cuda.device_count():
+            return f"{cfg.devices} GPUs requested; this machine has {torch.cuda.device_count()}"
+    return None
+
+
+def expand(spec: SweepSpec, device_type: str, out_dir: str) -> list[Cell]:
+    """Every cell of the matrix, with a skip reason where it cannot run here."""
+    base = RunConfig(**spec.run).replace(out_dir=out_dir)
+    cells: list[Cell] = []
+    seen = set()
+    for model, strategy, devices, precision, comp in itertools.product(
+            spec.models, spec.strategies, spec.gpus, spec.precision, spec.compile):
+        if strategy == "single" and devices != 1:
+            continue  # one device by definition; its 1-device cell is the baseline
+        for r in range(spec.repeat):
+            cfg = base.replace(model=model, strategy=strategy, devices=devices, precision=precision, compile=comp,
+                               repeat=r, seed=base.seed + r)
+            key = cell_key(cfg)
+            if key in seen:
+                continue
+            seen.add(key)
+            cells.append(Cell(key, cfg.replace(run_id=key), _why_not_here(cfg, device_type)))
+    # the baseline of every efficiency: single on 1 device, added where the matrix lacks it
+    for model, precision, comp in itertools.product(spec.models, spec.precision, spec.compile):
+        for r in range(spec.repeat):
+            cfg = base.replace(model=model, strategy="single", devices=1, precision=precision, compile=comp,
+                               repeat=r, seed=base.seed + r)
+            key = cell_key(cfg)
+            if key not in seen:
+                seen.add(key)
+                cells.insert(0, Cell(key, cfg.replace(run_id=key), _why_not_here(cfg, device_type)))
+    return cells
+
+
+def write_manifest(out_dir: str, cells: list[Cell], states: dict[str, dict]) -> None:
+    rows = [{"key": c.key, **states.get(c.key, {"state": "pending"})} for c in cells]
+    atomic_write_text(Path(out_dir) / "sweep.json", json.dumps({"cells": rows}, indent=1) + "\n")
+
+
+def done(out_dir: str, key: str) -> bool:
+    return (Path(out_dir) / f"{key}.json").exists()

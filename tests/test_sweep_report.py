@@ -1,0 +1,224 @@
+"""Sweeps, reports, hardware comparison and regression comparison."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.compare import compare
+from bench.report import aggregate, frame, main_tables, write_report
+from bench.results import load_result, write_result
+from bench.sweep import SweepSpec, expand, load_spec
+from conftest import ROOT, bench
+
+
+def fixture_result(*, strategy="single", devices=1, precision="fp32", thr=100.0, f1=0.8, repeat=0, batch=32,
+                   model="cnn", cpu="Test CPU", torch_version="2.11.0", hardware_id="hwA", step_ms=None, mem=1e9,
+                   status="ok", energy=None):
+    run_id = f"{hardware_id}-{model}-{strategy}-{devices}x-{precision}-r{repeat}"
+    return {
+        "schema": 1, "run_id": run_id, "status": status, "error": None if status == "ok" else "boom",
+        "config": {"strategy": strategy, "devices": devices, "device_type": "cpu", "nodes": 1, "model": model,
+                   "model_size": "small", "precision": precision, "compile": False, "batch_size_per_device": batch,
+                   "global_batch_size": batch * devices, "epochs": 2, "seed": repeat, "repeat": repeat,
+                   "dataset": "synthetic", "size": "tiny", "scaling": "weak"},
+        "env": {"cpu_model": cpu, "cpu_cores_logical": 2, "gpus": [], "torch": torch_version, "hardware_id": hardware_id},
+        "throughput": {"samples_per_s": thr, "samples_per_s_per_device": thr / devices,
+                       "step_time_ms_p50": step_ms or 1000 * batch * devices / thr,
+                       "step_time_ms_p90": 1.1 * (step_ms or 1000 * batch * devices / thr)} if status == "ok" else {},
+        "utilization": {"cpu_percent_mean": 90.0, "process_rss_peak_bytes": mem, "gpu_energy_j_per_epoch": energy},
+        "quality": {"test": {"accuracy": f1, "macro_f1": f1, "uar": f1, "per_class": {},
+                             "confusion_matrix": [[5 if i == j else 1 for j in range(7)] for i in range(7)]},
+                    "val_macro_f1_by_epoch": [f1 - 0.1, f1], "time_to_target_s": 12.0, "target_f1": 0.5}
+        if status == "ok" else {},
+        "timing": {"wall_s": 10.0}, "losses": [1.0, 0.9],
+    }
+
+
+def write_all(folder, results):
+    for r in results:
+        write_result(r, folder)
+    return folder
+
+
+def matrix(hardware_id="hwA", scale=1.0, f1_shift=0.0, cpu="Test CPU", torch_version="2.11.0", jitter=0.02):
+    out = []
+    for rep in range(3):
+        j = 1 + jitter * (rep - 1)
+        out += [
+            fixture_result(thr=100 * scale * j, f1=0.80 + f1_shift + 0.01 * (rep - 1), repeat=rep, hardware_id=hardware_id, cpu=cpu, torch_version=torch_version),
+            fixture_result(strategy="ddp", devices=2, thr=180 * scale * j, f1=0.78 + f1_shift, repeat=rep, hardware_id=hardware_id, cpu=cpu, torch_version=torch_version),
+            fixture_result(precision="bf16", thr=150 * scale * j, f1=0.79 + f1_shift, repeat=rep, hardware_id=hardware_id, cpu=cpu, torch_version=torch_version),
+            fixture_result(strategy="ddp", devices=2, precision="bf16", thr=240 * scale * j, f1=0.77 + f1_shift, repeat=rep, hardware_id=hardware_id, cpu=cpu, torch_version=torch_version),
+        ]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ sweep
+
+def test_sweep_expansion_and_skipping(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    spec = SweepSpec(strategies=["single", "dp", "ddp", "pipeline"], gpus=[2, 4], precision=["fp32", "fp16"],
+                     repeat=2, run={"threads": 1})
+    cells = {c.key: c for c in expand(spec, "cpu", str(tmp_path))}
+    # single is added on 1 device as the baseline, once per precision and repeat
+    assert "cnn-single-1x-fp32-eager-weak-b32-r0" in cells and "cnn-single-1x-fp32-eager-weak-b32-r1" in cells
+    assert not any(k.startswith("cnn-single-2x") for k in cells)
+    reasons = {k: c.skip_reason for k, c in cells.items()}
+    assert "needs CUDA" in reasons["cnn-dp-2x-fp32-eager-weak-b32-r0"]
+    assert "this machine has 2" in reasons["cnn-ddp-4x-fp32-eager-weak-b32-r0"]
+    assert "fp16 needs CUDA" in reasons["cnn-ddp-2x-fp16-eager-weak-b32-r0"]
+    assert reasons["cnn-ddp-2x-fp32-eager-weak-b32-r1"] is None
+    assert cells["cnn-ddp-2x-fp32-eager-weak-b32-r1"].cfg.seed == 1  # seeds differ per repeat
+    assert len(cells) == len(set(cells))
+
+
+def test_presets_load():
+    for name in ("smoke", "cpu", "gpu-node"):
+        spec = load_spec(name)
+        assert spec.strategies and spec.gpus and spec.repeat >= 1
+    from bench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no such file or preset"):
+        load_spec("nosuch")
+
+
+def test_sweep_resumes_after_being_killed_mid_cell(tmp_path):
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "bench", "sweep", "--strategies", "single", "--gpus", "1", "--repeat", "3",
+            "--size", "tiny", "--epochs", "3", "--batch-size", "8", "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(out.glob("cnn-*-r0.json")):
+        time.sleep(0.2)
+    first = next(out.glob("cnn-*-r0.json"))
+    first_mtime = first.stat().st_mtime_ns
+    time.sleep(1.0)  # the second cell is now under way
+    os.killpg(proc.pid, signal.SIGKILL)  # as a killed machine: no clean-up of any kind
+    proc.wait()
+    done_before = sorted(p.name for p in out.glob("cnn-*.json"))
+    assert len(done_before) < 3
+    resumed = bench("sweep", "--strategies", "single", "--gpus", "1", "--repeat", "3", "--size", "tiny",
+                    "--epochs", "3", "--batch-size", "8", "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(done_before)} already done" in resumed.stdout
+    files = sorted(out.glob("cnn-*.json"))
+    assert len(files) == 3 and all(load_result(f)["status"] == "ok" for f in files)
+    assert first.stat().st_mtime_ns == first_mtime  # finished cells are not run again
+    assert not list(out.glob(".*.tmp"))
+    states = {c["key"]: c["state"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    assert set(states.values()) == {"done"}
+
+
+def test_failed_cell_is_recorded_and_sweep_goes_on(tmp_path):
+    proc = bench("sweep", "--strategies", "single,pipeline", "--gpus", "1,2", "--size", "tiny", "--epochs", "1",
+                 "--batch-size", "8", "--out", tmp_path, env={"EMOTION_BENCH_FAULT": "raise:0:2"})
+    assert proc.returncode == 0, proc.stderr
+    results = [load_result(p) for p in tmp_path.glob("cnn-*.json")]
+    assert len(results) == 3 and all(r["status"] == "failed" for r in results)
+    assert "injected fault" in results[0]["error"]
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def test_table_computed_from_known_results(tmp_path):
+    df = frame(matrix())
+    agg = aggregate(df)
+    ddp = agg[(agg.strategy == "ddp") & (agg.precision == "fp32")].iloc[0]
+    assert ddp.samples_per_s == pytest.approx(180) and ddp.efficiency == pytest.approx(0.9)
+    assert ddp.repeats == 3 and ddp.samples_per_s_spread == pytest.approx(0.04)
+    tables = {t[0]: t for t in main_tables(agg)}
+    title, header, rows, note = tables["cnn · ddp · Test CPU (2 cores)"]
+    assert header[:7] == ["devices", "batch per device (samples)", "throughput fp32 (samples/s)",
+                          "throughput bf16 (samples/s)", "speedup bf16/fp32 (x)", "weak-scaling fp32", "weak-scaling bf16"]
+    assert rows[0][:2] == ["2", "32"] and rows[0][4] == "1.33" and rows[0][5] == "0.90" and rows[0][6] == "0.80"
+    assert rows[0][7].startswith("0.780") and "n=3" in rows[0][7]
+    assert "single fp32 1x b32 (100.0 samples/s, median of 3)" in note
+
+
+def test_report_writes_files_and_plots(tmp_path):
+    src = write_all(tmp_path / "runs", matrix())
+    proc = bench("report", src, "--out", tmp_path / "rep")
+    assert proc.returncode == 0, proc.stderr
+    rep = tmp_path / "rep"
+    for name in ("report.md", "report.html", "results.csv", "scaling.png", "efficiency.png", "precision_speedup.png",
+                 "pareto.png", "utilization.png", "confusion.png"):
+        path = rep / name
+        assert path.exists() and path.stat().st_size > 1000, name
+    assert (rep / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (rep / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 6  # self-contained
+    md = (rep / "report.md").read_text()
+    assert "throughput fp32 (samples/s)" in md and "energy: not measured" in md
+    import pandas as pd
+
+    assert len(pd.read_csv(rep / "results.csv")) == 12
+
+
+def test_hardware_comparison_of_two_folders(tmp_path):
+    a = write_all(tmp_path / "a", matrix("hwA", cpu="CPU A"))
+    b = write_all(tmp_path / "b", matrix("hwB", scale=2.0, cpu="CPU B", torch_version="2.10.0"))
+    proc = bench("report", a, b, "--out", tmp_path / "rep")
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    section = md.split("## hardware comparison")[1]
+    assert "A = CPU A (2 cores), B = CPU B (2 cores)" in section
+    line = next(l for l in section.splitlines() if l.startswith("| cnn ddp 2x fp32"))
+    assert "| 2.00 |" in line  # B/A throughput
+    assert "warning: torch differs: 2.11.0 vs 2.10.0" in section
+
+
+# ------------------------------------------------------------------------------------------ compare
+
+def test_compare_flags_throughput_drop(tmp_path):
+    base = write_all(tmp_path / "base", matrix())
+    slow = matrix()
+    for r in slow:
+        if r["config"]["strategy"] == "ddp" and r["config"]["precision"] == "fp32":
+            r["throughput"]["samples_per_s"] *= 0.7  # a planted 30 % drop
+    cur = write_all(tmp_path / "cur", slow)
+    proc = bench("compare", base, cur, "--format", "md")
+    assert proc.returncode == 1, proc.stdout
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("| cnn ddp 2x fp32"))
+    assert "-30.0% ✗" in line and "regression" in line
+    others = [l for l in proc.stdout.splitlines() if l.startswith("| cnn single 1x fp32")]
+    assert "within noise" in others[0]
+
+
+def test_compare_flags_f1_drop_even_when_faster():
+    base = matrix()
+    cur = matrix(f1_shift=-0.1, scale=1.2)
+    verdicts = {v.cell: v for v in compare(base, cur)}
+    v = verdicts["cnn single 1x fp32 b32"]
+    assert v.verdict == "regression"
+    assert any(c.name == "macro_f1" and c.worse for c in v.changes)
+    assert any(c.name == "throughput" and c.better for c in v.changes)
+
+
+def test_compare_identical_passes_and_noise_is_respected(tmp_path):
+    a = write_all(tmp_path / "a", matrix())
+    assert bench("compare", a, a).returncode == 0
+    # 6 % slower, but the baseline's own repeats spread 4 %: k=2 -> 8 % needed
+    verdicts = compare(matrix(), matrix(scale=0.94))
+    assert all(v.verdict == "within noise" for v in verdicts)
+    # without repeats the verdict says it is noise-blind
+    single = [r for r in matrix() if r["config"]["repeat"] == 0]
+    v = compare(single, single)[0]
+    assert "noise-blind" in v.note
+
+
+def test_compare_gate_limits_what_fails():
+    cur = matrix(scale=0.5)
+    assert any(v.verdict == "regression" for v in compare(matrix(), cur))
+    assert all(v.verdict != "regression" for v in compare(matrix(), cur, gate=["macro_f1", "efficiency"]))
+
+
+def test_compare_failed_cell_is_a_regression():
+    cur = [r for r in matrix() if not (r["config"]["strategy"] == "ddp" and r["config"]["precision"] == "fp32")]
+    cur.append(fixture_result(strategy="ddp", devices=2, status="failed"))
+    verdicts = {v.cell: v for v in compare(matrix(), cur)}
+    assert verdicts["cnn ddp 2x fp32 b32"].verdict == "failed"
