@@ -12,6 +12,8 @@ from typing import Optional
 import typer
 
 from .config import ConfigError, RunConfig
+from rich.markup import escape
+
 from .ui import console, error, info, progress_factory, run_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -138,10 +140,22 @@ def execute_run(cfg: RunConfig, *, quiet: bool = False) -> Path | None:
             if exc.path:
                 print(exc.path)
         raise Exit(1, str(exc))
-    except (ConfigError, ValueError, OSError) as exc:
+    except Exception as exc:
+        # data that cannot be read (no audio, bad manifest) or a fault of the launcher itself: the
+        # cell is still recorded as failed, so no sweep or user loses track of it
+        from .results import write_result
+        from .runner import build_result
+
+        message = str(exc) if isinstance(exc, (ConfigError, ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+        path = Path(cfg.out_dir) / f"{cfg.run_id}.json"
+        if not path.exists():
+            path = write_result(build_result(cfg, device_type=device_type, world_size=cfg.devices, backend=None,
+                                             body=None, status="failed", error=message,
+                                             wall_s=time.perf_counter() - t0, data_summary=None), cfg.out_dir)
         if not quiet:
-            error(str(exc))
-        raise Exit(2, str(exc))
+            error(message)
+            print(path)
+        raise Exit(2 if isinstance(exc, (ConfigError, ValueError, OSError)) else 1, message)
     if path is None:
         info("done: this node's ranks finished; rank 0 on another node wrote the result file")
         return None
@@ -270,7 +284,7 @@ def sweep(
             except Exit as exc:  # recorded as a failed result by execute_run; the sweep goes on
                 failed += 1
                 states[c.key] = {"state": "failed", "result": f"{c.key}.json", "error": str(exc)}
-                prog.console.print(f"[red]failed[/] {c.key}: {exc}")
+                prog.console.print(f"[red]failed[/] {c.key}: {escape(str(exc))}")
             write_manifest(out, cells, states)
             prog.advance(task)
     info(f"sweep done: {len(todo) - failed} ran, {failed} failed, {len(skipped)} skipped; results in {out}")
@@ -375,12 +389,12 @@ def compare_cmd(
         print()
         print(summary)
     else:
-        t = Table(title=f"compare {baseline} -> {current}")
+        t = Table(title=escape(f"compare {baseline} -> {current}"))
         for h in header:
             t.add_column(h)
         for r in rows:
             style = "red" if r[-2] in ("regression", "failed") else ("green" if r[-2] == "improvement" else None)
-            t.add_row(*r, style=style)
+            t.add_row(*[escape(x) for x in r], style=style)
         console.print(t)
         info(summary)
     for p, why in bad_b + bad_c:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from emotion_models.atomic import atomic_write_text
 from emotion_models.audio import FeatureConfig
 from emotion_models.dataset import Dataset, load_folder, load_synthetic
 from emotion_models.models import feature_kind
@@ -198,7 +199,7 @@ def worker_main(cli_cfg: RunConfig) -> int:
     except Exception as exc:
         message = _describe(exc)
         if launch_dir:
-            Path(launch_dir, f"error-rank{rank}.json").write_text(json.dumps({"rank": rank, "error": message}))
+            atomic_write_text(Path(launch_dir, f"error-rank{rank}.json"), json.dumps({"rank": rank, "error": message}))
             traceback.print_exc()  # into the worker log kept beside the failed result, not on the console
         elif rank == 0:
             write_result(build_result(cfg, device_type=device_type, world_size=world, backend=None, body=None,
@@ -265,7 +266,10 @@ def launch(cfg: RunConfig, device_type: str, data: Dataset, t0: float, status: C
                 return None
             message = "workers exited without writing a result"
         else:
-            message = _failure_message(launch_dir, log_text, rc)
+            try:
+                message = _failure_message(launch_dir, log_text, rc)
+            except Exception as exc:  # the analysis must never cost the failed result
+                message = f"torchrun exited with code {rc}; its failure report could not be read ({exc})"
         keep = Path(cfg.out_dir) / f"{cfg.run_id}.torchrun.log"
         keep.parent.mkdir(parents=True, exist_ok=True)
         keep.write_text(log_text)

@@ -5,6 +5,7 @@ import contextlib
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -14,11 +15,12 @@ err_console = Console(stderr=True, highlight=False)
 
 def error(message: str) -> None:
     """The one clear line a user sees for bad input or a failed run."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    # escaped: messages quote paths and library errors such as "[/pytorch/third_party/gloo/...]"
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 def info(message: str) -> None:
-    console.print(message, soft_wrap=True)
+    console.print(escape(message), soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -20,12 +20,16 @@ def _ok(proc):
     return load_result(proc.stdout.strip().splitlines()[-1])
 
 
-def _no_orphans():
-    """No bench worker or torchrun process may outlive a run."""
+def _orphans(tag: str) -> list:
+    """Processes still alive from the run started with EMOTION_BENCH_TEST_TAG=tag (none may outlive it)."""
     time.sleep(0.5)
-    left = [p for p in psutil.process_iter(["cmdline"])
-            if any("torch.distributed.run" in c or c == "bench" for c in (p.info["cmdline"] or []))
-            and p.pid != os.getpid()]
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("EMOTION_BENCH_TEST_TAG") == tag:
+                left.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
     return left
 
 
@@ -60,17 +64,27 @@ def test_cuda_only_strategies_fail_clearly_on_cpu(tmp_path, strategy):
 
 
 def test_impossible_combinations_fail_before_starting(tmp_path):
+    from bench.config import ConfigError, RunConfig
+    from bench.strategies import check_strategy
+
     cases = [
-        (["--strategy", "pipeline", "--gpus", "6"], "at most 5 stages"),
-        (["--strategy", "pipeline", "--gpus", "2", "--microbatches", "3"], "micro-batches"),
-        (["--strategy", "single", "--gpus", "2"], "uses one device"),
-        (["--strategy", "ddp", "--gpus", "2", "--sync-bn"], "--sync-bn needs CUDA"),
-        (["--strategy", "ddp", "--gpus", "3", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1"], "does not divide"),
+        (dict(strategy="pipeline", devices=6), "at most 5 stages"),
+        (dict(strategy="pipeline", devices=2, microbatches=3), "micro-batches"),
+        (dict(strategy="single", devices=2), "uses one device"),
+        (dict(strategy="ddp", devices=2, sync_bn=True), "--sync-bn needs CUDA"),
+        (dict(strategy="pipeline", devices=2, precision="fp16"), "fp16 needs CUDA"),
+        (dict(strategy="ddp", devices=3, nodes=2, rdzv_endpoint="127.0.0.1:1"), "does not divide"),
+        (dict(strategy="ddp", devices=2, nodes=2), "needs --rdzv-endpoint"),
     ]
-    for args, text in cases:
-        proc = bench("run", *TINY, *args, "--out", tmp_path)
-        assert proc.returncode == 2 and text in proc.stderr, (args, proc.stderr)
-        assert "Traceback" not in proc.stderr
+    for kwargs, text in cases:
+        cfg = RunConfig(model_size="small", batch_size=8, **kwargs)
+        with pytest.raises(ConfigError, match=text):
+            cfg.validate()
+            check_strategy(cfg, "cpu")
+    # and through the CLI: one line, exit 2, a failed result recorded
+    proc = bench("run", *TINY, "--strategy", "pipeline", "--gpus", "6", "--out", tmp_path)
+    assert proc.returncode == 2 and "at most 5 stages" in proc.stderr and "Traceback" not in proc.stderr
+    assert load_result(proc.stdout.strip().splitlines()[-1])["status"] == "failed"
 
 
 def test_parity_exact_for_batch_independent_model():
@@ -120,23 +134,23 @@ def test_compile_inductor(tmp_path):
 def test_killed_worker_ends_the_run_with_a_failed_result(tmp_path):
     t = time.monotonic()
     proc = bench("run", "--strategy", "ddp", "--gpus", "2", *TINY, "--timeout-s", "30", "--out", tmp_path,
-                 env={"EMOTION_BENCH_FAULT": "kill:1:3"}, timeout=180)
+                 env={"EMOTION_BENCH_FAULT": "kill:1:3", "EMOTION_BENCH_TEST_TAG": "killed"}, timeout=180)
     assert time.monotonic() - t < 120
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     r = load_result(proc.stdout.strip().splitlines()[-1])
     assert r["status"] == "failed" and "rank 1" in r["error"] and "SIGKILL" in r["error"]
-    assert not _no_orphans()
+    assert not _orphans("killed")
 
 
 def test_hung_worker_is_bounded_by_the_timeout(tmp_path):
     t = time.monotonic()
-    proc = bench("run", "--strategy", "ddp", "--gpus", "2", *TINY, "--timeout-s", "10", "--out", tmp_path,
-                 env={"EMOTION_BENCH_FAULT": "hang:1:3"}, timeout=180)
+    proc = bench("run", "--strategy", "ddp", "--gpus", "2", *TINY, "--timeout-s", "5", "--out", tmp_path,
+                 env={"EMOTION_BENCH_FAULT": "hang:1:3", "EMOTION_BENCH_TEST_TAG": "hung"}, timeout=180)
     assert time.monotonic() - t < 120
-    assert proc.returncode == 1
+    assert proc.returncode == 1, proc.stdout + proc.stderr
     r = load_result(proc.stdout.strip().splitlines()[-1])
-    assert r["status"] == "failed" and "rank" in r["error"]
-    assert not _no_orphans()
+    assert r["status"] == "failed" and "rank" in r["error"], proc.stdout + proc.stderr
+    assert not _orphans("hung")
 
 
 def _free_port():
