@@ -100,8 +100,8 @@ def hardware_id(env: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
-# Dense peak FLOP/s per device, TFLOP/s, from the vendors' data sheets (no sparsity).
-# fp32 uses the TF32 tensor-core figure where torch allows TF32 matmuls, else plain FP32.
+# Dense peak FLOP/s per device, TFLOP/s, from the vendors' data sheets (no sparsity). fp32 is
+# the plain FP32 (non-tensor-core) figure: torch does not use TF32 for matmuls by default.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
     "H100 SXM": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},

@@ -174,6 +174,7 @@ def worker_main(cli_cfg: RunConfig) -> int:
             cfg = cfg.replace(devices=world, nodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")))
             if cfg.run_id is None:
                 cfg = cfg.replace(run_id=new_run_id(cfg, device_type))
+            cfg.validate()
             check_strategy(cfg, device_type)
         set_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         env = init_env(cfg, device_type)

@@ -17,7 +17,7 @@ SHORT_CLIP_S = 0.05  # clips under 50 ms are flagged
 _DATA_SHORT = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
 
 
-class DecodeError(Exception):
+class DecodeError(ValueError):
     """A file that cannot be turned into a waveform; the message is the reason shown to users."""
 
 

@@ -22,7 +22,7 @@ AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3"}
 MANIFEST_COLUMNS = ("path", "label", "corpus", "speaker", "split")
 
 
-class ScanError(Exception):
+class ScanError(ValueError):
     """The scan cannot produce a manifest (missing folder, no audio); message is user-facing."""
 
 
