@@ -88,6 +88,22 @@ def run(
         print(path)
 
 
+def _record_failure(cfg: RunConfig, device_type: str, message: str, code: int, t0: float, quiet: bool):
+    """Write the cell's failed result (unless one exists), show one line, and leave with code."""
+    from .results import write_result
+    from .runner import build_result
+
+    path = Path(cfg.out_dir) / f"{cfg.run_id}.json"
+    if not path.exists():
+        path = write_result(build_result(cfg, device_type=device_type, world_size=cfg.devices, backend=None, body=None,
+                                         status="failed", error=message, wall_s=time.perf_counter() - t0,
+                                         data_summary=None), cfg.out_dir)
+    if not quiet:
+        error(message)
+        print(path)
+    raise Exit(code, message)
+
+
 def execute_run(cfg: RunConfig, *, quiet: bool = False) -> Path | None:
     """Validate, prepare data, run in process or through torchrun, show the table; the result path."""
     from .distenv import resolve_device_type
@@ -106,17 +122,7 @@ def execute_run(cfg: RunConfig, *, quiet: bool = False) -> Path | None:
         build_model(cfg.model, size=cfg.model_size)  # unknown names fail here, before data work
     except (ConfigError, ValueError) as exc:
         # a combination that cannot run is still a recorded cell: failed, with the reason
-        from .runner import build_result
-        from .results import write_result
-
-        failed = cfg.replace(run_id=cfg.run_id or new_run_id(cfg, device_type))
-        path = write_result(build_result(failed, device_type=device_type, world_size=cfg.devices, backend=None,
-                                         body=None, status="failed", error=str(exc), wall_s=time.perf_counter() - t0,
-                                         data_summary=None), cfg.out_dir)
-        if not quiet:
-            error(str(exc))
-            print(path)
-        raise Exit(2, str(exc))
+        _record_failure(cfg.replace(run_id=cfg.run_id or new_run_id(cfg, device_type)), device_type, str(exc), 2, t0, quiet)
     if cfg.run_id is None:
         cfg = cfg.replace(run_id=new_run_id(cfg, device_type))
     if device_type == "cpu" and spec.multiprocess and not quiet:
@@ -139,23 +145,13 @@ def execute_run(cfg: RunConfig, *, quiet: bool = False) -> Path | None:
             error(f"run failed: {exc}")
             if exc.path:
                 print(exc.path)
-        raise Exit(1, str(exc))
+        raise Exit(1, str(exc)) from None
     except Exception as exc:
         # data that cannot be read (no audio, bad manifest) or a fault of the launcher itself: the
         # cell is still recorded as failed, so no sweep or user loses track of it
-        from .results import write_result
-        from .runner import build_result
-
-        message = str(exc) if isinstance(exc, (ConfigError, ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
-        path = Path(cfg.out_dir) / f"{cfg.run_id}.json"
-        if not path.exists():
-            path = write_result(build_result(cfg, device_type=device_type, world_size=cfg.devices, backend=None,
-                                             body=None, status="failed", error=message,
-                                             wall_s=time.perf_counter() - t0, data_summary=None), cfg.out_dir)
-        if not quiet:
-            error(message)
-            print(path)
-        raise Exit(2 if isinstance(exc, (ConfigError, ValueError, OSError)) else 1, message)
+        bad_input = isinstance(exc, (ConfigError, ValueError, OSError))
+        message = str(exc) if bad_input else f"{type(exc).__name__}: {exc}"
+        _record_failure(cfg, device_type, message, 2 if bad_input else 1, t0, quiet)
     if path is None:
         info("done: this node's ranks finished; rank 0 on another node wrote the result file")
         return None

@@ -244,12 +244,12 @@ def plot_all(agg: pd.DataFrame, out: Path) -> dict[str, Path | None]:
     # 1. scaling with the ideal linear line
     if not ok.empty:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for key, g in ok.groupby(["machine", "model", "strategy", "precision", "compile"]):
+        for _, g in ok.groupby(["machine", "model", "strategy", "precision", "compile"]):
             g = g.sort_values("devices")
             ax.errorbar(g.devices, g.samples_per_s, yerr=[g.samples_per_s - g.samples_per_s_min.fillna(g.samples_per_s),
                         g.samples_per_s_max.fillna(g.samples_per_s) - g.samples_per_s], marker="o",
                         label=_series_label(g.iloc[0]), capsize=3)
-        for key, g in ok[(ok.strategy == "single") & (ok.devices == 1)].groupby(["machine", "model", "precision", "compile"]):
+        for _, g in ok[(ok.strategy == "single") & (ok.devices == 1)].groupby(["machine", "model", "precision", "compile"]):
             base = g.samples_per_s.iloc[0]
             top = max(ok.devices.max(), 2)
             ax.plot([1, top], [base, base * top], "k--", lw=0.8, alpha=0.5)

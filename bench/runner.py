@@ -27,8 +27,8 @@ from emotion_models.audio import FeatureConfig
 from emotion_models.dataset import Dataset, load_folder, load_synthetic
 from emotion_models.models import feature_kind
 
-from .config import ConfigError, RunConfig
-from .distenv import DistEnv, init_env, resolve_device_type, set_threads, under_torchrun
+from .config import RunConfig
+from .distenv import DistEnv, init_env, resolve_device_type, set_threads
 from .envinfo import fingerprint
 from .results import SCHEMA, write_result
 from .strategies import check_strategy

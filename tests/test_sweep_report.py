@@ -5,12 +5,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from bench.compare import compare
-from bench.report import aggregate, frame, main_tables, write_report
+from bench.report import aggregate, frame, main_tables
 from bench.results import load_result, write_result
 from bench.sweep import SweepSpec, expand, load_spec
 from conftest import ROOT, bench
