@@ -50,7 +50,7 @@ def run(
     batch_size: int = typer.Option(32, help="Samples per step: per device (weak scaling) or global (strong scaling)."),
     scaling: str = typer.Option("weak", help="weak: --batch-size per device; strong: --batch-size is the global batch."),
     dataset: str = typer.Option("synthetic", help="'synthetic' (embedded default) or a folder of WAV files."),
-    size: str = typer.Option("small", help="Synthetic size: tiny (128 clips), small (1,281), medium (3,200), full (12,798), or a clip count."),
+    size: str = typer.Option("small", help="Synthetic size: tiny (128 clips), small (1,281), medium (3,201), full (12,798), or a clip count."),
     seed: int = typer.Option(0, help="Seed of model init, batch order and crops."),
     data_seed: int = typer.Option(0, help="Seed of the synthetic data and the speaker split (same for every run by default)."),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu or cuda."),

@@ -20,7 +20,9 @@ def _nvml_handle(device_index: int):
         try:
             import torch
 
-            bus_id = torch.cuda.get_device_properties(device_index).pci_bus_id
+            # by PCI address: NVML numbers devices without regard to CUDA_VISIBLE_DEVICES
+            p = torch.cuda.get_device_properties(device_index)
+            bus_id = f"{p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0"
             return pynvml, pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
         except Exception:
             return pynvml, pynvml.nvmlDeviceGetHandleByIndex(device_index)
