@@ -229,6 +229,7 @@ def sweep(
     size: Optional[str] = typer.Option(None, help="Synthetic size per cell [default: the preset's, else small]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size per cell, samples (per device under weak scaling)."),
     dataset: Optional[str] = typer.Option(None, help="'synthetic' or a folder of WAV files."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda for every cell [default: auto]."),
     out: str = typer.Option("results/sweep", help="Folder for the cells' result files and sweep.json."),
     resume: bool = typer.Option(False, "--resume", help="Skip cells whose result file already exists in --out."),
 ):
@@ -243,7 +244,8 @@ def sweep(
                             ("compile", _csv(compile, _bool)), ("repeat", repeat)):
             if value is not None:
                 setattr(spec, name, value)
-        for name, value in (("epochs", epochs), ("size", size), ("batch_size", batch_size), ("dataset", dataset)):
+        for name, value in (("epochs", epochs), ("size", size), ("batch_size", batch_size), ("dataset", dataset),
+                            ("device", device)):
             if value is not None:
                 spec.run[name] = value
         device_type = resolve_device_type(RunConfig(**spec.run))

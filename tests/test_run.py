@@ -10,7 +10,9 @@ from bench.monitor import Monitor
 from bench.results import load_result, validate
 from conftest import bench
 
-TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "16", "--model-size", "small", "--warmup-steps", "2"]
+# CPU on every machine: these tests assert CPU behaviour (GPU tests are marked and skip without CUDA)
+TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "16", "--model-size", "small", "--warmup-steps", "2",
+        "--device", "cpu"]
 
 
 def _result(proc):
@@ -50,7 +52,7 @@ def test_run_on_wav_folder_learns(tmp_path):
     """The real-layout loader end to end on WAV files written by `bench data synth`."""
     assert bench("data", "synth", "--out", tmp_path / "wav", "--size", "400").returncode == 0
     r = _result(bench("run", "--dataset", tmp_path / "wav", "--epochs", "8", "--model-size", "base",
-                      "--batch-size", "16", "--out", tmp_path / "runs"))
+                      "--batch-size", "16", "--device", "cpu", "--out", tmp_path / "runs"))
     assert r["data"]["clips"] == 400 and r["data"]["skipped"] == 0
     assert r["quality"]["test"]["macro_f1"] > 2 / 7  # chance is 1/7
 
@@ -118,7 +120,8 @@ def test_monitor_without_nvml(monkeypatch):
 def test_env_command():
     proc = bench("env", "--json")
     fp = json.loads(proc.stdout)
-    assert proc.returncode == 0 and fp["torch"].startswith("2.11") and "git" in fp and fp["gpu_count"] == 0
+    assert proc.returncode == 0 and fp["torch"].startswith("2.11") and "git" in fp
+    assert fp["gpu_count"] == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
 @pytest.mark.gpu

@@ -12,7 +12,8 @@ import torch
 from bench.results import load_result
 from conftest import ROOT, bench
 
-TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "8", "--model-size", "small", "--warmup-steps", "2"]
+TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "8", "--model-size", "small", "--warmup-steps", "2",
+        "--device", "cpu"]
 
 
 def _ok(proc):
@@ -89,7 +90,7 @@ def test_impossible_combinations_fail_before_starting(tmp_path):
 
 def test_parity_exact_for_batch_independent_model():
     """lstm has no BatchNorm: every strategy computes the same mathematics as single."""
-    proc = bench("parity", "--gpus", "2", "--model", "lstm", "--steps", "4")
+    proc = bench("parity", "--gpus", "2", "--model", "lstm", "--steps", "4", "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for cell in ("ddp", "fsdp", "pipeline:gpipe", "pipeline:1f1b"):
@@ -104,12 +105,12 @@ def test_parity_batchnorm_tolerance(tmp_path):
     assert tolerance("ddp", 2, "lstm", "fp32", False)[2] == "exact"
     assert tolerance("fsdp", 2, "lstm", "bf16", False)[2] == "bf16"
     assert not ParityRow("x", BASES["exact"][0] * 2, 0.0, *BASES["exact"][:2], "exact").ok
-    proc = bench("parity", "--gpus", "2", "--model", "cnn", "--strategies", "ddp", "--steps", "4")
+    proc = bench("parity", "--gpus", "2", "--model", "cnn", "--strategies", "ddp", "--steps", "4", "--device", "cpu")
     assert proc.returncode == 0 and "batchnorm" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_parity_exits_non_zero_on_a_failed_cell():
-    proc = bench("parity", "--gpus", "2", "--model", "lstm", "--strategies", "nosuch", "--steps", "2")
+    proc = bench("parity", "--gpus", "2", "--model", "lstm", "--strategies", "nosuch", "--steps", "2", "--device", "cpu")
     assert proc.returncode == 1 and "FAIL" in proc.stdout and "unknown strategy" in proc.stderr
 
 
@@ -194,5 +195,5 @@ gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
 @pytest.mark.skipif(gpus < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("strategy", ["dp", "model-parallel", "ddp", "fsdp", "pipeline"])
 def test_multi_gpu_strategies(tmp_path, strategy):
-    r = _ok(bench("run", "--strategy", strategy, "--gpus", "2", *TINY, "--out", tmp_path))
+    r = _ok(bench("run", "--strategy", strategy, "--gpus", "2", *TINY, "--device", "cuda", "--out", tmp_path))
     assert r["config"]["device_type"] == "cuda"

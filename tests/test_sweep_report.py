@@ -89,7 +89,7 @@ def test_presets_load():
 def test_sweep_resumes_after_being_killed_mid_cell(tmp_path):
     out = tmp_path / "sweep"
     args = [sys.executable, "-m", "bench", "sweep", "--strategies", "single", "--gpus", "1", "--repeat", "3",
-            "--size", "tiny", "--epochs", "3", "--batch-size", "8", "--out", str(out)]
+            "--size", "tiny", "--epochs", "3", "--batch-size", "8", "--device", "cpu", "--out", str(out)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not list(out.glob("cnn-*-r0.json")):
@@ -102,7 +102,7 @@ def test_sweep_resumes_after_being_killed_mid_cell(tmp_path):
     done_before = sorted(p.name for p in out.glob("cnn-*.json"))
     assert len(done_before) < 3
     resumed = bench("sweep", "--strategies", "single", "--gpus", "1", "--repeat", "3", "--size", "tiny",
-                    "--epochs", "3", "--batch-size", "8", "--out", out, "--resume")
+                    "--epochs", "3", "--batch-size", "8", "--device", "cpu", "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(done_before)} already done" in resumed.stdout
     files = sorted(out.glob("cnn-*.json"))
@@ -115,7 +115,7 @@ def test_sweep_resumes_after_being_killed_mid_cell(tmp_path):
 
 def test_failed_cell_is_recorded_and_sweep_goes_on(tmp_path):
     proc = bench("sweep", "--strategies", "single,pipeline", "--gpus", "1,2", "--size", "tiny", "--epochs", "1",
-                 "--batch-size", "8", "--out", tmp_path, env={"EMOTION_BENCH_FAULT": "raise:0:2"})
+                 "--batch-size", "8", "--device", "cpu", "--out", tmp_path, env={"EMOTION_BENCH_FAULT": "raise:0:2"})
     assert proc.returncode == 0, proc.stderr
     results = [load_result(p) for p in tmp_path.glob("cnn-*.json")]
     assert len(results) == 3 and all(r["status"] == "failed" for r in results)
