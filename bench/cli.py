@@ -461,7 +461,7 @@ def data_scan(
     path: str = typer.Argument(..., help="Folder to walk recursively."),
     out: Optional[str] = typer.Option(None, "--out", help="Write the manifest CSV (path,label,corpus,speaker,split) here."),
     seed: int = typer.Option(0, help="Seed of the speaker-disjoint split."),
-    show_skipped: int = typer.Option(50, help="List at most this many skipped files (all are counted)."),
+    show_skipped: Optional[int] = typer.Option(None, help="List at most this many skipped/flagged files [default: all]; all are counted."),
 ):
     """Label every clip under PATH, split speakers 80/10/10, and summarise what was found and skipped."""
     from rich.table import Table
@@ -492,10 +492,11 @@ def data_scan(
         if items:
             reasons = Counter(r.split(":")[0] for _, r in items)
             info(f"{title}: {len(items)} files (" + ", ".join(f"{k}: {v}" for k, v in reasons.most_common()) + ")")
-            for p, r in items[:show_skipped]:
+            limit = len(items) if show_skipped is None else show_skipped
+            for p, r in items[:limit]:
                 info(f"  {p}: {r}")
-            if len(items) > show_skipped:
-                info(f"  ... and {len(items) - show_skipped} more (--show-skipped N)")
+            if len(items) > limit:
+                info(f"  ... and {len(items) - limit} more (raise --show-skipped to list them)")
     if out:
         write_manifest(report.rows, out)
         info(f"manifest: {out}")
