@@ -1,7 +1,6 @@
 """Decoding and the fixed feature pipeline: mono, 16 kHz, peak-normalised, fixed window, log-mel or MFCC."""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -130,7 +129,3 @@ def crop_frames(feats: torch.Tensor, offsets: torch.Tensor, frames: int) -> torc
 
 def centre_offset(cfg: FeatureConfig) -> int:
     return (cfg.cache_frames - cfg.crop_frames) // 2
-
-
-def duration_s(frames: int, sr: int) -> float:
-    return frames / sr if sr > 0 else math.nan

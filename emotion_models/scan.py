@@ -15,7 +15,7 @@ from pathlib import Path
 import soundfile as sf
 
 from .audio import SHORT_CLIP_S
-from .labels import CLASSES, parse_clip
+from .labels import parse_clip
 from .splits import group_key, speaker_split
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3"}
@@ -117,16 +117,3 @@ def write_manifest(rows: list[ManifestRow], out: str | os.PathLike) -> None:
     from .atomic import atomic_write_text
 
     atomic_write_text(out, manifest_csv(rows))
-
-
-def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or ())
-        if missing:
-            raise ScanError(f"manifest {path} lacks columns {sorted(missing)}: write it with `bench data scan`")
-        rows = [ManifestRow(**{k: r[k] for k in MANIFEST_COLUMNS}) for r in reader]
-    bad = [r for r in rows if r.label not in CLASSES]
-    if bad:
-        raise ScanError(f"manifest {path}: label {bad[0].label!r} of {bad[0].path} is not one of {', '.join(CLASSES)}")
-    return rows
