@@ -90,14 +90,11 @@ def run(
 
 def _record_failure(cfg: RunConfig, device_type: str, message: str, code: int, t0: float, quiet: bool):
     """Write the cell's failed result (unless one exists), show one line, and leave with code."""
-    from .results import write_result
-    from .runner import build_result
+    from .runner import write_failed
 
     path = Path(cfg.out_dir) / f"{cfg.run_id}.json"
     if not path.exists():
-        path = write_result(build_result(cfg, device_type=device_type, world_size=cfg.devices, backend=None, body=None,
-                                         status="failed", error=message, wall_s=time.perf_counter() - t0,
-                                         data_summary=None), cfg.out_dir)
+        path = write_failed(cfg, device_type=device_type, world_size=cfg.devices, backend=None, error=message, t0=t0)
     if not quiet:
         error(message)
         print(path)

@@ -29,7 +29,6 @@ class MetricChange:
     cur: float
     change: float  # relative for relative metrics, absolute otherwise
     allowed: float  # the change that counts: max(threshold, k x baseline spread)
-    noise_aware: bool
     gated: bool
 
     @property
@@ -86,14 +85,14 @@ def compare(baseline: list[dict], current: list[dict], *, max_regression: float 
         for m, (col, _, _, rel) in METRICS.items():
             bv, cv = br[col], cr[col]
             if bv is None or cv is None or (isinstance(bv, float) and math.isnan(bv)) or math.isnan(cv):
-                changes.append(MetricChange(m, bv, cv, float("nan"), 0.0, False, m in gate))
+                changes.append(MetricChange(m, bv, cv, float("nan"), 0.0, m in gate))
                 continue
             change = (cv - bv) / abs(bv) if rel else cv - bv
             threshold = max_regression if rel else max_f1_drop
             noise_aware = br["repeats"] > 1
             spread = br[f"{col}_max"] - br[f"{col}_min"]
             noise = noise_k * (spread / abs(bv) if rel else spread) if noise_aware else 0.0
-            changes.append(MetricChange(m, bv, cv, change, max(threshold, noise), noise_aware, m in gate))
+            changes.append(MetricChange(m, bv, cv, change, max(threshold, noise), m in gate))
         gated = [x for x in changes if x.gated]
         verdict = ("regression" if any(x.worse for x in gated)
                    else "improvement" if any(x.better for x in gated) else "within noise")

@@ -100,6 +100,14 @@ def build_result(cfg: RunConfig, *, device_type: str, world_size: int, backend: 
     }
 
 
+def write_failed(cfg: RunConfig, *, device_type: str, world_size: int, backend: str | None, error: str, t0: float,
+                 data: Dataset | None = None) -> Path:
+    """The failed result of a cell that did not finish: every failure path records one."""
+    return write_result(build_result(cfg, device_type=device_type, world_size=world_size, backend=backend, body=None,
+                                     status="failed", error=error, wall_s=time.perf_counter() - t0,
+                                     data_summary=data.summary() if data else None), cfg.out_dir)
+
+
 def _install_fault(env: DistEnv) -> None:
     """Test hook: make one rank die, raise or hang at a step, to test failure handling."""
     spec = os.environ.get(FAULT_ENV)
@@ -139,9 +147,7 @@ def run_in_process(cfg: RunConfig, device_type: str, data: Dataset, progress: Ca
         body = execute(cfg, env, data, progress=progress)
     except Exception as exc:  # any failure in training becomes a failed result
         message = _describe(exc)
-        path = write_result(build_result(cfg, device_type=device_type, world_size=1, backend=None, body=None,
-                                         status="failed", error=message, wall_s=time.perf_counter() - t0,
-                                         data_summary=data.summary()), cfg.out_dir)
+        path = write_failed(cfg, device_type=device_type, world_size=1, backend=None, error=message, t0=t0, data=data)
         raise RunFailed(message, path) from exc
     return write_result(build_result(cfg, device_type=device_type, world_size=1, backend=None, body=body,
                                      status="ok", error=None, wall_s=time.perf_counter() - t0,
@@ -203,9 +209,8 @@ def worker_main(cli_cfg: RunConfig) -> int:
             atomic_write_text(Path(launch_dir, f"error-rank{rank}.json"), json.dumps({"rank": rank, "error": message}))
             traceback.print_exc()  # into the worker log kept beside the failed result, not on the console
         elif rank == 0:
-            write_result(build_result(cfg, device_type=device_type, world_size=world, backend=None, body=None,
-                                      status="failed", error=f"rank {rank}: {message}", wall_s=time.perf_counter() - t0,
-                                      data_summary=data.summary() if data else None), cfg.out_dir)
+            write_failed(cfg, device_type=device_type, world_size=world, backend=None, error=f"rank {rank}: {message}",
+                         t0=t0, data=data)
         print(f"error: rank {rank}: {message}", file=sys.stderr)
         return 1
     finally:
@@ -274,10 +279,8 @@ def launch(cfg: RunConfig, device_type: str, data: Dataset, t0: float, status: C
         keep = Path(cfg.out_dir) / f"{cfg.run_id}.torchrun.log"
         keep.parent.mkdir(parents=True, exist_ok=True)
         keep.write_text(log_text)
-        path = write_result(build_result(cfg, device_type=device_type, world_size=cfg.devices,
-                                         backend="nccl" if device_type == "cuda" else "gloo", body=None,
-                                         status="failed", error=message, wall_s=time.perf_counter() - t0,
-                                         data_summary=data.summary()), cfg.out_dir)
+        path = write_failed(cfg, device_type=device_type, world_size=cfg.devices,
+                            backend="nccl" if device_type == "cuda" else "gloo", error=message, t0=t0, data=data)
         raise RunFailed(f"{message} (worker log: {keep})", path)
 
 

@@ -104,32 +104,27 @@ def _why_not_here(cfg: RunConfig, device_type: str) -> str | None:
 
 
 def expand(spec: SweepSpec, device_type: str, out_dir: str) -> list[Cell]:
-    """Every cell of the matrix, with a skip reason where it cannot run here."""
+    """Every cell of the matrix, with a skip reason where it cannot run here.
+
+    The single-device `single` cells come first: they are the baselines of every efficiency, and
+    are added where the matrix lacks them.
+    """
     base = RunConfig(**spec.run).replace(out_dir=out_dir)
-    cells: list[Cell] = []
-    seen = set()
+    cells: dict[str, Cell] = {}
+
+    def add(**point) -> None:
+        for r in range(spec.repeat):
+            cfg = base.replace(**point, repeat=r, seed=base.seed + r)
+            key = cell_key(cfg)
+            cells.setdefault(key, Cell(key, cfg.replace(run_id=key), _why_not_here(cfg, device_type)))
+
+    for model, precision, comp in itertools.product(spec.models, spec.precision, spec.compile):
+        add(model=model, strategy="single", devices=1, precision=precision, compile=comp)
     for model, strategy, devices, precision, comp in itertools.product(
             spec.models, spec.strategies, spec.gpus, spec.precision, spec.compile):
-        if strategy == "single" and devices != 1:
-            continue  # one device by definition; its 1-device cell is the baseline
-        for r in range(spec.repeat):
-            cfg = base.replace(model=model, strategy=strategy, devices=devices, precision=precision, compile=comp,
-                               repeat=r, seed=base.seed + r)
-            key = cell_key(cfg)
-            if key in seen:
-                continue
-            seen.add(key)
-            cells.append(Cell(key, cfg.replace(run_id=key), _why_not_here(cfg, device_type)))
-    # the baseline of every efficiency: single on 1 device, added where the matrix lacks it
-    for model, precision, comp in itertools.product(spec.models, spec.precision, spec.compile):
-        for r in range(spec.repeat):
-            cfg = base.replace(model=model, strategy="single", devices=1, precision=precision, compile=comp,
-                               repeat=r, seed=base.seed + r)
-            key = cell_key(cfg)
-            if key not in seen:
-                seen.add(key)
-                cells.insert(0, Cell(key, cfg.replace(run_id=key), _why_not_here(cfg, device_type)))
-    return cells
+        if strategy != "single":  # single is one device by definition, added above
+            add(model=model, strategy=strategy, devices=devices, precision=precision, compile=comp)
+    return list(cells.values())
 
 
 def write_manifest(out_dir: str, cells: list[Cell], states: dict[str, dict]) -> None:
