@@ -97,10 +97,14 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
         for block in model.blocks:
             block.compile(backend=cfg.compile_backend)
     plan = spec.fn(model, env, cfg)
-    opt = torch.optim.AdamW(plan.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = None
     if cfg.precision == "fp16":
         scaler = plan.grad_scaler() if plan.grad_scaler else torch.amp.GradScaler(device.type)
+    # fp16: the fused AdamW reads GradScaler's found_inf on the device; with the default
+    # implementation GradScaler.step() calls .item() every step, a host sync in the timed window.
+    # (FSDP2's ShardedGradScaler keeps its own path: DTensor parameters.)
+    fused = scaler is not None and plan.grad_scaler is None and device.type == "cuda"
+    opt = torch.optim.AdamW(plan.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
     def ctx_factory():
