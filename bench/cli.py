@@ -82,7 +82,14 @@ def run(
     from .runner import worker_main
 
     if under_torchrun():
-        raise Exit(worker_main(cfg))
+        code = worker_main(cfg)  # result written, peers met at a barrier, process group destroyed
+        # Leave without interpreter finalisation: gloo's C++ threads can still hold work objects
+        # with tensors (FSDP2 keeps some), and freeing those while Python shuts down takes the GIL
+        # and aborts the process (SIGABRT, "terminate called without an active exception") now
+        # and then, which failed whole runs after their result was already written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     path = execute_run(cfg)
     if path is not None:
         print(path)

@@ -297,19 +297,34 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+# what a rank reports when a peer died or hung: a consequence, not the cause
+_PEER_ERROR = re.compile(r"connection (reset|closed) by peer|pair closure|broken pipe|timed? ?out", re.I)
+
+
 def _failure_message(launch_dir: str, log_text: str, rc: int) -> str:
-    """The failing rank and why: its own error report, else what torchrun saw of it."""
-    reports = sorted(Path(launch_dir).glob("error-rank*.json"))
-    # torchrun's summary names the first failure: "rank : 1 (local_rank: 1)" / "exitcode : -9"
-    root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", log_text, re.S)
-    if root:
-        rank, code = int(root.group(1)), int(root.group(2))
-        own = Path(launch_dir, f"error-rank{rank}.json")
-        if own.exists():
-            return f"rank {rank} failed: {json.loads(own.read_text())['error']}"
+    """The failing rank and why, told apart from what its peers saw because of it.
+
+    Which failure torchrun observes first is a race, so the order of preference is: a rank's own
+    error that is not a peer-communication error; then a rank that died without reporting
+    (killed, aborted, or stopped while hung), with what its peers saw; then any report.
+    """
+    reports = {int(p.stem.removeprefix("error-rank")): json.loads(p.read_text())["error"]
+               for p in sorted(Path(launch_dir).glob("error-rank*.json"))}
+    # torchrun's summary lists every failure as "rank : 1 (local_rank: 1)" ... "exitcode : -9"
+    summary = log_text[log_text.find("Failures:"):] if "Failures:" in log_text else log_text
+    failures = [(int(r), int(c)) for r, c in re.findall(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", summary, re.S)]
+    own = {r: e for r, e in reports.items() if not _PEER_ERROR.search(e)}
+    if own:
+        rank = min(own)
+        return f"rank {rank} failed: {own[rank]}"
+    silent = [(r, c) for r, c in failures if r not in reports]
+    if silent:
+        rank, code = silent[0]
         how = f"killed by {_SIGNALS[code]}" if code in _SIGNALS else f"exit code {code}"
-        return f"rank {rank} died ({how}) without reporting an error; the other ranks were stopped"
+        seen = "; ".join(f"rank {r} saw: {e}" for r, e in sorted(reports.items()))
+        return (f"rank {rank} died ({how}) without reporting an error; the other ranks were stopped"
+                + (f" ({seen})" if seen else ""))
     if reports:
-        first = json.loads(reports[0].read_text())
-        return f"rank {first['rank']} failed: {first['error']}"
+        rank = min(reports)
+        return f"rank {rank} failed: {reports[rank]}"
     return f"torchrun exited with code {rc} before any worker reported"

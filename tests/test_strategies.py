@@ -1,5 +1,6 @@
 """The strategy matrix on CPU with real processes: gloo, world size 2, tiny models."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -150,8 +151,18 @@ def test_hung_worker_is_bounded_by_the_timeout(tmp_path):
     assert time.monotonic() - t < 120
     assert proc.returncode == 1, proc.stdout + proc.stderr
     r = load_result(proc.stdout.strip().splitlines()[-1])
-    assert r["status"] == "failed" and "rank" in r["error"], proc.stdout + proc.stderr
+    # the hung rank is named, with what its peer saw (the collective's timeout)
+    assert r["status"] == "failed" and "rank 1 died" in r["error"], r["error"]
+    assert re.search(r"timed? ?out", r["error"], re.I), r["error"]
     assert not _orphans("hung")
+
+
+def test_failing_rank_is_named_not_the_peer_that_lost_it(tmp_path):
+    proc = bench("run", "--strategy", "ddp", "--gpus", "2", *TINY, "--out", tmp_path,
+                 env={"EMOTION_BENCH_FAULT": "raise:1:3"}, timeout=180)
+    assert proc.returncode == 1
+    r = load_result(proc.stdout.strip().splitlines()[-1])
+    assert r["error"].startswith("rank 1 failed: RuntimeError: injected fault on rank 1"), r["error"]
 
 
 def _free_port():
