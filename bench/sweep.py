@@ -106,24 +106,26 @@ def _why_not_here(cfg: RunConfig, device_type: str) -> str | None:
 def expand(spec: SweepSpec, device_type: str, out_dir: str) -> list[Cell]:
     """Every cell of the matrix, with a skip reason where it cannot run here.
 
-    The single-device `single` cells come first: they are the baselines of every efficiency, and
-    are added where the matrix lacks them.
+    Repeats are the outer loop, so each repeat's cells run back to back and an efficiency pairs
+    cells measured minutes apart, not a whole sweep apart. Within a repeat the single-device
+    `single` cells come first: they are the baselines of every efficiency, added where the
+    matrix lacks them.
     """
     base = RunConfig(**spec.run).replace(out_dir=out_dir)
     cells: dict[str, Cell] = {}
 
-    def add(**point) -> None:
-        for r in range(spec.repeat):
-            cfg = base.replace(**point, repeat=r, seed=base.seed + r)
-            key = cell_key(cfg)
-            cells.setdefault(key, Cell(key, cfg.replace(run_id=key), _why_not_here(cfg, device_type)))
+    def add(r: int, **point) -> None:
+        cfg = base.replace(**point, repeat=r, seed=base.seed + r)
+        key = cell_key(cfg)
+        cells.setdefault(key, Cell(key, cfg.replace(run_id=key), _why_not_here(cfg, device_type)))
 
-    for model, precision, comp in itertools.product(spec.models, spec.precision, spec.compile):
-        add(model=model, strategy="single", devices=1, precision=precision, compile=comp)
-    for model, strategy, devices, precision, comp in itertools.product(
-            spec.models, spec.strategies, spec.gpus, spec.precision, spec.compile):
-        if strategy != "single":  # single is one device by definition, added above
-            add(model=model, strategy=strategy, devices=devices, precision=precision, compile=comp)
+    for r in range(spec.repeat):
+        for model, precision, comp in itertools.product(spec.models, spec.precision, spec.compile):
+            add(r, model=model, strategy="single", devices=1, precision=precision, compile=comp)
+        for model, strategy, devices, precision, comp in itertools.product(
+                spec.models, spec.strategies, spec.gpus, spec.precision, spec.compile):
+            if strategy != "single":  # single is one device by definition, added above
+                add(r, model=model, strategy=strategy, devices=devices, precision=precision, compile=comp)
     return list(cells.values())
 
 
