@@ -9,22 +9,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .report import CELL, aggregate, frame
+from .cells import cell_label
+from .frame import CELL, GATES, Metric, aggregate, frame
 
 MATCH = [c for c in CELL if c != "hardware_id"]  # a baseline from another machine still matches
-# name: (column, +1 if higher is better, unit, relative change?)
-METRICS: dict[str, tuple[str, int, str, bool]] = {
-    "throughput": ("samples_per_s", +1, "samples/s", True),
-    "step_time": ("step_ms_p50", -1, "ms", True),
-    "efficiency": ("efficiency", +1, "", True),
-    "memory": ("peak_mem_mib", -1, "MiB", True),
-    "macro_f1": ("macro_f1", +1, "F1 (0-1)", False),
-}
 
 
 @dataclass
 class MetricChange:
-    name: str
+    metric: Metric
     base: float
     cur: float
     change: float  # relative for relative metrics, absolute otherwise
@@ -39,14 +32,17 @@ class MetricChange:
     def better(self) -> bool:
         return self._signed() > self.allowed
 
+    @property
+    def name(self) -> str:
+        return self.metric.gate
+
     def _signed(self) -> float:
-        return self.change * METRICS[self.name][1]
+        return self.change * self.metric.better
 
     def text(self) -> str:
         if math.isnan(self.change):
             return "–"
-        rel = METRICS[self.name][3]
-        s = f"{self.change * 100:+.1f}%" if rel else f"{self.change:+.3f}"
+        s = f"{self.change * 100:+.1f}%" if self.metric.relative else f"{self.change:+.3f}"
         mark = " ✗" if self.worse else (" ✓" if self.better else "")
         return s + mark + ("" if self.gated else " (not gated)")
 
@@ -61,12 +57,10 @@ class CellVerdict:
 
 def compare(baseline: list[dict], current: list[dict], *, max_regression: float = 0.05, max_f1_drop: float = 0.02,
             noise_k: float = 2.0, gate: list[str] | None = None) -> list[CellVerdict]:
-    gate = gate or list(METRICS)
+    gate = gate or list(GATES)
     bdf, cdf = frame(baseline), frame(current)
     b, c = aggregate(bdf), aggregate(cdf)
     out: list[CellVerdict] = []
-    name = lambda r: (f"{r['model']} {r['strategy']} {r['devices']}x {r['precision']}"  # noqa: E731
-                      f"{' compiled' if r['compile'] else ''} b{r['batch_per_device']}")
     bmap = {tuple(r[k] for k in MATCH): r for r in b.to_dict("records")} if not b.empty else {}
     cmap = {tuple(r[k] for k in MATCH): r for r in c.to_dict("records")} if not c.empty else {}
     failed_cur = {}
@@ -76,40 +70,43 @@ def compare(baseline: list[dict], current: list[dict], *, max_regression: float 
     for key, br in bmap.items():
         if key not in cmap:
             if key in failed_cur:
-                out.append(CellVerdict(name(br), "failed", note=f"current run failed: {failed_cur[key]['error']}"))
+                out.append(CellVerdict(cell_label(br), "failed", note=f"current run failed: {failed_cur[key]['error']}"))
             else:
-                out.append(CellVerdict(name(br), "missing", note="in the baseline only"))
+                out.append(CellVerdict(cell_label(br), "missing", note="in the baseline only"))
             continue
-        cr = cmap[key]
-        changes = []
-        for m, (col, _, _, rel) in METRICS.items():
-            bv, cv = br[col], cr[col]
-            if bv is None or cv is None or (isinstance(bv, float) and math.isnan(bv)) or math.isnan(cv):
-                changes.append(MetricChange(m, bv, cv, float("nan"), 0.0, m in gate))
-                continue
-            change = (cv - bv) / abs(bv) if rel else cv - bv
-            threshold = max_regression if rel else max_f1_drop
-            noise_aware = br["repeats"] > 1
-            spread = br[f"{col}_max"] - br[f"{col}_min"]
-            noise = noise_k * (spread / abs(bv) if rel else spread) if noise_aware else 0.0
-            changes.append(MetricChange(m, bv, cv, change, max(threshold, noise), m in gate))
+        changes = [_change(m, br, cmap[key], m.gate in gate, max_regression, max_f1_drop, noise_k) for m in GATES.values()]
         gated = [x for x in changes if x.gated]
         verdict = ("regression" if any(x.worse for x in gated)
                    else "improvement" if any(x.better for x in gated) else "within noise")
         note = "" if br["repeats"] > 1 else "noise-blind: the baseline has no repeats, so no spread to judge noise by"
-        out.append(CellVerdict(name(br), verdict, changes, note))
+        out.append(CellVerdict(cell_label(br), verdict, changes, note))
     for key, cr in cmap.items():
         if key not in bmap:
-            out.append(CellVerdict(name(cr), "new", note="in the current results only"))
+            out.append(CellVerdict(cell_label(cr), "new", note="in the current results only"))
     return out
 
 
+def _change(m: Metric, br: dict, cr: dict, gated: bool, max_regression: float, max_f1_drop: float,
+            noise_k: float) -> MetricChange:
+    """One metric's change and the change that counts: max(threshold, k x the baseline's spread)."""
+    col = m.column
+    bv, cv = br[col], cr[col]
+    if bv is None or cv is None or (isinstance(bv, float) and math.isnan(bv)) or math.isnan(cv):
+        return MetricChange(m, bv, cv, float("nan"), 0.0, gated)
+    change = (cv - bv) / abs(bv) if m.relative else cv - bv
+    threshold = max_regression if m.relative else max_f1_drop
+    spread = br[f"{col}_max"] - br[f"{col}_min"]
+    noise = noise_k * (spread / abs(bv) if m.relative else spread) if br["repeats"] > 1 else 0.0
+    return MetricChange(m, bv, cv, change, max(threshold, noise), gated)
+
+
 def table_rows(verdicts: list[CellVerdict]) -> tuple[list[str], list[list[str]]]:
-    header = ["cell", "throughput", "step time p50", "efficiency", "peak memory", "macro-F1 (absolute change)", "verdict", "note"]
+    header = (["cell"] + [m.label + ("" if m.relative else " (absolute change)") for m in GATES.values()]
+              + ["verdict", "note"])
     rows = []
     for v in verdicts:
         by = {c.name: c.text() for c in v.changes}
-        rows.append([v.cell] + [by.get(m, "–") for m in METRICS] + [v.verdict, v.note])
+        rows.append([v.cell] + [by.get(g, "–") for g in GATES] + [v.verdict, v.note])
     return header, rows
 
 

@@ -1,9 +1,14 @@
-"""Run configuration: one frozen, keyword-only dataclass; every field documented with its unit."""
+"""Run configuration: one frozen, keyword-only dataclass.
+
+Each field is a setting declared once, with its default, its help text (unit included) and, for
+the settings `bench run` exposes, its flag: the CLI derives its options from these fields
+(bench/cli.py: `config_options`), so a default or a help text is never written twice.
+"""
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCALINGS = ("weak", "strong")
@@ -15,43 +20,54 @@ class ConfigError(ValueError):
     """A flag or combination that cannot run; the message is the one line users see."""
 
 
+def setting(default, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (), cli: bool = True):
+    """A RunConfig field: its default, its help (with the unit), its CLI flag (default --field-name).
+
+    cli=False: a setting that callers (sweep, parity, benchmarks) set, not users of `bench run`.
+    """
+    return field(default=default, metadata={"help": help, "flag": flag, "aliases": aliases, "cli": cli})
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    strategy: str = "single"  # registered strategy name (bench list)
-    devices: int = 1  # devices in the whole run (--gpus/--devices); CPU worker processes without CUDA
-    nodes: int = 1  # machines taking part (torchrun --nnodes)
-    node_rank: int = 0  # this machine's index among nodes
-    rdzv_endpoint: str | None = None  # HOST:PORT of the rendezvous, multi-node only
-    model: str = "cnn"  # model zoo name
-    model_size: str = "base"  # small | base | large
-    dropout: float = 0.1  # model dropout probability
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
-    compile: bool = False  # torch.compile each block before wrapping
-    compile_backend: str = "inductor"  # torch.compile backend (aot_eager compiles in seconds)
-    batch_size: int = 32  # samples; per device with weak scaling, global with strong scaling
-    scaling: str = "weak"  # weak (fixed per-device batch) | strong (fixed global batch)
-    epochs: int = 8  # passes over the training split
-    max_steps: int | None = None  # stop after this many optimiser steps (parity checks); None: all epochs
-    lr: float = 2e-3  # AdamW learning rate
-    weight_decay: float = 1e-2  # AdamW weight decay
-    seed: int = 0  # model init, batch order and crops
-    data_seed: int = 0  # synthetic data and the speaker split: the same for every run by default
-    dataset: str = "synthetic"  # synthetic, or a folder of WAV files (Kaggle merge or original corpora)
-    size: str = "small"  # synthetic size: tiny | small | medium | full | a clip count
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    warmup_steps: int = 5  # steps run before the timed window
-    target_f1: float | None = None  # val macro-F1 whose first epoch reaching it is timed
-    schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b
-    microbatches: int | None = None  # pipeline micro-batches per step; None: 2 x stages
-    sync_bn: bool = False  # ddp: convert BatchNorm to SyncBatchNorm
-    threads: int | None = None  # torch threads per process; None: cores / local processes
-    timeout_s: float = 300.0  # seconds a collective may wait before the run is failed (hung peer)
-    peak_tflops: float | None = None  # override the per-device peak used for MFU, TFLOP/s
-    eval_each_epoch: bool = True  # val macro-F1 after every epoch (outside the timed window)
-    save_params: str | None = None  # write the final full state dict here (bench parity)
-    repeat: int = 0  # index of this repeat of a sweep cell (its seed differs per repeat)
-    out_dir: str = "results/runs"  # where <run_id>.json goes
-    run_id: str | None = None  # set by the launcher; derived when None
+    strategy: str = setting("single", "Parallelism strategy (bench list): single, dp, ddp, fsdp, pipeline, model-parallel.")
+    devices: int = setting(1, "Devices in the whole run; without CUDA, CPU worker processes (gloo).",
+                           flag="--gpus", aliases=("--devices",))
+    model: str = setting("cnn", "Model zoo name: cnn, crnn, lstm, transformer.")
+    model_size: str = setting("base", "Model size: small, base, large.")
+    precision: str = setting("fp32", "fp32, bf16 (autocast) or fp16 (autocast + GradScaler, CUDA only).")
+    compile: bool = setting(False, "torch.compile each block before wrapping.", flag="--compile/--no-compile")
+    compile_backend: str = setting("inductor", "torch.compile backend (aot_eager compiles in seconds, for tests).")
+    epochs: int = setting(8, "Passes over the training split.")
+    batch_size: int = setting(32, "Samples per step: per device (weak scaling) or global (strong scaling).")
+    scaling: str = setting("weak", "weak: --batch-size per device; strong: --batch-size is the global batch.")
+    dataset: str = setting("synthetic", "'synthetic' (embedded default) or a folder of WAV files.")
+    size: str = setting("small", "Synthetic size: tiny (128 clips), small (1,281), medium (3,201), full (12,798), "
+                                 "or a clip count.")
+    seed: int = setting(0, "Seed of model init, batch order and crops.")
+    data_seed: int = setting(0, "Seed of the synthetic data and the speaker split (same for every run by default).")
+    device: str = setting("auto", "auto (CUDA if available), cpu or cuda.")
+    warmup_steps: int = setting(5, "Steps run before the timed window (not measured).")
+    target_f1: float | None = setting(None, "Val macro-F1 to reach; its training time (s) is recorded.")
+    lr: float = setting(2e-3, "AdamW learning rate.")
+    dropout: float = setting(0.1, "Model dropout probability.")
+    schedule: str = setting("1f1b", "Pipeline schedule: gpipe or 1f1b.")
+    microbatches: int | None = setting(None, "Pipeline micro-batches per step (default: 2 x stages).")
+    sync_bn: bool = setting(False, "ddp: synchronise BatchNorm statistics across ranks.", flag="--sync-bn")
+    nodes: int = setting(1, "Machines taking part (torchrun --nnodes); run the same command on each.", flag="--nnodes")
+    node_rank: int = setting(0, "This machine's index, 0 .. nnodes-1.")
+    rdzv_endpoint: str | None = setting(None, "HOST:PORT of the rendezvous (multi-node), the same on every node.")
+    threads: int | None = setting(None, "torch threads per process (default: cores / processes on this machine).")
+    timeout_s: float = setting(300.0, "Seconds a collective may wait for a hung or dead peer before the run fails.")
+    max_steps: int | None = setting(None, "Stop after this many optimiser steps (default: all epochs).")
+    peak_tflops: float | None = setting(None, "Per-device peak TFLOP/s used for MFU (default: data-sheet table).")
+    out_dir: str = setting("results/runs", "Folder for the result file <run_id>.json.", flag="--out")
+    # set by callers, not by `bench run` users
+    weight_decay: float = setting(1e-2, "AdamW weight decay.", cli=False)
+    eval_each_epoch: bool = setting(True, "Val macro-F1 after every epoch (outside the timed window).", cli=False)
+    save_params: str | None = setting(None, "Write the final full state dict here (bench parity).", cli=False)
+    repeat: int = setting(0, "Index of this repeat of a sweep cell (its seed differs per repeat).", cli=False)
+    run_id: str | None = setting(None, "Name of the result file; derived from the cell when None.", cli=False)
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -72,7 +88,7 @@ class RunConfig:
             raise ConfigError(f"--device {self.device} is not one of {', '.join(DEVICES)}")
         for name in ("devices", "nodes", "batch_size", "epochs"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+                raise ConfigError(f"{flag_of(name)} must be at least 1 (got {getattr(self, name)})")
         if self.warmup_steps < 0:
             raise ConfigError("--warmup-steps must be 0 or more")
         if self.devices % self.nodes:
@@ -85,3 +101,15 @@ class RunConfig:
                               "use a multiple of the device count")
         if self.dataset != "synthetic" and not os.path.exists(self.dataset):
             raise ConfigError(f"--dataset {self.dataset}: no such folder; pass 'synthetic' or a folder of WAV files")
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    """The settings `bench run` exposes, in the order its --help lists them."""
+    return [f for f in dataclasses.fields(RunConfig) if f.metadata["cli"]]
+
+
+def flag_of(name: str) -> str:
+    """The user-facing flag of a setting: devices -> --gpus, out_dir -> --out."""
+    f = next(f for f in dataclasses.fields(RunConfig) if f.name == name)
+    flag = f.metadata.get("flag")
+    return flag.split("/")[0] if flag else "--" + name.replace("_", "-")

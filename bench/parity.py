@@ -15,6 +15,7 @@ import torch
 from emotion_models.models import build_model
 
 from .config import RunConfig
+from .lifecycle import run
 from .results import load_result
 
 # Tolerances (loss, parameters), relative: per loss step |l - l_single| / |l_single|; for the
@@ -84,10 +85,17 @@ def _param_dev(a: dict, b: dict) -> float:
     return (diff / max(norm, 1e-30)) ** 0.5
 
 
+def _run(cfg: RunConfig) -> str:
+    """Run one cell; its result path, or the reason it failed."""
+    outcome = run(cfg)
+    if outcome.status != "ok" or outcome.path is None:
+        raise RuntimeError(outcome.error or "no result on this node")
+    return str(outcome.path)
+
+
 def run_parity(*, strategies: list[str], devices: int, model: str, model_size: str, precision: str, steps: int,
-               batch_size: int, size: str, sync_bn: bool, compile_backend: str | None, device: str,
-               run) -> list[ParityRow]:
-    """run(cfg) -> result path (or raises); returns one row per strategy cell."""
+               batch_size: int, size: str, sync_bn: bool, compile_backend: str | None, device: str) -> list[ParityRow]:
+    """One row per strategy cell, each compared with a `single` run of the same settings."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="emotion-bench-parity-") as tmp:
         base = RunConfig(model=model, model_size=model_size, precision=precision, batch_size=batch_size,
@@ -95,14 +103,14 @@ def run_parity(*, strategies: list[str], devices: int, model: str, model_size: s
                          eval_each_epoch=False, device=device, out_dir=tmp, compile=compile_backend is not None,
                          compile_backend=compile_backend or "inductor")
         ref_params = str(Path(tmp, "single.pt"))
-        ref = load_result(run(base.replace(strategy="single", devices=1, save_params=ref_params)))
+        ref = load_result(_run(base.replace(strategy="single", devices=1, save_params=ref_params)))
         for cell in strategies:
             strategy, _, schedule = cell.partition(":")
             cfg = base.replace(strategy=strategy, devices=devices, schedule=schedule or "1f1b",
                                sync_bn=sync_bn and strategy == "ddp", save_params=str(Path(tmp, f"{cell}.pt")))
             lt, pt, basis = tolerance(strategy, devices, model, precision, cfg.sync_bn)
             try:
-                res = load_result(run(cfg))
+                res = load_result(_run(cfg))
                 rows.append(ParityRow(cell, _loss_dev(res["losses"], ref["losses"]),
                                       _param_dev(_params(cfg.save_params), _params(ref_params)), lt, pt, basis))
             except Exception as exc:  # a cell that cannot run is a failed row, not a crash

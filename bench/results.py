@@ -1,9 +1,12 @@
 """The result file: one JSON per run, written atomically. Schema notes: results/README.md."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from emotion_models.atomic import atomic_write_text
@@ -30,6 +33,111 @@ TEST_KEYS = ("accuracy", "macro_f1", "uar", "per_class", "confusion_matrix")
 
 NOT_RESULTS = {"sweep.json"}  # JSON files that live beside results but are not results
 
+
+# ---------------------------------------------------------------------------- the typed run summary
+# What the measured loop returns on rank 0; each dataclass serialises to the result file's keys,
+# in this order.
+
+@dataclass
+class Throughput:
+    samples_per_s: float  # global samples per second over the timed window
+    samples_per_s_per_device: float
+    step_time_ms_p50: float  # per step the slowest rank's time
+    step_time_ms_p90: float
+    step_time_ms_mean: float | None
+    measured_steps: int  # steps inside the timed window
+    warmup_steps: int
+    timed_window_s: float
+    timed_samples: int
+
+
+@dataclass
+class RankUsage:
+    rank: int
+    peak_allocated_bytes: int | None  # CUDA allocator peak; None on CPU
+    peak_rss_bytes: int
+    gpu_busy_percent_mean: float | None
+    gpu_energy_j: float | None
+
+
+@dataclass
+class Utilization:
+    num_samples: int  # monitor samples inside the timed window (rank 0)
+    sample_interval_s: float
+    cpu_percent_mean: float | None  # whole machine, psutil
+    process_rss_peak_bytes: int | None  # rank 0's process
+    gpu_busy_percent_mean: float | None  # NVML utilisation rate, mean over ranks
+    gpu_mem_used_peak_bytes: int | None
+    gpu_power_w_mean: float | None
+    gpu_energy_j: float | None  # sum over ranks, the whole training
+    gpu_energy_source: str | None
+    per_rank: list[RankUsage]
+    peak_allocated_bytes: int | None  # the largest rank's
+    gpu_energy_j_per_epoch: float | None
+
+
+@dataclass
+class Flops:
+    train_flops_per_sample: float  # 3 x forward (backward ~ 2 x forward)
+    forward_flops_per_sample: float
+    achieved_tflops: float
+    peak_tflops_per_device: float | None
+    peak_source: str
+    mfu: float | None
+
+
+@dataclass
+class Quality:
+    test: dict | None  # bench.metrics.quality() of the test split
+    val_macro_f1_by_epoch: list[float]
+    target_f1: float | None
+    time_to_target_s: float | None
+    epochs_to_target: int | None
+
+
+@dataclass
+class Timing:
+    setup_s: float
+    train_s: float
+    eval_s: float
+    steps: int
+    steps_per_epoch: int
+
+
+@dataclass
+class RunSummary:
+    plan_info: dict  # the strategy's own facts, merged into the result's config
+    throughput: Throughput
+    utilization: Utilization
+    flops: Flops
+    quality: Quality
+    timing: Timing
+    losses: list[float]  # per step, the global mean training loss
+
+
+def build_result(*, run_id: str, status: str, error: str | None, config: dict, env: dict, data: dict | None,
+                 summary: RunSummary | None, wall_s: float) -> dict:
+    """The result file's content; a run without a summary (failed) has empty measurement sections."""
+    body = dataclasses.asdict(summary) if summary else {}
+    return {
+        "schema": SCHEMA,
+        "run_id": run_id,
+        "status": status,
+        "error": error,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "env": env,
+        "data": data,
+        "throughput": body.get("throughput", {}),
+        "utilization": body.get("utilization", {}),
+        "flops": body.get("flops", {}),
+        "quality": body.get("quality", {}),
+        "timing": {**body.get("timing", {}), "wall_s": wall_s},
+        "losses": body.get("losses", []),
+    }
+
+
+# ---------------------------------------------------------------------------- files
 
 class ResultError(ValueError):
     """A result file that does not follow the schema."""
@@ -88,28 +196,29 @@ def load_result(path: str | os.PathLike) -> dict:
     return result
 
 
-def iter_result_files(paths) -> list[Path]:
-    """Result files under the given files or folders (recursively), sorted."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*.json") if not q.name.startswith(".") and q.name not in NOT_RESULTS))
-        elif p.exists():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    return files
+def iter_result_files(path: str | os.PathLike) -> list[Path]:
+    """Result files under a file or folder (recursively), sorted."""
+    p = Path(path)
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*.json") if not q.name.startswith(".") and q.name not in NOT_RESULTS)
+    if p.exists():
+        return [p]
+    raise FileNotFoundError(f"{p}: no such file or folder")
 
 
 def load_results(paths) -> tuple[list[dict], list[tuple[str, str]]]:
-    """All valid results under paths, and (file, reason) for every file that is not one."""
+    """All valid results under the given files or folders, each tagged with the one it came from
+    (`_source`, which tells machines apart in a report), and (file, reason) for every file that is
+    not a result. FileNotFoundError names a path that does not exist."""
     results, bad = [], []
-    for f in iter_result_files(paths):
-        try:
-            r = load_result(f)
-        except (OSError, json.JSONDecodeError, ResultError) as exc:
-            bad.append((str(f), str(exc)))
-            continue
-        r.setdefault("_path", str(f))
-        results.append(r)
+    for source in paths:
+        for f in iter_result_files(source):
+            try:
+                r = load_result(f)
+            except (OSError, json.JSONDecodeError, ResultError) as exc:
+                bad.append((str(f), str(exc)))
+                continue
+            r.setdefault("_path", str(f))
+            r["_source"] = str(source)
+            results.append(r)
     return results, bad

@@ -2,22 +2,27 @@
 
 Each cell's run_id is its key, so `DIR/<key>.json` existing means the cell is done: `--resume`
 skips it. Result files are atomic, so an interrupted sweep never leaves a half-written one; the
-cell that was running simply runs again. `DIR/sweep.json` lists every cell with its state.
+cell that was running simply runs again. `DIR/sweep.json` (the sweep manifest) lists every cell
+with its state; this module is its only reader and writer.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from emotion_models.atomic import atomic_write_text
 
+from .cells import cell_key
 from .config import ConfigError, RunConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+MANIFEST = "sweep.json"
 MATRIX_KEYS = ("strategies", "gpus", "precision", "models", "compile", "repeat")
 
 
@@ -39,7 +44,8 @@ class Cell:
     skip_reason: str | None = None
 
 
-def _bool(v) -> bool:
+def on_off(v) -> bool:
+    """A compile value of a sweep: on/off (true/false, compile/eager, ...)."""
     if isinstance(v, bool):
         return v
     if str(v).lower() in ("on", "true", "yes", "1", "compile"):
@@ -72,13 +78,8 @@ def load_spec(path_or_preset: str) -> SweepSpec:
         raise ConfigError(f"--config {path}: [run] has unknown fields {sorted(bad)}")
     return SweepSpec(strategies=list(raw.get("strategies", ["single"])), gpus=[int(g) for g in raw.get("gpus", [1])],
                      precision=list(raw.get("precision", ["fp32"])), models=list(raw.get("models", ["cnn"])),
-                     compile=[_bool(c) for c in raw.get("compile", ["off"])], repeat=int(raw.get("repeat", 1)),
+                     compile=[on_off(c) for c in raw.get("compile", ["off"])], repeat=int(raw.get("repeat", 1)),
                      run=run)
-
-
-def cell_key(cfg: RunConfig) -> str:
-    comp = "compiled" if cfg.compile else "eager"
-    return f"{cfg.model}-{cfg.strategy}-{cfg.devices}x-{cfg.precision}-{comp}-{cfg.scaling}-b{cfg.batch_size}-r{cfg.repeat}"
 
 
 def _why_not_here(cfg: RunConfig, device_type: str) -> str | None:
@@ -131,8 +132,75 @@ def expand(spec: SweepSpec, device_type: str, out_dir: str) -> list[Cell]:
 
 def write_manifest(out_dir: str, cells: list[Cell], states: dict[str, dict]) -> None:
     rows = [{"key": c.key, **states.get(c.key, {"state": "pending"})} for c in cells]
-    atomic_write_text(Path(out_dir) / "sweep.json", json.dumps({"cells": rows}, indent=1) + "\n")
+    atomic_write_text(Path(out_dir) / MANIFEST, json.dumps({"cells": rows}, indent=1) + "\n")
+
+
+def skipped_cells(folder: str) -> list[tuple[str, str]]:
+    """(cell key, reason) of every cell a sweep in folder skipped; none if it holds no sweep."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.exists():
+        return []
+    return [(c["key"], c.get("reason", "")) for c in json.loads(manifest.read_text())["cells"]
+            if c.get("state") == "skipped"]
 
 
 def done(out_dir: str, key: str) -> bool:
     return (Path(out_dir) / f"{key}.json").exists()
+
+
+@dataclass
+class SweepOutcome:
+    cells: list[Cell]
+    ran: int
+    failed: int
+    skipped: int
+    resumed: int
+
+
+def run_sweep(spec: SweepSpec, out: str, *, device_type: str, resume: bool = False,
+              say: Callable[[str], None] = lambda _: None, progress: Callable | None = None) -> SweepOutcome:
+    """Run every cell that can run here, one after another; a failed cell is recorded and the sweep
+    goes on. The manifest is rewritten after each cell, so it always says how far the sweep got."""
+    from .lifecycle import run
+
+    cells = expand(spec, device_type, out)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    states: dict[str, dict] = {}
+    todo = []
+    for c in cells:
+        if c.skip_reason:
+            states[c.key] = {"state": "skipped", "reason": c.skip_reason}
+        elif resume and done(out, c.key):
+            states[c.key] = {"state": "done", "result": f"{c.key}.json", "resumed": True}
+        else:
+            todo.append(c)
+    write_manifest(out, cells, states)
+    skipped = [c for c in cells if c.skip_reason]
+    resumed = len(cells) - len(skipped) - len(todo)
+    say(f"sweep: {len(cells)} cells, {len(skipped)} skipped here, {resumed} already done, {len(todo)} to run -> {out}")
+    for c in skipped:
+        say(f"  skip {c.key}: {c.skip_reason}")
+    failed = 0
+    with (progress(len(todo)) if progress else contextlib.nullcontext(_NoBar())) as bar:
+        for c in todo:
+            bar.start(c.key)
+            outcome = run(c.cfg)
+            if outcome.status == "ok":
+                states[c.key] = {"state": "done", "result": f"{c.key}.json"}
+            else:  # recorded as a failed result by the run; the sweep goes on
+                failed += 1
+                states[c.key] = {"state": "failed", "result": f"{c.key}.json", "error": outcome.error}
+                bar.note(f"failed {c.key}: {outcome.error}")
+            write_manifest(out, cells, states)
+            bar.advance()
+    return SweepOutcome(cells, len(todo) - failed, failed, len(skipped), resumed)
+
+
+class _NoBar:
+    """The sweep's progress protocol (bench.ui.sweep_bar draws it): start(key), note(line), advance()."""
+
+    def start(self, key: str) -> None: ...
+
+    def note(self, message: str) -> None: ...
+
+    def advance(self) -> None: ...

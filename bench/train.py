@@ -1,9 +1,11 @@
-"""The measured loop: one function that every strategy runs through, on every rank.
+"""The measured loop: what every strategy runs through, on every rank.
+
+    setup -> batch plan -> timed epochs (evaluation between them) -> gather -> summary
 
 Order of application (fixed, documented in README): build the model from the seed (identical
 on every rank) -> move to the device -> SyncBatchNorm (ddp --sync-bn) -> compile each block in
 place (so each block compiles once and wrappers see plain modules) -> the strategy wraps it ->
-AdamW over the plan's parameters -> autocast/GradScaler around each step.
+AdamW over the plan's parameters -> the precision's autocast/GradScaler around each step.
 
 Inside the timed window there is no host sync: losses stay on the device (`loss.detach()`),
 step boundaries are CUDA events on GPU and perf_counter on CPU (whose ops are synchronous),
@@ -11,14 +13,13 @@ and the device is synchronised only at the window's edges.
 """
 from __future__ import annotations
 
-import contextlib
 import resource
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from emotion_models.audio import centre_offset, crop_frames
@@ -30,6 +31,8 @@ from .distenv import DistEnv
 from .envinfo import peak_tflops
 from .metrics import quality
 from .monitor import Monitor
+from .precision import Precision
+from .results import Flops, Quality, RankUsage, RunSummary, Throughput, Timing, Utilization
 from .strategies import Plan, get_strategy
 
 EVAL_BATCH = 256
@@ -57,30 +60,20 @@ class _Clock:
         return start.elapsed_time(end) / 1000.0 if self.cuda else end - start
 
 
-def _percentile(values: list[float], q: float) -> float:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(torch.quantile(t, q)) if len(values) else float("nan")
+# ------------------------------------------------------------------------------------------ setup
+
+@dataclass
+class Setup:
+    """Everything built before the first step."""
+
+    plan: Plan
+    precision: Precision
+    optimizer: torch.optim.Optimizer
+    forward_flops_per_sample: float
 
 
-def evaluate(plan: Plan, x: torch.Tensor, y: torch.Tensor, ctx_factory: Callable) -> dict | None:
-    """Quality on (x, y) with the full model on rank 0; collective, None on other ranks."""
-    module = plan.eval_module()
-    if module is None:
-        return None
-    was_training = module.training
-    module.eval()
-    preds = []
-    with torch.no_grad(), ctx_factory():
-        for i in range(0, x.shape[0], EVAL_BATCH):
-            preds.append(module(x[i : i + EVAL_BATCH].to(plan.input_device)).argmax(1).cpu())
-    module.train(was_training)
-    return quality(torch.cat(preds), y.cpu())
-
-
-def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable | None = None) -> dict:
-    """Train and measure one cell on this rank. Returns the result body (rank 0 holds the full one)."""
+def setup(cfg: RunConfig, env: DistEnv, data: Dataset) -> Setup:
     spec = get_strategy(cfg.strategy)
-    device = env.device
     torch.manual_seed(cfg.seed)
     fcfg = data.feature_cfg
     model = build_model(cfg.model, size=cfg.model_size, dropout=cfg.dropout, n_features=fcfg.n_features,
@@ -88,151 +81,199 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
     if model.feature_kind != fcfg.kind:
         raise ConfigError(f"model {cfg.model} reads {model.feature_kind} features but the dataset holds {fcfg.kind}")
     fwd_flops_per_sample = sum(model.block_flops(2)) / 2
-    t_setup = time.perf_counter()
-
-    model.to(device)
+    model.to(env.device)
     if cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:
         for block in model.blocks:
             block.compile(backend=cfg.compile_backend)
     plan = spec.fn(model, env, cfg)
-    scaler = None
-    if cfg.precision == "fp16":
-        scaler = plan.grad_scaler() if plan.grad_scaler else torch.amp.GradScaler(device.type)
-    # fp16: the fused AdamW reads GradScaler's found_inf on the device; with the default
-    # implementation GradScaler.step() calls .item() every step, a host sync in the timed window.
-    # (FSDP2's ShardedGradScaler keeps its own path: DTensor parameters.)
-    fused = scaler is not None and plan.grad_scaler is None and device.type == "cuda"
-    opt = torch.optim.AdamW(plan.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    precision = Precision(cfg.precision, env.device, autocast=plan.autocast, scaler_factory=plan.grad_scaler)
+    opt = precision.optimizer(plan.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return Setup(plan, precision, opt, fwd_flops_per_sample)
 
-    def ctx_factory():
-        if amp_dtype is None or not plan.autocast:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=amp_dtype)
 
-    # data: whole splits live on the device; training crops a random window per sample and epoch
-    train_x, train_y = data.subset("train", device)
-    val_x, val_y = data.subset("val")
-    test_x, test_y = data.subset("test")
-    centre = centre_offset(fcfg)
-    val_x = val_x[:, :, centre : centre + fcfg.crop_frames]
-    test_x = test_x[:, :, centre : centre + fcfg.crop_frames]
-    n_train = train_x.shape[0]
+# ------------------------------------------------------------------------------------------ batches
+
+@dataclass
+class Batches:
+    """Which samples each step trains on: this rank's slice of the global batch, a random crop
+    window per sample and epoch. The whole training split lives on the device."""
+
+    x: torch.Tensor  # (N, F, cache_frames) on the device
+    y: torch.Tensor
+    sampler: DistributedSampler
+    seed: int
+    local_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    crop_frames: int
+
+    def epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(steps_per_epoch, local_batch) sample indices and one crop offset per sample, on the device."""
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)[: self.steps_per_epoch * self.local_batch]
+        order = torch.tensor(order, device=self.x.device).view(self.steps_per_epoch, self.local_batch)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        max_offset = self.x.shape[2] - self.crop_frames
+        offsets = torch.randint(0, max_offset + 1, (self.x.shape[0],), generator=gen).to(self.x.device)
+        return order, offsets
+
+    def batch(self, idx: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = crop_frames(self.x.index_select(0, idx), offsets.index_select(0, idx), self.crop_frames)
+        return x, self.y.index_select(0, idx)
+
+
+def plan_batches(cfg: RunConfig, env: DistEnv, plan: Plan, data: Dataset) -> Batches:
+    x, y = data.subset("train", env.device)
     data_ranks = env.world_size if plan.shard_batch else 1
-    data_rank = env.rank if plan.shard_batch else 0
     global_batch = cfg.global_batch_size
     if global_batch % data_ranks:
         raise ConfigError(f"global batch {global_batch} does not split over {data_ranks} ranks")
     local_batch = global_batch // data_ranks
-    sampler = DistributedSampler(range(n_train), num_replicas=data_ranks, rank=data_rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
+    sampler = DistributedSampler(range(x.shape[0]), num_replicas=data_ranks, rank=env.rank if plan.shard_batch else 0,
+                                 shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch < 1:
-        raise ConfigError(f"the training split has {n_train} clips, fewer than one global batch of {global_batch}: "
+        raise ConfigError(f"the training split has {x.shape[0]} clips, fewer than one global batch of {global_batch}: "
                           "lower --batch-size or use a larger --size")
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    warmup = min(cfg.warmup_steps, total_steps - 1)
+    return Batches(x, y, sampler, cfg.seed, local_batch, steps_per_epoch, total_steps,
+                   min(cfg.warmup_steps, total_steps - 1), data.feature_cfg.crop_frames)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+@dataclass
+class EvalSets:
+    """Validation and test splits, centre-cropped, on the host (moved in batches)."""
+
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def of(cls, data: Dataset) -> EvalSets:
+        fcfg = data.feature_cfg
+        c = centre_offset(fcfg)
+
+        def centred(split):
+            x, y = data.subset(split)
+            return x[:, :, c : c + fcfg.crop_frames], y
+
+        return cls(centred("val"), centred("test"))
+
+
+def evaluate(plan: Plan, precision: Precision, xy: tuple[torch.Tensor, torch.Tensor]) -> dict | None:
+    """Quality on (x, y) with the full model on rank 0; collective, None on other ranks."""
+    module = plan.eval_module()
+    if module is None:
+        return None
+    x, y = xy
+    was_training = module.training
+    module.eval()
+    preds = []
+    with torch.no_grad(), precision.autocast():
+        for i in range(0, x.shape[0], EVAL_BATCH):
+            preds.append(module(x[i : i + EVAL_BATCH].to(plan.input_device)).argmax(1).cpu())
+    module.train(was_training)
+    return quality(torch.cat(preds), y.cpu())
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+@dataclass
+class Measured:
+    """What one rank measured; host values are read only after the loop."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)  # per step, on the device
+    step_marks: list[tuple] = field(default_factory=list)  # (start, end) clock marks per step
+    windows: list[tuple[float, float]] = field(default_factory=list)  # timed window per epoch, perf_counter s
+    val_f1: list[float] = field(default_factory=list)
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    time_to_target_s: float | None = None
+    epochs_to_target: int | None = None
+
+    def record_eval(self, q: dict | None, cfg: RunConfig, epoch: int) -> None:
+        if q is None:
+            return
+        self.val_f1.append(q["macro_f1"])
+        if cfg.target_f1 is not None and self.time_to_target_s is None and q["macro_f1"] >= cfg.target_f1:
+            self.time_to_target_s, self.epochs_to_target = self.train_s, epoch + 1
+
+
+def train(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets, tick: Callable) -> Measured:
+    """The timed epochs. Warmup steps run first, outside the window; evaluation runs between epochs."""
+    device, plan, precision, opt = env.device, s.plan, s.precision, s.optimizer
     # one-cycle LR over the planned steps: stable final epochs; stepped on the host, no sync
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.15)
-    max_offset = fcfg.cache_frames - fcfg.crop_frames
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=b.total_steps, pct_start=0.15)
+    clock, m, step = _Clock(device), Measured(), 0
+    for epoch in range(cfg.epochs):
+        n_steps = min(b.steps_per_epoch, b.total_steps - step)
+        if n_steps <= 0:
+            break
+        order, offsets = b.epoch(epoch)
+        _sync(device)
+        t_epoch = time.perf_counter()
+        window_start = t_epoch if step >= b.warmup_steps else None
+        for k in range(n_steps):
+            if step == b.warmup_steps and window_start is None:
+                _sync(device)  # the window's left edge
+                window_start = time.perf_counter()
+            start = clock.mark()
+            x, y = b.batch(order[k], offsets)
+            loss = plan.step(x, y, precision)
+            precision.step(opt)
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            m.losses.append(loss.detach().float())
+            m.step_marks.append((start, clock.mark()))
+            step += 1
+            tick(1)
+        _sync(device)  # the window's right edge (evaluation is outside it)
+        t_end = time.perf_counter()
+        if window_start is not None:
+            m.windows.append((window_start, t_end))
+        m.train_s += t_end - t_epoch
+        if cfg.eval_each_epoch or step >= b.total_steps or epoch == cfg.epochs - 1:
+            m.record_eval(evaluate(plan, precision, evalsets.val), cfg, epoch)
+            if env.distributed:
+                dist.barrier()  # no rank starts timing the next epoch while rank 0 evaluates
+            m.eval_s += time.perf_counter() - t_end
+    return m
 
-    clock = _Clock(device)
-    losses: list[torch.Tensor] = []
-    step_marks: list[tuple] = []
-    windows: list[tuple[float, float]] = []
-    val_f1: list[float] = []
-    train_s = eval_s = 0.0
-    time_to_target = epochs_to_target = None
-    zero = torch.zeros((), device=device)
-    setup_s = time.perf_counter() - t_setup
-    tick = progress(total_steps) if (progress and env.is_main) else None
 
-    monitor = Monitor(cuda_device=device.index if device.type == "cuda" else None)
-    with monitor:
-        step = 0
-        for epoch in range(cfg.epochs):
-            if step >= total_steps:
-                break
-            sampler.set_epoch(epoch)
-            order = torch.tensor(list(sampler)[: steps_per_epoch * local_batch], device=device).view(steps_per_epoch, local_batch)
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            offsets = torch.randint(0, max_offset + 1, (n_train,), generator=gen).to(device)
-            _sync(device)
-            t_epoch = time.perf_counter()
-            window_start = t_epoch if step >= warmup else None
-            for k in range(steps_per_epoch):
-                if step >= total_steps:
-                    break
-                if step == warmup and window_start is None:
-                    _sync(device)  # the window's left edge
-                    window_start = time.perf_counter()
-                start = clock.mark()
-                idx = order[k]
-                x = crop_frames(train_x.index_select(0, idx), offsets.index_select(0, idx), fcfg.crop_frames)
-                y = train_y.index_select(0, idx)
-                if plan.step is not None:
-                    loss = plan.step(x, y, ctx_factory)
-                else:
-                    with ctx_factory():
-                        loss = F.cross_entropy(plan.model(x), y)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                if scaler:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.detach().float() if loss is not None else zero)
-                step_marks.append((start, clock.mark()))
-                step += 1
-                if tick:
-                    tick(1)
-            _sync(device)  # the window's right edge (eval is outside it)
-            t_end = time.perf_counter()
-            if window_start is not None:
-                windows.append((window_start, t_end))
-            train_s += t_end - t_epoch
-            if cfg.eval_each_epoch or step >= total_steps or epoch == cfg.epochs - 1:
-                t_eval = time.perf_counter()
-                q = evaluate(plan, val_x, val_y, ctx_factory)
-                if q is not None:
-                    val_f1.append(q["macro_f1"])
-                    if cfg.target_f1 is not None and time_to_target is None and q["macro_f1"] >= cfg.target_f1:
-                        time_to_target, epochs_to_target = train_s, epoch + 1
-                if env.distributed:
-                    dist.barrier()  # no rank starts timing the next epoch while rank 0 evaluates
-                eval_s += time.perf_counter() - t_eval
+# ------------------------------------------------------------------------------------------ gather
 
-    t_eval = time.perf_counter()
-    test_q = evaluate(plan, test_x, test_y, ctx_factory)
-    params_path = None
-    if cfg.save_params:
-        module = plan.eval_module()
-        if module is not None:
-            torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, cfg.save_params)
-            params_path = cfg.save_params
-    eval_s += time.perf_counter() - t_eval
+@dataclass
+class Gathered:
+    """The run's measurements across ranks (rank 0 reads them)."""
 
-    # ---- gather what every rank measured (after the loop: the only host syncs of the run)
-    step_s = torch.tensor([clock.seconds(a, b) for a, b in step_marks], dtype=torch.float64)
-    loss_t = torch.stack(losses).to(torch.float64)
-    window_s = torch.tensor([sum(b - a for a, b in windows)], dtype=torch.float64)
-    peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    rank_info = {"rank": env.rank, "peak_allocated_bytes": peak_mem, "peak_rss_bytes": rss_peak,
-                 "utilization": monitor.summary(windows)}
+    step_s: list[float]  # per step, the slowest rank's time
+    window_s: float  # the slowest rank's timed window
+    losses: list[float]  # per step, the global mean loss
+    ranks: list[dict]  # each rank's memory and utilisation
+
+
+def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monitor) -> Gathered:
+    """Collective, after the loop: the only host syncs of the run."""
+    device = env.device
+    step_s = torch.tensor([clock.seconds(a, b) for a, b in m.step_marks], dtype=torch.float64)
+    loss_t = torch.stack(m.losses).to(torch.float64)
+    window_s = torch.tensor([sum(b - a for a, b in m.windows)], dtype=torch.float64)
+    rank_info = {"rank": env.rank,
+                 "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                 "utilization": monitor.summary(m.windows)}
+    ranks = [rank_info]
     if env.distributed:
         coll_dev = device if env.backend == "nccl" else torch.device("cpu")
-        step_s = step_s.to(coll_dev)
+        step_s, window_s, loss_t = step_s.to(coll_dev), window_s.to(coll_dev), loss_t.to(coll_dev)
         dist.all_reduce(step_s, op=dist.ReduceOp.MAX)  # the slowest rank sets each step's time
-        window_s = window_s.to(coll_dev)
         dist.all_reduce(window_s, op=dist.ReduceOp.MAX)
-        loss_t = loss_t.to(coll_dev)
         if plan.loss_rank is None:
             dist.all_reduce(loss_t)  # gloo has no AVG: sum, then divide
             loss_t /= env.world_size
@@ -240,68 +281,75 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
             dist.broadcast(loss_t, src=plan.loss_rank)
         ranks = [None] * env.world_size
         dist.all_gather_object(ranks, rank_info)
-    else:
-        ranks = [rank_info]
-    if not env.is_main:
-        return {}
+    return Gathered(step_s.cpu().tolist(), float(window_s[0]), loss_t.cpu().tolist(), ranks)
 
-    timed = step_s[warmup:].tolist()
-    timed_samples = len(timed) * global_batch
-    window = float(window_s[0])
-    samples_per_s = timed_samples / window if window > 0 else float("nan")
-    train_flops = 3 * fwd_flops_per_sample  # backward ~ 2x forward
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    peak, peak_source = peak_tflops(dev_name, cfg.precision, cfg.peak_tflops)
-    achieved = train_flops * samples_per_s
-    util = dict(ranks[0]["utilization"])
-    energy = [r["utilization"]["gpu_energy_j"] for r in ranks]
-    util.update({
-        "per_rank": [{"rank": r["rank"], "peak_allocated_bytes": r["peak_allocated_bytes"],
-                      "peak_rss_bytes": r["peak_rss_bytes"],
-                      "gpu_busy_percent_mean": r["utilization"]["gpu_busy_percent_mean"],
-                      "gpu_energy_j": r["utilization"]["gpu_energy_j"]} for r in ranks],
-        "peak_allocated_bytes": max((r["peak_allocated_bytes"] or 0) for r in ranks) or None,
-        "gpu_busy_percent_mean": _mean([r["utilization"]["gpu_busy_percent_mean"] for r in ranks]),
-        "gpu_energy_j": sum(energy) if all(e is not None for e in energy) else None,
-    })
-    util["gpu_energy_j_per_epoch"] = util["gpu_energy_j"] / cfg.epochs if util["gpu_energy_j"] is not None else None
-    return {
-        "plan_info": plan.info,
-        "local_batch": local_batch,
-        "throughput": {
-            "samples_per_s": samples_per_s,
-            "samples_per_s_per_device": samples_per_s / cfg.devices,
-            "step_time_ms_p50": _percentile(timed, 0.5) * 1000,
-            "step_time_ms_p90": _percentile(timed, 0.9) * 1000,
-            "step_time_ms_mean": sum(timed) / len(timed) * 1000 if timed else None,
-            "measured_steps": len(timed),
-            "warmup_steps": warmup,
-            "timed_window_s": window,
-            "timed_samples": timed_samples,
-        },
-        "utilization": util,
-        "flops": {
-            "train_flops_per_sample": train_flops,
-            "forward_flops_per_sample": fwd_flops_per_sample,
-            "achieved_tflops": achieved / 1e12,
-            "peak_tflops_per_device": peak,
-            "peak_source": peak_source,
-            "mfu": achieved / (peak * 1e12 * cfg.devices) if peak else None,
-        },
-        "quality": {
-            "test": test_q,
-            "val_macro_f1_by_epoch": val_f1,
-            "target_f1": cfg.target_f1,
-            "time_to_target_s": time_to_target,
-            "epochs_to_target": epochs_to_target,
-        },
-        "timing": {"setup_s": setup_s, "train_s": train_s, "eval_s": eval_s, "steps": len(step_marks),
-                   "steps_per_epoch": steps_per_epoch},
-        "losses": loss_t.cpu().tolist(),
-        "params_path": params_path,
-    }
+
+# ------------------------------------------------------------------------------------------ summary
+
+def _percentile(values: list[float], q: float) -> float:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(torch.quantile(t, q)) if len(values) else float("nan")
 
 
 def _mean(values):
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
+
+
+def summarise(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, m: Measured, g: Gathered, test_q: dict | None,
+              setup_s: float) -> RunSummary:
+    timed = g.step_s[b.warmup_steps:]
+    timed_samples = len(timed) * cfg.global_batch_size
+    samples_per_s = timed_samples / g.window_s if g.window_s > 0 else float("nan")
+    throughput = Throughput(
+        samples_per_s=samples_per_s, samples_per_s_per_device=samples_per_s / cfg.devices,
+        step_time_ms_p50=_percentile(timed, 0.5) * 1000, step_time_ms_p90=_percentile(timed, 0.9) * 1000,
+        step_time_ms_mean=sum(timed) / len(timed) * 1000 if timed else None, measured_steps=len(timed),
+        warmup_steps=b.warmup_steps, timed_window_s=g.window_s, timed_samples=timed_samples)
+    train_flops = 3 * s.forward_flops_per_sample  # backward ~ 2x forward
+    dev_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None
+    peak, peak_source = peak_tflops(dev_name, cfg.precision, cfg.peak_tflops)
+    achieved = train_flops * samples_per_s
+    flops = Flops(train_flops, s.forward_flops_per_sample, achieved / 1e12, peak, peak_source,
+                  achieved / (peak * 1e12 * cfg.devices) if peak else None)
+    quality_ = Quality(test_q, m.val_f1, cfg.target_f1, m.time_to_target_s, m.epochs_to_target)
+    timing = Timing(setup_s, m.train_s, m.eval_s, len(m.step_marks), b.steps_per_epoch)
+    return RunSummary(s.plan.info, throughput, utilization(cfg, g.ranks), flops, quality_, timing, g.losses)
+
+
+def utilization(cfg: RunConfig, ranks: list[dict]) -> Utilization:
+    """Rank 0's monitor summary, with memory, busy % and energy over every rank."""
+    u = dict(ranks[0]["utilization"])
+    per_rank = [RankUsage(r["rank"], r["peak_allocated_bytes"], r["peak_rss_bytes"],
+                          r["utilization"]["gpu_busy_percent_mean"], r["utilization"]["gpu_energy_j"]) for r in ranks]
+    energy = [r.gpu_energy_j for r in per_rank]
+    u.update(per_rank=per_rank,
+             peak_allocated_bytes=max((r.peak_allocated_bytes or 0) for r in per_rank) or None,
+             gpu_busy_percent_mean=_mean([r.gpu_busy_percent_mean for r in per_rank]),
+             gpu_energy_j=sum(energy) if all(e is not None for e in energy) else None)
+    u["gpu_energy_j_per_epoch"] = u["gpu_energy_j"] / cfg.epochs if u["gpu_energy_j"] is not None else None
+    return Utilization(**u)
+
+
+# ------------------------------------------------------------------------------------------ one run
+
+def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable | None = None) -> RunSummary | None:
+    """Train and measure one cell on this rank; the summary on rank 0, None on the others."""
+    t_setup = time.perf_counter()
+    s = setup(cfg, env, data)
+    b = plan_batches(cfg, env, s.plan, data)
+    evalsets = EvalSets.of(data)
+    tick = progress(b.total_steps) if (progress and env.is_main) else (lambda n=1: None)
+    setup_s = time.perf_counter() - t_setup
+    monitor = Monitor(cuda_device=env.device.index if env.device.type == "cuda" else None)
+    with monitor:
+        m = train(cfg, env, s, b, evalsets, tick)
+    t_test = time.perf_counter()
+    test_q = evaluate(s.plan, s.precision, evalsets.test)
+    if cfg.save_params:
+        module = s.plan.eval_module()
+        if module is not None:
+            torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, cfg.save_params)
+    m.eval_s += time.perf_counter() - t_test
+    g = gather(env, s.plan, m, _Clock(env.device), monitor)
+    return summarise(cfg, env, s, b, m, g, test_q, setup_s) if env.is_main else None

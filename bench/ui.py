@@ -39,32 +39,57 @@ def progress_factory(transient: bool = False):
         yield make
 
 
+class _SweepBar:
+    """The sweep's progress (bench.sweep.run_sweep): the cell running, failures above the bar."""
+
+    def __init__(self, prog: Progress, total: int):
+        self.prog, self.task = prog, prog.add_task("sweep", total=total)
+
+    def start(self, key: str) -> None:
+        self.prog.update(self.task, description=f"sweep: {key}")
+
+    def note(self, message: str) -> None:
+        self.prog.console.print(f"[red]{escape(message)}[/]", soft_wrap=True)
+
+    def advance(self) -> None:
+        self.prog.advance(self.task)
+
+
+@contextlib.contextmanager
+def sweep_bar(total: int):
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not sys.stdout.isatty()) as prog:
+        yield _SweepBar(prog, total)
+
+
 def fmt(value, spec: str = ".1f", unit: str = "") -> str:
     if value is None:
         return "n/a"
     return f"{value:{spec}}{unit}"
 
 
-def fmt_bytes(n) -> str:
-    if n is None:
-        return "n/a"
-    return f"{n / 2**20:.0f} MiB"
-
-
 def run_table(result: dict) -> Table:
+    """The end-of-run table: the metrics of bench.frame.METRICS this run has, with units."""
+    from .frame import METRICS
+
     c, t, u, q = result["config"], result["throughput"], result["utilization"], result["quality"]
-    test = q.get("test") or {}
     table = Table(title=f"{c['strategy']} · {c['model']} · {c['precision']}{' · compiled' if c['compile'] else ''} · "
                         f"{c['devices']}x {c['device_type']}", show_header=True)
     table.add_column("measure")
     table.add_column("value", justify="right")
-    table.add_row("throughput", fmt(t.get("samples_per_s"), ".1f", " samples/s"))
-    table.add_row("per device", fmt(t.get("samples_per_s_per_device"), ".1f", " samples/s"))
-    table.add_row("step time p50 / p90", f"{fmt(t.get('step_time_ms_p50'), '.1f')} / {fmt(t.get('step_time_ms_p90'), '.1f')} ms")
+
+    def row(col: str, label: str | None = None) -> None:
+        m = METRICS[col]
+        table.add_row(label or m.label, fmt(m.read(result), m.spec, f" {m.unit}" if m.unit else ""))
+
+    row("samples_per_s")
+    row("samples_per_s_per_device")
+    p50, p90 = METRICS["step_time_ms_p50"], METRICS["step_time_ms_p90"]
+    table.add_row("step time p50 / p90", f"{fmt(p50.read(result))} / {fmt(p90.read(result))} {p50.unit}")
     table.add_row("measured steps", f"{t.get('measured_steps')} (after {t.get('warmup_steps')} warmup)")
     table.add_row("CPU busy (mean)", fmt(u.get("cpu_percent_mean"), ".0f", " %"))
     table.add_row("GPU busy (NVML, mean)", fmt(u.get("gpu_busy_percent_mean"), ".0f", " %"))
-    table.add_row("peak memory", fmt_bytes(u.get("peak_allocated_bytes") or u.get("process_rss_peak_bytes")))
+    row("peak_mem_mib")
     if u.get("gpu_energy_j") is not None:
         table.add_row("GPU energy", fmt(u.get("gpu_energy_j"), ".0f", " J"))
     f = result.get("flops") or {}
@@ -72,9 +97,8 @@ def run_table(result: dict) -> Table:
     mfu = f.get("mfu")
     table.add_row("MFU", f"{mfu * 100:.1f} % of {f['peak_tflops_per_device']} TFLOP/s/device ({f['peak_source']})"
                   if mfu is not None else f"n/a (peak {f.get('peak_source', 'unknown')})")
-    table.add_row("test macro-F1", fmt(test.get("macro_f1"), ".3f"))
-    table.add_row("test UAR", fmt(test.get("uar"), ".3f"))
-    table.add_row("test accuracy", fmt(test.get("accuracy"), ".3f"))
+    for col in ("macro_f1", "uar", "accuracy"):
+        row(col, f"test {METRICS[col].label}")
     if q.get("target_f1") is not None:
         table.add_row(f"time to val F1 {q['target_f1']}", fmt(q.get("time_to_target_s"), ".1f", " s"))
     table.add_row("wall time", fmt(result["timing"].get("wall_s"), ".1f", " s"))

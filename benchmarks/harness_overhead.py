@@ -48,8 +48,7 @@ def plain_loop(model_name: str, data, batch_size: int, steps: int, warmup: int, 
 def harness(model_name: str, data, batch_size: int, steps: int, warmup: int, seed: int) -> float:
     cfg = RunConfig(model=model_name, batch_size=batch_size, epochs=100, max_steps=warmup + steps,
                     warmup_steps=warmup, seed=seed, device="cpu", eval_each_epoch=False)
-    body = execute(cfg, init_env(cfg, "cpu"), data)
-    return body["throughput"]["samples_per_s"]
+    return execute(cfg, init_env(cfg, "cpu"), data).throughput.samples_per_s
 
 
 def main() -> None:

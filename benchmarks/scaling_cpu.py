@@ -12,7 +12,7 @@ import argparse
 import statistics
 import tempfile
 
-from bench.cli import execute_run
+from bench.lifecycle import run
 from bench.config import RunConfig
 from bench.results import load_result
 
@@ -32,11 +32,11 @@ def main() -> None:
         base = RunConfig(model=args.model, batch_size=args.batch_size, epochs=100, max_steps=args.steps + 5,
                          warmup_steps=5, threads=1, eval_each_epoch=False, device="cpu", out_dir=out)
         for r in range(args.rounds):
-            single = load_result(execute_run(base.replace(seed=r), quiet=True))["throughput"]["samples_per_s"]
+            single = load_result(run(base.replace(seed=r)).path)["throughput"]["samples_per_s"]
             line = [f"round {r + 1}: single {single:.1f} samples/s"]
             for s in strategies:
                 cfg = base.replace(strategy=s, devices=args.gpus, seed=r)
-                thr = load_result(execute_run(cfg, quiet=True))["throughput"]["samples_per_s"]
+                thr = load_result(run(cfg).path)["throughput"]["samples_per_s"]
                 eff[s].append(thr / (args.gpus * single))
                 line.append(f"{s} {thr:.1f} samples/s (efficiency {eff[s][-1]:.2f})")
             print(", ".join(line))

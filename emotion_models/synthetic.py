@@ -129,6 +129,10 @@ def _resonance(freqs: np.ndarray, formants: np.ndarray, bandwidths: np.ndarray) 
 
 def render(clip: SynthClip) -> np.ndarray:
     """The clip's waveform at 16 kHz, float32 in [-1, 1]."""
+    # Longer than 60 lines on purpose: one recipe read top to bottom (syllables -> F0 -> glottal
+    # source -> formants and tilt -> noise), every stage drawing from one seeded generator in a
+    # fixed order. Helpers would thread that generator and a dozen arrays through their arguments,
+    # and any reordering of draws would silently change the dataset (and its cache key would not).
     rng = np.random.default_rng(clip.seed)
     p = PROSODY[clip.label]
     sp = clip.speaker

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from bench.compare import compare
-from bench.report import aggregate, frame, main_tables
+from bench.frame import aggregate, frame
+from bench.report import main_tables
 from bench.results import load_result, write_result
 from bench.sweep import SweepSpec, expand, load_spec
 from conftest import ROOT, bench

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, RunConfig
@@ -22,8 +23,9 @@ from ..distenv import DistEnv
 class Plan:
     model: nn.Module  # what the step calls: the wrapped model (DDP, FSDP module, DataParallel, ...)
     input_device: torch.device  # where batches go
-    # custom step for strategies whose forward/backward is not model(x) -> loss.backward()
-    # (pipeline schedules): step(x, y, autocast_ctx) -> loss on the rank that has it, else None
+    # step(x, y, precision) -> loss (a zero tensor on ranks that compute none); forward and
+    # backward, not the optimiser step. Default: model(x) -> cross-entropy -> backward; pipeline
+    # parallel replaces it with its schedule.
     step: Callable | None = None
     shard_batch: bool = True  # each rank trains on its own slice of the global batch
     loss_rank: int | None = None  # None: average the loss over ranks; else the rank that computes it
@@ -33,9 +35,25 @@ class Plan:
     eval_module: Callable[[], nn.Module | None] | None = None
     info: dict = field(default_factory=dict)  # recorded in the result's config (schedule, bubble, ...)
 
+    def __post_init__(self):
+        if self.step is None:
+            self.step = forward_backward(self.model)
+
     @property
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def forward_backward(model: nn.Module) -> Callable:
+    """The step of every strategy whose model is called as model(x) -> logits."""
+
+    def step(x: torch.Tensor, y: torch.Tensor, precision) -> torch.Tensor:
+        with precision.autocast():
+            loss = F.cross_entropy(model(x), y)
+        precision.backward(loss)
+        return loss
+
+    return step
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,11 @@ def pipeline(model, env, cfg) -> Plan:
     m = num_microbatches(cfg)
     schedule = SCHEDULES[cfg.schedule](stage, n_microbatches=m, loss_fn=F.cross_entropy)  # grads averaged over m
 
-    def step(x, y, ctx_factory):
+    zero = torch.zeros((), device=env.device)
+
+    def step(x, y, precision):
         losses: list[torch.Tensor] = []
-        with ctx_factory():
+        with precision.autocast():
             if rank == 0 and rank == n - 1:
                 schedule.step(x, target=y, losses=losses)
             elif rank == 0:
@@ -60,7 +62,7 @@ def pipeline(model, env, cfg) -> Plan:
                 schedule.step(target=y, losses=losses)
             else:
                 schedule.step()
-        return torch.stack(losses).mean() if losses else None
+        return torch.stack(losses).mean() if losses else zero
 
     def eval_module():
         # every rank contributes its stage; rank 0 assembles the full model

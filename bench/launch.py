@@ -1,0 +1,163 @@
+"""Launching workers through torch.distributed.run (torchrun), and reading why they failed.
+
+Knows nothing of result files: it starts torchrun with one worker per device of this node,
+waits, takes the whole process tree down afterwards, and returns what happened. Workers tell
+the launcher which rank failed and why through small files in a launch folder; torchrun's own
+summary tells which ranks died and how.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from emotion_models.atomic import atomic_write_text
+
+from .config import RunConfig
+
+CONFIG_ENV = "EMOTION_BENCH_CONFIG"  # the launcher's RunConfig, JSON, for every worker
+LAUNCH_DIR_ENV = "EMOTION_BENCH_LAUNCH_DIR"  # where workers leave error reports and node facts
+ELAPSED_ENV = "EMOTION_BENCH_ELAPSED_S"  # seconds the launcher had run when it started torchrun
+
+
+@dataclass
+class Launched:
+    """How a torchrun launch ended."""
+
+    ok: bool
+    other_node: bool = False  # this node had no rank 0: the result was written on another node
+    error: str | None = None  # the failing rank and why
+    log_path: Path | None = None  # the worker log, kept beside the result when the run failed
+
+
+def torchrun_command(cfg: RunConfig) -> list[str]:
+    per_node = cfg.devices // cfg.nodes
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(cfg.nodes),
+           "--nproc-per-node", str(per_node), "--max-restarts", "0", "--monitor-interval", "0.5"]
+    if cfg.nodes == 1 and not cfg.rdzv_endpoint:
+        cmd.append("--standalone")  # a free local port for the rendezvous
+    else:
+        cmd += ["--node-rank", str(cfg.node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", cfg.rdzv_endpoint,
+                "--rdzv-id", "emotion-bench"]
+    return cmd + ["-m", "bench", "run"]
+
+
+def worker_threads(cfg: RunConfig) -> int:
+    return cfg.threads or max(1, (os.cpu_count() or 1) // (cfg.devices // cfg.nodes))
+
+
+def launch(cfg: RunConfig, t0: float, status: Callable[[str], None]) -> Launched:
+    """Run cfg through torchrun and wait for it; the result file is the workers' business."""
+    per_node = cfg.devices // cfg.nodes
+    threads = worker_threads(cfg)
+    with tempfile.TemporaryDirectory(prefix="emotion-bench-launch-") as launch_dir:
+        env = dict(os.environ)
+        env[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg.replace(threads=threads)))
+        env[LAUNCH_DIR_ENV] = launch_dir
+        env["OMP_NUM_THREADS"] = str(threads)
+        env[ELAPSED_ENV] = str(time.perf_counter() - t0)
+        env.pop("TORCHELASTIC_RUN_ID", None)
+        log_path = Path(launch_dir, "torchrun.log")
+        status(f"launching {per_node} worker process(es) per node through torchrun, {threads} thread(s) each")
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(torchrun_command(cfg), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait()
+            except BaseException:  # Ctrl-C or our own kill: take the whole worker tree down
+                _kill_group(proc)
+                raise
+        _kill_group(proc)  # nothing of the run may outlive it
+        log_text = log_path.read_text(errors="replace")
+        if rc == 0:
+            if (Path(cfg.out_dir) / f"{cfg.run_id}.json").exists():
+                return Launched(ok=True)
+            node = Path(launch_dir, f"node-{cfg.node_rank}.json")
+            if cfg.nodes > 1 and node.exists() and json.loads(node.read_text())["first_rank"] != 0:
+                return Launched(ok=True, other_node=True)
+            message = "workers exited without writing a result"
+        else:
+            try:
+                message = _failure_message(launch_dir, log_text, rc)
+            except Exception as exc:  # the analysis must never cost the failed result
+                message = f"torchrun exited with code {rc}; its failure report could not be read ({exc})"
+    keep = Path(cfg.out_dir) / f"{cfg.run_id}.torchrun.log"
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    keep.write_text(log_text)
+    return Launched(ok=False, error=message, log_path=keep)
+
+
+# ------------------------------------------------------------------------------------- worker side
+
+def record_node(cfg: RunConfig, first_rank: int) -> None:
+    """A node's first global rank, so the launcher knows whether its node holds rank 0."""
+    launch_dir = os.environ.get(LAUNCH_DIR_ENV)
+    if launch_dir:
+        Path(launch_dir, f"node-{cfg.node_rank}.json").write_text(json.dumps({"first_rank": first_rank}))
+
+
+def report_error(rank: int, message: str) -> bool:
+    """Tell the launcher why this rank failed; False when no launcher listens (a user's own torchrun)."""
+    launch_dir = os.environ.get(LAUNCH_DIR_ENV)
+    if not launch_dir:
+        return False
+    atomic_write_text(Path(launch_dir, f"error-rank{rank}.json"), json.dumps({"rank": rank, "error": message}))
+    return True
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
+# ------------------------------------------------------------------------------------- failure reports
+
+_SIGNALS = {-int(s): s.name for s in signal.Signals}
+# what a rank reports when a peer died or hung: a consequence, not the cause
+_PEER_ERROR = re.compile(r"connection (reset|closed) by peer|pair closure|broken pipe|timed? ?out", re.I)
+
+
+def _failure_message(launch_dir: str, log_text: str, rc: int) -> str:
+    """The failing rank and why, told apart from what its peers saw because of it.
+
+    Which failure torchrun observes first is a race, so the order of preference is: a rank's own
+    error that is not a peer-communication error; then a rank that died without reporting
+    (killed, aborted, or stopped while hung), with what its peers saw; then any report.
+    """
+    reports = {int(p.stem.removeprefix("error-rank")): json.loads(p.read_text())["error"]
+               for p in sorted(Path(launch_dir).glob("error-rank*.json"))}
+    # torchrun's summary lists every failure as "rank : 1 (local_rank: 1)" ... "exitcode : -9"
+    summary = log_text[log_text.find("Failures:"):] if "Failures:" in log_text else log_text
+    failures = [(int(r), int(c)) for r, c in re.findall(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", summary, re.S)]
+    own = {r: e for r, e in reports.items() if not _PEER_ERROR.search(e)}
+    if own:
+        rank = min(own)
+        return f"rank {rank} failed: {own[rank]}"
+    silent = [(r, c) for r, c in failures if r not in reports]
+    if silent:
+        rank, code = silent[0]
+        how = f"killed by {_SIGNALS[code]}" if code in _SIGNALS else f"exit code {code}"
+        seen = "; ".join(f"rank {r} saw: {e}" for r, e in sorted(reports.items()))
+        return (f"rank {rank} died ({how}) without reporting an error; the other ranks were stopped"
+                + (f" ({seen})" if seen else ""))
+    if reports:
+        rank = min(reports)
+        return f"rank {rank} failed: {reports[rank]}"
+    return f"torchrun exited with code {rc} before any worker reported"

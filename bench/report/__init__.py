@@ -1,0 +1,55 @@
+"""`bench report`: result files -> tables (tables.py), figures (plots.py), markdown and HTML (render.py).
+
+Every number carries its unit in its column name; every efficiency names its baseline cell.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from emotion_models.atomic import atomic_write_text
+
+from ..frame import aggregate, frame
+from .plots import FIGURES, plot_all
+from .render import Bullets, Figure, Para, Section, Table, md_table, write
+from .tables import hardware_comparison, main_tables, results_table
+
+__all__ = ["main_tables", "md_table", "write_report"]
+
+
+def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped) -> list[Section]:
+    sections = [Section(title, [Table(header, rows), Para(note)]) for title, header, rows, note in main_tables(agg)]
+    if not agg.empty:
+        sections.append(Section("every cell", [Table(*results_table(agg))]))
+    cmp = hardware_comparison(agg, df) if not agg.empty else None
+    if cmp:
+        header, rows, warnings, machines = cmp
+        blocks = [Para(f"A = {machines[0]}, B = {machines[1]}"), Table(header, rows)]
+        sections.append(Section("hardware comparison", blocks + ([Bullets(warnings, "warning:")] if warnings else [])))
+    failed = df[df.status == "failed"] if not df.empty else df
+    items = [f"failed: {r.run_id}: {r.error}" for r in failed.itertuples()]
+    items += [f"skipped: {k}: {why}" for k, why in skipped]
+    items += [f"not a result file: {p}: {why}" for p, why in bad]
+    if items:
+        sections.append(Section("failed, skipped and unreadable", [Bullets(items)]))
+    return sections
+
+
+def write_report(results: list[dict], bad: list[tuple[str, str]], out: str | Path, skipped: list[tuple[str, str]]) -> dict:
+    """report.md, report.html, results.csv and the PNG figures in out."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = frame(results)
+    agg = aggregate(df) if not df.empty else pd.DataFrame()
+    csv_df = df.drop(columns=["confusion"]) if "confusion" in df else df
+    atomic_write_text(out / "results.csv", csv_df.to_csv(index=False))
+    plots = plot_all(agg, out) if not agg.empty else {}
+    sections = _sections(df, agg, bad, skipped)
+    sections.append(Section("plots", [Figure(name, plots.get(name), caption) for name, (_, caption) in FIGURES.items()]))
+    machines = ", ".join(sorted(set(df.machine))) if not df.empty else "none"
+    intro = [f"{len(df)} result files, {len(agg)} cells, machines: {machines}.",
+             "Throughput is global samples/s over the timed window (warmup and evaluation excluded); cells with "
+             "repeats show the median and ±half the relative range."]
+    write(out, "emotion-bench report", intro, sections)
+    return {"frame": df, "cells": agg, "plots": {k: v for k, v in plots.items() if v}, "dir": out}

@@ -1,0 +1,184 @@
+"""The report's figures: one function per figure, each drawing from the cells that have throughput
+and returning None when these results hold nothing for it."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from emotion_models.labels import CLASSES
+
+from ..cells import cell_label, series_label
+from ..frame import METRICS
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _axes(size=(7, 4.5)):
+    return _plt().subplots(figsize=size)
+
+
+def scaling(ok: pd.DataFrame):
+    """Throughput against devices, with the ideal linear line from each single-device cell."""
+    fig, ax = _axes()
+    for _, g in ok.groupby(["machine", "model", "strategy", "precision", "compile"]):
+        g = g.sort_values("devices")
+        ax.errorbar(g.devices, g.samples_per_s, yerr=[g.samples_per_s - g.samples_per_s_min.fillna(g.samples_per_s),
+                    g.samples_per_s_max.fillna(g.samples_per_s) - g.samples_per_s], marker="o",
+                    label=series_label(g.iloc[0]), capsize=3)
+    for _, g in ok[(ok.strategy == "single") & (ok.devices == 1)].groupby(["machine", "model", "precision", "compile"]):
+        base = g.samples_per_s.iloc[0]
+        top = max(ok.devices.max(), 2)
+        ax.plot([1, top], [base, base * top], "k--", lw=0.8, alpha=0.5)
+    ax.plot([], [], "k--", lw=0.8, label="ideal linear (from single)")
+    ax.set_xticks(sorted(set(ok.devices)))
+    ax.set_xlabel("devices")
+    ax.set_ylabel(METRICS["samples_per_s"].header())
+    ax.set_title("throughput against devices")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def efficiency(ok: pd.DataFrame):
+    """Scaling efficiency against devices, weak or strong as measured."""
+    eff = ok[ok.efficiency.notna() & (ok.strategy != "single")]
+    if eff.empty:
+        return None
+    fig, ax = _axes()
+    for key, g in eff.groupby(["machine", "model", "strategy", "precision", "compile", "scaling"]):
+        g = g.sort_values("devices")
+        ax.plot(g.devices, g.efficiency, marker="o", label=f"{series_label(g.iloc[0])} ({key[-1]})")
+    ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_xticks(sorted(set(eff.devices)))
+    ax.set_xlabel("devices")
+    ax.set_ylabel("scaling efficiency (throughput / (N x single))")
+    ax.set_ylim(0, max(1.1, float(eff.efficiency.max()) * 1.1))
+    ax.set_title("scaling efficiency against devices")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def precision_speedup(ok: pd.DataFrame):
+    """bf16/fp16 throughput over fp32, per strategy and device count."""
+    sp = []
+    for key, g in ok.groupby(["machine", "model", "strategy", "compile", "devices"]):
+        by = {r.precision: r.samples_per_s for r in g.itertuples()}
+        for p in ("bf16", "fp16"):
+            if p in by and "fp32" in by:
+                sp.append((f"{key[1]} {key[2]} {key[4]}x{' c' if key[3] else ''}", p, by[p] / by["fp32"]))
+    if not sp:
+        return None
+    fig, ax = _axes()
+    labels = list(dict.fromkeys(s[0] for s in sp))
+    for j, p in enumerate(("bf16", "fp16")):
+        vals = {s[0]: s[2] for s in sp if s[1] == p}
+        if vals:
+            ax.bar([i + j * 0.4 for i, lab in enumerate(labels)], [vals.get(lab, 0) for lab in labels], 0.4, label=p)
+    ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("speedup over fp32 (x)")
+    ax.set_title("precision speedup")
+    ax.legend()
+    return fig
+
+
+def pareto(ok: pd.DataFrame):
+    """Throughput against test macro-F1, with the Pareto front: the fast cells that still learn."""
+    pf = ok[ok.macro_f1.notna()]
+    if pf.empty:
+        return None
+    fig, ax = _axes()
+    ax.scatter(pf.samples_per_s, pf.macro_f1, s=25)
+    for r in pf.itertuples():
+        ax.annotate(f"{r.strategy} {r.devices}x {r.precision}", (r.samples_per_s, r.macro_f1), fontsize=6)
+    best, pts = -1.0, []
+    for r in pf.sort_values("samples_per_s", ascending=False).itertuples():
+        if r.macro_f1 > best:
+            best = r.macro_f1
+            pts.append((r.samples_per_s, r.macro_f1))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "r-", lw=1, label="Pareto front (fast and still learning)")
+    ax.set_xlabel(METRICS["samples_per_s"].header())
+    ax.set_ylabel("test macro-F1")
+    ax.set_title("throughput against test macro-F1")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def utilization(ok: pd.DataFrame):
+    """Busy % and peak memory per cell."""
+    fig, (a1, a2) = _plt().subplots(1, 2, figsize=(10, 4.5))
+    labels = [cell_label(r, batch=False) for r in ok.itertuples()]
+    a1.barh(labels, ok.busy_percent.fillna(0))
+    a1.set_xlabel(f"busy (%, {', '.join(sorted(set(ok.busy_kind)))}; NVML: share of time a kernel ran)")
+    a2.barh(labels, ok.peak_mem_mib.fillna(0))
+    a2.set_xlabel("peak memory (MiB; GPU allocated, else process RSS)")
+    for a in (a1, a2):
+        a.tick_params(axis="y", labelsize=7)
+    return fig
+
+
+def energy(ok: pd.DataFrame):
+    """GPU energy per epoch, where measured."""
+    en = ok[ok.gpu_energy_j_per_epoch.notna()]
+    if en.empty:
+        return None
+    fig, ax = _axes()
+    ax.barh([cell_label(r, batch=False) for r in en.itertuples()], en.gpu_energy_j_per_epoch)
+    ax.set_xlabel(f"GPU {METRICS['gpu_energy_j_per_epoch'].header()}")
+    return fig
+
+
+def confusion(ok: pd.DataFrame):
+    """The confusion matrix of the best cell (highest test macro-F1)."""
+    best = ok[ok.macro_f1.notna()].sort_values(["macro_f1", "samples_per_s"], ascending=False)
+    if best.empty or best.iloc[0].confusion is None:
+        return None
+    r = best.iloc[0]
+    fig, ax = _axes((6, 5))
+    cm = r.confusion
+    ax.imshow(cm, cmap="Blues")
+    for i in range(len(cm)):
+        for j in range(len(cm)):
+            ax.text(j, i, str(cm[i][j]), ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"best cell: {cell_label(r, batch=False)}, macro-F1 {r.macro_f1:.3f} (test clips)")
+    return fig
+
+
+# name (the PNG's stem) -> (figure function, caption)
+FIGURES: dict[str, tuple[Callable[[pd.DataFrame], object], str]] = {
+    "scaling": (scaling, "Throughput against devices, with the ideal linear line from the single-device cell."),
+    "efficiency": (efficiency, "Scaling efficiency against devices (weak or strong, as measured)."),
+    "precision_speedup": (precision_speedup, "bf16/fp16 throughput over fp32, per strategy and device count."),
+    "pareto": (pareto, "Throughput against test macro-F1: the fast cells that still learn."),
+    "utilization": (utilization, "Busy % (GPU: NVML utilisation rate; CPU runs: whole-machine CPU %) and peak memory."),
+    "energy": (energy, "GPU energy per epoch."),
+    "confusion": (confusion, "Confusion matrix of the best cell (highest test macro-F1)."),
+}
+
+
+def plot_all(agg: pd.DataFrame, out: Path) -> dict[str, Path | None]:
+    """Every figure as out/<name>.png; None for a figure these results hold nothing for."""
+    ok = agg[agg.samples_per_s.notna()] if not agg.empty else agg
+    plots: dict[str, Path | None] = {}
+    for name, (draw, _) in FIGURES.items():
+        fig = draw(ok) if not ok.empty else None
+        if fig is None:
+            plots[name] = None
+            continue
+        plots[name] = out / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(plots[name], dpi=110)
+        _plt().close(fig)
+    return plots

@@ -1,0 +1,139 @@
+"""The report's tables, computed from the aggregated frame: (header, rows) of strings."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from ..cells import cell_label
+from ..frame import METRICS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def fmt(v, spec=".1f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return format(v, spec)
+
+
+def fmt_f1(row) -> str:
+    if math.isnan(row.macro_f1):
+        return "–"
+    if row.repeats > 1:
+        return f"{row.macro_f1:.3f} ({row.macro_f1_min:.3f}–{row.macro_f1_max:.3f}, n={row.repeats})"
+    return f"{row.macro_f1:.3f}"
+
+
+def fmt_throughput(row) -> str:
+    if row.repeats > 1:
+        return f"{row.samples_per_s:.1f} ±{row.samples_per_s_spread * 50:.0f}%"
+    return f"{row.samples_per_s:.1f}"
+
+
+def main_tables(agg: pd.DataFrame) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """NVIDIA DeepLearningExamples-style tables: one per machine, model, strategy and compile flag.
+
+    (title, header, rows, note); the note names the baseline cell of each efficiency.
+    """
+    tables = []
+    if agg.empty:
+        return tables
+    thr, t2t = METRICS["samples_per_s"], METRICS["time_to_target_s"]
+    for (machine, model, strategy, comp), g in agg.groupby(["machine", "model", "strategy", "compile"], sort=True):
+        precs = [p for p in PRECISIONS if p in set(g.precision)]
+        others = [p for p in precs if p != "fp32"]
+        header = ["devices", "batch per device (samples)"]
+        header += [f"{thr.label} {p} ({thr.unit})" for p in precs]
+        header += [f"speedup {p}/fp32 (x)" for p in others if "fp32" in precs]
+        header += [f"weak-scaling {p}" for p in precs]
+        header += [f"{METRICS['macro_f1'].label} (median, min–max)", t2t.header()]
+        rows = []
+        notes = set()
+        for (devices, batch), gd in g.groupby(["devices", "batch_per_device"], sort=True):
+            by = {r.precision: r for r in gd.itertuples()}
+            ref = by.get("fp32") or next(iter(by.values()))
+            line = [str(devices), str(batch)]
+            line += [fmt_throughput(by[p]) if p in by else "–" for p in precs]
+            line += [fmt(by[p].samples_per_s / by["fp32"].samples_per_s, ".2f") if p in by and "fp32" in by else "–"
+                     for p in others if "fp32" in precs]
+            for p in precs:
+                r = by.get(p)
+                line.append(fmt(r.efficiency, ".2f") if r is not None and r.scaling == "weak" else "–")
+                if r is not None and r.baseline:
+                    notes.add(f"{p}: {r.baseline}")
+            line += [fmt_f1(ref), fmt(ref.time_to_target_s, t2t.spec)]
+            rows.append(line)
+        title = f"{model} · {strategy}{' · compiled' if comp else ''} · {machine}"
+        note = ("weak-scaling = throughput / (devices x throughput of the baseline cell); baselines: "
+                + "; ".join(sorted(notes))) if notes else "no single-device baseline in these results: no efficiency"
+        tables.append((title, header, rows, note))
+    return tables
+
+
+# every cell: these metrics, in this order (throughput and F1 show their spread over repeats)
+CELL_COLUMNS = ("samples_per_s", "samples_per_s_per_device", "step_time_ms_p50", "efficiency", "macro_f1", "uar",
+                "busy_percent", "peak_mem_mib", "gpu_energy_j_per_epoch")
+
+
+def results_table(agg: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    header = ["cell", "repeats"] + [METRICS[c].header() for c in CELL_COLUMNS]
+    special = {"samples_per_s": fmt_throughput, "macro_f1": fmt_f1,
+               "busy_percent": lambda r: f"{fmt(r.busy_percent, '.0f')} {r.busy_kind}"}
+    rows = []
+    for r in agg.itertuples():
+        rows.append([cell_label(r), str(r.repeats)]
+                    + [special[c](r) if c in special else fmt(getattr(r, c), METRICS[c].spec) for c in CELL_COLUMNS])
+    return header, rows
+
+
+def hardware_comparison(agg: pd.DataFrame, df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str], list[str]] | None:
+    """Side by side cells of the first two machines; (header, rows, warnings, machines)."""
+    machines = list(dict.fromkeys(agg.machine)) if not agg.empty else []
+    ids = list(dict.fromkeys(agg.hardware_id)) if not agg.empty else []
+    if len(ids) < 2:
+        return None
+    a_id, b_id = ids[0], ids[1]
+    a, b = agg[agg.hardware_id == a_id], agg[agg.hardware_id == b_id]
+    key = ["strategy", "model", "model_size", "precision", "compile", "devices", "scaling"]
+    merged = a.merge(b, on=key, suffixes=("_a", "_b"))
+    warnings = _comparison_warnings(df, a_id, b_id, a, b, merged)
+    compared = [METRICS[c] for c in ("samples_per_s", "efficiency", "gpu_energy_j_per_epoch")]
+    f1 = METRICS["macro_f1"]
+    header = ["cell"]
+    for m in compared:
+        header += [f"A {m.header()}", f"B {m.header()}", f"B/A {m.label} (x)"]
+    header += [f"A {f1.label}", f"B {f1.label}", f"B-A {f1.label}"]
+
+    def ratio(x, y):
+        return fmt(y / x, ".2f") if x and not math.isnan(x) and not math.isnan(y) else "–"
+
+    rows = []
+    for r in merged.to_dict("records"):
+        line = [cell_label(r, batch=False)]
+        for m in compared:
+            va, vb = r[f"{m.column}_a"], r[f"{m.column}_b"]
+            line += [fmt(va, m.spec), fmt(vb, m.spec), ratio(va, vb)]
+        line += [fmt(r["macro_f1_a"], f1.spec), fmt(r["macro_f1_b"], f1.spec), fmt(r["macro_f1_b"] - r["macro_f1_a"], "+.3f")]
+        rows.append(line)
+    return header, rows, warnings, machines[:2]
+
+
+def _comparison_warnings(df, a_id, b_id, a, b, merged) -> list[str]:
+    """What differs between the two machines' runs besides the hardware, and changes the comparison."""
+    warnings = []
+    ta, tb = set(df[df.hardware_id == a_id].torch), set(df[df.hardware_id == b_id].torch)
+    if ta != tb:
+        warnings.append(f"torch differs: {', '.join(sorted(ta))} vs {', '.join(sorted(tb))}")
+    pa, pb = set(a.precision), set(b.precision)
+    if pa != pb:
+        warnings.append(f"precisions differ: {', '.join(sorted(pa))} vs {', '.join(sorted(pb))}; only common ones are compared")
+    for col, what in (("batch_per_device", "batch per device"), ("size", "dataset size"), ("epochs", "epochs"),
+                      ("dataset", "dataset")):
+        diff = merged[merged[f"{col}_a"] != merged[f"{col}_b"]]
+        if not diff.empty:
+            warnings.append(f"{what} differs in {len(diff)} matched cell(s), e.g. {diff.iloc[0][f'{col}_a']} vs "
+                            f"{diff.iloc[0][f'{col}_b']}: throughput ratios compare different work")
+    if merged.empty:
+        warnings.append("no cell ran on both machines with the same strategy, model, precision, compile and devices")
+    return warnings
