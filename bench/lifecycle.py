@@ -60,11 +60,11 @@ def new_run_id(cfg: RunConfig, device_type: str) -> str:
     return f"{stamp}-{cfg.strategy}-{cfg.model}-{prec}-{cfg.devices}x{device_type}-{secrets.token_hex(2)}"
 
 
-def load_data(cfg: RunConfig, progress: Callable | None = None) -> Dataset:
+def load_data(cfg: RunConfig, progress: Callable | None = None, say: Callable[[str], None] = _silent) -> Dataset:
     fcfg = FeatureConfig(kind=feature_kind(cfg.model))
     if cfg.dataset == "synthetic":
-        return load_synthetic(cfg.size, data_seed=cfg.data_seed, feature_cfg=fcfg, progress=progress)
-    return load_folder(cfg.dataset, data_seed=cfg.data_seed, feature_cfg=fcfg, progress=progress)
+        return load_synthetic(cfg.size, data_seed=cfg.data_seed, feature_cfg=fcfg, progress=progress, notify=say)
+    return load_folder(cfg.dataset, data_seed=cfg.data_seed, feature_cfg=fcfg, progress=progress, notify=say)
 
 
 def config_record(cfg: RunConfig, device_type: str, world_size: int, backend: str | None,
@@ -132,7 +132,7 @@ def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_pr
     data = None
     try:
         with progress() as bars:
-            data = load_data(cfg, progress=lambda n, d: bars(n, d))
+            data = load_data(cfg, progress=lambda n, d: bars(n, d), say=say)
             s = data.summary()
             say(f"data: {s['source']}: {s['clips']} clips, {s['speakers']} speakers, "
                 f"train/val/test {s['per_split']['train']}/{s['per_split']['val']}/{s['per_split']['test']} clips"

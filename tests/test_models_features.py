@@ -26,7 +26,7 @@ def test_synthetic_cache_is_built_once_and_reused(tmp_path):
     b = load_synthetic("tiny", cache_dir=tmp_path, progress=progress)
     assert calls == [len(a.paths)]  # second load hits the cache
     assert torch.equal(a.features, b.features) and a.features.shape[1:] == (64, 401)
-    assert a.key == b.key and len(list(tmp_path.glob("features-*.pt"))) == 1
+    assert a.key == b.key and len(list(tmp_path.glob("features-*.npy"))) == 1
     mfcc = load_synthetic("tiny", cache_dir=tmp_path, feature_cfg=FeatureConfig(kind="mfcc"))
     assert mfcc.key != a.key and mfcc.features.shape[1] == 40
     # splits are speaker-disjoint

@@ -101,7 +101,8 @@ def test_decoding_formats(tmp_path):
         p = write_wav(tmp_path / f"{i}.wav", 0.5, sr, ch, sub)
         wave, got_sr = read_audio(str(p))
         assert got_sr == sr and wave.ndim == 1 and abs(len(wave) - sr // 2) <= 1
-        x = prepare_waveform(wave, sr, cfg)
+        x, (start, end) = prepare_waveform(wave, sr, cfg)
+        assert (start, end) == (int((x != 0).nonzero()[0]), int((x != 0).nonzero()[-1]) + 1)
         assert x.shape == (64000,) and abs(float(x.abs().max()) - 1.0) < 1e-3  # peak-normalised
         assert int((x != 0).sum()) in range(7900, 8100)  # 0.5 s at 16 kHz, centred in 4 s
 
