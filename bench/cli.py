@@ -305,22 +305,44 @@ def env_cmd(json_out: bool = typer.Option(False, "--json", help="Print the finge
 
 
 @app.command("list")
-def list_cmd():
-    """Show the models, strategies and dataset sources."""
+def list_cmd(devices: int = typer.Option(8, "--gpus", "--devices", help="Device count N of the fsdp memory columns.")):
+    """Show the models (parameters, GFLOP, training memory per device), strategies and dataset sources."""
     from rich.table import Table
 
-    from emotion_models.models import MODELS, build_model
-    from emotion_models.synthetic import SIZES, class_counts
+    from emotion_models.models import MODELS, SIZES, build_model
+    from emotion_models.synthetic import SIZES as DATA_SIZES, class_counts
 
+    from .memory import GiB, static_bytes
     from .strategies import all_strategies
 
-    t = Table(title="models")
-    for col in ("name", "features", "params (base)", "blocks", "description"):
-        t.add_column(col)
-    for name, (_, kind, desc) in MODELS.items():
-        m = build_model(name)
-        t.add_row(name, kind, f"{sum(p.numel() for p in m.parameters()):,}", str(len(m.blocks)), desc)
+    if devices < 1:
+        _fail(f"--gpus {devices}: give a device count of 1 or more")
+    cells = [("single", 1), ("ddp", devices), ("fsdp", devices)]
+    t = Table(title="models", caption=f"memory: parameters + gradients + AdamW state per device, GiB (activations come on "
+              f"top and grow with the batch; bench run estimates them). fp32 = bf16 for single and ddp: autocast keeps "
+              f"fp32 weights; fsdp bf16 gathers each block in bf16. GFLOP: forward, one 3 s sample.")
+    for col in ("name", "size", "input", "params", "blocks", "GFLOP"):
+        t.add_column(col, justify="right" if col in ("params", "blocks", "GFLOP") else "left")
+    for strategy, n in cells:
+        for prec in ("fp32", "bf16"):
+            t.add_column(f"{strategy} x{n} {prec}", justify="right")
+    for name, (_, kind, _) in MODELS.items():
+        for size in SIZES:
+            try:
+                m = build_model(name, size=size, device="meta")
+            except ValueError:
+                continue  # an encoder has one published size
+            mem = []
+            for strategy, n in cells:
+                for prec in ("fp32", "bf16"):
+                    w, extra, _ = static_bytes(RunConfig(model=name, model_size=size, strategy=strategy, devices=n,
+                                                         precision=prec))
+                    mem.append(f"{(w + extra) / GiB:.2f}")
+            t.add_row(name, size, kind, f"{sum(p.numel() for p in m.parameters()) / 1e6:,.1f} M", str(len(m.blocks)),
+                      f"{sum(m.block_flops(1)) / 1e9:,.2f}", *mem)
     console.print(t)
+    for name, (_, _, desc) in MODELS.items():
+        info(f"  {name}: {desc}")
     t = Table(title="strategies")
     for col in ("name", "processes", "needs CUDA", "what it does"):
         t.add_column(col)
@@ -330,7 +352,7 @@ def list_cmd():
     t = Table(title="dataset sources")
     t.add_column("--dataset")
     t.add_column("what")
-    sizes = ", ".join(f"{s} ({sum(class_counts(s).values()):,} clips)" for s in SIZES)
+    sizes = ", ".join(f"{s} ({sum(class_counts(s).values()):,} clips)" for s in DATA_SIZES)
     t.add_row("synthetic", f"embedded procedural emotional speech, 7 classes, real class balance; --size {sizes}")
     t.add_row("PATH", "a folder: the Kaggle audio-emotions merge (Emotions/Angry/...) or RAVDESS, CREMA-D, TESS, SAVEE as distributed")
     console.print(t)

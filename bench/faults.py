@@ -1,6 +1,9 @@
 """Test-only fault hooks, off unless EMOTION_BENCH_FAULT is set.
 
-    EMOTION_BENCH_FAULT=KIND:RANK:STEP   kill | raise | hang, on that rank at that optimiser step
+    EMOTION_BENCH_FAULT=KIND:RANK:STEP   kill | raise | hang | oom, on that rank at that optimiser step
+
+oom raises the error a device out of memory raises (torch.OutOfMemoryError), so the handling of a
+CUDA out-of-memory is tested on CPU.
 
 They let the tests exercise failure handling with real processes (a worker killed by SIGKILL, a
 worker raising, a worker hung in a collective) without editing code. Every hook lives here.
@@ -35,6 +38,8 @@ def install(rank: int) -> None:
             if kind == "hang":
                 while True:
                     time.sleep(1)
+            if kind == "oom":
+                raise torch.OutOfMemoryError(f"CUDA out of memory (injected on rank {rank} at step {step})")
             raise RuntimeError(f"injected fault on rank {rank} at step {step}")
         return orig(self, *a, **k)
 

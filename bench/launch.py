@@ -139,7 +139,8 @@ def _failure_message(launch_dir: str, log_text: str, rc: int) -> str:
 
     Which failure torchrun observes first is a race, so the order of preference is: a rank's own
     error that is not a peer-communication error; then a rank that died without reporting
-    (killed, aborted, or stopped while hung), with what its peers saw; then any report.
+    (killed, aborted, or stopped while hung; SIGTERM last, torchrun's own way of stopping the
+    others), with what its peers saw; then any report.
     """
     reports = {int(p.stem.removeprefix("error-rank")): json.loads(p.read_text())["error"]
                for p in sorted(Path(launch_dir).glob("error-rank*.json"))}
@@ -150,7 +151,9 @@ def _failure_message(launch_dir: str, log_text: str, rc: int) -> str:
     if own:
         rank = min(own)
         return f"rank {rank} failed: {own[rank]}"
-    silent = [(r, c) for r, c in failures if r not in reports]
+    # torchrun stops the surviving ranks with SIGTERM once one has died: a rank that died of
+    # anything else is the cause
+    silent = sorted(((r, c) for r, c in failures if r not in reports), key=lambda rc: rc[1] == -signal.SIGTERM)
     if silent:
         rank, code = silent[0]
         how = f"killed by {_SIGNALS[code]}" if code in _SIGNALS else f"exit code {code}"

@@ -25,12 +25,13 @@ from pathlib import Path
 
 from emotion_models.audio import FeatureConfig
 from emotion_models.dataset import Dataset, load_folder, load_synthetic
-from emotion_models.models import build_model, feature_kind
+from emotion_models.models import check_model, feature_kind
 
 from . import faults, launch
 from .config import ConfigError, RunConfig
 from .distenv import DistEnv, init_env, resolve_device_type, set_threads, under_torchrun
 from .envinfo import fingerprint
+from .memory import check_fits
 from .results import RunSummary, build_result, write_result
 from .strategies import check_strategy
 
@@ -101,10 +102,14 @@ def _failed(cfg: RunConfig, message: str, code: int, *, device_type: str, t0: fl
 
 
 def _describe(exc: BaseException) -> str:
+    from .train import OutOfMemory
+
     text = str(exc).strip().splitlines()
     msg = text[0] if text else ""
+    if isinstance(exc, OutOfMemory):
+        return msg
     if "out of memory" in msg.lower():
-        return f"out of memory: {msg[:300]} (lower --batch-size or use a smaller --model-size)"
+        return f"out of memory: {msg[:300]} (try --strategy fsdp, a smaller --batch-size or --precision bf16)"
     return f"{type(exc).__name__}: {msg[:500]}"
 
 
@@ -119,7 +124,8 @@ def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_pr
         cfg.validate()
         device_type = resolve_device_type(cfg)
         spec = check_strategy(cfg, device_type)
-        build_model(cfg.model, size=cfg.model_size)  # unknown names fail here, before data work
+        check_model(cfg.model, cfg.model_size)  # unknown names fail here, before data work
+        check_fits(cfg, device_type)  # a model that cannot fit is refused before it allocates
     except ValueError as exc:  # ConfigError included
         # a combination that cannot run is still a recorded cell: failed, with the reason
         return _failed(cfg.replace(run_id=cfg.run_id or new_run_id(cfg, device_type)), str(exc), 2,

@@ -30,6 +30,22 @@ def _nvml_handle(device_index: int):
         return None
 
 
+def free_device_bytes(device_index: int) -> int:
+    """Free memory of a CUDA device, from NVML where it can: asking CUDA (mem_get_info) would
+    create a context on the device, hundreds of MiB that a launcher process would then hold
+    while its workers train."""
+    handle = _nvml_handle(device_index)
+    if handle:
+        pynvml, h = handle
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(h).free)
+        except Exception:
+            pass
+    import torch
+
+    return torch.cuda.mem_get_info(device_index)[0]
+
+
 class Monitor:
     def __init__(self, *, cuda_device: int | None = None, interval_s: float = 0.2):
         self.interval_s = interval_s

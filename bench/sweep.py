@@ -8,6 +8,7 @@ with its state; this module is its only reader and writer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -35,6 +36,9 @@ class SweepSpec:
     compile: list[bool] = field(default_factory=lambda: [False])
     repeat: int = 1
     run: dict = field(default_factory=dict)  # RunConfig fields shared by every cell
+    # further sub-matrices ([[extra]] tables): each overrides some of strategies, gpus, precision,
+    # models, compile for a few more cells, e.g. the largest encoder under fsdp bf16 only
+    extra: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -68,9 +72,14 @@ def load_spec(path_or_preset: str) -> SweepSpec:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
-    unknown = set(raw) - set(MATRIX_KEYS) - {"run"}
+    unknown = set(raw) - set(MATRIX_KEYS) - {"run", "extra"}
     if unknown:
-        raise ConfigError(f"--config {path}: unknown keys {sorted(unknown)}; use {', '.join(MATRIX_KEYS)} and [run]")
+        raise ConfigError(f"--config {path}: unknown keys {sorted(unknown)}; use {', '.join(MATRIX_KEYS)}, [run] "
+                          "and [[extra]]")
+    for sub in raw.get("extra", []):
+        bad_keys = set(sub) - set(MATRIX_KEYS[:-1])
+        if bad_keys:
+            raise ConfigError(f"--config {path}: [[extra]] has unknown keys {sorted(bad_keys)}")
     run = dict(raw.get("run", {}))
     valid = {f.name for f in fields(RunConfig)}
     bad = set(run) - valid
@@ -79,7 +88,7 @@ def load_spec(path_or_preset: str) -> SweepSpec:
     return SweepSpec(strategies=list(raw.get("strategies", ["single"])), gpus=[int(g) for g in raw.get("gpus", [1])],
                      precision=list(raw.get("precision", ["fp32"])), models=list(raw.get("models", ["cnn"])),
                      compile=[on_off(c) for c in raw.get("compile", ["off"])], repeat=int(raw.get("repeat", 1)),
-                     run=run)
+                     run=run, extra=[dict(sub) for sub in raw.get("extra", [])])
 
 
 def _why_not_here(cfg: RunConfig, device_type: str) -> str | None:
@@ -101,6 +110,12 @@ def _why_not_here(cfg: RunConfig, device_type: str) -> str | None:
 
         if cfg.devices // cfg.nodes > torch.cuda.device_count():
             return f"{cfg.devices} GPUs requested; this machine has {torch.cuda.device_count()}"
+    from .memory import check_fits
+
+    try:
+        check_fits(cfg, device_type)
+    except (ConfigError, ValueError) as exc:
+        return str(exc)
     return None
 
 
@@ -120,13 +135,17 @@ def expand(spec: SweepSpec, device_type: str, out_dir: str) -> list[Cell]:
         key = cell_key(cfg)
         cells.setdefault(key, Cell(key, cfg.replace(run_id=key), _why_not_here(cfg, device_type)))
 
+    matrices = [spec] + [dataclasses.replace(spec, **{k: ([on_off(c) for c in v] if k == "compile" else v)
+                                                      for k, v in sub.items()}) for sub in spec.extra]
     for r in range(spec.repeat):
-        for model, precision, comp in itertools.product(spec.models, spec.precision, spec.compile):
-            add(r, model=model, strategy="single", devices=1, precision=precision, compile=comp)
-        for model, strategy, devices, precision, comp in itertools.product(
-                spec.models, spec.strategies, spec.gpus, spec.precision, spec.compile):
-            if strategy != "single":  # single is one device by definition, added above
-                add(r, model=model, strategy=strategy, devices=devices, precision=precision, compile=comp)
+        for m in matrices:
+            for model, precision, comp in itertools.product(m.models, m.precision, m.compile):
+                add(r, model=model, strategy="single", devices=1, precision=precision, compile=comp)
+        for m in matrices:
+            for model, strategy, devices, precision, comp in itertools.product(
+                    m.models, m.strategies, m.gpus, m.precision, m.compile):
+                if strategy != "single":  # single is one device by definition, added above
+                    add(r, model=model, strategy=strategy, devices=devices, precision=precision, compile=comp)
     return list(cells.values())
 
 

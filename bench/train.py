@@ -29,6 +29,7 @@ from emotion_models.models import build_model
 from .config import ConfigError, RunConfig
 from .distenv import DistEnv
 from .envinfo import peak_tflops
+from .memory import out_of_memory
 from .metrics import quality
 from .monitor import Monitor
 from .precision import Precision
@@ -76,12 +77,13 @@ def setup(cfg: RunConfig, env: DistEnv, data: Dataset) -> Setup:
     spec = get_strategy(cfg.strategy)
     torch.manual_seed(cfg.seed)
     fcfg = data.feature_cfg
+    # built on its device: identical on every rank (same seed, same device type), and a
+    # 2-billion-parameter encoder is not first initialised on the host
     model = build_model(cfg.model, size=cfg.model_size, dropout=cfg.dropout, n_features=fcfg.n_features,
-                        frames=fcfg.crop_frames)
+                        frames=fcfg.crop_frames, device=env.device)
     if model.feature_kind != fcfg.kind:
         raise ConfigError(f"model {cfg.model} reads {model.feature_kind} features but the dataset holds {fcfg.kind}")
     fwd_flops_per_sample = sum(model.block_flops(2)) / 2
-    model.to(env.device)
     if cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:
@@ -207,10 +209,25 @@ class Measured:
 
 def train(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets, tick: Callable) -> Measured:
     """The timed epochs. Warmup steps run first, outside the window; evaluation runs between epochs."""
-    device, plan, precision, opt = env.device, s.plan, s.precision, s.optimizer
+    device, opt = env.device, s.optimizer
     # one-cycle LR over the planned steps: stable final epochs; stepped on the host, no sync
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=b.total_steps, pct_start=0.15)
-    clock, m, step = _Clock(device), Measured(), 0
+    clock, m = _Clock(device), Measured()
+    try:
+        _epochs(cfg, env, s, b, evalsets, tick, sched, clock, m)
+    except torch.OutOfMemoryError as exc:
+        raise OutOfMemory(out_of_memory(device, len(m.losses) + 1)) from exc
+    return m
+
+
+class OutOfMemory(RuntimeError):
+    """A device ran out of memory while training; the message is the line users see."""
+
+
+def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets, tick: Callable,
+            sched, clock: _Clock, m: Measured) -> None:
+    device, plan, precision, opt = env.device, s.plan, s.precision, s.optimizer
+    step = 0
     for epoch in range(cfg.epochs):
         n_steps = min(b.steps_per_epoch, b.total_steps - step)
         if n_steps <= 0:
@@ -243,7 +260,6 @@ def train(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets
             if env.distributed:
                 dist.barrier()  # no rank starts timing the next epoch while rank 0 evaluates
             m.eval_s += time.perf_counter() - t_end
-    return m
 
 
 # ------------------------------------------------------------------------------------------ gather

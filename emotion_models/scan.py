@@ -12,8 +12,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import soundfile as sf
-
 from .audio import SHORT_CLIP_S
 from .labels import parse_clip
 from .splits import group_key, speaker_split
@@ -49,6 +47,8 @@ class ScanReport:
 
 def scan_folder(root: str | os.PathLike, *, seed: int = 0) -> ScanReport:
     """Walk root recursively, label every clip and split the speakers."""
+    import soundfile as sf  # here, not at import: synthetic runs need no soundfile
+
     root_path = Path(root)
     if not root_path.exists():
         raise ScanError(f"dataset folder {root} does not exist: pass the folder that holds the WAV files")

@@ -35,9 +35,15 @@ def test_synthetic_cache_is_built_once_and_reused(tmp_path):
         assert spk.setdefault(s, sp) == sp
 
 
+def _params(name, size):
+    return sum(p.numel() for p in build_model(name, size=size, device="meta").parameters())
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("size", ["small", "base"])
 def test_forward_backward(name, size):
+    if _params(name, size) > 30e6:
+        pytest.skip("full-size speech encoders are checked on the meta device (tests/test_zoo.py)")
     torch.manual_seed(0)
     m = build_model(name, size=size)
     x = m.example_input(4)
@@ -53,7 +59,7 @@ def test_stages_in_sequence_equal_the_model(name):
     m = build_model(name, size="small").eval()
     x = m.example_input(3)
     whole = m(x)
-    for n in range(1, len(m.blocks) + 1):
+    for n in sorted({1, 2, 3, len(m.blocks)}):
         y = x
         stages = m.stages(n)
         assert len(stages) == n and sum(len(s) for s in stages) == len(m.blocks)

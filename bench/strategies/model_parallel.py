@@ -16,7 +16,8 @@ class _Staged(nn.Module):
 
     def forward(self, x):
         for stage, dev in zip(self.stages, self.devices):
-            x = stage(x.to(dev, non_blocking=True))
+            moved = tuple(t.to(dev, non_blocking=True) for t in x) if isinstance(x, tuple) else x.to(dev, non_blocking=True)
+            x = stage(moved)
         return x.to(self.devices[0])  # logits back where the labels are
 
 

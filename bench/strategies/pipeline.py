@@ -19,7 +19,7 @@ def num_microbatches(cfg) -> int:
 
 
 def _check(cfg, device_type):
-    blocks = len(build_model(cfg.model, size=cfg.model_size).blocks)
+    blocks = len(build_model(cfg.model, size=cfg.model_size, device="meta").blocks)
     if cfg.devices > blocks:
         raise ConfigError(f"--strategy pipeline --gpus {cfg.devices}: {cfg.model} has {blocks} blocks, "
                           f"so at most {blocks} stages")
@@ -33,7 +33,7 @@ def _check(cfg, device_type):
 
 class _Contiguous(torch.nn.Module):
     def forward(self, x):
-        return x.contiguous()
+        return tuple(t.contiguous() for t in x) if isinstance(x, tuple) else x.contiguous()
 
 
 @register("pipeline", multiprocess=True, check=_check,

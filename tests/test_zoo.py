@@ -1,0 +1,104 @@
+"""The model zoo at the scale GPUs are bought for, checked on CPU: published sizes on the meta
+device, blocks that partition the parameters, FLOP-balanced stages, a tiny wav2vec 2.0 trained
+by every strategy, the memory check before a run, and out-of-memory as a failed result."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchaudio
+
+from bench.results import load_result
+from conftest import ROOT, bench
+from emotion_models.models import MODELS, SIZES, build_model
+
+# torchaudio's own builders, counted on the meta device: the issue's 94.4 M / 315 M / 962 M / 2,159 M
+PUBLISHED = {"wav2vec2-base": ("wav2vec2_base", 94.4e6), "hubert-large": ("hubert_large", 315e6),
+             "wavlm-large": ("wavlm_large", 315e6), "xlsr-1b": ("wav2vec2_xlsr_1b", 962e6),
+             "xlsr-2b": ("wav2vec2_xlsr_2b", 2159e6)}
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_encoders_have_the_published_size(name):
+    builder, millions = PUBLISHED[name]
+    with torch.device("meta"):
+        reference = _count(getattr(torchaudio.models, builder)())
+    model = build_model(name, device="meta")
+    head = model.blocks[-1].fc
+    assert _count(model) == reference + _count(head)  # the encoder whole, plus a 7-class linear
+    assert reference == pytest.approx(millions, rel=5e-3)
+    assert head.out_features == 7 and model.feature_kind == "waveform"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_blocks_partition_every_parameter_once(name):
+    for size in SIZES:
+        try:
+            model = build_model(name, size=size, device="meta")
+        except ValueError:
+            continue  # the encoders have one published size (and a tiny one)
+        owners: dict[int, int] = {}
+        for i, block in enumerate(model.blocks):
+            for p in block.parameters():
+                assert id(p) not in owners, f"{name} {size}: a parameter in blocks {owners[id(p)]} and {i}"
+                owners[id(p)] = i
+        assert len(owners) == len(list(model.parameters()))
+
+
+def test_stages_are_balanced_by_flops():
+    model = build_model("xlsr-1b", device="meta")
+    flops = model.block_flops(1)
+    for n in (2, 4, 8):
+        bounds = model.stage_boundaries(n)
+        assert bounds[0][0] == 0 and bounds[-1][1] == len(model.blocks)
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        per_stage = [sum(flops[a:b]) for a, b in bounds]
+        # 48 near-equal layers after a heavy conv front end (one block, 16 % of the forward): no stage
+        # above 1.25 x the mean, unless it is that one block alone
+        assert max(per_stage) <= max(1.25 * sum(per_stage) / n, max(flops)), per_stage
+
+
+def test_tiny_wav2vec2_trains_alike_under_every_strategy():
+    proc = bench("parity", "--model", "wav2vec2-base", "--model-size", "small", "--gpus", "2", "--steps", "3",
+                 "--batch-size", "8", "--strategies", "ddp,fsdp,pipeline:1f1b", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("exact") >= 3 and "FAIL" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_tiny_wavlm_passes_its_position_bias_between_pipeline_stages():
+    proc = bench("parity", "--model", "wavlm-base", "--model-size", "small", "--gpus", "2", "--steps", "3",
+                 "--batch-size", "8", "--strategies", "pipeline:gpipe,fsdp", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_model_that_cannot_fit_is_refused_before_it_allocates(tmp_path):
+    proc = bench("run", "--model", "xlsr-2b", "--batch-size", "4096", "--device", "cpu", "--out", tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and "does not fit: estimated" in line and "--strategy fsdp" in line
+    assert load_result(proc.stdout.strip().splitlines()[-1])["status"] == "failed"
+
+
+def test_out_of_memory_is_a_failed_result_with_the_step(tmp_path):
+    proc = bench("run", "--size", "tiny", "--epochs", "1", "--batch-size", "8", "--model-size", "small",
+                 "--device", "cpu", "--out", tmp_path, env={"EMOTION_BENCH_FAULT": "oom:0:3"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
+    r = load_result(proc.stdout.strip().splitlines()[-1])
+    assert r["status"] == "failed" and r["error"].startswith("out of memory at step 3, peak "), r["error"]
+    assert "GiB of" in r["error"] and "--strategy fsdp" in r["error"]
+
+
+def test_synthetic_runs_need_neither_soundfile_nor_soxr(tmp_path):
+    """The GPU machine has neither: block both imports and run the real CLI on synthetic data."""
+    code = ("import sys; sys.modules['soundfile'] = None; sys.modules['soxr'] = None; sys.modules['cffi'] = None; "
+            "from bench.cli import main; sys.argv = ['bench'] + sys.argv[1:]; main()")
+    proc = subprocess.run([sys.executable, "-c", code, "run", "--size", "tiny", "--epochs", "1", "--batch-size", "16",
+                           "--model-size", "small", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert load_result(proc.stdout.strip().splitlines()[-1])["status"] == "ok"
