@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import sys
+import time
 import typing
 from collections import Counter
 from pathlib import Path
@@ -182,6 +183,180 @@ def sweep(
     info(f"next: bench report {out} --out reports/")
 
 
+# ------------------------------------------------------------------------------------------ comm
+
+COMM_ENV = "EMOTION_BENCH_COMM"
+
+
+def parse_bytes(text: str) -> int:
+    """'1K', '256M', '1G', '4096' -> bytes (binary multiples)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(t[-1:], 1)
+    value = int(float(t[:-1] if mult > 1 else t) * mult)
+    if value < 4:
+        raise ValueError(f"{text!r} is not a size like 1K, 256M or 4096 (bytes)")
+    return value
+
+
+@app.command()
+@config_options(("devices", "device", "nodes", "node_rank", "rdzv_endpoint", "timeout_s"), defaults={"devices": 2},
+                helps={"devices": "Devices (CPU worker processes without CUDA) taking part, at least 2."})
+def comm(
+    ops: str = typer.Option("all_reduce,all_gather,reduce_scatter,broadcast,send_recv",
+                            help="Comma-separated collectives: all_reduce, all_gather, reduce_scatter, broadcast, send_recv."),
+    min_bytes: str = typer.Option("1K", help="Smallest message S, bytes (1K = 1024)."),
+    max_bytes: str = typer.Option("256M", help="Largest message S, bytes (sizes double from the smallest)."),
+    out: str = typer.Option("results/comm", help="Folder for <run_id>.comm.json and its plot."),
+    **settings,
+):
+    """Collective bandwidth as nccl-tests measures it (time, algbw, busbw per size) and an alpha-beta fit."""
+    import dataclasses as dc
+
+    from . import launch as launcher
+    from .comm import OPS, CommConfig, worker_main
+    from .distenv import resolve_device_type, under_torchrun
+    from .lifecycle import new_run_id
+
+    if under_torchrun():
+        code = worker_main(CommConfig(**{k: (tuple(v) if k == "ops" else v)
+                                         for k, v in json.loads(os.environ[COMM_ENV]).items()}))
+        sys.stdout.flush()
+        os._exit(code)
+    try:
+        kinds = tuple(k.strip() for k in ops.split(",") if k.strip())
+        bad = [k for k in kinds if k not in OPS]
+        if bad or not kinds:
+            raise ValueError(f"--ops: unknown collectives {bad}; choose from {', '.join(OPS)}")
+        lo, hi = parse_bytes(min_bytes), parse_bytes(max_bytes)
+        if lo > hi:
+            raise ValueError(f"--min-bytes {min_bytes} is above --max-bytes {max_bytes}")
+        cfg = RunConfig(strategy="ddp", out_dir=out, **settings)
+        cfg.validate()
+        if cfg.devices < 2:
+            raise ValueError(f"--gpus {cfg.devices}: a collective needs at least 2 devices")
+        device_type = resolve_device_type(cfg)
+    except ValueError as exc:
+        _fail(str(exc))
+    cfg = cfg.replace(run_id=new_run_id(cfg, device_type).replace("-ddp-cnn-fp32", "-comm"))
+    comm_cfg = CommConfig(ops=kinds, min_bytes=lo, max_bytes=hi, out=out, run_id=cfg.run_id,
+                          extra={"device_type": device_type, "timeout_s": cfg.timeout_s})
+    path = Path(out) / f"{cfg.run_id}.comm.json"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    done = launcher.launch(cfg, time.perf_counter(), status=info, argv=("comm",), result=path,
+                           extra_env={COMM_ENV: json.dumps(dc.asdict(comm_cfg))})
+    if not done.ok:
+        _fail(f"bench comm failed: {done.error} (worker log: {done.log_path})", 1)
+    if done.other_node:
+        info("done: rank 0 on another node wrote the result")
+        return
+    from rich.table import Table
+
+    from .comm import load
+
+    result = load(str(path))
+    t = Table(title=f"bench comm: {result['config']['devices']} x {device_type} ({result['config']['backend']})",
+              caption="algbw = S / t; busbw = algbw x 2(n-1)/n all-reduce, x (n-1)/n all-gather/reduce-scatter, x 1 "
+                      "broadcast, send/recv (nccl-tests)")
+    for col in ("collective", "size S", "time (us)", "algbw (GB/s)", "busbw (GB/s)"):
+        t.add_column(col, justify="right")
+    for kind, rows in result["ops"].items():
+        for r in rows:
+            t.add_row(kind, f"{r['bytes']:,}", f"{r['time_us']:.1f}", f"{r['algbw_GBps']:.3f}", f"{r['busbw_GBps']:.3f}")
+    console.print(t)
+    for kind, f in result["fit"].items():
+        bw = f"{f['busbw_GBps']:.2f} GB/s" if f["busbw_GBps"] else "n/a"
+        info(f"fit {kind}: latency alpha {f['alpha_us']:.1f} us, bus bandwidth {bw}")
+    print(path)
+
+
+# ------------------------------------------------------------------------------------------ predict
+
+def _link(text: str | None):
+    from .comm import load
+    from .predict import LINKS, Link
+
+    if text is None:
+        return None
+    if text in LINKS:
+        return Link.named(text)
+    try:
+        return Link.measured(load(text))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--link {text}: neither a preset ({', '.join(LINKS)}) nor a bench comm result ({exc})") from None
+
+
+@app.command()
+def predict(
+    results_dir: str = typer.Argument(..., help="Result folder with single runs (and, for overlap, profiled runs)."),
+    devices: str = typer.Option("1,2,4,8,16,64", "--gpus", "--devices", help="Comma-separated device counts N."),
+    per_node: int = typer.Option(8, help="Devices per node: N above it spans nodes (data parallel through --inter-link)."),
+    strategies: str = typer.Option("ddp,fsdp,pipeline", help="Comma-separated strategies to predict."),
+    link: str = typer.Option("nvlink4", help="Intra-node link: a preset (nvlink4, pcie4, pcie5, ib-ndr, 100gbe) or a "
+                                              "bench comm result (file or folder)."),
+    inter_link: str = typer.Option("ib-ndr", help="Inter-node link: a preset or a bench comm result."),
+    out: str = typer.Option("reports", "--out", help="Folder for predict.png and predict.md."),
+):
+    """Predict step time, throughput and efficiency at N devices from measured results and link figures."""
+    from rich.table import Table
+
+    from .predict import check, inputs_from
+    from .predict import predict as predict_cell
+    from .report import md_table
+
+    try:
+        intra, inter = _link(link), _link(inter_link)
+        counts = _csv(devices, int) or []
+        if not counts or min(counts) < 1 or per_node < 1:
+            raise ValueError("--gpus: give device counts of 1 or more, and --per-node 1 or more")
+        kinds = _csv(strategies) or []
+        bad = set(kinds) - {"ddp", "fsdp", "pipeline"}
+        if bad:
+            raise ValueError(f"--strategies: no model for {sorted(bad)}; use ddp, fsdp, pipeline")
+    except ValueError as exc:
+        _fail(str(exc))
+    results, _ = _load([results_dir])
+    inputs = inputs_from(results)
+    if not inputs:
+        _fail(f"no ok single-device result under {results_dir}: predict needs the single run's step time")
+    rows = []
+    for inp in inputs:
+        for s in kinds:
+            for n in counts:
+                if s == "pipeline" and n > inp.blocks:
+                    continue
+                p = predict_cell(inp, s, n, max(1, -(-n // per_node)), intra, inter)
+                rows.append([f"{inp.model} {s} {inp.precision} b{inp.batch}", str(n), str(max(1, -(-n // per_node))),
+                             f"{p['step_ms']:.1f}", f"{p['samples_per_s']:.1f}", f"{p['efficiency']:.2f}",
+                             f"{p['overlap']:.2f}" + ("" if inp.overlap and s in inp.overlap else " (none measured)")])
+    header = ["cell", "devices", "nodes", "step (ms)", "throughput (samples/s)", "efficiency", "overlap o"]
+    t = Table(title=f"predicted: intra-node {intra.source} ({intra.busbw_GBps:.1f} GB/s, {intra.alpha_us:.0f} us); "
+                    f"inter-node {inter.source}")
+    for h in header:
+        t.add_column(h, justify="right")
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    checked = check(results, intra, inter)
+    cmp_header = ["cell", "devices", "measured (samples/s)", "predicted (samples/s)", "error"]
+    cmp_rows = [[f"{c['model']} {c['strategy']} {c['precision']} b{c['batch']}", str(c["devices"]),
+                 f"{c['measured']:.1f}", f"{c['predicted']:.1f}", f"{c['error'] * 100:+.1f}%"] for c in checked]
+    if cmp_rows:
+        t = Table(title="predicted against measured (the same links)")
+        for h in cmp_header:
+            t.add_column(h, justify="right")
+        for r in cmp_rows:
+            t.add_row(*r)
+        console.print(t)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    from emotion_models.atomic import atomic_write_text
+
+    atomic_write_text(Path(out) / "predict.md", md_table(header, rows) + "\n\n" + md_table(cmp_header, cmp_rows) + "\n")
+    from .report.plots import prediction
+
+    prediction(inputs, kinds, counts, per_node, intra, inter, checked, Path(out) / "predict.png")
+    info(f"predict: {Path(out) / 'predict.md'}, {Path(out) / 'predict.png'}")
+
+
 # ------------------------------------------------------------------------------------------ report
 
 def _load(paths: list[str]):
@@ -197,6 +372,8 @@ def _load(paths: list[str]):
 def report(
     dirs: list[str] = typer.Argument(..., help="Result folders (or files); folders from two machines are compared side by side."),
     out: str = typer.Option("reports", "--out", help="Folder for report.md, report.html, results.csv and the PNG plots."),
+    predict_link: Optional[str] = typer.Option(None, "--predict", help="Add bench predict's curves for this link (a "
+                                                                       "preset or a bench comm result) to the report."),
 ):
     """Tables (DeepLearningExamples style), scaling plots and a hardware comparison from result files."""
     from rich.table import Table
@@ -207,7 +384,11 @@ def report(
     results, bad = _load(dirs)
     if not results:
         _fail(f"no result files under {', '.join(dirs)}" + (f" ({len(bad)} unreadable JSON files)" if bad else ""))
-    rep = write_report(results, bad, out, [s for d in dirs for s in skipped_cells(d)])
+    try:
+        link = _link(predict_link)
+    except ValueError as exc:
+        _fail(str(exc))
+    rep = write_report(results, bad, out, [s for d in dirs for s in skipped_cells(d)], predict_link=link)
     for title, header, rows, note in main_tables(rep["cells"]):
         t = Table(title=title, caption=note)
         for h in header:

@@ -61,6 +61,10 @@ class RunConfig:
     timeout_s: float = setting(300.0, "Seconds a collective may wait for a hung or dead peer before the run fails.")
     max_steps: int | None = setting(None, "Stop after this many optimiser steps (default: all epochs).")
     peak_tflops: float | None = setting(None, "Per-device peak TFLOP/s used for MFU (default: data-sheet table).")
+    profile: bool = setting(False, "Profile --profile-steps steps after the timed window on every rank: Chrome traces "
+                                   "beside the result and a step breakdown in it (timed figures unaffected).",
+                            flag="--profile/--no-profile")
+    profile_steps: int = setting(5, "Steps profiled after the timed window with --profile.")
     out_dir: str = setting("results/runs", "Folder for the result file <run_id>.json.", flag="--out")
     # set by callers, not by `bench run` users
     weight_decay: float = setting(1e-2, "AdamW weight decay.", cli=False)
@@ -91,6 +95,8 @@ class RunConfig:
                 raise ConfigError(f"{flag_of(name)} must be at least 1 (got {getattr(self, name)})")
         if self.warmup_steps < 0:
             raise ConfigError("--warmup-steps must be 0 or more")
+        if self.profile and self.profile_steps < 1:
+            raise ConfigError(f"--profile-steps must be at least 1 with --profile (got {self.profile_steps})")
         if self.devices % self.nodes:
             raise ConfigError(f"--gpus {self.devices} does not divide over --nnodes {self.nodes}: "
                               "give the total device count, a multiple of the node count")

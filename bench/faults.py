@@ -1,12 +1,14 @@
-"""Test-only fault hooks, off unless EMOTION_BENCH_FAULT is set.
+"""Test-only fault hooks, off unless EMOTION_BENCH_FAULT is set. Every hook lives here.
 
     EMOTION_BENCH_FAULT=KIND:RANK:STEP   kill | raise | hang | oom, on that rank at that optimiser step
-
-oom raises the error a device out of memory raises (torch.OutOfMemoryError), so the handling of a
-CUDA out-of-memory is tested on CPU.
+    EMOTION_BENCH_FAULT=slow:PCT[:RANK]  every training step PCT % longer (on one rank, or all)
 
 They let the tests exercise failure handling with real processes (a worker killed by SIGKILL, a
-worker raising, a worker hung in a collective) without editing code. Every hook lives here.
+worker raising, a worker hung in a collective, a device out of memory: torch.OutOfMemoryError,
+so CUDA's out-of-memory path is tested on CPU) without editing code. `slow` busy-waits after each
+optimiser step for PCT % of the time since the previous one (measured, so it scales with the
+machine): it plants a slowdown whose size is known, for the regression gate's power
+(benchmarks/gate_power.py) and for a slow rank the others must wait for (the step breakdown).
 """
 from __future__ import annotations
 
@@ -15,6 +17,14 @@ import signal
 import time
 
 FAULT_ENV = "EMOTION_BENCH_FAULT"
+KINDS = ("kill", "raise", "hang", "oom", "slow")
+
+
+def parse(spec: str) -> tuple[str, list[str]]:
+    kind, *rest = spec.split(":")
+    if kind not in KINDS or (kind != "slow" and len(rest) != 2) or (kind == "slow" and len(rest) not in (1, 2)):
+        raise ValueError(f"{FAULT_ENV}={spec!r}: use KIND:RANK:STEP (kind {', '.join(KINDS[:-1])}) or slow:PCT[:RANK]")
+    return kind, rest
 
 
 def install(rank: int) -> None:
@@ -22,17 +32,23 @@ def install(rank: int) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    kind, fault_rank, step = spec.split(":")
-    if int(fault_rank) != rank:
-        return
+    kind, rest = parse(spec)
     import torch
 
-    counter = {"n": 0}
     orig = torch.optim.AdamW.step
+    if kind == "slow":
+        if len(rest) == 2 and int(rest[1]) != rank:
+            return
+        torch.optim.AdamW.step = _slowed(orig, float(rest[0]) / 100)
+        return
+    if int(rest[0]) != rank:
+        return
+    counter = {"n": 0}
+    step = int(rest[1])
 
     def faulty(self, *a, **k):
         counter["n"] += 1
-        if counter["n"] == int(step):
+        if counter["n"] == step:
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if kind == "hang":
@@ -44,3 +60,23 @@ def install(rank: int) -> None:
         return orig(self, *a, **k)
 
     torch.optim.AdamW.step = faulty
+
+
+def _slowed(orig, fraction: float):
+    last: dict = {"t": None, "recent": []}
+
+    def slowed(self, *a, **k):
+        out = orig(self, *a, **k)
+        now = time.perf_counter()
+        if last["t"] is not None:
+            step_s = now - last["t"]
+            recent = last["recent"] = (last["recent"] + [step_s])[-9:]
+            # an evaluation between epochs is not a step: no more than twice the recent median
+            step_s = min(step_s, 2 * sorted(recent)[len(recent) // 2])
+            until = now + fraction * step_s
+            while time.perf_counter() < until:  # busy: a slower step, not an idle one
+                pass
+        last["t"] = time.perf_counter()
+        return out
+
+    return slowed

@@ -62,6 +62,10 @@ METRICS: dict[str, Metric] = {m.column: m for m in [
     Metric("uar", "UAR", "", +1, _at("quality", "test", "uar"), relative=False, spec=".3f"),
     Metric("accuracy", "accuracy", "", +1, _at("quality", "test", "accuracy"), relative=False, spec=".3f"),
     Metric("time_to_target_s", "time to target F1", "s", -1, _at("quality", "time_to_target_s")),
+    # with --profile: shares of the profiled step (rank 0), bench/breakdown.py
+    *[Metric(f"{part}_share", label, "", -1 if part != "compute" else 0, _at("breakdown", "parts_share", part), spec=".2f")
+      for part, label in (("compute", "compute share"), ("exposed_comm", "exposed communication share"),
+                          ("wait", "waiting share"), ("idle", "idle/bubble share"), ("optimizer", "optimizer share"))],
 ]}
 GATES: dict[str, Metric] = {m.gate: m for m in METRICS.values() if m.gate}
 
@@ -95,6 +99,7 @@ def _row(r: dict) -> dict:
         "target_f1": q.get("target_f1"),
         "busy_kind": "GPU (NVML)" if u.get("gpu_busy_percent_mean") is not None else "CPU",
         "confusion": (q.get("test") or {}).get("confusion_matrix"),
+        "breakdown": r.get("breakdown"),
     }
     row.update({m.column: m.read(r) for m in METRICS.values() if m.read})
     return row
@@ -152,6 +157,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
                     "baseline": g.baseline.dropna().iloc[0] if g.baseline.notna().any() else None,
                     "busy_kind": g.busy_kind.iloc[0], "source": g.source.iloc[0], "target_f1": g.target_f1.iloc[0],
                     "confusion": g.loc[g.macro_f1.idxmax(), "confusion"] if g.macro_f1.notna().any() else None,
+                    "breakdown": next((b for b in g.breakdown if b), None),
                     "run_ids": ",".join(g.run_id)})
         for m in METRICS:
             vals = g[m].dropna()

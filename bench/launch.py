@@ -39,7 +39,8 @@ class Launched:
     log_path: Path | None = None  # the worker log, kept beside the result when the run failed
 
 
-def torchrun_command(cfg: RunConfig) -> list[str]:
+def torchrun_command(cfg: RunConfig, argv: tuple[str, ...] = ("run",)) -> list[str]:
+    """torchrun running `bench ARGV` once per device of this node."""
     per_node = cfg.devices // cfg.nodes
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(cfg.nodes),
            "--nproc-per-node", str(per_node), "--max-restarts", "0", "--monitor-interval", "0.5"]
@@ -48,15 +49,17 @@ def torchrun_command(cfg: RunConfig) -> list[str]:
     else:
         cmd += ["--node-rank", str(cfg.node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", cfg.rdzv_endpoint,
                 "--rdzv-id", "emotion-bench"]
-    return cmd + ["-m", "bench", "run"]
+    return cmd + ["-m", "bench", *argv]
 
 
 def worker_threads(cfg: RunConfig) -> int:
     return cfg.threads or max(1, (os.cpu_count() or 1) // (cfg.devices // cfg.nodes))
 
 
-def launch(cfg: RunConfig, t0: float, status: Callable[[str], None]) -> Launched:
-    """Run cfg through torchrun and wait for it; the result file is the workers' business."""
+def launch(cfg: RunConfig, t0: float, status: Callable[[str], None], argv: tuple[str, ...] = ("run",),
+           result: Path | None = None, extra_env: dict[str, str] | None = None) -> Launched:
+    """Run `bench ARGV` (bench run: cfg's cell) through torchrun and wait for it; the result file
+    (default out_dir/run_id.json) is the workers' business."""
     per_node = cfg.devices // cfg.nodes
     threads = worker_threads(cfg)
     with tempfile.TemporaryDirectory(prefix="emotion-bench-launch-") as launch_dir:
@@ -66,10 +69,11 @@ def launch(cfg: RunConfig, t0: float, status: Callable[[str], None]) -> Launched
         env["OMP_NUM_THREADS"] = str(threads)
         env[ELAPSED_ENV] = str(time.perf_counter() - t0)
         env.pop("TORCHELASTIC_RUN_ID", None)
+        env.update(extra_env or {})
         log_path = Path(launch_dir, "torchrun.log")
         status(f"launching {per_node} worker process(es) per node through torchrun, {threads} thread(s) each")
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(torchrun_command(cfg), env=env, stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(torchrun_command(cfg, argv), env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             try:
                 rc = proc.wait()
@@ -79,7 +83,7 @@ def launch(cfg: RunConfig, t0: float, status: Callable[[str], None]) -> Launched
         _kill_group(proc)  # nothing of the run may outlive it
         log_text = log_path.read_text(errors="replace")
         if rc == 0:
-            if (Path(cfg.out_dir) / f"{cfg.run_id}.json").exists():
+            if (result or Path(cfg.out_dir) / f"{cfg.run_id}.json").exists():
                 return Launched(ok=True)
             node = Path(launch_dir, f"node-{cfg.node_rank}.json")
             if cfg.nodes > 1 and node.exists() and json.loads(node.read_text())["first_rank"] != 0:

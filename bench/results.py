@@ -113,6 +113,7 @@ class RunSummary:
     quality: Quality
     timing: Timing
     losses: list[float]  # per step, the global mean training loss
+    breakdown: dict | None = None  # with --profile: where the profiled steps' time went (bench/breakdown.py)
 
 
 def build_result(*, run_id: str, status: str, error: str | None, config: dict, env: dict, data: dict | None,
@@ -134,6 +135,7 @@ def build_result(*, run_id: str, status: str, error: str | None, config: dict, e
         "quality": body.get("quality", {}),
         "timing": {**body.get("timing", {}), "wall_s": wall_s},
         "losses": body.get("losses", []),
+        "breakdown": body.get("breakdown"),
     }
 
 
@@ -200,7 +202,8 @@ def iter_result_files(path: str | os.PathLike) -> list[Path]:
     """Result files under a file or folder (recursively), sorted."""
     p = Path(path)
     if p.is_dir():
-        return sorted(q for q in p.rglob("*.json") if not q.name.startswith(".") and q.name not in NOT_RESULTS)
+        return sorted(q for q in p.rglob("*.json") if not q.name.startswith(".") and q.name not in NOT_RESULTS
+                      and not q.name.endswith(".comm.json"))
     if p.exists():
         return [p]
     raise FileNotFoundError(f"{p}: no such file or folder")

@@ -33,6 +33,8 @@ from .memory import out_of_memory
 from .metrics import quality
 from .monitor import Monitor
 from .precision import Precision
+from .profiling import OPTIMIZER, read_trace, run_profiled, trace_path
+from .breakdown import breakdown
 from .results import Flops, Quality, RankUsage, RunSummary, Throughput, Timing, Utilization
 from .strategies import Plan, get_strategy
 
@@ -367,5 +369,45 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
         if module is not None:
             torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, cfg.save_params)
     m.eval_s += time.perf_counter() - t_test
+    profiled = profile(cfg, env, s, b) if cfg.profile else None  # after everything measured
     g = gather(env, s.plan, m, _Clock(env.device), monitor)
-    return summarise(cfg, env, s, b, m, g, test_q, setup_s) if env.is_main else None
+    if not env.is_main:
+        return None
+    summary = summarise(cfg, env, s, b, m, g, test_q, setup_s)
+    summary.breakdown = profiled
+    return summary
+
+
+def profile(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches) -> dict | None:
+    """cfg.profile_steps more steps under torch.profiler on every rank (collective); rank 0 gets the
+    breakdown of all ranks' traces."""
+    order, offsets = b.epoch(0)
+
+    def one_step(k: int) -> None:
+        x, y = b.batch(order[k % b.steps_per_epoch], offsets)
+        s.plan.step(x, y, s.precision)
+        with torch.profiler.record_function(OPTIMIZER):
+            s.precision.step(s.optimizer)
+        s.optimizer.zero_grad(set_to_none=True)
+
+    path = trace_path(cfg.out_dir, cfg.run_id, env.rank)
+    run_profiled(cfg.profile_steps, env.device, one_step, path)
+    steps = [read_trace(path)]
+    if env.distributed:
+        gathered: list = [None] * env.world_size
+        dist.all_gather_object(gathered, steps[0])
+        steps = gathered
+    if not env.is_main:
+        return None
+    out = breakdown(steps).to_dict()
+    out.update(profiled_steps=cfg.profile_steps,
+               traces=[str(trace_path(cfg.out_dir, cfg.run_id, r)) for r in range(env.world_size)])
+    ddp_data = getattr(s.plan.model, "_get_ddp_logging_data", None)
+    if ddp_data is not None:  # DDP's own counters, a cross-check (ns, averaged over sampled iterations)
+        d = ddp_data()
+        out["ddp_logging_ms"] = {k: d.get(f"avg_{k}_time", 0) / 1e6 for k in
+                                 ("forward_compute", "backward_compute", "backward_comm", "backward_compute_comm_overlap")}
+    if "bubble_fraction" in s.plan.info:
+        idle = [r["parts_share"]["idle"] for r in out["per_rank"]]
+        out["bubble"] = {"analytic": s.plan.info["bubble_fraction"], "measured_idle_share": sum(idle) / len(idle)}
+    return out

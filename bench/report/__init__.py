@@ -13,7 +13,7 @@ from emotion_models.atomic import atomic_write_text
 from ..frame import aggregate, frame
 from .plots import FIGURES, plot_all
 from .render import Bullets, Figure, Para, Section, Table, md_table, write
-from .tables import hardware_comparison, main_tables, results_table
+from .tables import hardware_comparison, main_tables, results_table, where_time_went
 
 __all__ = ["main_tables", "md_table", "write_report"]
 
@@ -22,6 +22,9 @@ def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped) -> list[Section
     sections = [Section(title, [Table(header, rows), Para(note)]) for title, header, rows, note in main_tables(agg)]
     if not agg.empty:
         sections.append(Section("every cell", [Table(*results_table(agg))]))
+    went = where_time_went(agg) if not agg.empty else []
+    if went:
+        sections.append(Section("where the time went (profiled steps)", [Bullets(went)]))
     cmp = hardware_comparison(agg, df) if not agg.empty else None
     if cmp:
         header, rows, warnings, machines = cmp
@@ -36,20 +39,39 @@ def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped) -> list[Section
     return sections
 
 
-def write_report(results: list[dict], bad: list[tuple[str, str]], out: str | Path, skipped: list[tuple[str, str]]) -> dict:
-    """report.md, report.html, results.csv and the PNG figures in out."""
+def write_report(results: list[dict], bad: list[tuple[str, str]], out: str | Path, skipped: list[tuple[str, str]],
+                 predict_link=None) -> dict:
+    """report.md, report.html, results.csv and the PNG figures in out; with predict_link, bench
+    predict's efficiency curves for that link beside the measured points."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     df = frame(results)
     agg = aggregate(df) if not df.empty else pd.DataFrame()
-    csv_df = df.drop(columns=["confusion"]) if "confusion" in df else df
+    csv_df = df.drop(columns=[c for c in ("confusion", "breakdown") if c in df])
     atomic_write_text(out / "results.csv", csv_df.to_csv(index=False))
     plots = plot_all(agg, out) if not agg.empty else {}
     sections = _sections(df, agg, bad, skipped)
-    sections.append(Section("plots", [Figure(name, plots.get(name), caption) for name, (_, caption) in FIGURES.items()]))
+    figures = [Figure(name, plots.get(name), caption) for name, (_, caption) in FIGURES.items()]
+    if predict_link is not None:
+        figures.append(Figure("prediction", _prediction(results, df, predict_link, out),
+                              f"bench predict's efficiency (dashed) with {predict_link.source}; measured cells as points."))
+    sections.append(Section("plots", figures))
     machines = ", ".join(sorted(set(df.machine))) if not df.empty else "none"
     intro = [f"{len(df)} result files, {len(agg)} cells, machines: {machines}.",
              "Throughput is global samples/s over the timed window (warmup and evaluation excluded); cells with "
              "repeats show the median and ±half the relative range."]
     write(out, "emotion-bench report", intro, sections)
     return {"frame": df, "cells": agg, "plots": {k: v for k, v in plots.items() if v}, "dir": out}
+
+
+def _prediction(results: list[dict], df: pd.DataFrame, link, out: Path) -> Path | None:
+    from ..predict import check, inputs_from
+    from .plots import prediction
+
+    inputs = inputs_from(results)
+    if not inputs:
+        return None
+    counts = sorted(set(df.devices) | {1, 2, 4, 8, 16, 64}) if not df.empty else [1, 2, 4, 8]
+    path = out / "prediction.png"
+    prediction(inputs, ["ddp", "fsdp", "pipeline"], counts, 8, link, link, check(results, link, link), path)
+    return path

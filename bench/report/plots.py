@@ -156,6 +156,38 @@ def confusion(ok: pd.DataFrame):
     return fig
 
 
+def breakdown(ok: pd.DataFrame):
+    """Efficiency against devices beside where each profiled cell's step went (stacked, ms)."""
+    from ..breakdown import PARTS
+
+    prof = ok[ok.breakdown.notna()]
+    if prof.empty:
+        return None
+    fig, (a1, a2) = _plt().subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
+    eff = ok[ok.efficiency.notna() & (ok.strategy != "single")]
+    for _, g in eff.groupby(["machine", "model", "strategy", "precision", "compile", "scaling"]):
+        g = g.sort_values("devices")
+        a1.plot(g.devices, g.efficiency, marker="o", label=series_label(g.iloc[0]))
+    a1.axhline(1.0, color="k", ls="--", lw=0.8)
+    a1.set_xlabel("devices")
+    a1.set_ylabel("scaling efficiency")
+    a1.set_title("efficiency")
+    if not eff.empty:
+        a1.legend(fontsize=7)
+    labels = [cell_label(r, batch=False) for r in prof.itertuples()]
+    left = [0.0] * len(prof)
+    for part in PARTS:
+        ms = [b["parts_ms"][part] for b in prof.breakdown]
+        if any(ms):
+            a2.barh(labels, ms, left=left, label=part)
+            left = [x + y for x, y in zip(left, ms)]
+    a2.set_xlabel("profiled step, rank 0 (ms)")
+    a2.set_title("where a step's time goes")
+    a2.tick_params(axis="y", labelsize=7)
+    a2.legend(fontsize=7)
+    return fig
+
+
 # name (the PNG's stem) -> (figure function, caption)
 FIGURES: dict[str, tuple[Callable[[pd.DataFrame], object], str]] = {
     "scaling": (scaling, "Throughput against devices, with the ideal linear line from the single-device cell."),
@@ -165,6 +197,8 @@ FIGURES: dict[str, tuple[Callable[[pd.DataFrame], object], str]] = {
     "utilization": (utilization, "Busy % (GPU: NVML utilisation rate; CPU runs: whole-machine CPU %) and peak memory."),
     "energy": (energy, "GPU energy per epoch."),
     "confusion": (confusion, "Confusion matrix of the best cell (highest test macro-F1)."),
+    "breakdown": (breakdown, "Efficiency beside where each profiled cell's step goes (bench run --profile): compute, "
+                             "optimizer, exposed communication, waiting for the slowest rank, idle or pipeline bubble."),
 }
 
 
@@ -182,3 +216,28 @@ def plot_all(agg: pd.DataFrame, out: Path) -> dict[str, Path | None]:
         fig.savefig(plots[name], dpi=110)
         _plt().close(fig)
     return plots
+
+
+def prediction(inputs, strategies, counts, per_node, intra, inter, checked, path: Path) -> None:
+    """Predicted efficiency curves against devices, the measured cells on them as points."""
+    from ..predict import predict
+
+    fig, ax = _axes()
+    for inp in inputs:
+        for s in strategies:
+            ns = [n for n in sorted(set(counts)) if not (s == "pipeline" and n > inp.blocks)]
+            eff = [predict(inp, s, n, max(1, -(-n // per_node)), intra, inter)["efficiency"] for n in ns]
+            line, = ax.plot(ns, eff, "--", label=f"{inp.model} {s} {inp.precision} (predicted)")
+            pts = [c for c in checked if c["strategy"] == s and c["model"] == inp.model and c["precision"] == inp.precision]
+            if pts:
+                ax.plot([c["devices"] for c in pts], [c["measured"] / (c["devices"] * inp.single_throughput) for c in pts],
+                        "o", color=line.get_color(), label=f"{inp.model} {s} {inp.precision} (measured)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"devices ({per_node} per node)")
+    ax.set_ylabel("weak-scaling efficiency")
+    ax.set_ylim(0, 1.1)
+    ax.set_title("predicted scaling (bench predict), measured points")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)

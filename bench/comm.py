@@ -1,0 +1,190 @@
+"""`bench comm`: the links, measured, in the manner of nccl-tests, through torch.distributed on the
+same launcher as `bench run` (NCCL on GPU, gloo on CPU; one node or many).
+
+For each collective (all-reduce, all-gather, reduce-scatter, broadcast, send/recv in a ring) and
+each size from 1 KiB doubling up to --max-bytes (default 256 MiB, bounded by memory), warm-up
+iterations are run and excluded, then timed iterations (as many as fit in about 0.2 s, at least
+3); each size's time is the slowest rank's mean. Then, with nccl-tests' definitions:
+
+    algbw = S / t        busbw = algbw x 2(n-1)/n (all-reduce), x (n-1)/n (all-gather,
+                         reduce-scatter; S the whole buffer), x 1 (broadcast, send/recv)
+
+and a fit of t = alpha + S / B per collective (latency alpha, bandwidth B as bus bandwidth) that
+`bench predict` uses. Rank 0 writes one JSON file (`<run_id>.comm.json`) and a plot beside it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from emotion_models.atomic import atomic_write_text
+
+from .breakdown import busbw_factor
+
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send_recv")
+COMM_SCHEMA = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommConfig:
+    ops: tuple[str, ...] = OPS
+    min_bytes: int = 1024
+    max_bytes: int = 256 * 2**20
+    warmup: int = 2  # untimed iterations per size
+    target_s: float = 0.2  # timed iterations per size: as many as fit in this, at least 3
+    out: str = "results/comm"
+    run_id: str = ""
+    extra: dict = field(default_factory=dict)  # what the launcher knew: devices, nodes, device type
+
+
+def sizes(cfg: CommConfig) -> list[int]:
+    out, s = [], cfg.min_bytes
+    while s <= cfg.max_bytes:
+        out.append(s)
+        s *= 2
+    return out
+
+
+def _op(kind: str, nbytes: int, device: torch.device, rank: int, world: int):
+    """A closure running one collective on a buffer of S = nbytes (the whole buffer), fp32."""
+    n = max(nbytes // 4, world)
+    n -= n % world  # all-gather / reduce-scatter split the buffer evenly
+    if kind == "all_reduce":
+        x = torch.ones(n, device=device)
+        return lambda: dist.all_reduce(x)
+    if kind == "all_gather":
+        out, mine = torch.empty(n, device=device), torch.ones(n // world, device=device)
+        return lambda: dist.all_gather_into_tensor(out, mine)
+    if kind == "reduce_scatter":
+        whole, mine = torch.ones(n, device=device), torch.empty(n // world, device=device)
+        return lambda: dist.reduce_scatter_tensor(mine, whole)
+    if kind == "broadcast":
+        x = torch.ones(n, device=device)
+        return lambda: dist.broadcast(x, src=0)
+    send, recv = torch.ones(n, device=device), torch.empty(n, device=device)
+
+    def ring():  # every rank sends to the next and receives from the previous at once
+        ops = [dist.P2POp(dist.isend, send, (rank + 1) % world), dist.P2POp(dist.irecv, recv, (rank - 1) % world)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+
+    return ring
+
+
+def _time(fn, device: torch.device, warmup: int, target_s: float) -> float:
+    """Mean seconds per call over the timed iterations, the same count on every rank."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    dist.barrier()
+    t = time.perf_counter()
+    fn()
+    sync()
+    probe = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
+    dist.all_reduce(probe, op=dist.ReduceOp.MAX)  # everyone agrees on the iteration count
+    iters = int(min(50, max(3, target_s / max(float(probe), 1e-6))))
+    dist.barrier()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    elapsed = torch.tensor([(time.perf_counter() - t) / iters], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's time
+    return float(elapsed)
+
+
+def fit(points: list[dict]) -> dict:
+    """t = alpha + S_bus / B over a collective's sizes, least squares on relative error (weights
+    1/t^2), so small messages set the latency and large ones the bandwidth: alpha (µs) and B, the
+    bus bandwidth (GB/s; S_bus = S x the busbw factor)."""
+    xs = [p["bus_bytes"] for p in points]
+    ys = [p["time_us"] for p in points]
+    ws = [1 / y**2 for y in ys]
+    sw = sum(ws)
+    mx = sum(w * x for w, x in zip(ws, xs)) / sw
+    my = sum(w * y for w, y in zip(ws, ys)) / sw
+    var = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+    slope = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / var if var else 0.0  # µs per bus byte
+    return {"alpha_us": max(my - slope * mx, 0.0), "busbw_GBps": 1e-3 / slope if slope > 0 else None}
+
+
+def measure(cfg: CommConfig, device: torch.device, rank: int, world: int) -> dict:
+    results: dict[str, list[dict]] = {}
+    for kind in cfg.ops:
+        rows = []
+        for nbytes in sizes(cfg):
+            seconds = _time(_op(kind, nbytes, device, rank, world), device, cfg.warmup, cfg.target_s)
+            algbw = nbytes / seconds / 1e9
+            factor = busbw_factor("send" if kind == "send_recv" else kind, world)
+            rows.append({"bytes": nbytes, "time_us": seconds * 1e6, "algbw_GBps": algbw, "busbw_GBps": algbw * factor,
+                         "bus_bytes": nbytes * factor})
+        results[kind] = rows
+    return results
+
+
+def worker_main(cfg: CommConfig) -> int:
+    """Every torchrun worker of `bench comm`; rank 0 writes the result and the plot."""
+    from .distenv import init_env, set_threads
+    from .config import RunConfig
+    from .envinfo import fingerprint
+
+    device_type = "cuda" if torch.cuda.is_available() and cfg.extra.get("device_type") == "cuda" else "cpu"
+    run_cfg = RunConfig(devices=int(os.environ["WORLD_SIZE"]), timeout_s=float(cfg.extra.get("timeout_s", 300)))
+    set_threads(run_cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    env = init_env(run_cfg, device_type)
+    points = measure(cfg, env.device, env.rank, env.world_size)
+    if env.is_main:
+        result = {"schema": COMM_SCHEMA, "kind": "comm", "run_id": cfg.run_id, "status": "ok",
+                  "config": {"devices": env.world_size, "backend": env.backend, "device_type": device_type,
+                             "nodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")), "ops": list(cfg.ops),
+                             "min_bytes": cfg.min_bytes, "max_bytes": cfg.max_bytes},
+                  "env": fingerprint(), "ops": points, "fit": {k: fit(v) for k, v in points.items()}}
+        path = Path(cfg.out) / f"{cfg.run_id}.comm.json"
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        plot(result, path.with_name(f"{cfg.run_id}.comm.png"))
+    dist.barrier()
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, rows in result["ops"].items():
+        ax.plot([r["bytes"] for r in rows], [r["busbw_GBps"] for r in rows], marker="o", label=kind)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size S (bytes)")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    c = result["config"]
+    ax.set_title(f"bench comm: {c['devices']} x {c['device_type']} ({c['backend']}), {c['nodes']} node(s)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load(path: str) -> dict:
+    """A `bench comm` result file (or the newest in a folder)."""
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(p.glob("*.comm.json"), key=lambda q: q.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"{path}: no *.comm.json (run bench comm --out {path})")
+        p = found[-1]
+    data = json.loads(p.read_text())
+    if data.get("kind") != "comm":
+        raise ValueError(f"{p}: not a bench comm result")
+    return data

@@ -1,0 +1,190 @@
+"""`bench predict`: each strategy's step time, throughput and efficiency at N devices and nodes, from
+what was measured, with the model written out (README: "Scaling past the machines we have").
+
+Inputs: the `single` run at the per-device batch b (its step time t1: compute, optimiser and all),
+the model's parameter bytes S and blocks L, the pipeline schedule, and links (alpha: latency of a
+hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = nodes x per-node.
+
+    ring all-reduce     T_ar(S) = 2(N-1) alpha + 2(N-1)/N x S / B
+    all-gather, reduce-scatter   T(S) = (N-1) alpha + (N-1)/N x S / B      (S the whole buffer)
+    ddp       t = t1 + (1 - o) x k x T_ar(S / k)       k = buckets of 25 MiB
+    fsdp      t = t1 + (1 - o) x L x [2 T_ag(S_p / L) + T_rs(S / L)]       S_p: S in the parameter dtype
+    pipeline  t = t1 x (m + p - 1) / m + 2 (m + p - 2) x (alpha + A / B)   p = N stages, m micro-batches,
+                                                                            A one micro-batch's activations
+    throughput = N b / t; efficiency = throughput / (N x single throughput)
+
+Across nodes every data-parallel collective goes through the slower link (B and alpha of the
+inter-node link). o, the share of communication hidden behind compute, is measured from a
+profiled run's breakdown of that strategy (overlapped / (overlapped + exposed)); without one it is
+0, the pessimistic bound, and the table says so.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from emotion_models.models import build_model
+
+# named links: (bus bandwidth GB/s, hop latency µs, source). Bandwidths are the data sheets'
+# per-direction figures x 0.8 (nccl-tests reach 70-90 % of them); latencies are typical
+# small-message figures, assumptions rather than measurements: measure yours with bench comm.
+LINKS: dict[str, tuple[float, float, str]] = {
+    "nvlink4": (0.8 * 450, 10.0, "NVIDIA H100 SXM data sheet: NVLink 4, 900 GB/s bidirectional"),
+    "pcie4": (0.8 * 31.5, 15.0, "PCIe 4.0 x16: 31.5 GB/s per direction"),
+    "pcie5": (0.8 * 63.0, 15.0, "PCIe 5.0 x16: 63 GB/s per direction"),
+    "ib-ndr": (0.8 * 50.0, 10.0, "InfiniBand NDR: 400 Gb/s = 50 GB/s per port and direction"),
+    "100gbe": (0.8 * 12.5, 30.0, "100 Gb Ethernet: 12.5 GB/s per direction"),
+}
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
+
+
+@dataclass(frozen=True)
+class Link:
+    busbw_GBps: float
+    alpha_us: float  # one hop
+    source: str
+
+    @classmethod
+    def named(cls, name: str) -> Link:
+        if name not in LINKS:
+            raise ValueError(f"--link {name}: not a preset ({', '.join(LINKS)}) or a bench comm result")
+        return cls(*LINKS[name])
+
+    @classmethod
+    def measured(cls, comm: dict, kind: str = "all_reduce") -> Link:
+        """From a `bench comm` fit: its latency is a whole collective at n ranks; a ring all-reduce
+        takes 2(n-1) hops, the others n-1."""
+        f = comm["fit"].get(kind) or next(iter(comm["fit"].values()))
+        n = comm["config"]["devices"]
+        hops = 2 * (n - 1) if kind == "all_reduce" else max(n - 1, 1)
+        c = comm["config"]
+        return cls(f["busbw_GBps"] or float("inf"), f["alpha_us"] / hops,
+                   f"bench comm {comm['run_id']}: {n} x {c['device_type']} ({c['backend']}), {kind} fit")
+
+
+def t_all_reduce(nbytes: float, n: int, link: Link) -> float:
+    """Seconds of a ring all-reduce of nbytes over n ranks."""
+    if n < 2:
+        return 0.0
+    return 2 * (n - 1) * link.alpha_us * 1e-6 + 2 * (n - 1) / n * nbytes / (link.busbw_GBps * 1e9)
+
+
+def t_gather(nbytes: float, n: int, link: Link) -> float:
+    """Seconds of an all-gather or reduce-scatter whose whole buffer is nbytes."""
+    if n < 2:
+        return 0.0
+    return (n - 1) * link.alpha_us * 1e-6 + (n - 1) / n * nbytes / (link.busbw_GBps * 1e9)
+
+
+@dataclass
+class Inputs:
+    """What a prediction of one (model, precision, batch) starts from."""
+
+    model: str
+    model_size: str
+    precision: str
+    batch: int  # per device
+    single_step_s: float  # the single run's step time p50 at this batch
+    single_throughput: float  # samples/s
+    params: int
+    blocks: int
+    microbatches: int | None = None  # pipeline's m (None: 2 x stages)
+    overlap: dict | None = None  # strategy -> measured share of communication hidden behind compute
+
+
+def inputs_from(results: list[dict]) -> list[Inputs]:
+    """One Inputs per (model, size, precision, batch) that has ok single runs, with overlaps
+    measured by profiled multi-device runs of the same."""
+    groups: dict[tuple, dict] = {}
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        c = r["config"]
+        key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
+        g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None})
+        if c["strategy"] == "single":
+            g["single"].append(r)
+        elif r.get("breakdown"):
+            b = r["breakdown"]
+            exposed = b["parts_ms"]["exposed_comm"] + b["overlapped_comm_ms"]
+            if exposed > 0:
+                g["overlap"].setdefault(c["strategy"], []).append(b["overlapped_comm_ms"] / exposed)
+        if c["strategy"] == "pipeline":
+            g["micro"] = c.get("microbatches")
+    out = []
+    for (model, size, precision, batch), g in groups.items():
+        if not g["single"]:
+            continue
+        m = build_model(model, size=size, device="meta")
+        out.append(Inputs(model, size, precision, batch,
+                          statistics.median(r["throughput"]["step_time_ms_p50"] for r in g["single"]) / 1000,
+                          statistics.median(r["throughput"]["samples_per_s"] for r in g["single"]),
+                          sum(p.numel() for p in m.parameters()), len(m.blocks), g["micro"],
+                          {s: statistics.median(v) for s, v in g["overlap"].items()}))
+    return out
+
+
+def _boundary_bytes(inp: Inputs, stages: int, micro_batch: int) -> float:
+    """Bytes of one micro-batch's activations crossing the busiest stage boundary (fp32)."""
+    import torch
+
+    m = build_model(inp.model, size=inp.model_size, device="meta")
+    x = m.example_input(micro_batch, "meta")
+    sizes = []
+    with torch.no_grad():
+        for block in m.blocks:
+            x = block(x)
+            parts = x if isinstance(x, tuple) else (x,)
+            sizes.append(sum(t.numel() * 4 for t in parts))
+    cuts = [b for _, b in m.stage_boundaries(stages)[:-1]]
+    return max((sizes[c - 1] for c in cuts), default=0)
+
+
+def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, inter: Link | None) -> dict:
+    """Predicted step time (s), throughput (samples/s) and efficiency of one cell."""
+    link = inter if nodes > 1 and inter is not None else intra
+    grad_bytes = 4 * inp.params
+    overlap = (inp.overlap or {}).get(strategy, 0.0)
+    t1, n = inp.single_step_s, devices
+    if strategy == "single" or n == 1:
+        step = t1
+    elif strategy == "ddp":
+        k = max(1, math.ceil(grad_bytes / BUCKET_BYTES))
+        step = t1 + (1 - overlap) * k * t_all_reduce(grad_bytes / k, n, link)
+    elif strategy == "fsdp":
+        param_bytes = (2 if inp.precision in ("bf16", "fp16") else 4) * inp.params
+        per_block = 2 * t_gather(param_bytes / inp.blocks, n, link) + t_gather(grad_bytes / inp.blocks, n, link)
+        step = t1 + (1 - overlap) * inp.blocks * per_block
+    elif strategy == "pipeline":
+        m = inp.microbatches or 2 * n
+        mb = max(1, n * inp.batch // m)
+        act = _boundary_bytes(inp, n, mb)
+        step = t1 * (m + n - 1) / m + 2 * (m + n - 2) * (link.alpha_us * 1e-6 + act / (link.busbw_GBps * 1e9))
+    else:
+        raise ValueError(f"no model for strategy {strategy!r}: predict ddp, fsdp or pipeline")
+    throughput = n * inp.batch / step
+    return {"step_ms": step * 1000, "samples_per_s": throughput,
+            "efficiency": throughput / (n * inp.single_throughput), "overlap": overlap}
+
+
+def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
+    """Predicted against measured for every ok multi-device cell that has its single baseline."""
+    by_key = {(i.model, i.model_size, i.precision, i.batch): i for i in inputs_from(results)}
+    rows: dict[tuple, list[float]] = {}
+    for r in results:
+        c = r["config"]
+        if r["status"] != "ok" or c["strategy"] not in ("ddp", "fsdp", "pipeline") or c.get("scaling", "weak") != "weak":
+            continue
+        key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
+        if key in by_key:
+            rows.setdefault((key, c["strategy"], c["devices"], c.get("nodes", 1)), []).append(r["throughput"]["samples_per_s"])
+    out = []
+    for (key, strategy, n, nodes), measured in rows.items():
+        inp = by_key[key]
+        p = predict(inp, strategy, n, nodes, intra, inter)
+        m = statistics.median(measured)
+        out.append({"model": inp.model, "precision": inp.precision, "batch": inp.batch, "strategy": strategy,
+                    "devices": n, "nodes": nodes, "predicted": p["samples_per_s"], "measured": m,
+                    "error": p["samples_per_s"] / m - 1, "overlap": p["overlap"], "repeats": len(measured)})
+    return out

@@ -1,0 +1,142 @@
+"""A profiled window after the timed one (`bench run --profile`): a few steps under torch.profiler on
+every rank, one Chrome trace per rank beside the result (`<run_id>.rank<R>.trace.json.gz`, opens
+in Perfetto), and each trace read back into the timeline bench/breakdown.py divides up.
+
+The timed figures are never measured under the profiler: these steps run after the timed window
+and after the test evaluation, so neither throughput nor F1 changes with --profile.
+
+What is read from a trace, per step (`emotion_bench.step` ranges on the training thread):
+- CPU runs (gloo): aten ops on the training thread are compute; the gloo collectives are the
+  `gloo:*` ranges on gloo's own threads (their real duration); their sizes come from the c10d ops
+  that launched them (record_shapes).
+- GPU runs: kernels on CUDA streams are compute, NCCL kernels communication, memcpy/memset
+  copies, cudaLaunchKernel and friends the runtime.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .breakdown import Collective, StepTrace
+
+STEP = "emotion_bench.step"
+OPTIMIZER = "emotion_bench.optimizer"
+
+_GLOO = {"all_reduce": "all_reduce", "allreduce": "all_reduce", "all_gather": "all_gather",
+         "allgather": "all_gather", "reduce_scatter": "reduce_scatter", "reducescatter": "reduce_scatter",
+         "broadcast": "broadcast", "send": "send", "recv": "recv"}
+_C10D = [("allreduce", "all_reduce"), ("allgather", "all_gather"), ("all_gather", "all_gather"),
+         ("reduce_scatter", "reduce_scatter"), ("broadcast", "broadcast"), ("send", "send"), ("recv", "recv")]
+_NCCL = [("allreduce", "all_reduce"), ("allgather", "all_gather"), ("reducescatter", "reduce_scatter"),
+         ("broadcast", "broadcast"), ("sendrecv", "send"), ("send", "send"), ("recv", "recv")]
+_DTYPE_BYTES = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8, "long int": 8, "int": 4,
+                "unsigned char": 1, "signed char": 1, "bool": 1}
+
+
+def trace_path(out_dir: str, run_id: str, rank: int) -> Path:
+    return Path(out_dir) / f"{run_id}.rank{rank}.trace.json.gz"
+
+
+def run_profiled(steps: int, device: torch.device, one_step, path: Path) -> None:
+    """one_step(k) `steps` times under the profiler; the Chrome trace to path."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        for k in range(steps):
+            with torch.profiler.record_function(STEP):
+                one_step(k)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # each step's kernels inside its own range
+    prof.export_chrome_trace(str(path))
+
+
+def _kind(name: str, table: list[tuple[str, str]]) -> str | None:
+    low = name.lower().replace("_", "")
+    for key, kind in table:
+        if key.replace("_", "") in low:
+            return kind
+    return None
+
+
+def _bytes(event: dict) -> int:
+    """S of a c10d launch, nccl-tests' "whole buffer": its largest tensor argument (all-gather's
+    output, reduce-scatter's input, all-reduce's one tensor), a list of tensors summed."""
+
+    def numel(shape) -> int:
+        if shape and isinstance(shape[0], list):  # a list of tensors
+            return sum(numel(s) for s in shape)
+        n = 1
+        for x in shape or [0]:
+            n *= x if isinstance(x, int) else 0
+        return n
+
+    args = event.get("args", {})
+    sizes = [numel(d) * _DTYPE_BYTES.get(str(t).replace("TensorList(", "").rstrip(")"), 4)
+             for d, t in zip(args.get("Input Dims") or [], args.get("Input type") or [])]
+    return max(sizes, default=0)
+
+
+def _label(collectives: list[Collective], launches: list[tuple[float, str, int]]) -> None:
+    """Kind and size of each collective from the c10d op that launched it, paired in start order
+    (gloo runs them in the order they were launched). The launch knows better: gloo carries out a
+    reduce-scatter as an all-reduce."""
+    mine = sorted(collectives, key=lambda c: c.start)
+    if len(mine) != len(launches):  # cannot pair: sizes per kind in order, kinds as executed
+        for kind in {k for _, k, _ in launches}:
+            sizes = [b for _, k, b in launches if k == kind]
+            for c, size in zip((c for c in mine if c.kind == kind), sizes):
+                c.bytes = size
+        return
+    for c, (_, kind, size) in zip(mine, launches):
+        c.kind, c.bytes = kind, size
+
+
+def read_trace(path: Path) -> list[StepTrace]:
+    """The profiled steps of one rank's trace, as timelines relative to each step's start."""
+    with gzip.open(path, "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    step_ranges = sorted((e for e in events if e["name"] == STEP and e.get("cat") == "user_annotation"),
+                         key=lambda e: e["ts"])
+    if not step_ranges:
+        return []
+    main = step_ranges[0]["tid"]
+    out = []
+    for st in step_ranges:
+        s, e = st["ts"], st["ts"] + st["dur"]
+        # what starts inside the step, clipped to it: a gloo thread can note a collective's end a
+        # little after the training thread, woken by it, has moved on
+        inside = [x for x in events if s <= x["ts"] < e]
+        rel = lambda x: (x["ts"] - s, min(x["ts"] + x["dur"], e) - s)  # noqa: E731
+        step = StepTrace(duration=st["dur"])
+        launches: list[tuple[float, str, int]] = []  # (start, kind, bytes) of each c10d op
+        for x in inside:
+            cat, name = x.get("cat"), x["name"]
+            if name == OPTIMIZER:
+                step.optimizer.append(rel(x))
+            elif cat == "cpu_op" and x["tid"] == main and name.startswith("c10d::"):
+                kind = _kind(name[6:], _C10D)
+                if kind:
+                    launches.append((x["ts"], kind, _bytes(x)))
+            elif cat == "cpu_op" and x["tid"] == main:
+                step.compute.append(rel(x))
+            elif name.startswith("gloo:") and _GLOO.get(re.sub(r"[^a-z_]", "", name[5:].lower())):
+                step.collectives.append(Collective(_GLOO[re.sub(r"[^a-z_]", "", name[5:].lower())], *rel(x)))
+            elif cat == "kernel" and "nccl" in name.lower():
+                step.collectives.append(Collective(_kind(name, _NCCL) or "all_reduce", *rel(x)))
+            elif cat == "kernel":
+                step.compute.append(rel(x))
+            elif cat in ("gpu_memcpy", "gpu_memset"):
+                step.memcpy.append(rel(x))
+            elif cat in ("cuda_runtime", "cuda_driver"):
+                step.runtime.append(rel(x))
+        if any(x.get("cat") == "kernel" for x in inside):
+            step.compute = [rel(x) for x in inside if x.get("cat") == "kernel" and "nccl" not in x["name"].lower()]
+        _label(step.collectives, sorted(launches))
+        out.append(step)
+    return out

@@ -1,0 +1,119 @@
+"""Why a strategy scales as it does: the step breakdown (arithmetic and real profiled runs), the
+collective benchmark, and the scaling model."""
+import gzip
+import json
+
+import pytest
+
+from bench.breakdown import Collective, StepTrace, breakdown, busbw_factor, merge, parts, subtract, transfer_times
+from bench.predict import Inputs, Link, predict, t_all_reduce, t_gather
+from bench.results import load_result
+from conftest import bench
+
+TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "8", "--model-size", "small", "--device", "cpu"]
+
+
+# ------------------------------------------------------------------------------------------ arithmetic
+
+def test_interval_arithmetic():
+    assert merge([(5, 7), (0, 2), (1, 3), (7, 8)]) == [(0, 3), (5, 8)]
+    assert subtract([(0, 10)], [(2, 3), (5, 7)]) == [(0, 2), (3, 5), (7, 10)]
+    assert subtract([(0, 4), (6, 9)], [(3, 7)]) == [(0, 3), (7, 9)]
+
+
+def test_each_moment_goes_to_one_part_by_priority():
+    # a 100 µs step: compute 0-40, an all-reduce 30-80 (transfer 20 µs: its last 20), optimizer 85-95
+    step = StepTrace(duration=100, compute=[(0, 40), (85, 95)], optimizer=[(85, 95)],
+                     collectives=[Collective("all_reduce", 30, 80)])
+    got, overlapped = parts(step, [20.0])
+    assert got["optimizer"] == 10 and got["compute"] == 40  # the optimiser's ops count once, as optimiser
+    assert got["exposed_comm"] == 20  # 60-80
+    assert got["wait"] == 20  # 40-60: 30-60 is waiting, of which 30-40 is under compute
+    assert got["idle"] == 10  # 80-85 and 95-100
+    assert sum(got.values()) == 100 and overlapped == 10  # 30-40
+
+
+def test_transfer_is_the_shortest_duration_across_ranks_and_p2p_waits_are_idle():
+    fast = StepTrace(duration=50, compute=[(0, 10)], collectives=[Collective("all_reduce", 10, 40)])
+    slow = StepTrace(duration=50, compute=[(0, 35)], collectives=[Collective("all_reduce", 35, 40)])
+    assert transfer_times([fast, slow]) == [[5.0], [5.0]]
+    bd = breakdown([[fast], [slow]])
+    assert bd.ranks[0]["parts_ms"]["wait"] == pytest.approx(0.025) and bd.ranks[1]["parts_ms"]["wait"] == 0
+    assert bd.slowest_rank() == 1
+    stage = StepTrace(duration=50, compute=[(0, 10)], collectives=[Collective("recv", 10, 40)])
+    peer = StepTrace(duration=50, compute=[(0, 35)], collectives=[Collective("send", 35, 40)])
+    got, _ = parts(stage, transfer_times([stage, peer])[0])
+    assert got["wait"] == 0 and got["exposed_comm"] == 5 and got["idle"] == 35  # 10-35 is the bubble
+
+
+def test_bandwidth_definitions_follow_nccl_tests():
+    assert busbw_factor("all_reduce", 4) == 1.5 and busbw_factor("all_gather", 4) == 0.75
+    assert busbw_factor("reduce_scatter", 2) == 0.5 and busbw_factor("send", 8) == busbw_factor("broadcast", 8) == 1
+    step = StepTrace(duration=100, collectives=[Collective("all_reduce", 0, 50, bytes=10_000_000)])
+    c = breakdown([[step], [step]]).collectives["all_reduce"]
+    assert c["algbw_GBps"] == pytest.approx(10e6 / 50e-6 / 1e9)  # S / t
+    assert c["busbw_GBps"] == pytest.approx(c["algbw_GBps"] * 2 * 1 / 2)
+
+
+def test_scaling_model_formulas():
+    link = Link(busbw_GBps=10.0, alpha_us=5.0, source="test")
+    # ring all-reduce: 2(N-1)/N x S / B + 2(N-1) alpha
+    assert t_all_reduce(1e9, 4, link) == pytest.approx(2 * 3 / 4 * 1e9 / 10e9 + 2 * 3 * 5e-6)
+    assert t_gather(1e9, 4, link) == pytest.approx(3 / 4 * 1e9 / 10e9 + 3 * 5e-6)
+    inp = Inputs("cnn", "base", "fp32", 32, single_step_s=0.1, single_throughput=320.0, params=25_000_000, blocks=5)
+    ddp = predict(inp, "ddp", 8, 1, link, None)  # 100 MB of gradients: four 25 MiB buckets
+    assert ddp["step_ms"] == pytest.approx(1000 * (0.1 + 4 * t_all_reduce(4 * 25e6 / 4, 8, link)))
+    assert ddp["efficiency"] == pytest.approx(0.1 / (ddp["step_ms"] / 1000))
+    slow = Link(busbw_GBps=1.0, alpha_us=50.0, source="slow")
+    assert predict(inp, "ddp", 16, 2, link, slow)["step_ms"] > predict(inp, "ddp", 16, 1, link, slow)["step_ms"]
+    pipe = predict(inp, "pipeline", 2, 1, Link(float("inf"), 0.0, "free"), None)
+    assert pipe["step_ms"] == pytest.approx(100 * (4 + 2 - 1) / 4)  # the bubble alone: m = 4, p = 2
+
+
+# ------------------------------------------------------------------------------------------ real runs
+
+def _trace_events(path):
+    with gzip.open(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def test_profiled_ddp_run_breaks_its_step_down(tmp_path):
+    plain = bench("run", "--strategy", "ddp", "--gpus", "2", *TINY, "--out", tmp_path / "plain")
+    proc = bench("run", "--strategy", "ddp", "--gpus", "2", *TINY, "--profile", "--profile-steps", "3",
+                 "--out", tmp_path / "prof")
+    assert proc.returncode == 0 and plain.returncode == 0, proc.stdout + proc.stderr
+    r = load_result(proc.stdout.strip().splitlines()[-1])
+    b = r["breakdown"]
+    for rank in b["per_rank"]:
+        assert sum(rank["parts_ms"].values()) == pytest.approx(rank["step_ms"], rel=0.05)
+        assert rank["parts_ms"]["compute"] > 0
+    ar = b["collectives"]["all_reduce"]
+    assert ar["count_per_step"] >= 1 and ar["bytes_per_step"] > 0
+    assert 0 < ar["busbw_GBps"] < 100  # gloo over loopback: positive, below any memory bandwidth
+    assert set(b["ddp_logging_ms"]) >= {"forward_compute", "backward_comm"}
+    assert len(b["traces"]) == 2 and any(e.get("name") == "emotion_bench.step" for e in _trace_events(b["traces"][1]))
+    # profiling comes after everything measured: the same run without it trains and scores the same
+    unprofiled = load_result(plain.stdout.strip().splitlines()[-1])
+    assert r["losses"] == unprofiled["losses"] and r["quality"]["test"] == unprofiled["quality"]["test"]
+    assert unprofiled["breakdown"] is None
+
+
+def test_a_slowed_rank_shows_as_the_others_waiting(tmp_path):
+    proc = bench("run", "--strategy", "ddp", "--gpus", "2", *TINY, "--profile", "--profile-steps", "3",
+                 "--out", tmp_path, env={"EMOTION_BENCH_FAULT": "slow:100:1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    b = load_result(proc.stdout.strip().splitlines()[-1])["breakdown"]
+    wait = {r["rank"]: r["parts_ms"]["wait"] for r in b["per_rank"]}
+    assert wait[0] > 3 * max(wait[1], 0.1) and b["slowest_rank"] == 1, b["per_rank"]
+
+
+def test_comm_benchmark_bandwidth_rises_with_size(tmp_path):
+    proc = bench("comm", "--gpus", "2", "--device", "cpu", "--ops", "all_reduce,send_recv", "--max-bytes", "1M",
+                 "--out", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(open(proc.stdout.strip().splitlines()[-1]).read())
+    rows = result["ops"]["all_reduce"]
+    assert [r["bytes"] for r in rows] == [2**k for k in range(10, 21)]
+    assert all(r["busbw_GBps"] > 0 for r in rows) and rows[-1]["busbw_GBps"] > 5 * rows[0]["busbw_GBps"]
+    assert rows[0]["busbw_GBps"] == pytest.approx(rows[0]["algbw_GBps"] * 2 * 1 / 2)
+    assert result["fit"]["all_reduce"]["alpha_us"] > 0 and (tmp_path / (result["run_id"] + ".comm.png")).exists()
