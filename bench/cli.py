@@ -464,6 +464,73 @@ def compare_cmd(
         raise Exit(1)
 
 
+# ------------------------------------------------------------------------------------------ ab
+
+@app.command()
+def ab(
+    base: str = typer.Argument(..., help="Git revision of the base code."),
+    head: Optional[str] = typer.Argument(None, help="Git revision of the head code (default: this working tree)."),
+    cells: str = typer.Option("gate", help="The cells: a sweep preset or TOML file (gate: single and ddp x2, 40 timed steps)."),
+    pairs: Optional[int] = typer.Option(None, help="Base/head pairs (default: as many as --budget-s allows, at least 3)."),
+    budget_s: float = typer.Option(270.0, help="Seconds the pairs may take when --pairs is not given."),
+    max_regression: str = typer.Option("5%", help="A change counts when its whole 95 % interval lies beyond this."),
+    base_env: Optional[list[str]] = typer.Option(None, help="KEY=VALUE set for the base side only (repeatable)."),
+    head_env: Optional[list[str]] = typer.Option(None, help="KEY=VALUE set for the head side only (repeatable)."),
+    fmt: str = typer.Option("text", "--format", help="text (terminal table) or md (markdown, for a PR comment)."),
+):
+    """Measure base and head alternately (A B B A ...) and judge paired ratios; exit 1 on a regression."""
+    from rich.table import Table
+
+    from .ab import ABError, parse_env, run_ab, table
+    from .compare import parse_fraction
+    from .report import md_table
+    from .sweep import PRESET_DIR
+    from .ui import progress_factory
+
+    try:
+        threshold = parse_fraction(max_regression)
+        if pairs is not None and pairs < 2:
+            raise ValueError(f"--pairs {pairs}: at least 2 pairs make an interval")
+        if budget_s <= 0:
+            raise ValueError(f"--budget-s {budget_s}: give a positive number of seconds")
+        if fmt not in ("text", "md"):
+            raise ValueError("--format: use text or md")
+        envs = parse_env(base_env, "--base-env"), parse_env(head_env, "--head-env")
+        preset = PRESET_DIR / f"{cells}.toml"
+        cells_path = str(preset if preset.exists() else Path(cells).resolve())
+        if not Path(cells_path).exists():
+            raise ValueError(f"--cells {cells}: no such preset or file")
+    except ValueError as exc:
+        _fail(str(exc))
+    with progress_factory(transient=True) as bars:
+        bar = bars(2 * pairs if pairs else 2, "ab: pairs")
+        try:
+            outcome = run_ab(base, head, cells=cells_path, pairs=pairs, budget_s=budget_s, max_regression=threshold,
+                             base_env=envs[0], head_env=envs[1], say=info, tick=lambda _: bar(1))
+        except ABError as exc:
+            _fail(str(exc))
+    header, rows = table(outcome)
+    summary = (f"base {outcome.base.rev}{' ' + str(outcome.base.env) if outcome.base.env else ''} vs head "
+               f"{outcome.head.rev}{' ' + str(outcome.head.env) if outcome.head.env else ''}: {outcome.pairs} pairs "
+               f"(A B B A ...) in {outcome.seconds:.0f} s; ratios head/base, geometric mean and 95 % paired t interval; "
+               f"a change counts when the whole interval lies beyond {threshold * 100:g} %; macro-F1 exact "
+               f"(deterministic runs) against base's spread")
+    if fmt == "md":
+        print(md_table(header, rows))
+        print()
+        print(summary)
+    else:
+        t = Table(title="bench ab")
+        for h in header:
+            t.add_column(h)
+        for r in rows:
+            t.add_row(*[escape(x) for x in r], style="red" if any("regression" in x for x in r) else None)
+        console.print(t)
+        info(summary)
+    if outcome.regressed:
+        raise Exit(1)
+
+
 # ------------------------------------------------------------------------------------------ env, list
 
 @app.command("env")

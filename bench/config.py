@@ -72,6 +72,8 @@ class RunConfig:
     save_params: str | None = setting(None, "Write the final full state dict here (bench parity).", cli=False)
     repeat: int = setting(0, "Index of this repeat of a sweep cell (its seed differs per repeat).", cli=False)
     run_id: str | None = setting(None, "Name of the result file; derived from the cell when None.", cli=False)
+    threads_source: str | None = setting(None, "What decided --threads: the flag, OMP_NUM_THREADS or the default "
+                                               "(set when the run starts).", cli=False)
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)

@@ -41,9 +41,21 @@ def resolve_device_type(cfg: RunConfig) -> str:
     return cfg.device
 
 
+def thread_count(cfg: RunConfig, local_processes: int) -> tuple[int, str]:
+    """Torch threads per process, and what decided it: --threads first, then a user's own
+    OMP_NUM_THREADS, then the cores split between the processes of this machine (so workers do
+    not oversubscribe)."""
+    if cfg.threads:
+        return cfg.threads, "--threads"
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    cores = os.cpu_count() or 1
+    return max(1, cores // local_processes), f"default: {cores} cores / {local_processes} process(es)"
+
+
 def set_threads(cfg: RunConfig, local_processes: int) -> int:
-    """Split the cores between the processes of this machine so workers do not oversubscribe."""
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // local_processes)
+    threads, _ = thread_count(cfg, local_processes)
     torch.set_num_threads(threads)
     return threads
 

@@ -29,7 +29,7 @@ from emotion_models.models import check_model, feature_kind
 
 from . import faults, launch
 from .config import ConfigError, RunConfig
-from .distenv import DistEnv, init_env, resolve_device_type, set_threads, under_torchrun
+from .distenv import DistEnv, init_env, resolve_device_type, set_threads, thread_count
 from .envinfo import fingerprint
 from .memory import check_fits
 from .results import RunSummary, build_result, write_result
@@ -132,6 +132,8 @@ def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_pr
                        device_type=device_type, t0=t0)
     if cfg.run_id is None:
         cfg = cfg.replace(run_id=new_run_id(cfg, device_type))
+    threads, source = thread_count(cfg, cfg.devices // cfg.nodes if spec.multiprocess else 1)
+    cfg = cfg.replace(threads=threads, threads_source=source)
     if device_type == "cpu" and spec.multiprocess:
         say(f"no CUDA here: --gpus {cfg.devices} runs {cfg.devices} CPU worker processes with gloo "
             f"(device_type cpu, {cfg.devices // cfg.nodes} on this node)")
@@ -199,6 +201,8 @@ def worker_main(cli_cfg: RunConfig) -> int:
                 cfg = cfg.replace(run_id=new_run_id(cfg, device_type))
             cfg.validate()
             check_strategy(cfg, device_type)
+            threads, source = thread_count(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            cfg = cfg.replace(threads=threads, threads_source=source)
         set_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         env = init_env(cfg, device_type)
         if env.local_rank == 0:
@@ -253,5 +257,3 @@ def worker_exit(cfg: RunConfig) -> None:
     sys.stderr.flush()
     os._exit(code)
 
-
-__all__ = ["Outcome", "run", "worker_exit", "worker_main", "under_torchrun", "load_data", "new_run_id"]
