@@ -280,11 +280,14 @@ def run_ab(base_rev: str, head_rev: str | None, *, cells: str, pairs: int | None
            max_regression: float, base_env: dict, head_env: dict, say: Callable[[str], None] = lambda _: None,
            tick: Callable[[str], None] = lambda _: None, timeout_s: float = 600) -> ABOutcome:
     """Measure base and head alternately and judge the paired ratios."""
+    from .stops import signals_raise
+
     t0 = time.perf_counter()
     todo = gate_cells(cells)
     world = max(c["devices"] for c in todo)
     threads = todo[0].get("threads") or 1
-    with checkout(base_rev) as base_root, checkout(head_rev) as head_root, \
+    # a signal raises, so the jobs and worktrees below are taken down, not orphaned
+    with signals_raise(), checkout(base_rev) as base_root, checkout(head_rev) as head_root, \
             tempfile.TemporaryDirectory(prefix="emotion-bench-ab-") as tmp:
         sides = {"base": Side("base", base_rev, base_root, base_env),
                  "head": Side("head", head_rev or "working tree", head_root, head_env)}

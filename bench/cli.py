@@ -80,7 +80,11 @@ def config_options(names: tuple[str, ...] | None = None, *, defaults: dict | Non
 
 @app.command()
 @config_options()
-def run(**settings):
+def run(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate every flag, estimate memory and say what would "
+                                                          "run; no data, no training, no result file."),
+    **settings,
+):
     """Train one cell of the matrix, measure it, and write one result file (its path is the last line)."""
     from . import lifecycle
     from .distenv import under_torchrun
@@ -89,13 +93,15 @@ def run(**settings):
     cfg = RunConfig(**settings)
     if under_torchrun():
         lifecycle.worker_exit(cfg)  # never returns
-    outcome = lifecycle.run(cfg, say=info, progress=progress_factory)
+    outcome = lifecycle.run(cfg, say=info, progress=progress_factory, dry_run=dry_run)
     if outcome.error:
         error(outcome.error)
-    elif outcome.path is None:
+    elif outcome.path is None and not dry_run:
         info("done: this node's ranks finished; rank 0 on another node wrote the result file")
-    else:
+    elif outcome.path is not None:
         console.print(run_table(load_result(outcome.path)))
+    for note in outcome.notes:
+        info(f"warning: {note}")
     if outcome.path is not None:
         print(outcome.path)
     if outcome.code:
@@ -114,14 +120,22 @@ def parity(
                                    help="Comma-separated cells; pipeline:SCHEDULE picks the schedule."),
     steps: int = typer.Option(6, help="Optimiser steps compared."),
     compile_backend: Optional[str] = typer.Option(None, help="Compile every cell with this torch.compile backend."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the cells and stop."),
     **settings,
 ):
     """Train a few steps of each strategy and compare losses and parameters with `single`."""
     from rich.table import Table
 
-    from .parity import BASES, run_parity
+    from .parity import BASES, check_parity, run_parity
 
     cells = [c.strip() for c in strategies.split(",") if c.strip()]
+    try:
+        check_parity(strategies=cells, steps=steps, compile_backend=compile_backend, **settings)
+    except ValueError as exc:
+        _fail(str(exc))
+    if dry_run:
+        info(f"parity would compare {', '.join(cells)} with single over {steps} steps")
+        return
     rows = run_parity(strategies=cells, steps=steps, compile_backend=compile_backend, **settings)
     t = Table(title=f"parity against single: {settings['model']}-{settings['model_size']}, {settings['precision']}, "
                     f"{steps} steps, global batch {settings['batch_size']}")
@@ -159,7 +173,9 @@ def sweep(
     repeat: Optional[int] = typer.Option(None, help="Repeats per cell; seeds differ per repeat (seed + repeat index)."),
     config: Optional[str] = typer.Option(None, "--config", help="A sweep TOML file or a preset: smoke, cpu, gpu-node."),
     out: str = typer.Option("results/sweep", help="Folder for the cells' result files and sweep.json."),
-    resume: bool = typer.Option(False, "--resume", help="Skip cells whose result file already exists in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Skip cells whose result in --out is ok (or diverged); rerun "
+                                                        "failed and interrupted ones."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and why some are skipped; run nothing."),
     **settings,
 ):
     """Run a matrix of cells one after another; cells that cannot run here are skipped with a reason."""
@@ -178,8 +194,20 @@ def sweep(
         device_type = resolve_device_type(RunConfig(**spec.run))
     except ValueError as exc:  # ConfigError included
         _fail(str(exc))
-    done = run_sweep(spec, out, device_type=device_type, resume=resume, say=info, progress=sweep_bar)
-    info(f"sweep done: {done.ran} ran, {done.failed} failed, {done.skipped} skipped; results in {out}")
+    if dry_run:
+        from .sweep import expand
+
+        for c in expand(spec, device_type, out):
+            info(f"{'skip' if c.skip_reason else 'run '} {c.key}" + (f": {c.skip_reason}" if c.skip_reason else ""))
+        return
+    try:
+        done = run_sweep(spec, out, device_type=device_type, resume=resume, say=info, progress=sweep_bar)
+    except OSError as exc:
+        _fail(f"--out {out}: cannot write there ({exc.strerror or exc}): choose a writable folder")
+    if done.interrupted is not None:
+        error(f"sweep interrupted ({done.interrupted.error}); bench sweep ... --resume carries on")
+        raise Exit(done.interrupted.code)
+    info(f"sweep done: {done.ran} ran, {done.failed} failed or stopped, {done.skipped} skipped; results in {out}")
     info(f"next: bench report {out} --out reports/")
 
 
@@ -386,9 +414,11 @@ def report(
         _fail(f"no result files under {', '.join(dirs)}" + (f" ({len(bad)} unreadable JSON files)" if bad else ""))
     try:
         link = _link(predict_link)
+        rep = write_report(results, bad, out, [s for d in dirs for s in skipped_cells(d)], predict_link=link)
     except ValueError as exc:
         _fail(str(exc))
-    rep = write_report(results, bad, out, [s for d in dirs for s in skipped_cells(d)], predict_link=link)
+    except OSError as exc:
+        _fail(f"--out {out}: cannot write the report there ({exc.strerror or exc}): choose a writable folder")
     for title, header, rows, note in main_tables(rep["cells"]):
         t = Table(title=title, caption=note)
         for h in header:
@@ -426,6 +456,8 @@ def compare_cmd(
         threshold = parse_fraction(max_regression)
     except ValueError as exc:
         _fail(f"--max-regression: {exc}")
+    if noise_k < 0 or max_f1_drop < 0:
+        _fail("--noise-k and --max-f1-drop must be 0 or more")
     gates = [g.strip() for g in gate.split(",") if g.strip()]
     unknown = set(gates) - set(GATES)
     if unknown:

@@ -65,12 +65,13 @@ def compare(baseline: list[dict], current: list[dict], *, max_regression: float 
     cmap = {tuple(r[k] for k in MATCH): r for r in c.to_dict("records")} if not c.empty else {}
     failed_cur = {}
     if not cdf.empty:
-        for r in cdf[cdf.status == "failed"].to_dict("records"):
+        for r in cdf[cdf.status != "ok"].to_dict("records"):  # failed, interrupted, diverged
             failed_cur[tuple(r[k] for k in MATCH)] = r
     for key, br in bmap.items():
         if key not in cmap:
             if key in failed_cur:
-                out.append(CellVerdict(cell_label(br), "failed", note=f"current run failed: {failed_cur[key]['error']}"))
+                r = failed_cur[key]
+                out.append(CellVerdict(cell_label(br), "failed", note=f"current run {r['status']}: {r['error']}"))
             else:
                 out.append(CellVerdict(cell_label(br), "missing", note="in the baseline only"))
             continue

@@ -1,11 +1,15 @@
 """Test-only fault hooks, off unless EMOTION_BENCH_FAULT is set. Every hook lives here.
 
-    EMOTION_BENCH_FAULT=KIND:RANK:STEP   kill | raise | hang | oom, on that rank at that optimiser step
+    EMOTION_BENCH_FAULT=KIND:RANK:STEP   kill | raise | hang | oom | nan | term | int | mark,
+                                         on that rank at that optimiser step
     EMOTION_BENCH_FAULT=slow:PCT[:RANK]  every training step PCT % longer (on one rank, or all)
 
 They let the tests exercise failure handling with real processes (a worker killed by SIGKILL, a
 worker raising, a worker hung in a collective, a device out of memory: torch.OutOfMemoryError,
-so CUDA's out-of-memory path is tested on CPU) without editing code. `slow` busy-waits after each
+so CUDA's out-of-memory path is tested on CPU; nan: every parameter becomes NaN after that step,
+so the loss diverges from the next; term/int: the process sends itself SIGTERM/SIGINT; mark: it
+creates the file $EMOTION_BENCH_MARK, for a test to wait on instead of sleeping) without editing
+code. `slow` busy-waits after each
 optimiser step for PCT % of the time since the previous one (measured, so it scales with the
 machine): it plants a slowdown whose size is known, for the regression gate's power
 (benchmarks/gate_power.py) and for a slow rank the others must wait for (the step breakdown).
@@ -17,7 +21,7 @@ import signal
 import time
 
 FAULT_ENV = "EMOTION_BENCH_FAULT"
-KINDS = ("kill", "raise", "hang", "oom", "slow")
+KINDS = ("kill", "raise", "hang", "oom", "nan", "term", "int", "mark", "slow")
 
 
 def parse(spec: str) -> tuple[str, list[str]]:
@@ -54,8 +58,20 @@ def install(rank: int) -> None:
             if kind == "hang":
                 while True:
                     time.sleep(1)
+            if kind in ("term", "int"):
+                os.kill(os.getpid(), signal.SIGTERM if kind == "term" else signal.SIGINT)
+            if kind == "mark":
+                open(os.environ["EMOTION_BENCH_MARK"], "w").close()
+                return orig(self, *a, **k)
             if kind == "oom":
                 raise torch.OutOfMemoryError(f"CUDA out of memory (injected on rank {rank} at step {step})")
+            if kind == "nan":
+                out = orig(self, *a, **k)
+                with torch.no_grad():
+                    for group in self.param_groups:
+                        for p in group["params"]:
+                            p.fill_(float("nan"))
+                return out
             raise RuntimeError(f"injected fault on rank {rank} at step {step}")
         return orig(self, *a, **k)
 

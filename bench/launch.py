@@ -77,8 +77,8 @@ def launch(cfg: RunConfig, t0: float, status: Callable[[str], None], argv: tuple
                                     start_new_session=True)
             try:
                 rc = proc.wait()
-            except BaseException:  # Ctrl-C or our own kill: take the whole worker tree down
-                _kill_group(proc)
+            except BaseException:  # Ctrl-C or SIGTERM: the workers write what they measured, then go
+                _kill_group(proc, GRACE_S)
                 raise
         _kill_group(proc)  # nothing of the run may outlive it
         log_text = log_path.read_text(errors="replace")
@@ -118,14 +118,18 @@ def report_error(rank: int, message: str) -> bool:
     return True
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+GRACE_S = 20  # after SIGTERM, the workers' time to write what they measured before SIGKILL
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 5) -> None:
+    """SIGTERM to torchrun and every worker, SIGKILL after grace_s: nothing of a run outlives it."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             continue
     proc.wait()

@@ -16,10 +16,11 @@ import json
 import os
 import secrets
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from emotion_models.audio import FeatureConfig
 from emotion_models.dataset import Dataset, load_folder, load_synthetic
 from emotion_models.models import check_model, feature_kind
 
-from . import faults, launch
+from . import faults, launch, stops
 from .config import ConfigError, RunConfig
 from .distenv import DistEnv, init_env, resolve_device_type, set_threads, thread_count
 from .envinfo import fingerprint
@@ -40,10 +41,11 @@ from .strategies import check_strategy
 class Outcome:
     """How a run ended, for the caller to render."""
 
-    status: str  # ok | failed
-    code: int  # exit code: 0 ok, 1 the run failed, 2 bad input (nothing trained)
+    status: str  # ok | failed | interrupted | diverged
+    code: int  # exit code: 0 ok, 1 failed or diverged, 2 bad input (nothing trained), 130/143 interrupted
     path: Path | None  # the result file; None where rank 0 on another node wrote it
     error: str | None = None  # the one line users see
+    notes: list[str] = field(default_factory=list)  # warnings for the user: oversubscribed cores, few steps, ...
 
 
 def _silent(_: str) -> None:
@@ -77,7 +79,7 @@ def config_record(cfg: RunConfig, device_type: str, world_size: int, backend: st
         "world_size": world_size,
         "backend": backend,
         "global_batch_size": cfg.global_batch_size,
-        "batch_size_per_device": cfg.global_batch_size // cfg.devices,
+        "batch_size_per_device": cfg.global_batch_size // cfg.devices if cfg.devices > 0 else None,
         "num_microbatches": None,
         "schedule": cfg.schedule if cfg.strategy == "pipeline" else None,
     })
@@ -86,19 +88,54 @@ def config_record(cfg: RunConfig, device_type: str, world_size: int, backend: st
 
 
 def _write(cfg: RunConfig, *, status: str, error: str | None, device_type: str, world_size: int,
-           backend: str | None, summary: RunSummary | None, t0: float, data: Dataset | None) -> Path:
+           backend: str | None, summary: RunSummary | None, t0: float, data: Dataset | None,
+           notes: list[str] | None = None) -> Path | None:
+    """Write the result; if --out cannot take it (disk full, folder removed), the fallback folder
+    does, and if nothing can, the whole result goes to stdout: measurements are never lost."""
     config = config_record(cfg, device_type, world_size, backend, summary.plan_info if summary else None)
     result = build_result(run_id=cfg.run_id, status=status, error=error, config=config, env=fingerprint(),
                           data=data.summary() if data else None, summary=summary, wall_s=time.perf_counter() - t0)
-    return write_result(result, cfg.out_dir)
+    try:
+        return write_result(result, cfg.out_dir)
+    except OSError as exc:
+        first = f"could not write the result to {cfg.out_dir} ({exc.strerror or exc})"
+    fallback = fallback_dir()
+    try:
+        path = write_result(result, fallback)
+        (notes if notes is not None else []).append(f"{first}: it is at {path}")
+        return path
+    except OSError as exc:
+        print(json.dumps(result, indent=1))
+        (notes if notes is not None else []).append(f"{first}, nor to {fallback} ({exc.strerror or exc}): "
+                                                     "the whole result is printed above")
+        return None
+
+
+def fallback_dir() -> Path:
+    """Where results go when --out cannot take them."""
+    return Path(os.environ.get("EMOTION_BENCH_FALLBACK", Path(tempfile.gettempdir()) / "emotion-bench-results"))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """--out is created and shown to be writable before anything runs."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {out_dir}: cannot write there ({exc.strerror or exc}): choose a writable folder") from None
 
 
 def _failed(cfg: RunConfig, message: str, code: int, *, device_type: str, t0: float, world_size: int | None = None,
-            backend: str | None = None, data: Dataset | None = None, shown: str | None = None) -> Outcome:
-    """Record a cell that did not finish as a failed result; every failure path comes here."""
-    path = _write(cfg, status="failed", error=message, device_type=device_type,
-                  world_size=world_size or cfg.devices, backend=backend, summary=None, t0=t0, data=data)
-    return Outcome("failed", code, path, shown or message)
+            backend: str | None = None, data: Dataset | None = None, shown: str | None = None,
+            status: str = "failed", summary: RunSummary | None = None) -> Outcome:
+    """Record a cell that did not finish (failed, interrupted, diverged); every such path comes here."""
+    notes: list[str] = []
+    path = _write(cfg, status=status, error=message, device_type=device_type, world_size=world_size or cfg.devices,
+                  backend=backend, summary=summary, t0=t0, data=data, notes=notes)
+    return Outcome(status, code, path, shown or message, notes)
 
 
 def _describe(exc: BaseException) -> str:
@@ -115,9 +152,11 @@ def _describe(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------- the launcher
 
-def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_progress) -> Outcome:
+def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_progress, dry_run: bool = False) -> Outcome:
     """Validate, prepare data, train (here or through torchrun), write the result; never raises for
-    a run that fails. `say` gets the one-line notes; `progress()` is a context yielding bar makers."""
+    a run that fails or is interrupted. `say` gets the one-line notes; `progress()` is a context
+    yielding bar makers. dry_run: validate everything (the memory estimate and --out included),
+    say what would run, and stop: no data, no training, no result file."""
     t0 = time.perf_counter()
     device_type = "cuda" if cfg.device == "cuda" else "cpu"
     try:
@@ -125,35 +164,84 @@ def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_pr
         device_type = resolve_device_type(cfg)
         spec = check_strategy(cfg, device_type)
         check_model(cfg.model, cfg.model_size)  # unknown names fail here, before data work
-        check_fits(cfg, device_type)  # a model that cannot fit is refused before it allocates
+        estimate = check_fits(cfg, device_type)  # a model that cannot fit is refused before it allocates
+        check_out_dir(cfg.out_dir)
     except ValueError as exc:  # ConfigError included
+        if dry_run:
+            return Outcome("failed", 2, None, str(exc))
         # a combination that cannot run is still a recorded cell: failed, with the reason
         return _failed(cfg.replace(run_id=cfg.run_id or new_run_id(cfg, device_type)), str(exc), 2,
                        device_type=device_type, t0=t0)
     if cfg.run_id is None:
         cfg = cfg.replace(run_id=new_run_id(cfg, device_type))
-    threads, source = thread_count(cfg, cfg.devices // cfg.nodes if spec.multiprocess else 1)
+    local = cfg.devices // cfg.nodes if spec.multiprocess else 1
+    threads, source = thread_count(cfg, local)
     cfg = cfg.replace(threads=threads, threads_source=source)
+    notes = _oversubscribed(device_type, local, threads)
+    if dry_run:
+        say(f"would run {cfg.run_id}: {local} process(es) on this node x {threads} thread(s) ({source}); "
+            f"memory {estimate.text()}")
+        return Outcome("ok", 0, None, None, notes)
     if device_type == "cpu" and spec.multiprocess:
         say(f"no CUDA here: --gpus {cfg.devices} runs {cfg.devices} CPU worker processes with gloo "
-            f"(device_type cpu, {cfg.devices // cfg.nodes} on this node)")
+            f"(device_type cpu, {local} on this node)")
+    for note in notes:
+        say(f"warning: {note}")
     data = None
     try:
-        with progress() as bars:
+        with stops.signals_raise(), progress() as bars:
             data = load_data(cfg, progress=lambda n, d: bars(n, d), say=say)
             s = data.summary()
             say(f"data: {s['source']}: {s['clips']} clips, {s['speakers']} speakers, "
                 f"train/val/test {s['per_split']['train']}/{s['per_split']['val']}/{s['per_split']['test']} clips"
                 + (f", {s['skipped']} skipped" if s["skipped"] else ""))
-            if spec.multiprocess:
-                return _launched(cfg, device_type, data, t0, say)
-            return _in_process(cfg, device_type, data, bars, t0)
+            outcome = (_launched(cfg, device_type, data, t0, say) if spec.multiprocess
+                       else _in_process(cfg, device_type, data, bars, t0))
+    except stops.Interrupted as exc:
+        return _interrupted(cfg, exc, device_type, t0, data)
     except Exception as exc:
         # data that cannot be read (no audio, bad manifest) or a fault of the launcher itself: the
         # cell is still recorded as failed, so no sweep or user loses track of it
         bad_input = isinstance(exc, (ValueError, OSError))
         message = str(exc) if bad_input else f"{type(exc).__name__}: {exc}"
         return _failed(cfg, message, 2 if bad_input else 1, device_type=device_type, t0=t0, data=data)
+    outcome.notes = notes + outcome.notes + _few_steps(outcome)
+    return outcome
+
+
+def _oversubscribed(device_type: str, local: int, threads: int) -> list[str]:
+    cores = os.cpu_count() or 1
+    if device_type == "cpu" and local * threads > cores:
+        return [f"{local} process(es) x {threads} thread(s) share this machine's {cores} cores: throughput and "
+                "efficiency are not those of as many devices (use fewer --gpus or --threads)"]
+    return []
+
+
+MIN_STEPS = 10  # fewer timed steps than this make an unstable figure
+
+
+def _few_steps(outcome: Outcome) -> list[str]:
+    if outcome.status != "ok" or outcome.path is None or not outcome.path.exists():
+        return []
+    steps = json.loads(outcome.path.read_text())["throughput"].get("measured_steps", MIN_STEPS)
+    if steps >= MIN_STEPS:
+        return []
+    return [f"only {steps} step(s) in the timed window: too few for a stable figure (raise --epochs or --max-steps, "
+            "or lower --warmup-steps)"]
+
+
+def _interrupted(cfg: RunConfig, exc: stops.Interrupted, device_type: str, t0: float,
+                 data: Dataset | None) -> Outcome:
+    """A signal before training (or in the launcher): keep a result rank 0 wrote, else write one."""
+    path = Path(cfg.out_dir) / f"{cfg.run_id}.json"
+    try:
+        prior = json.loads(path.read_text())
+        if prior.get("status") == "interrupted":
+            return Outcome("interrupted", exc.exit_code, path, prior["error"])
+    except (OSError, ValueError):
+        pass
+    return _failed(cfg, f"interrupted by {exc.name} before training started", exc.exit_code,
+                   device_type=device_type, t0=t0, data=data, status="interrupted")
 
 
 def _in_process(cfg: RunConfig, device_type: str, data: Dataset, bars, t0: float) -> Outcome:
@@ -164,19 +252,30 @@ def _in_process(cfg: RunConfig, device_type: str, data: Dataset, bars, t0: float
     faults.install(env.rank)
     try:
         summary = execute(cfg, env, data, progress=bars)
+    except stops.Stopped as stop:  # interrupted or diverged: what was measured, with its status
+        return _failed(cfg, str(stop), stop.exit_code, device_type=device_type, t0=t0, world_size=1, data=data,
+                       status=stop.status, summary=stop.summary)
     except Exception as exc:  # any failure in training becomes a failed result
         message = _describe(exc)
         return _failed(cfg, message, 1, device_type=device_type, t0=t0, world_size=1, data=data,
                        shown=f"run failed: {message}")
+    notes: list[str] = []
     path = _write(cfg, status="ok", error=None, device_type=device_type, world_size=1, backend=None,
-                  summary=summary, t0=t0, data=data)
-    return Outcome("ok", 0, path)
+                  summary=summary, t0=t0, data=data, notes=notes)
+    return Outcome("ok", 0, path, None, notes)
 
 
 def _launched(cfg: RunConfig, device_type: str, data: Dataset, t0: float, say: Callable[[str], None]) -> Outcome:
     done = launch.launch(cfg, t0, status=say)
+    path = Path(cfg.out_dir) / f"{cfg.run_id}.json"
     if done.ok:
-        return Outcome("ok", 0, None if done.other_node else Path(cfg.out_dir) / f"{cfg.run_id}.json")
+        return Outcome("ok", 0, None if done.other_node else path)
+    try:  # rank 0 stopped early and said so itself (diverged): its result stands
+        prior = json.loads(path.read_text())
+        if prior.get("status") in ("diverged", "interrupted"):
+            return Outcome(prior["status"], 1 if prior["status"] == "diverged" else 143, path, prior["error"])
+    except (OSError, ValueError):
+        pass
     return _failed(cfg, done.error, 1, device_type=device_type, t0=t0,
                    backend="nccl" if device_type == "cuda" else "gloo", data=data,
                    shown=f"run failed: {done.error} (worker log: {done.log_path})")
@@ -208,15 +307,26 @@ def worker_main(cli_cfg: RunConfig) -> int:
         if env.local_rank == 0:
             launch.record_node(cfg, env.rank)
         faults.install(env.rank)
-        data = load_data(cfg)
         from .train import execute
 
-        summary = execute(cfg, env, data)
+        with stops.signals_raise():
+            data = load_data(cfg)
+            summary = execute(cfg, env, data)
         if env.is_main:
             print(_write(cfg, status="ok", error=None, device_type=device_type, world_size=env.world_size,
                          backend=env.backend, summary=summary, t0=t0, data=data))
         _leave_together(env)
         return 0
+    except stops.Stopped as stop:  # no collectives on the way out: the peers may be gone
+        if rank == 0:
+            _write(cfg, status=stop.status, error=str(stop), device_type=device_type, world_size=world,
+                   backend="nccl" if device_type == "cuda" else "gloo", summary=stop.summary, t0=t0, data=data)
+        return stop.exit_code
+    except stops.Interrupted as exc:  # before training: nothing measured
+        if rank == 0:
+            _write(cfg, status="interrupted", error=f"interrupted by {exc.name} before training started",
+                   device_type=device_type, world_size=world, backend=None, summary=None, t0=t0, data=data)
+        return exc.exit_code
     except Exception as exc:
         message = _describe(exc)
         if launch.report_error(rank, message):

@@ -85,6 +85,39 @@ def _param_dev(a: dict, b: dict) -> float:
     return (diff / max(norm, 1e-30)) ** 0.5
 
 
+def _configs(strategies: list[str], devices: int, model: str, model_size: str, precision: str, steps: int,
+             batch_size: int, size: str, sync_bn: bool, compile_backend: str | None, device: str, out_dir: str):
+    base = RunConfig(model=model, model_size=model_size, precision=precision, batch_size=batch_size,
+                     scaling="strong", epochs=1000, max_steps=steps, warmup_steps=0, dropout=0.0, size=size,
+                     eval_each_epoch=False, device=device, out_dir=out_dir, compile=compile_backend is not None,
+                     compile_backend=compile_backend or "inductor")
+    cells = []
+    for cell in strategies:
+        strategy, _, schedule = cell.partition(":")
+        cells.append((cell, base.replace(strategy=strategy, devices=devices, schedule=schedule or "1f1b",
+                                         sync_bn=sync_bn and strategy == "ddp")))
+    return base, cells
+
+
+def check_parity(*, strategies: list[str], steps: int, **settings) -> None:
+    """Every flag of bench parity, before anything runs: ValueError with the one line."""
+    if steps < 1:
+        raise ValueError(f"--steps {steps}: compare at least 1 step")
+    if not strategies:
+        raise ValueError("--strategies: name at least one cell, e.g. ddp,fsdp,pipeline:1f1b")
+    if settings["devices"] < 2:
+        raise ValueError(f"--gpus {settings['devices']}: parity compares 2 or more devices with single")
+    base, cells = _configs(strategies, steps=steps, out_dir=tempfile.gettempdir(), **settings)
+    base.validate()
+    from emotion_models.models import check_model
+
+    check_model(base.model, base.model_size)
+    for _, cfg in cells:
+        if cfg.schedule not in ("gpipe", "1f1b"):
+            raise ValueError(f"--strategies: pipeline:{cfg.schedule}: the schedule is gpipe or 1f1b")
+        cfg.validate()
+
+
 def _run(cfg: RunConfig) -> str:
     """Run one cell; its result path, or the reason it failed."""
     outcome = run(cfg)
@@ -98,16 +131,13 @@ def run_parity(*, strategies: list[str], devices: int, model: str, model_size: s
     """One row per strategy cell, each compared with a `single` run of the same settings."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="emotion-bench-parity-") as tmp:
-        base = RunConfig(model=model, model_size=model_size, precision=precision, batch_size=batch_size,
-                         scaling="strong", epochs=1000, max_steps=steps, warmup_steps=0, dropout=0.0, size=size,
-                         eval_each_epoch=False, device=device, out_dir=tmp, compile=compile_backend is not None,
-                         compile_backend=compile_backend or "inductor")
+        base, cells = _configs(strategies, devices, model, model_size, precision, steps, batch_size, size, sync_bn,
+                               compile_backend, device, tmp)
         ref_params = str(Path(tmp, "single.pt"))
         ref = load_result(_run(base.replace(strategy="single", devices=1, save_params=ref_params)))
-        for cell in strategies:
-            strategy, _, schedule = cell.partition(":")
-            cfg = base.replace(strategy=strategy, devices=devices, schedule=schedule or "1f1b",
-                               sync_bn=sync_bn and strategy == "ddp", save_params=str(Path(tmp, f"{cell}.pt")))
+        for cell, cfg in cells:
+            cfg = cfg.replace(save_params=str(Path(tmp, f"{cell}.pt")))
+            strategy = cfg.strategy
             lt, pt, basis = tolerance(strategy, devices, model, precision, cfg.sync_bn)
             try:
                 res = load_result(_run(cfg))

@@ -31,7 +31,11 @@ THROUGHPUT_KEYS = ("samples_per_s", "samples_per_s_per_device", "step_time_ms_p5
 TEST_KEYS = ("accuracy", "macro_f1", "uar", "per_class", "confusion_matrix")
 
 
-NOT_RESULTS = {"sweep.json"}  # JSON files that live beside results but are not results
+NOT_RESULTS = {"sweep.json"}
+# ok: finished, every figure measured; failed: did not finish (error says why); interrupted: SIGINT
+# or SIGTERM, what was measured until then; diverged: the loss stopped being finite, likewise;
+# skipped: a sweep cell that cannot run on this machine (in the sweep's manifest, with the reason)
+STATUSES = ("ok", "failed", "interrupted", "diverged", "skipped")  # JSON files that live beside results but are not results
 
 
 # ---------------------------------------------------------------------------- the typed run summary
@@ -154,8 +158,8 @@ def validate(result: dict) -> None:
             raise ResultError(f"key {key!r} is {type(result[key]).__name__}, expected {types[0].__name__}")
     if "error" not in result:
         raise ResultError("missing key 'error'")
-    if result["status"] not in ("ok", "failed"):
-        raise ResultError(f"status {result['status']!r} is neither ok nor failed")
+    if result["status"] not in STATUSES:
+        raise ResultError(f"status {result['status']!r} is not one of {', '.join(STATUSES)}")
     for key in CONFIG_KEYS:
         if key not in result["config"]:
             raise ResultError(f"missing key config.{key}")

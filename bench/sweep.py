@@ -164,7 +164,21 @@ def skipped_cells(folder: str) -> list[tuple[str, str]]:
 
 
 def done(out_dir: str, key: str) -> bool:
-    return (Path(out_dir) / f"{key}.json").exists()
+    """A cell --resume need not run again: its result is ok, or diverged (deterministic: it would
+    again). Failed and interrupted cells run again, as does a file that is not a result."""
+    try:
+        return json.loads((Path(out_dir) / f"{key}.json").read_text()).get("status") in ("ok", "diverged")
+    except (OSError, ValueError):
+        return False
+
+
+def clean_stale(out_dir: str) -> int:
+    """Remove the temp files a kill during a write left behind (results are renamed into place, so
+    these are never results); how many there were."""
+    stale = list(Path(out_dir).glob(".*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 @dataclass
@@ -174,6 +188,7 @@ class SweepOutcome:
     failed: int
     skipped: int
     resumed: int
+    interrupted: object = None  # the Outcome of the cell a signal stopped, which stopped the sweep
 
 
 def run_sweep(spec: SweepSpec, out: str, *, device_type: str, resume: bool = False,
@@ -184,6 +199,8 @@ def run_sweep(spec: SweepSpec, out: str, *, device_type: str, resume: bool = Fal
 
     cells = expand(spec, device_type, out)
     Path(out).mkdir(parents=True, exist_ok=True)
+    if clean_stale(out):
+        say(f"removed temp files a kill left in {out}")
     states: dict[str, dict] = {}
     todo = []
     for c in cells:
@@ -200,19 +217,23 @@ def run_sweep(spec: SweepSpec, out: str, *, device_type: str, resume: bool = Fal
     for c in skipped:
         say(f"  skip {c.key}: {c.skip_reason}")
     failed = 0
+    interrupted = None
     with (progress(len(todo)) if progress else contextlib.nullcontext(_NoBar())) as bar:
         for c in todo:
             bar.start(c.key)
             outcome = run(c.cfg)
             if outcome.status == "ok":
                 states[c.key] = {"state": "done", "result": f"{c.key}.json"}
-            else:  # recorded as a failed result by the run; the sweep goes on
+            else:  # recorded as such by the run; the sweep goes on, unless a signal stopped it
                 failed += 1
-                states[c.key] = {"state": "failed", "result": f"{c.key}.json", "error": outcome.error}
-                bar.note(f"failed {c.key}: {outcome.error}")
+                states[c.key] = {"state": outcome.status, "result": f"{c.key}.json", "error": outcome.error}
+                bar.note(f"{outcome.status} {c.key}: {outcome.error}")
             write_manifest(out, cells, states)
             bar.advance()
-    return SweepOutcome(cells, len(todo) - failed, failed, len(skipped), resumed)
+            if outcome.status == "interrupted":
+                interrupted = outcome
+                break
+    return SweepOutcome(cells, len(todo) - failed, failed, len(skipped), resumed, interrupted)
 
 
 class _NoBar:

@@ -36,6 +36,7 @@ from .precision import Precision
 from .profiling import OPTIMIZER, read_trace, run_profiled, trace_path
 from .breakdown import breakdown
 from .results import Flops, Quality, RankUsage, RunSummary, Throughput, Timing, Utilization
+from .stops import Diverged, Interrupted, Stopped
 from .strategies import Plan, get_strategy
 
 EVAL_BATCH = 256
@@ -219,6 +220,9 @@ def train(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets
         _epochs(cfg, env, s, b, evalsets, tick, sched, clock, m)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(out_of_memory(device, len(m.losses) + 1)) from exc
+    except (Interrupted, Diverged) as exc:
+        exc.measured = m  # what was measured so far goes into the result
+        raise
     return m
 
 
@@ -257,11 +261,29 @@ def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSe
         if window_start is not None:
             m.windows.append((window_start, t_end))
         m.train_s += t_end - t_epoch
+        _check_finite(env, m, step - n_steps)  # at epoch ends only: a host sync per epoch, not per step
         if cfg.eval_each_epoch or step >= b.total_steps or epoch == cfg.epochs - 1:
             m.record_eval(evaluate(plan, precision, evalsets.val), cfg, epoch)
             if env.distributed:
                 dist.barrier()  # no rank starts timing the next epoch while rank 0 evaluates
             m.eval_s += time.perf_counter() - t_end
+
+
+def _check_finite(env: DistEnv, m: Measured, first: int) -> None:
+    """Raise Diverged (on every rank alike) when a loss since step `first` is NaN or infinite."""
+    losses = torch.stack(m.losses[first:])
+    bad = torch.tensor([0.0 if bool(torch.isfinite(losses).all()) else 1.0])
+    if env.distributed:  # ranks stop together: pipeline stages other than the last see no loss
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() == 0:
+        return
+    values = torch.stack(m.losses).cpu()
+    finite = torch.isfinite(values)
+    nonfinite = (~finite).nonzero()
+    at = int(nonfinite[0]) + 1 if len(nonfinite) else first + 1  # 1-based, as the fault hook counts
+    ok = finite[: at - 1].nonzero()
+    last = int(ok[-1]) if len(ok) else None
+    raise Diverged(at, float(values[last]) if last is not None else None, last + 1 if last is not None else None)
 
 
 # ------------------------------------------------------------------------------------------ gather
@@ -274,6 +296,17 @@ class Gathered:
     window_s: float  # the slowest rank's timed window
     losses: list[float]  # per step, the global mean loss
     ranks: list[dict]  # each rank's memory and utilisation
+
+
+def local_gather(env: DistEnv, m: Measured, clock: _Clock, monitor: Monitor) -> Gathered:
+    """This rank's measurements alone (a run stopped early: no collectives). The timed window is
+    the sum of the timed steps, the window of an epoch cut short having no right edge."""
+    step_s = [clock.seconds(a, b) for a, b in m.step_marks]
+    losses = torch.stack(m.losses).double().cpu().tolist() if m.losses else []
+    info = {"rank": env.rank, "peak_allocated_bytes": None,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "utilization": monitor.summary(m.windows or [(0.0, float("inf"))])}
+    return Gathered(step_s, 0.0, losses, [info])
 
 
 def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monitor) -> Gathered:
@@ -318,12 +351,13 @@ def summarise(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, m: Measured, g
               setup_s: float) -> RunSummary:
     timed = g.step_s[b.warmup_steps:]
     timed_samples = len(timed) * cfg.global_batch_size
-    samples_per_s = timed_samples / g.window_s if g.window_s > 0 else float("nan")
+    window_s = g.window_s or sum(timed)  # a run stopped early: the sum of its timed steps
+    samples_per_s = timed_samples / window_s if window_s > 0 else float("nan")
     throughput = Throughput(
         samples_per_s=samples_per_s, samples_per_s_per_device=samples_per_s / cfg.devices,
         step_time_ms_p50=_percentile(timed, 0.5) * 1000, step_time_ms_p90=_percentile(timed, 0.9) * 1000,
         step_time_ms_mean=sum(timed) / len(timed) * 1000 if timed else None, measured_steps=len(timed),
-        warmup_steps=b.warmup_steps, timed_window_s=g.window_s, timed_samples=timed_samples)
+        warmup_steps=b.warmup_steps, timed_window_s=window_s, timed_samples=timed_samples)
     train_flops = 3 * s.forward_flops_per_sample  # backward ~ 2x forward
     dev_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None
     peak, peak_source = peak_tflops(dev_name, cfg.precision, cfg.peak_tflops)
@@ -360,8 +394,17 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
     tick = progress(b.total_steps) if (progress and env.is_main) else (lambda n=1: None)
     setup_s = time.perf_counter() - t_setup
     monitor = Monitor(cuda_device=env.device.index if env.device.type == "cuda" else None)
-    with monitor:
-        m = train(cfg, env, s, b, evalsets, tick)
+    try:
+        with monitor:
+            m = train(cfg, env, s, b, evalsets, tick)
+    except (Interrupted, Diverged) as exc:
+        # what this rank measured, without collectives: the peers may be gone
+        g = local_gather(env, exc.measured, _Clock(env.device), monitor)
+        summary = summarise(cfg, env, s, b, exc.measured, g, None, time.perf_counter() - t_setup)
+        if isinstance(exc, Interrupted):
+            raise Stopped("interrupted", f"interrupted by {exc.name} at step {len(exc.measured.losses) + 1} of "
+                          f"{b.total_steps}", summary, exc.exit_code) from exc
+        raise Stopped("diverged", str(exc), summary, 1) from exc
     t_test = time.perf_counter()
     test_q = evaluate(s.plan, s.precision, evalsets.test)
     if cfg.save_params:

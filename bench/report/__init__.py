@@ -30,12 +30,12 @@ def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped) -> list[Section
         header, rows, warnings, machines = cmp
         blocks = [Para(f"A = {machines[0]}, B = {machines[1]}"), Table(header, rows)]
         sections.append(Section("hardware comparison", blocks + ([Bullets(warnings, "warning:")] if warnings else [])))
-    failed = df[df.status == "failed"] if not df.empty else df
-    items = [f"failed: {r.run_id}: {r.error}" for r in failed.itertuples()]
+    stopped = df[df.status != "ok"] if not df.empty else df  # failed, interrupted, diverged
+    items = [f"{r.status}: {r.run_id}: {r.error}" for r in stopped.itertuples()]
     items += [f"skipped: {k}: {why}" for k, why in skipped]
     items += [f"not a result file: {p}: {why}" for p, why in bad]
     if items:
-        sections.append(Section("failed, skipped and unreadable", [Bullets(items)]))
+        sections.append(Section("failed, interrupted, diverged, skipped and unreadable", [Bullets(items)]))
     return sections
 
 

@@ -1,0 +1,61 @@
+"""How a run stops before its end without failing: a signal (SIGINT, SIGTERM) or a loss that is no
+longer finite. Both end with a result file holding what was measured until then."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, so no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.measured = None  # what the loop had measured, attached on the way out
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, last_finite: float | None, last_finite_step: int | None):
+        at = (f"; last finite loss {last_finite:.4g} at step {last_finite_step}" if last_finite is not None
+              else "; no finite loss before it")
+        super().__init__(f"diverged: the training loss is not finite from step {step}{at}")
+        self.step = step
+        self.measured = None
+
+
+class Stopped(Exception):
+    """A run that ended early, with the summary of what it measured (bench.results.RunSummary)."""
+
+    def __init__(self, status: str, message: str, summary, exit_code: int):
+        super().__init__(message)
+        self.status, self.summary, self.exit_code = status, summary, exit_code
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """Within: SIGINT and SIGTERM raise Interrupted in the main thread (elsewhere: nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)

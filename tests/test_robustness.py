@@ -1,0 +1,237 @@
+"""Nothing lost, no traceback: fuzzed flags, unwritable or full disks, signals, divergence, a
+poisoned cache, resume after a kill, and the warnings a run owes its user."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench.results import load_result, write_result
+from conftest import ROOT, bench
+
+TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "8", "--model-size", "small", "--warmup-steps", "2",
+        "--device", "cpu"]
+
+
+def _result(proc):
+    return load_result(proc.stdout.strip().splitlines()[-1])
+
+
+def _left(tag: str) -> list:
+    """Processes still alive from a run started with EMOTION_BENCH_TEST_TAG=tag."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("EMOTION_BENCH_TEST_TAG") == tag:
+                found.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def _no_process_outlives(tag: str, within_s: float = 30) -> bool:
+    deadline = time.monotonic() + within_s
+    while _left(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _left(tag)
+
+
+# ------------------------------------------------------------------------------------------ fuzzed flags
+
+NUMBERS = st.sampled_from(["0", "-1", "1", "2", "3", "999999999", "1e9", "0.5", "", "nan", "x"])
+NAMES = st.sampled_from(["", "single", "ddp", "fsdp", "pipeline", "dp", "model-parallel", "nosuch", "cnn", "lstm",
+                         "xlsr-2b", "fp32", "bf16", "fp16", "weak", "strong", "gpipe", "1f1b", "cpu", "cuda", "tiny"])
+
+
+def _invoke(argv: list[str], capsys) -> tuple[int, str]:
+    """The real CLI in this process (a subprocess per example would take minutes)."""
+    from bench.cli import main
+
+    old = sys.argv
+    sys.argv = ["bench", *argv]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def _paths(tmp: Path):
+    missing, a_file = tmp / "missing" / "deeper", tmp / "a_file.txt"
+    a_file.write_text("not a result")
+    results = tmp / "results"
+    if not results.exists():
+        from test_sweep_report import matrix
+
+        for r in matrix():
+            write_result(r, results)
+    return st.sampled_from([str(missing), str(a_file), str(results), "", str(tmp / "out")])
+
+
+@settings(max_examples=int(os.environ.get("EMOTION_BENCH_FUZZ", "250")), derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_flags_never_end_in_a_traceback(data, tmp_path_factory, capsys):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    path = _paths(tmp)
+    command = data.draw(st.sampled_from(["run", "sweep", "parity", "compare", "report"]))
+    flags = {
+        "run": ["--strategy", "--gpus", "--model", "--precision", "--epochs", "--batch-size", "--scaling", "--size",
+                "--warmup-steps", "--microbatches", "--nnodes", "--threads", "--max-steps", "--device", "--out",
+                "--timeout-s", "--profile-steps", "--dataset", "--schedule", "--model-size"],
+        "sweep": ["--strategies", "--gpus", "--precision", "--models", "--compile", "--repeat", "--epochs", "--size",
+                  "--batch-size", "--device", "--config", "--out"],
+        "parity": ["--gpus", "--strategies", "--model", "--precision", "--steps", "--batch-size", "--size", "--device"],
+        "compare": ["--max-regression", "--max-f1-drop", "--noise-k", "--gate", "--format"],
+        "report": ["--out", "--predict"],
+    }[command]
+    argv = [command]
+    if command in ("compare", "report"):
+        argv += [data.draw(path) for _ in range(2 if command == "compare" else 1)]
+    for flag in data.draw(st.lists(st.sampled_from(flags), max_size=4, unique=True)):
+        value = data.draw(path if flag in ("--out", "--dataset", "--config") else st.one_of(NUMBERS, NAMES))
+        argv += [flag, value]
+    if command in ("run", "sweep", "parity"):
+        argv += ["--dry-run"]  # validation is what is fuzzed; a valid combination would start training
+    code, out = _invoke(argv, capsys)
+    assert "Traceback" not in out and "internal error" not in out, (argv, out)
+    assert code in (0, 1, 2), (argv, code, out)
+    assert not list(tmp.rglob(".*.tmp")), argv  # no partial file, whatever failed
+
+
+# ------------------------------------------------------------------------------------------ disks and the cache
+
+def test_unwritable_out_is_refused_before_the_run(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = bench("run", *TINY, "--out", blocker / "sub", env={"EMOTION_BENCH_FALLBACK": str(tmp_path / "fallback")})
+    assert proc.returncode == 2 and "cannot write there" in proc.stderr and "Traceback" not in proc.stderr
+    # the failed result of the refused cell is not lost either: it is in the fallback folder
+    assert list((tmp_path / "fallback").glob("*.json"))
+
+
+def test_full_disk_at_the_end_keeps_the_measurements(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+    try:
+        free = shutil.disk_usage(mnt).free
+        (mnt / "filler").write_bytes(b"\0" * max(0, free - 4096))  # room for the probe, not for a result
+        proc = bench("run", *TINY, "--out", mnt, env={"EMOTION_BENCH_FALLBACK": str(tmp_path / "fallback")})
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+        assert "could not write the result to" in proc.stdout and "No space left" in proc.stdout
+        saved = load_result(proc.stdout.strip().splitlines()[-1])
+        assert saved["status"] == "ok" and saved["throughput"]["samples_per_s"] > 0
+        assert not [p for p in mnt.iterdir() if p.name != "filler"]  # no half-written file
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_poisoned_cache_entry_is_rebuilt_not_loaded(tmp_path):
+    cache = tmp_path / "cache"
+    env = {"EMOTION_BENCH_CACHE": str(cache)}
+    first = bench("run", *TINY, "--out", tmp_path / "a", env=env)
+    assert first.returncode == 0
+    (meta,) = cache.glob("features-*.json")
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "key": "someone else's"}))
+    (array,) = cache.glob("features-*.npy")
+    array.write_bytes(b"\x93NUMPY" + b"\0" * 64)  # not a valid array: never executed, never trusted
+    again = bench("run", *TINY, "--out", tmp_path / "b", env=env)
+    assert again.returncode == 0 and "is unusable" in again.stdout and "rebuilding it" in again.stdout
+    assert _result(again)["losses"] == _result(first)["losses"]
+
+
+# ------------------------------------------------------------------------------------------ signals
+
+@pytest.mark.parametrize("fault,status,code", [("term:0:2", "interrupted", 143), ("int:0:6", "interrupted", 130)],
+                         ids=["sigterm-in-warmup", "sigint-in-timed-window"])
+def test_a_signal_in_training_keeps_what_was_measured(tmp_path, fault, status, code):
+    proc = bench("run", *TINY, "--out", tmp_path, env={"EMOTION_BENCH_FAULT": fault})
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    r = _result(proc)
+    step = int(fault.split(":")[2])
+    assert r["status"] == status and f"at step {step} of" in r["error"]
+    assert len(r["losses"]) == step - 1  # the steps before the signal, measured
+    if step > 3:  # past the 2 warm-up steps: timed steps, a throughput
+        assert r["throughput"]["measured_steps"] == step - 3 and r["throughput"]["samples_per_s"] > 0
+
+
+def test_sigterm_to_a_ddp_launcher_stops_every_worker_and_keeps_the_result(tmp_path):
+    mark = tmp_path / "timed-window"
+    env = {**os.environ, "EMOTION_BENCH_FAULT": "mark:0:6", "EMOTION_BENCH_MARK": str(mark),
+           "EMOTION_BENCH_TEST_TAG": "sigterm-ddp"}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--strategy", "ddp", "--gpus", "2", "--size", "small",
+                             "--epochs", "20", "--batch-size", "8", "--model-size", "small", "--device", "cpu",
+                             "--warmup-steps", "2",
+                             "--out", str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a condition: the workers are in the timed window
+    assert mark.exists(), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err, out + err
+    r = load_result(out.strip().splitlines()[-1])
+    assert r["status"] == "interrupted" and "SIGTERM" in r["error"] and r["throughput"]["measured_steps"] >= 3
+    assert _no_process_outlives("sigterm-ddp")
+
+
+def test_interrupted_sweep_resumes_and_cleans_up(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--strategies", "single", "--gpus", "1", "--repeat", "3", "--size", "tiny", "--epochs", "2",
+            "--batch-size", "8", "--device", "cpu", "--out", out]
+    first = bench(*args, env={"EMOTION_BENCH_FAULT": "int:0:3"})  # every cell's run is interrupted at step 3
+    assert first.returncode == 130 and "--resume" in first.stderr and "Traceback" not in first.stderr
+    (stopped,) = out.glob("cnn-*.json")
+    assert load_result(stopped)["status"] == "interrupted"
+    (out / ".cnn-single.json.abc.tmp").write_text("{")  # as a kill during a write leaves it
+    resumed = bench(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "removed temp files" in resumed.stdout and not list(out.glob(".*.tmp"))
+    assert [load_result(p)["status"] for p in sorted(out.glob("cnn-*.json"))] == ["ok"] * 3
+
+
+# ------------------------------------------------------------------------------------------ divergence, warnings
+
+def test_a_nan_loss_stops_the_run_as_diverged_and_the_sweep_goes_on(tmp_path):
+    proc = bench("sweep", "--strategies", "single,ddp", "--gpus", "2", "--size", "tiny", "--epochs", "3",
+                 "--batch-size", "8", "--device", "cpu", "--out", tmp_path, env={"EMOTION_BENCH_FAULT": "nan:0:4"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    results = {p.name: load_result(p) for p in tmp_path.glob("cnn-*.json")}
+    assert len(results) == 2 and all(r["status"] == "diverged" for r in results.values()), results
+    for r in results.values():
+        assert "not finite from step 5" in r["error"] and "last finite loss" in r["error"]
+        assert len(r["losses"]) >= 4  # what was measured until the epoch's end
+    report = bench("report", tmp_path, "--out", tmp_path / "rep")
+    assert report.returncode == 0 and "diverged:" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_oversubscribed_cores_and_few_measured_steps_are_warned(tmp_path):
+    proc = bench("run", "--strategy", "ddp", "--gpus", "2", "--threads", "2", "--size", "tiny", "--epochs", "1",
+                 "--batch-size", "8", "--model-size", "small", "--device", "cpu", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    if (os.cpu_count() or 1) < 4:
+        assert "warning: 2 process(es) x 2 thread(s) share this machine's" in out
+    assert "warning: only" in out and "step(s) in the timed window" in out and "--max-steps" in out
+    assert _result(proc)["config"]["threads_source"] == "--threads"
+
+
+def test_a_users_omp_num_threads_is_respected_and_recorded(tmp_path):
+    proc = bench("run", *TINY, "--out", tmp_path, env={"OMP_NUM_THREADS": "1"})
+    c = _result(proc)["config"]
+    assert (c["threads"], c["threads_source"]) == (1, "OMP_NUM_THREADS")
