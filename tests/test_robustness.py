@@ -235,3 +235,42 @@ def test_a_users_omp_num_threads_is_respected_and_recorded(tmp_path):
     proc = bench("run", *TINY, "--out", tmp_path, env={"OMP_NUM_THREADS": "1"})
     c = _result(proc)["config"]
     assert (c["threads"], c["threads_source"]) == (1, "OMP_NUM_THREADS")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "pipeline"])
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["term", "int"])
+def test_every_multiprocess_strategy_stops_cleanly_on_a_signal(tmp_path, strategy, sig, code):
+    mark, tag = tmp_path / "mark", f"sig-{strategy}-{sig}"
+    env = {**os.environ, "EMOTION_BENCH_FAULT": "mark:0:4", "EMOTION_BENCH_MARK": str(mark),
+           "EMOTION_BENCH_TEST_TAG": tag}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--strategy", strategy, "--gpus", "2", *TINY,
+                             "--epochs", "40", "--out", str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code and "Traceback" not in err, out + err
+    assert load_result(out.strip().splitlines()[-1])["status"] == "interrupted"
+    assert _no_process_outlives(tag)
+
+
+@pytest.mark.slow
+def test_a_signal_while_the_cache_builds_leaves_no_partial_entry(tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, "EMOTION_BENCH_CACHE": str(cache), "EMOTION_BENCH_TEST_TAG": "sig-cache"}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--size", "medium", "--device", "cpu",
+                             "--out", str(tmp_path / "runs")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("*.lock")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the build has begun
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, out + err
+    r = load_result(out.strip().splitlines()[-1])
+    assert r["status"] == "interrupted" and "before training started" in r["error"]
+    assert not list(cache.glob("*.npy")) and not list(cache.glob(".*.tmp")) and not list(cache.glob("*.json"))
+    assert _no_process_outlives("sig-cache")
