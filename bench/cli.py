@@ -34,6 +34,13 @@ class Exit(Exception):
         self.code = code
 
 
+def _nonempty_out(value: str) -> str:
+    """An empty --out would write into whatever folder the shell is in: refused."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("empty: give a folder, e.g. --out results/")
+    return value
+
+
 def _fail(message: str, code: int = 2):
     error(message)
     raise Exit(code)
@@ -172,7 +179,7 @@ def sweep(
     compile: Optional[str] = typer.Option(None, "--compile", help="Comma-separated off,on (default: off)."),
     repeat: Optional[int] = typer.Option(None, help="Repeats per cell; seeds differ per repeat (seed + repeat index)."),
     config: Optional[str] = typer.Option(None, "--config", help="A sweep TOML file or a preset: smoke, cpu, gpu-node."),
-    out: str = typer.Option("results/sweep", help="Folder for the cells' result files and sweep.json."),
+    out: str = typer.Option("results/sweep", help="Folder for the cells' result files and sweep.json.", callback=_nonempty_out),
     resume: bool = typer.Option(False, "--resume", help="Skip cells whose result in --out is ok (or diverged); rerun "
                                                         "failed and interrupted ones."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and why some are skipped; run nothing."),
@@ -191,6 +198,7 @@ def sweep(
             if value is not None:
                 setattr(spec, name, value)
         spec.run.update({k: v for k, v in settings.items() if v is not None})
+        spec.check()
         device_type = resolve_device_type(RunConfig(**spec.run))
     except ValueError as exc:  # ConfigError included
         _fail(str(exc))
@@ -234,7 +242,7 @@ def comm(
                             help="Comma-separated collectives: all_reduce, all_gather, reduce_scatter, broadcast, send_recv."),
     min_bytes: str = typer.Option("1K", help="Smallest message S, bytes (1K = 1024)."),
     max_bytes: str = typer.Option("256M", help="Largest message S, bytes (sizes double from the smallest)."),
-    out: str = typer.Option("results/comm", help="Folder for <run_id>.comm.json and its plot."),
+    out: str = typer.Option("results/comm", help="Folder for <run_id>.comm.json and its plot.", callback=_nonempty_out),
     **settings,
 ):
     """Collective bandwidth as nccl-tests measures it (time, algbw, busbw per size) and an alpha-beta fit."""
@@ -322,7 +330,7 @@ def predict(
     link: str = typer.Option("nvlink4", help="Intra-node link: a preset (nvlink4, pcie4, pcie5, ib-ndr, 100gbe) or a "
                                               "bench comm result (file or folder)."),
     inter_link: str = typer.Option("ib-ndr", help="Inter-node link: a preset or a bench comm result."),
-    out: str = typer.Option("reports", "--out", help="Folder for predict.png and predict.md."),
+    out: str = typer.Option("reports", "--out", help="Folder for predict.png and predict.md.", callback=_nonempty_out),
 ):
     """Predict step time, throughput and efficiency at N devices from measured results and link figures."""
     from rich.table import Table
@@ -399,7 +407,8 @@ def _load(paths: list[str]):
 @app.command()
 def report(
     dirs: list[str] = typer.Argument(..., help="Result folders (or files); folders from two machines are compared side by side."),
-    out: str = typer.Option("reports", "--out", help="Folder for report.md, report.html, results.csv and the PNG plots."),
+    out: str = typer.Option("reports", "--out", callback=_nonempty_out,
+                            help="Folder for report.md, report.html, results.csv and the PNG plots."),
     predict_link: Optional[str] = typer.Option(None, "--predict", help="Add bench predict's curves for this link (a "
                                                                        "preset or a bench comm result) to the report."),
 ):
@@ -688,7 +697,8 @@ def data_scan(
 
 @data_app.command("synth")
 def data_synth(
-    out: str = typer.Option(..., "--out", help="Folder to write Emotions/<Class>/synth_*.wav into (Kaggle layout)."),
+    out: str = typer.Option(..., "--out", callback=_nonempty_out,
+                            help="Folder to write Emotions/<Class>/synth_*.wav into (Kaggle layout)."),
     size: str = typer.Option("small", help="tiny, small, medium, full, or a clip count."),
     seed: int = typer.Option(0, help="Seed of the synthetic data."),
 ):

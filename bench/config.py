@@ -33,7 +33,7 @@ class RunConfig:
     strategy: str = setting("single", "Parallelism strategy (bench list): single, dp, ddp, fsdp, pipeline, model-parallel.")
     devices: int = setting(1, "Devices in the whole run; without CUDA, CPU worker processes (gloo).",
                            flag="--gpus", aliases=("--devices",))
-    model: str = setting("cnn", "Model zoo name: cnn, crnn, lstm, transformer.")
+    model: str = setting("cnn", "Model zoo name (bench list): cnn, crnn, lstm, transformer, conformer, wav2vec2-base, hubert-large, xlsr-2b, ...")
     model_size: str = setting("base", "Model size: small, base, large.")
     precision: str = setting("fp32", "fp32, bf16 (autocast) or fp16 (autocast + GradScaler, CUDA only).")
     compile: bool = setting(False, "torch.compile each block before wrapping.", flag="--compile/--no-compile")

@@ -118,6 +118,8 @@ def fallback_dir() -> Path:
 
 def check_out_dir(out_dir: str) -> None:
     """--out is created and shown to be writable before anything runs."""
+    if not out_dir.strip():
+        raise ConfigError("--out is empty: give a folder, e.g. --out results/runs")
     path = Path(out_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)

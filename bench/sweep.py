@@ -25,6 +25,8 @@ from .config import ConfigError, RunConfig
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 MANIFEST = "sweep.json"
 MATRIX_KEYS = ("strategies", "gpus", "precision", "models", "compile", "repeat")
+MAX_REPEAT = 100  # more repeats than this is a typo, not a plan (each repeat reruns every cell)
+MAX_CELLS = 10_000  # a matrix larger than this would take weeks on any machine
 
 
 @dataclass
@@ -39,6 +41,37 @@ class SweepSpec:
     # further sub-matrices ([[extra]] tables): each overrides some of strategies, gpus, precision,
     # models, compile for a few more cells, e.g. the largest encoder under fsdp bf16 only
     extra: list[dict] = field(default_factory=list)
+
+    def check(self) -> None:
+        """Names and sizes that need no hardware: one ConfigError before any cell is expanded."""
+        from emotion_models.models import MODELS
+
+        from .config import PRECISIONS
+        from .strategies import get_strategy
+
+        if not 1 <= self.repeat <= MAX_REPEAT:
+            raise ConfigError(f"--repeat {self.repeat}: use 1 to {MAX_REPEAT}")
+        for sub in [vars(self)] + self.extra:
+            for name in ("strategies", "gpus", "precision", "models", "compile"):
+                if name in sub and not sub[name]:
+                    raise ConfigError(f"--{name}: empty list; give at least one value")
+            for strategy in sub.get("strategies", []):
+                get_strategy(strategy)
+            for gpus in sub.get("gpus", []):
+                if gpus < 1:
+                    raise ConfigError(f"--gpus {gpus}: device counts must be at least 1")
+            for precision in sub.get("precision", []):
+                if precision not in PRECISIONS:
+                    raise ConfigError(f"--precision {precision} is not one of {', '.join(PRECISIONS)}")
+            for model in sub.get("models", []):
+                if model not in MODELS:
+                    raise ConfigError(f"--models {model}: unknown model; bench list shows the zoo")
+        per_repeat = sum(len(m.get("strategies", self.strategies)) * len(m.get("gpus", self.gpus))
+                         * len(m.get("precision", self.precision)) * len(m.get("models", self.models))
+                         * len(m.get("compile", self.compile)) for m in [{}] + self.extra)
+        if per_repeat * self.repeat > MAX_CELLS:
+            raise ConfigError(f"the matrix has {per_repeat * self.repeat} cells (more than {MAX_CELLS}): "
+                              "fewer values or repeats, or several sweeps")
 
 
 @dataclass
@@ -72,6 +105,9 @@ def load_spec(path_or_preset: str) -> SweepSpec:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({getattr(exc, 'strerror', None) or exc}): "
+                          "pass a sweep TOML file or a preset name") from None
     unknown = set(raw) - set(MATRIX_KEYS) - {"run", "extra"}
     if unknown:
         raise ConfigError(f"--config {path}: unknown keys {sorted(unknown)}; use {', '.join(MATRIX_KEYS)}, [run] "
@@ -127,6 +163,7 @@ def expand(spec: SweepSpec, device_type: str, out_dir: str) -> list[Cell]:
     `single` cells come first: they are the baselines of every efficiency, added where the
     matrix lacks them.
     """
+    spec.check()
     base = RunConfig(**spec.run).replace(out_dir=out_dir)
     cells: dict[str, Cell] = {}
 

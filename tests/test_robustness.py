@@ -83,8 +83,9 @@ def _paths(tmp: Path):
 @settings(max_examples=int(os.environ.get("EMOTION_BENCH_FUZZ", "250")), derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
-def test_fuzzed_flags_never_end_in_a_traceback(data, tmp_path_factory, capsys):
+def test_fuzzed_flags_never_end_in_a_traceback(data, tmp_path_factory, capsys, monkeypatch):
     tmp = tmp_path_factory.mktemp("fuzz")
+    monkeypatch.chdir(tmp)  # a relative default (--out reports) lands here, never in the checkout
     path = _paths(tmp)
     command = data.draw(st.sampled_from(["run", "sweep", "parity", "compare", "report"]))
     flags = {
@@ -109,6 +110,27 @@ def test_fuzzed_flags_never_end_in_a_traceback(data, tmp_path_factory, capsys):
     assert "Traceback" not in out and "internal error" not in out, (argv, out)
     assert code in (0, 1, 2), (argv, code, out)
     assert not list(tmp.rglob(".*.tmp")), argv  # no partial file, whatever failed
+
+
+def test_absurd_matrices_and_empty_folders_are_refused_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    """Found by the fuzzer in CI: `sweep --repeat 999999999 --dry-run` expanded a billion cells and
+    was killed for memory; an empty --out wrote a report into the working directory."""
+    monkeypatch.chdir(tmp_path)
+    code, out = _invoke(["sweep", "--repeat", "999999999", "--dry-run"], capsys)
+    assert code == 2 and "--repeat 999999999: use 1 to 100" in out
+    code, out = _invoke(["sweep", "--gpus", ",".join(map(str, range(1, 200))), "--precision", "fp32,bf16,fp16",
+                         "--strategies", "ddp,fsdp", "--models", "cnn,lstm,crnn,transformer", "--repeat", "10",
+                         "--dry-run"], capsys)
+    assert code == 2 and "cells (more than 10000)" in out
+    code, out = _invoke(["sweep", "--precision", "fp8", "--dry-run"], capsys)
+    assert code == 2 and "--precision fp8 is not one of" in out
+    code, out = _invoke(["sweep", "--models", "resnet", "--dry-run"], capsys)
+    assert code == 2 and "--models resnet: unknown model" in out
+    code, out = _invoke(["report", str(ROOT / "results" / "baselines" / "cpu-smoke"), "--out", ""], capsys)
+    assert code == 2 and "empty" in out
+    code, out = _invoke(["run", "--out", " ", "--dry-run"], capsys)
+    assert code == 2 and "--out is empty" in out
+    assert not list(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------------------------------ disks and the cache
