@@ -170,7 +170,7 @@ def _csv(value: str | None, cast=str) -> list | None:
 
 
 @app.command()
-@config_options(("epochs", "size", "batch_size", "dataset", "device"), preset_default="the preset's")
+@config_options(("epochs", "size", "batch_size", "model_size", "dataset", "device"), preset_default="the preset's")
 def sweep(
     strategies: Optional[str] = typer.Option(None, help="Comma-separated strategies, e.g. single,ddp,fsdp,pipeline."),
     gpus: Optional[str] = typer.Option(None, "--gpus", "--devices", help="Comma-separated device counts, e.g. 1,2,4."),

@@ -1,18 +1,22 @@
 """Test-only fault hooks, off unless EMOTION_BENCH_FAULT is set. Every hook lives here.
 
-    EMOTION_BENCH_FAULT=KIND:RANK:STEP   kill | raise | hang | oom | nan | term | int | mark,
+    EMOTION_BENCH_FAULT=KIND:RANK:STEP   kill | raise | hang | oom | nan | grad | term | int | mark,
                                          on that rank at that optimiser step
     EMOTION_BENCH_FAULT=slow:PCT[:RANK]  every training step PCT % longer (on one rank, or all)
+    EMOTION_BENCH_PROBE=DIR              record what the first step saw (dtypes, shards), see probe()
 
-They let the tests exercise failure handling with real processes (a worker killed by SIGKILL, a
-worker raising, a worker hung in a collective, a device out of memory: torch.OutOfMemoryError,
-so CUDA's out-of-memory path is tested on CPU; nan: every parameter becomes NaN after that step,
-so the loss diverges from the next; term/int: the process sends itself SIGTERM/SIGINT; mark: it
-creates the file $EMOTION_BENCH_MARK, for a test to wait on instead of sleeping) without editing
-code. `slow` busy-waits after each
-optimiser step for PCT % of the time since the previous one (measured, so it scales with the
-machine): it plants a slowdown whose size is known, for the regression gate's power
-(benchmarks/gate_power.py) and for a slow rank the others must wait for (the step breakdown).
+They let the tests exercise failure handling with real processes without editing code:
+- kill: SIGKILL; raise: an exception; hang: a worker stuck (in the next collective);
+- oom: torch.OutOfMemoryError, so CUDA's out-of-memory path is tested on CPU;
+- nan: every parameter becomes NaN after that step, so the loss diverges from the next;
+- grad: from that step on, that rank's gradients are zeroed before its optimiser step: a replica
+  out of step with the others, as a lost all-reduce would leave it; the planted deviation that
+  bench parity must catch;
+- term/int: the process sends itself SIGTERM/SIGINT;
+- mark: it creates the file $EMOTION_BENCH_MARK, for a test to wait on instead of sleeping;
+- slow: busy-waits after each optimiser step for PCT % of the time since the previous one
+  (measured, so it scales with the machine): a slowdown of known size, for the regression
+  gate's power (benchmarks/gate_power.py) and for a slow rank the others must wait for.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import signal
 import time
 
 FAULT_ENV = "EMOTION_BENCH_FAULT"
-KINDS = ("kill", "raise", "hang", "oom", "nan", "term", "int", "mark", "slow")
+PROBE_ENV = "EMOTION_BENCH_PROBE"  # a folder: what the first step saw, for tests (see probe)
+KINDS = ("kill", "raise", "hang", "oom", "nan", "grad", "term", "int", "mark", "slow")
 
 
 def parse(spec: str) -> tuple[str, list[str]]:
@@ -31,8 +36,54 @@ def parse(spec: str) -> tuple[str, list[str]]:
     return kind, rest
 
 
+def probe(rank: int, folder: str) -> None:
+    """Record what the first training step saw, an oracle independent of the harness: per module
+    class the dtype of its output and of its parameters during the forward (autocast, FSDP2's
+    MixedPrecisionPolicy), per optimised parameter its type and local and global element count
+    (FSDP2's shards), and how many graphs torch.compile captured (dynamo's own counter). Written
+    to FOLDER/probe-rank<R>.json at the first optimiser step."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    seen: dict[str, dict] = {}
+    written: list = []
+
+    def forward_hook(module, args, output):
+        name = type(module).__name__.removeprefix("FSDP")  # fully_shard renames the class: FSDPBatchNorm2d
+        out = output[0] if isinstance(output, tuple) else output
+        # the last forward before the first optimiser step is the first training step's (FLOPs
+        # are counted before it, on the meta device)
+        if isinstance(out, torch.Tensor) and out.device.type != "meta":
+            seen[name] = {"output": str(out.dtype),
+                          "params": sorted({str(p.dtype) for p in module.parameters(recurse=False)})}
+
+    handle = torch.nn.modules.module.register_module_forward_hook(forward_hook)
+    orig = torch.optim.AdamW.step
+
+    def first_step(self, *a, **k):
+        if not written:
+            params = [p for g in self.param_groups for p in g["params"]]
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+            dynamo = sys.modules.get("torch._dynamo.utils")  # imported only where something compiled
+            record = {"modules": seen, "params": [{"type": type(p).__name__, "local": int(q.numel()),
+                                                   "global": int(p.numel()), "dtype": str(q.dtype)}
+                                                  for p, q in zip(params, local)],
+                      "dynamo_graphs": int(dynamo.counters["stats"]["unique_graphs"]) if dynamo else 0}
+            Path(folder, f"probe-rank{rank}.json").write_text(json.dumps(record))
+            handle.remove()
+            written.append(True)
+        return orig(self, *a, **k)
+
+    torch.optim.AdamW.step = first_step
+
+
 def install(rank: int) -> None:
-    """Arm the fault named by EMOTION_BENCH_FAULT on this rank, if any."""
+    """Arm the fault named by EMOTION_BENCH_FAULT on this rank, if any (and the probe)."""
+    if os.environ.get(PROBE_ENV):
+        probe(rank, os.environ[PROBE_ENV])
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -52,6 +103,12 @@ def install(rank: int) -> None:
 
     def faulty(self, *a, **k):
         counter["n"] += 1
+        if kind == "grad" and counter["n"] >= step:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.zero_()
+            return orig(self, *a, **k)
         if counter["n"] == step:
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)

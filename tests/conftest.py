@@ -30,6 +30,23 @@ def write_wav(path: Path, seconds=1.0, sr=16000, channels=1, subtype="PCM_16", f
     return path
 
 
+def invoke(argv: list, capsys) -> tuple[int, str]:
+    """The real CLI in this process (no interpreter start): (exit code, stdout + stderr)."""
+    from bench.cli import main
+
+    old = sys.argv
+    sys.argv = ["bench", *map(str, argv)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
 def bench(*args, env=None, timeout=600, cwd=None):
     """Run the real `bench` CLI in a subprocess; returns CompletedProcess with text output."""
     full_env = dict(os.environ)

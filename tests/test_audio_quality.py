@@ -58,7 +58,8 @@ def test_resampling_keeps_length_and_level():
     assert np.sqrt(np.mean(y**2)) == pytest.approx(np.sqrt(np.mean(x**2)), rel=1e-3)
 
 
-def _torchaudio_reference(wave: torch.Tensor, kind: str) -> torch.Tensor:
+def torchaudio_reference(wave: torch.Tensor, kind: str) -> torch.Tensor:
+    """torchaudio's own transforms with the front end's settings (also the reference of benchmarks/test_micro.py)."""
     mel = dict(n_fft=512, win_length=400, hop_length=160, f_min=20.0, f_max=8000.0, n_mels=64)
     if kind == "logmel":
         feats = torch.log(torchaudio.transforms.MelSpectrogram(16000, **mel)(wave) + 1e-6)
@@ -77,7 +78,7 @@ def test_features_equal_torchaudio(kind, span):
     wave = torch.zeros(64000)
     wave[span[0] : span[1]] = 0.3 * torch.randn(span[1] - span[0], generator=g)
     ours = FeatureExtractor(FeatureConfig(kind=kind))(wave[None], [span])[0]
-    torch.testing.assert_close(ours, _torchaudio_reference(wave, kind), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, torchaudio_reference(wave, kind), rtol=0, atol=1e-5)
 
 
 def test_prepared_window_and_span():

@@ -90,20 +90,27 @@ def test_presets_load():
 def test_sweep_resumes_after_being_killed_mid_cell(tmp_path):
     out = tmp_path / "sweep"
     args = [sys.executable, "-m", "bench", "sweep", "--strategies", "single", "--gpus", "1", "--repeat", "3",
-            "--size", "tiny", "--epochs", "3", "--batch-size", "8", "--device", "cpu", "--out", str(out)]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not list(out.glob("cnn-*-r0.json")):
+            "--size", "tiny", "--epochs", "1", "--batch-size", "8", "--model-size", "small", "--device", "cpu",
+            "--out", str(out)]
+    mark = tmp_path / "step-2"  # every cell creates it at its second optimiser step
+    env = {**os.environ, "EMOTION_BENCH_FAULT": "mark:0:2", "EMOTION_BENCH_MARK": str(mark)}
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env=env)
+    deadline = time.monotonic() + 240  # generous: a busy 2-core machine, and this only bounds a failure
+    while time.monotonic() < deadline and not list(out.glob("cnn-*-r0.json")) and proc.poll() is None:
         time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
     first = next(out.glob("cnn-*-r0.json"))
     first_mtime = first.stat().st_mtime_ns
-    time.sleep(1.0)  # the second cell is now under way
+    mark.unlink(missing_ok=True)
+    while time.monotonic() < deadline and not mark.exists():  # a later cell is now under way
+        time.sleep(0.05)
+    assert mark.exists() and proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)  # as a killed machine: no clean-up of any kind
     proc.wait()
     done_before = sorted(p.name for p in out.glob("cnn-*.json"))
     assert len(done_before) < 3
-    resumed = bench("sweep", "--strategies", "single", "--gpus", "1", "--repeat", "3", "--size", "tiny",
-                    "--epochs", "3", "--batch-size", "8", "--device", "cpu", "--out", out, "--resume")
+    resumed = bench(*args[3:], "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(done_before)} already done" in resumed.stdout
     files = sorted(out.glob("cnn-*.json"))
