@@ -607,9 +607,9 @@ def list_cmd(devices: int = typer.Option(8, "--gpus", "--devices", help="Device 
     if devices < 1:
         _fail(f"--gpus {devices}: give a device count of 1 or more")
     cells = [("single", 1), ("ddp", devices), ("fsdp", devices)]
-    t = Table(title="models", caption=f"memory: parameters + gradients + AdamW state per device, GiB (activations come on "
-              f"top and grow with the batch; bench run estimates them). fp32 = bf16 for single and ddp: autocast keeps "
-              f"fp32 weights; fsdp bf16 gathers each block in bf16. GFLOP: forward, one 3 s sample.")
+    t = Table(title="models", caption="memory: parameters + gradients + AdamW state per device, GiB (activations come on "
+              "top and grow with the batch; bench run estimates them). fp32 = bf16 for single and ddp: autocast keeps "
+              "fp32 weights; fsdp bf16 gathers each block in bf16. GFLOP: forward, one 3 s sample.")
     for col in ("name", "size", "input", "params", "blocks", "GFLOP"):
         t.add_column(col, justify="right" if col in ("params", "blocks", "GFLOP") else "left")
     for strategy, n in cells:

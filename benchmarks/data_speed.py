@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from emotion_models import FeatureConfig, load_folder, load_synthetic
-from emotion_models.synthetic import class_counts
+
 
 def _word(i: int) -> str:
     return "w" + "".join(chr(97 + (i // 26**k) % 26) for k in range(3))

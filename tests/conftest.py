@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +54,25 @@ def bench(*args, env=None, timeout=600, cwd=None):
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "bench", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=cwd or ROOT)
+
+
+def processes_tagged(tag: str) -> list:
+    """Processes still alive from a run started with EMOTION_BENCH_TEST_TAG=tag."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("EMOTION_BENCH_TEST_TAG") == tag:
+                found.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def no_process_outlives(tag: str, within_s: float = 30) -> bool:
+    """True once no process of that tag is left (polled: a killed tree takes a moment to go)."""
+    deadline = time.monotonic() + within_s
+    while processes_tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not processes_tagged(tag)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, bench, invoke, write_wav
+from conftest import ROOT, invoke, write_wav
 
 # ------------------------------------------------------------------------------------------ labels
 
@@ -167,6 +167,54 @@ def test_scan_gives_unknown_speaker_clips_their_own_groups(tmp_path):
             assert actors.setdefault(r.speaker, r.split) == r.split
 
 
+def test_scan_in_process_reasons_manifest_and_errors(tmp_path):
+    """scan_folder and its manifest without the CLI: every reason and message, written out."""
+    import csv
+
+    from emotion_models.scan import ScanError, scan_folder, write_manifest
+
+    e = tmp_path / "Emotions"
+    for actor in range(1, 9):
+        write_wav(e / "Angry" / f"03-01-05-01-01-01-{actor:02d}.wav", 0.05)
+        write_wav(e / "Sad" / f"03-01-04-01-01-01-{actor:02d}.wav", 0.05)
+    write_wav(e / "Angry" / "sa01.wav", 0.05)  # SAVEE sad in Angry/: a disagreement
+    write_wav(e / "Angry" / "sa02.wav", 0.05)  # and a second one
+    write_wav(e / "Sad" / "blip.wav", 0.02)  # 20 ms
+    write_wav(e / "Sad" / "._03-01-04-01-01-01-01.wav", 0.05)  # macOS zip debris: not a clip at all
+    (e / "Sad" / "empty.wav").write_bytes(b"")
+    (e / "Sad" / "notes.txt").write_text("x")
+    report = scan_folder(tmp_path, seed=0)
+    assert report.counts("label") == {"angry": 8, "sad": 10 + 1}  # blip is sad by its folder
+    assert report.counts("corpus") == {"ravdess": 16, "savee": 2, "unknown": 1}
+    assert dict(report.skipped) == {"Emotions/Sad/empty.wav": "empty file (0 bytes)",
+                                    "Emotions/Sad/notes.txt": "not an audio file extension"}
+    assert report.flagged == [("Emotions/Sad/blip.wav", "shorter than 50 ms (20.0 ms)")]  # the 50 ms clips are not
+    assert report.disagreements == {("savee", "angry", "sad"): 2}
+    assert report.root == str(tmp_path)
+    out = tmp_path / "m.csv"
+    write_manifest(report.rows, out)
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["path", "label", "corpus", "speaker", "split"] and len(rows) == 1 + len(report.rows)
+    assert ["Emotions/Angry/sa01.wav", "sad", "savee", "savee:angry"] == rows[1 + [r.path for r in report.rows]
+                                                                               .index("Emotions/Angry/sa01.wav")][:4]
+    assert out.read_text().count("\n") == len(rows)
+    other = scan_folder(tmp_path, seed=1)
+    assert [r.split for r in other.rows] != [r.split for r in report.rows]  # the seed is used
+    assert [r.split for r in scan_folder(tmp_path, seed=0).rows] == [r.split for r in report.rows]
+    for path, message in ((tmp_path / "nope", f"dataset folder {tmp_path / 'nope'} does not exist"),
+                          (out, f"dataset path {out} is not a folder")):
+        with pytest.raises(ScanError, match=re.escape(message)):
+            scan_folder(path)
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("x")
+    with pytest.raises(ScanError, match="no audio files"):
+        scan_folder(tmp_path / "txt")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.wav").write_bytes(b"")
+    with pytest.raises(ScanError, match=r"no usable clips under .*: 1 files skipped"):
+        scan_folder(tmp_path / "bad")
+
+
 # ------------------------------------------------------------------------------------------ crops
 
 def _frame_indexed(n=40, f=3, cfg=None):
@@ -244,6 +292,60 @@ def test_strong_and_weak_scaling_efficiency_by_hand():
     assert eff[[k for k in eff if "ddp" in k and "strong-b8" in k][0]] == pytest.approx(90 / (2 * 70))
 
 
+def _gpu_result(repeat=0, thr=1000.0, f1=0.7, rank_peak=3 * 2**30):
+    """A result file written out by hand, every field the frame reads distinct."""
+    return {
+        "schema": 1, "run_id": f"gpu-r{repeat}", "status": "ok", "error": None,
+        "config": {"strategy": "fsdp", "devices": 4, "device_type": "cuda", "nodes": 2, "model": "hubert-large",
+                   "model_size": "base", "precision": "bf16", "compile": True, "batch_size_per_device": 8,
+                   "global_batch_size": 8, "epochs": 3, "seed": 7 + repeat, "repeat": repeat, "dataset": "/data/ser",
+                   "size": "full", "scaling": "strong"},
+        "env": {"cpu_model": "Some CPU", "cpu_cores_logical": 64, "torch": "2.11.0", "hardware_id": "hwG",
+                "gpus": [{"name": "NVIDIA H100"}] * 3 + [{"name": "NVIDIA H200"}]},
+        "throughput": {"samples_per_s": thr, "samples_per_s_per_device": thr / 4, "step_time_ms_p50": 8000 / thr,
+                       "step_time_ms_p90": 9000 / thr},
+        "utilization": {"gpu_busy_percent_mean": 97.0, "cpu_percent_mean": 12.0, "peak_allocated_bytes": rank_peak,
+                        "process_rss_peak_bytes": 2**40, "gpu_energy_j_per_epoch": 4200.0},
+        "quality": {"test": {"accuracy": f1 + 0.05, "macro_f1": f1, "uar": f1 + 0.01, "per_class": {},
+                             "confusion_matrix": [[int(100 * f1)]]},
+                    "time_to_target_s": 33.0, "target_f1": 0.6},
+        "breakdown": {"parts_share": {"compute": 0.5, "exposed_comm": 0.2, "wait": 0.1, "idle": 0.15,
+                                      "optimizer": 0.05}},
+    }
+
+
+def test_every_frame_column_reads_its_result_key():
+    from bench.frame import aggregate, frame
+
+    row = frame([_gpu_result()]).iloc[0].to_dict()
+    expected = {"machine": "4x NVIDIA H100, NVIDIA H200", "hardware_id": "hwG", "torch": "2.11.0", "strategy": "fsdp",
+                "model": "hubert-large", "model_size": "base", "precision": "bf16", "compile": True, "devices": 4,
+                "device_type": "cuda", "nodes": 2, "scaling": "strong", "batch_per_device": 8, "global_batch": 8,
+                "seed": 7, "repeat": 0, "dataset": "/data/ser", "size": "full", "epochs": 3, "target_f1": 0.6,
+                "busy_kind": "GPU (NVML)", "samples_per_s": 1000.0, "samples_per_s_per_device": 250.0,
+                "step_time_ms_p50": 8.0, "step_time_ms_p90": 9.0, "busy_percent": 97.0, "peak_mem_mib": 3072.0,
+                "gpu_energy_j_per_epoch": 4200.0, "macro_f1": 0.7, "uar": 0.71, "accuracy": 0.75,
+                "time_to_target_s": 33.0, "compute_share": 0.5, "exposed_comm_share": 0.2, "wait_share": 0.1,
+                "idle_share": 0.15, "optimizer_share": 0.05}
+    assert {k: row[k] for k in expected} == pytest.approx(expected) and row["confusion"] == [[70]]
+    cpu = _gpu_result()
+    cpu["env"]["gpus"], cpu["utilization"] = [], {"cpu_percent_mean": 12.0, "process_rss_peak_bytes": 2**30}
+    row = frame([cpu]).iloc[0]
+    assert (row.machine, row.busy_kind, row.busy_percent, row.peak_mem_mib) == ("Some CPU (64 cores)", "CPU", 12.0, 1024.0)
+    # repeats: the median, min, max and relative spread of each metric; the best repeat's confusion
+    agg = aggregate(frame([_gpu_result(0, 900.0, 0.70), _gpu_result(1, 1000.0, 0.74), _gpu_result(2, 1300.0, 0.72)]))
+    a = agg.iloc[0]
+    assert (a.repeats, a.samples_per_s, a.samples_per_s_min, a.samples_per_s_max) == (3, 1000.0, 900.0, 1300.0)
+    assert a.samples_per_s_spread == pytest.approx(0.4) and a.macro_f1 == pytest.approx(0.72)
+    assert a.macro_f1_spread == pytest.approx(0.04 / 0.72) and a.confusion == [[74]]
+    assert a.run_ids == "gpu-r0,gpu-r1,gpu-r2" and a.global_batch == 8 and a.machine == "4x NVIDIA H100, NVIDIA H200"
+    one = aggregate(frame([_gpu_result()])).iloc[0]
+    assert one.repeats == 1 and math.isnan(one.samples_per_s_spread)
+    failed = _gpu_result()
+    failed["status"] = "failed"
+    assert aggregate(frame([failed])).empty
+
+
 def test_t_quantiles_agree_with_scipy():
     from scipy import stats
 
@@ -264,6 +366,93 @@ def test_parity_tolerances_are_the_readmes():
     assert {name: (float(a), float(b)) for name, a, b in rows} == {k: v[:2] for k, v in BASES.items()}
     assert {k: v[:2] for k, v in BASES.items()} == {"exact": (1e-4, 1e-3), "batchnorm": (0.15, 0.15),
                                                    "bf16": (0.05, 0.05)}
+
+
+def test_every_run_setting_rule_has_its_own_line():
+    """RunConfig.validate, rule by rule: the message names the flag, the value and what to do."""
+    from bench.config import ConfigError, RunConfig
+
+    ok = dict(batch_size=8)
+    cases = [
+        (dict(precision="fp8"), "--precision fp8 is not one of fp32, bf16, fp16"),
+        (dict(scaling="linear"), "--scaling linear is not one of"),
+        (dict(schedule="zb"), "--schedule zb is not one of"),
+        (dict(device="tpu"), "--device tpu is not one of"),
+        (dict(devices=0), "--gpus must be at least 1 (got 0)"),
+        (dict(nodes=0), "--nnodes must be at least 1 (got 0)"),
+        (dict(batch_size=0), "--batch-size must be at least 1 (got 0)"),
+        (dict(epochs=0), "--epochs must be at least 1 (got 0)"),
+        (dict(warmup_steps=-1), "--warmup-steps must be 0 or more"),
+        (dict(profile=True, profile_steps=0), "--profile-steps must be at least 1 with --profile (got 0)"),
+        (dict(devices=3, nodes=2, rdzv_endpoint="h:1"), "--gpus 3 does not divide over --nnodes 2"),
+        (dict(devices=2, nodes=2), "--nnodes above 1 needs --rdzv-endpoint HOST:PORT"),
+        (dict(devices=3, scaling="strong"), "strong scaling splits --batch-size 8 over 3 devices"),
+        (dict(dataset="/no/such/folder"), "--dataset /no/such/folder: no such folder"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            RunConfig(**{**ok, **bad}).validate()
+    # and the what-to-do half of the lines that have one
+    for bad, message in ((dict(scaling="x"), "is not one of weak, strong"),
+                         (dict(schedule="x"), "is not one of gpipe, 1f1b"),
+                         (dict(device="x"), "is not one of auto, cpu, cuda"),
+                         (dict(devices=3, nodes=2, rdzv_endpoint="h:1"),
+                          "give the total device count, a multiple of the node count"),
+                         (dict(devices=2, nodes=2), "HOST:PORT (the same on every node)"),
+                         (dict(devices=3, scaling="strong"), "use a multiple of the device count"),
+                         (dict(dataset="/nope"), "pass 'synthetic' or a folder of WAV files")):
+        with pytest.raises(ConfigError, match=re.escape(message) + "$"):
+            RunConfig(**{**ok, **bad}).validate()
+    for fine in (dict(), dict(warmup_steps=0), dict(devices=4, nodes=2, rdzv_endpoint="h:1"),
+                 dict(devices=2, scaling="strong"), dict(profile=False, profile_steps=0),
+                 dict(profile=True, profile_steps=1)):
+        RunConfig(**{**ok, **fine}).validate()
+    assert RunConfig(batch_size=8, devices=4).global_batch_size == 32
+    assert RunConfig(batch_size=8, devices=4, scaling="strong").global_batch_size == 8
+
+
+def test_settings_are_declared_once_with_flag_help_and_default(capsys):
+    from bench.config import RunConfig, cli_fields, flag_of
+
+    assert (flag_of("devices"), flag_of("out_dir"), flag_of("batch_size")) == ("--gpus", "--out", "--batch-size")
+    names = [f.name for f in cli_fields()]
+    assert names[:2] == ["strategy", "devices"] and "eval_each_epoch" not in names  # cli=False stays off the CLI
+    assert all(f.metadata["help"] for f in cli_fields())
+    cfg = RunConfig(epochs=3)
+    assert (cfg.replace(batch_size=4).batch_size, cfg.replace(batch_size=4).epochs, cfg.batch_size) == (4, 3, 32)
+    code, out = invoke(["run", "--help"], capsys)
+    text = " ".join(out.split())
+    assert code == 0 and "--gpus" in text and "--devices" in text and "--out" in text
+    assert "Devices in the whole run; without CUDA, CPU worker processes (gloo)." in text.replace("│ ", "")
+    assert "--eval-each-epoch" not in text
+
+
+def test_where_the_time_went_reads_as_written():
+    import pandas as pd
+
+    from bench.report.tables import where_time_went
+
+    share = {"compute": 0.62, "exposed_comm": 0.21, "wait": 0.08, "idle": 0.04, "optimizer": 0.05}
+    rows = [
+        dict(model="cnn", strategy="ddp", devices=2, precision="fp32", compile=False, batch_per_device=16,
+             efficiency=0.81, breakdown={"parts_share": share, "step_ms": 123.45, "slowest_rank": 1,
+                                         "collectives": {"all_reduce": {"transfer_ms_per_step": 20.0, "busbw_GBps": 1.234},
+                                                         "broadcast": {"transfer_ms_per_step": 1.0, "busbw_GBps": 9.0}}}),
+        dict(model="lstm", strategy="pipeline", devices=2, precision="bf16", compile=True, batch_per_device=8,
+             efficiency=0.5, breakdown={"parts_share": {**share, "wait": 0.004}, "step_ms": 10.0, "collectives": {},
+                                        "bubble": {"analytic": 0.2, "measured_idle_share": 0.25}}),
+        dict(model="cnn", strategy="single", devices=1, precision="fp32", compile=False, batch_per_device=16,
+             efficiency=1.0, breakdown={"parts_share": {**share, "wait": 0.3}, "step_ms": 5.0, "slowest_rank": 0}),
+        dict(model="cnn", strategy="fsdp", devices=2, precision="fp32", compile=False, batch_per_device=16,
+             efficiency=0.7, breakdown=None),
+    ]
+    assert where_time_went(pd.DataFrame(rows)) == [
+        "cnn ddp 2x fp32 b16: efficiency 0.81; 62 % compute, 21 % exposed all_reduce at 1.2 GB/s busbw, "
+        "8 % waiting for rank 1, 4 % idle, 5 % optimizer of a 123.5 ms step",
+        "lstm pipeline 2x bf16 compiled b8: efficiency 0.50; 62 % compute, 4 % idle (pipeline bubble), "
+        "5 % optimizer of a 10.0 ms step (bubble (p-1)/(m+p-1) = 0.20, measured idle 0.25)",
+        "cnn single 1x fp32 b16: 62 % compute, 30 % waiting in collectives, 4 % idle, 5 % optimizer of a 5.0 ms step",
+    ]
 
 
 # ------------------------------------------------------------------------------------------ compare
@@ -297,6 +486,41 @@ def test_compare_needs_both_the_threshold_and_the_noise():
     # macro-F1 is judged in absolute points against --max-f1-drop
     assert verdict(quiet, _series(jitter=0.002, f1=0.785)) == "within noise"
     assert verdict(quiet, _series(jitter=0.002, f1=0.77)) == "regression"
+
+
+def test_compare_verdicts_notes_and_table_text():
+    from bench.compare import compare, parse_fraction, table_rows
+    from test_sweep_report import fixture_result
+
+    # k = 2 by default: a 22 % drop against a 10 % spread (k x spread = 20 %) counts; with k = 3 it does not
+    base = _series(jitter=0.05)
+    assert compare(base, _series(scale=0.78, jitter=0.05))[0].verdict == "regression"
+    assert compare(base, _series(scale=0.78, jitter=0.05), noise_k=3)[0].verdict == "within noise"
+    # one baseline run: no spread, the threshold alone, and the verdict says so
+    (v,) = compare(base[:1], _series(scale=0.97)[:1])
+    assert v.verdict == "within noise" and v.note.startswith("noise-blind")
+    assert compare(base, base)[0].note == ""
+    # cells on one side only, and a cell that failed now
+    lone = [fixture_result(strategy="ddp", devices=2)]
+    failed = [fixture_result(status="failed")]
+    by = {(v.cell, v.verdict): v.note for v in compare(base + lone, failed)}
+    assert by[("cnn single 1x fp32 b32", "failed")] == "current run failed: boom"
+    assert by[("cnn ddp 2x fp32 b32", "missing")] == "in the baseline only"
+    by = {(v.cell, v.verdict): v.note for v in compare(base, base + lone)}
+    assert by[("cnn ddp 2x fp32 b32", "new")] == "in the current results only"
+    # what each change reads as: relative per cent, F1 in absolute points, its mark, whether gated
+    header, rows = table_rows(compare(_series(jitter=0.002), _series(scale=0.8, jitter=0.002, f1=0.83)))
+    row = dict(zip(header, rows[0]))
+    assert row["throughput"] == "-20.0% ✗" and row["macro-F1 (absolute change)"] == "+0.030 ✓"
+    assert row["step p50"] == "+25.0% ✗" and row["efficiency"] == "+0.0%" and row["verdict"] == "regression"
+    lower = _series(scale=0.8, jitter=0.002)
+    header, rows = table_rows(compare(_series(jitter=0.002), lower, gate=["macro_f1"]))
+    assert dict(zip(header, rows[0]))["throughput"] == "-20.0% ✗ (not gated)"
+    # fractions
+    assert parse_fraction("5%") == 0.05 and parse_fraction("0") == 0.0 and parse_fraction("9.99") == 9.99
+    for bad in ("10", "-1%", "1000%"):
+        with pytest.raises(ValueError, match="is not a fraction like 5% or 0.05"):
+            parse_fraction(bad)
 
 
 def test_compare_cli_parses_thresholds_noise_and_gate(tmp_path, capsys):

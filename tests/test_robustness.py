@@ -9,13 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.results import load_result, write_result
-from conftest import ROOT, bench, invoke
+from conftest import ROOT, bench, invoke, no_process_outlives
 
 TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "8", "--model-size", "small", "--warmup-steps", "2",
         "--device", "cpu"]
@@ -23,25 +22,6 @@ TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "8", "--model-size", 
 
 def _result(proc):
     return load_result(proc.stdout.strip().splitlines()[-1])
-
-
-def _left(tag: str) -> list:
-    """Processes still alive from a run started with EMOTION_BENCH_TEST_TAG=tag."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("EMOTION_BENCH_TEST_TAG") == tag:
-                found.append(p)
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            pass
-    return found
-
-
-def _no_process_outlives(tag: str, within_s: float = 30) -> bool:
-    deadline = time.monotonic() + within_s
-    while _left(tag) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return not _left(tag)
 
 
 # ------------------------------------------------------------------------------------------ fuzzed flags
@@ -192,7 +172,7 @@ def test_sigterm_to_a_ddp_launcher_stops_every_worker_and_keeps_the_result(tmp_p
     assert proc.returncode == 143 and "Traceback" not in err, out + err
     r = load_result(out.strip().splitlines()[-1])
     assert r["status"] == "interrupted" and "SIGTERM" in r["error"] and r["throughput"]["measured_steps"] >= 3
-    assert _no_process_outlives("sigterm-ddp")
+    assert no_process_outlives("sigterm-ddp")
 
 
 def test_interrupted_sweep_resumes_and_cleans_up(tmp_path):
@@ -259,7 +239,7 @@ def test_every_multiprocess_strategy_stops_cleanly_on_a_signal(tmp_path, strateg
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code and "Traceback" not in err, out + err
     assert load_result(out.strip().splitlines()[-1])["status"] == "interrupted"
-    assert _no_process_outlives(tag)
+    assert no_process_outlives(tag)
 
 
 @pytest.mark.slow
@@ -278,4 +258,4 @@ def test_a_signal_while_the_cache_builds_leaves_no_partial_entry(tmp_path):
     r = load_result(out.strip().splitlines()[-1])
     assert r["status"] == "interrupted" and "before training started" in r["error"]
     assert not list(cache.glob("*.npy")) and not list(cache.glob(".*.tmp")) and not list(cache.glob("*.json"))
-    assert _no_process_outlives("sig-cache")
+    assert no_process_outlives("sig-cache")

@@ -94,17 +94,24 @@ def test_metrics_match_sklearn():
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, recall_score
 
     g = torch.Generator().manual_seed(0)
-    for trial in range(5):
-        y = torch.randint(0, 7, (300,), generator=g)
-        p = torch.randint(0, 7 - (trial % 2), (300,), generator=g)  # odd trials never predict class 6
+    cases = [(torch.randint(0, 7, (300,), generator=g), torch.randint(0, 7 - (t % 2), (300,), generator=g))
+             for t in range(5)]  # odd trials never predict class 6
+    # small ones: a class predicted exactly once, a class with one true sample, a class never seen
+    cases.append((torch.tensor([0, 0, 1, 2, 2, 3, 4, 5]), torch.tensor([0, 1, 1, 2, 0, 3, 4, 4])))
+    for y, p in cases:
         q = quality(p, y)
         assert q["accuracy"] == pytest.approx(accuracy_score(y, p))
         assert q["macro_f1"] == pytest.approx(f1_score(y, p, average="macro", labels=range(7), zero_division=0))
         assert q["uar"] == pytest.approx(recall_score(y, p, average="macro", labels=range(7), zero_division=0))
         pr, rc, f1, sup = precision_recall_fscore_support(y, p, labels=range(7), zero_division=0)
         assert [v["precision"] for v in q["per_class"].values()] == pytest.approx(pr)
+        assert [v["recall"] for v in q["per_class"].values()] == pytest.approx(rc)
         assert [v["f1"] for v in q["per_class"].values()] == pytest.approx(f1)
+        assert [v["support"] for v in q["per_class"].values()] == sup.tolist()
         assert q["confusion_matrix"] == confusion_matrix(y, p, labels=range(7)).tolist()
+        assert q["num_samples"] == len(y)
+    empty = quality(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+    assert (empty["accuracy"], empty["macro_f1"], empty["num_samples"]) == (0.0, 0.0, 0)
 
 
 def test_monitor_without_nvml(monkeypatch):

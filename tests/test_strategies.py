@@ -6,12 +6,11 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
 
 from bench.results import load_result
-from conftest import ROOT, bench
+from conftest import ROOT, bench, no_process_outlives
 
 TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "8", "--model-size", "small", "--warmup-steps", "2",
         "--device", "cpu"]
@@ -27,19 +26,6 @@ def probe(folder, rank: int) -> dict:
     import json
 
     return json.loads((folder / f"probe-rank{rank}.json").read_text())
-
-
-def _orphans(tag: str) -> list:
-    """Processes still alive from the run started with EMOTION_BENCH_TEST_TAG=tag (none may outlive it)."""
-    time.sleep(0.5)
-    left = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("EMOTION_BENCH_TEST_TAG") == tag:
-                left.append(p)
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            pass
-    return left
 
 
 @pytest.mark.parametrize("strategy,extra", [
@@ -182,7 +168,7 @@ def test_killed_worker_ends_the_run_with_a_failed_result(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     r = load_result(proc.stdout.strip().splitlines()[-1])
     assert r["status"] == "failed" and "rank 1" in r["error"] and "SIGKILL" in r["error"]
-    assert not _orphans("killed")
+    assert no_process_outlives("killed")
 
 
 def test_hung_worker_is_bounded_by_the_timeout(tmp_path):
@@ -196,7 +182,7 @@ def test_hung_worker_is_bounded_by_the_timeout(tmp_path):
     # the hung rank is named, with what its peer saw (the collective's timeout)
     assert r["status"] == "failed" and "rank 1 died" in r["error"], r["error"]
     assert re.search(r"timed? ?out", r["error"], re.I), r["error"]
-    assert not _orphans("hung")
+    assert no_process_outlives("hung")
 
 
 def test_failing_rank_is_named_not_the_peer_that_lost_it(tmp_path):
