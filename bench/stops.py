@@ -45,12 +45,22 @@ class Stopped(Exception):
 
 @contextlib.contextmanager
 def signals_raise():
-    """Within: SIGINT and SIGTERM raise Interrupted in the main thread (elsewhere: nothing changes)."""
+    """Within: SIGINT and SIGTERM raise Interrupted in the main thread (elsewhere: nothing changes).
+
+    Only the first signal raises. Later ones are ignored while the run writes what it measured:
+    a torchrun worker gets SIGTERM twice (the launcher signals the process group, and torchrun
+    forwards its own), and a second raise in the middle of writing the result lost the
+    measurements (seen in CI). The launcher's SIGKILL after its grace period still bounds it all.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    fired: list[int] = []
 
     def handler(signum, frame):
+        if fired:
+            return
+        fired.append(signum)
         raise Interrupted(signum)
 
     before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

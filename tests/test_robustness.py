@@ -175,6 +175,26 @@ def test_sigterm_to_a_ddp_launcher_stops_every_worker_and_keeps_the_result(tmp_p
     assert no_process_outlives("sigterm-ddp")
 
 
+def test_a_second_signal_does_not_cut_the_stop_short():
+    """A worker gets SIGTERM twice (the launcher's to the group, torchrun's forwarded): the second
+    must not raise inside the handling of the first, where the result is being written."""
+    from bench.stops import Interrupted, signals_raise
+
+    written, before = [], signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted):
+        with signals_raise():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # interrupted at once by the handler
+            except Interrupted:
+                os.kill(os.getpid(), signal.SIGTERM)  # the forwarded one, while "writing"
+                for _ in range(50):
+                    time.sleep(0.001)  # the handler runs between these
+                written.append(True)
+                raise
+    assert written and signal.getsignal(signal.SIGTERM) == before  # and the old handler is back
+
+
 def test_interrupted_sweep_resumes_and_cleans_up(tmp_path):
     out = tmp_path / "sweep"
     args = ["sweep", "--strategies", "single", "--gpus", "1", "--repeat", "2", "--size", "tiny", "--epochs", "2",
