@@ -443,6 +443,27 @@ def report(
 
 # ------------------------------------------------------------------------------------------ compare
 
+def _verdict_table(header: list[str], rows: list[list[str]], summary: str, fmt: str, title: str,
+                   style: typing.Callable[[list[str]], str | None]) -> None:
+    """compare's and ab's verdicts: markdown for a PR comment, else a rich table; then the summary line."""
+    from rich.table import Table
+
+    from .report import md_table
+
+    if fmt == "md":
+        print(md_table(header, rows))
+        print()
+        print(summary)
+        return
+    t = Table(title=escape(title))
+    for h in header:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*[escape(x) for x in r], style=style(r))
+    console.print(t)
+    info(summary)
+
+
 @app.command("compare")
 def compare_cmd(
     baseline: str = typer.Argument(..., help="Baseline result folder or file."),
@@ -455,11 +476,8 @@ def compare_cmd(
     fmt: str = typer.Option("text", "--format", help="text (terminal table) or md (markdown, for a PR comment)."),
 ):
     """Match cells by config and flag regressions, improvements, or changes within noise; exit 1 on a regression."""
-    from rich.table import Table
-
     from .compare import compare, parse_fraction, table_rows
     from .frame import GATES
-    from .report import md_table
 
     try:
         threshold = parse_fraction(max_regression)
@@ -486,19 +504,8 @@ def compare_cmd(
                f"{sum(v.verdict == 'improvement' for v in verdicts)} improved, "
                f"{sum(v.verdict == 'within noise' for v in verdicts)} within noise; gated on {', '.join(gates)}; "
                f"a change counts above max({threshold * 100:g}% (F1: {max_f1_drop} absolute), {noise_k:g} x baseline spread)")
-    if fmt == "md":
-        print(md_table(header, rows))
-        print()
-        print(summary)
-    else:
-        t = Table(title=escape(f"compare {baseline} -> {current}"))
-        for h in header:
-            t.add_column(h)
-        for r in rows:
-            style = "red" if r[-2] in ("regression", "failed") else ("green" if r[-2] == "improvement" else None)
-            t.add_row(*[escape(x) for x in r], style=style)
-        console.print(t)
-        info(summary)
+    _verdict_table(header, rows, summary, fmt, f"compare {baseline} -> {current}",
+                   lambda r: "red" if r[-2] in ("regression", "failed") else ("green" if r[-2] == "improvement" else None))
     for p, why in bad_b + bad_c:
         error(f"not a result file: {p}: {why}")
     if regressions:
@@ -520,11 +527,8 @@ def ab(
     fmt: str = typer.Option("text", "--format", help="text (terminal table) or md (markdown, for a PR comment)."),
 ):
     """Measure base and head alternately (A B B A ...) and judge paired ratios; exit 1 on a regression."""
-    from rich.table import Table
-
     from .ab import ABError, parse_env, run_ab, table
     from .compare import parse_fraction
-    from .report import md_table
     from .sweep import PRESET_DIR
     from .ui import progress_factory
 
@@ -556,18 +560,8 @@ def ab(
                f"(A B B A ...) in {outcome.seconds:.0f} s; ratios head/base, geometric mean and 95 % paired t interval; "
                f"a change counts when the whole interval lies beyond {threshold * 100:g} %; macro-F1 exact "
                f"(deterministic runs) against base's spread")
-    if fmt == "md":
-        print(md_table(header, rows))
-        print()
-        print(summary)
-    else:
-        t = Table(title="bench ab")
-        for h in header:
-            t.add_column(h)
-        for r in rows:
-            t.add_row(*[escape(x) for x in r], style="red" if any("regression" in x for x in r) else None)
-        console.print(t)
-        info(summary)
+    _verdict_table(header, rows, summary, fmt, "bench ab",
+                   lambda r: "red" if any("regression" in x for x in r) else None)
     if outcome.regressed:
         raise Exit(1)
 
