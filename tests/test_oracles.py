@@ -564,25 +564,22 @@ def test_hardware_comparison_warns_about_every_difference_but_the_hardware():
     from bench.report.tables import hardware_comparison
     from test_sweep_report import fixture_result
 
-    a = [fixture_result(hardware_id="A", torch_version="2.11.0"), fixture_result(hardware_id="A", precision="bf16")]
-    b = [fixture_result(hardware_id="B", torch_version="2.10.0", batch=64, cpu="Other CPU")]
-    for r in b:
-        r["config"]["size"], r["config"]["epochs"] = "small", 5
-    df = frame(a + b)
-    _, rows, warnings, machines = hardware_comparison(aggregate(df), df)
-    text = "\n".join(warnings)
+    def compared(b_torch="2.11.0", b_batch=32):
+        a = [fixture_result(hardware_id="A"), fixture_result(hardware_id="A", precision="bf16")]
+        b = fixture_result(hardware_id="B", torch_version=b_torch, batch=b_batch, cpu="Other CPU")
+        b["config"]["size"], b["config"]["epochs"] = "small", 5
+        df = frame(a + [b])
+        _, rows, warnings, _ = hardware_comparison(aggregate(df), df)
+        return rows, "\n".join(warnings)
+
+    rows, text = compared(b_torch="2.10.0", b_batch=64)
     assert "torch differs: 2.11.0 vs 2.10.0" in text
-    assert "precisions differ" in text
-    assert "batch per device differs" in text or "no cell ran on both" in text
-    same_batch = [fixture_result(hardware_id="B", cpu="Other CPU")]
-    for r in same_batch:
-        r["config"]["size"], r["config"]["epochs"] = "small", 5
-    df = frame(a + same_batch)
-    _, rows, warnings, _ = hardware_comparison(aggregate(df), df)
-    text = "\n".join(warnings)
+    assert "precisions differ: bf16, fp32 vs fp32; only common ones are compared" in text
+    assert "batch per device differs in 1 matched cell(s), e.g. 32 vs 64" in text
+    rows, text = compared()
     assert "dataset size differs in 1 matched cell(s), e.g. tiny vs small" in text
     assert "epochs differs in 1 matched cell(s), e.g. 2 vs 5" in text
-    assert "torch differs" not in text and len(rows) == 1
+    assert "torch differs" not in text and "batch per device" not in text and len(rows) == 1
 
 
 # ------------------------------------------------------------------------------------------ what is timed
