@@ -1,7 +1,9 @@
 """`bench predict`: each strategy's step time, throughput and efficiency at N devices and nodes, from
 what was measured, with the model written out (README: "Scaling past the machines we have").
 
-Inputs: the `single` run at the per-device batch b (its step time t1: compute, optimiser and all),
+Inputs: the `single` run at the per-device batch b (its step time t1: compute, optimiser and all;
+for a strategy that was also measured at one device, that run's step time instead, since FSDP2's
+hooks, DTensor optimiser step and copies cost time without any communication),
 the model's parameter bytes S and blocks L, the pipeline schedule, and links (alpha: latency of a
 hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = nodes x per-node.
 
@@ -91,6 +93,7 @@ class Inputs:
     blocks: int
     microbatches: int | None = None  # pipeline's m (None: 2 x stages)
     overlap: dict | None = None  # strategy -> measured share of communication hidden behind compute
+    one_device: dict | None = None  # strategy -> its step time (s) measured at one device, when it was
 
 
 def inputs_from(results: list[dict]) -> list[Inputs]:
@@ -102,9 +105,11 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
             continue
         c = r["config"]
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
-        g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None})
+        g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}})
         if c["strategy"] == "single":
             g["single"].append(r)
+        elif c["devices"] == 1:
+            g["one"].setdefault(c["strategy"], []).append(r["throughput"]["step_time_ms_p50"] / 1000)
         elif r.get("breakdown"):
             b = r["breakdown"]
             exposed = b["parts_ms"]["exposed_comm"] + b["overlapped_comm_ms"]
@@ -121,7 +126,8 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
                           statistics.median(r["throughput"]["step_time_ms_p50"] for r in g["single"]) / 1000,
                           statistics.median(r["throughput"]["samples_per_s"] for r in g["single"]),
                           sum(p.numel() for p in m.parameters()), len(m.blocks), g["micro"],
-                          {s: statistics.median(v) for s, v in g["overlap"].items()}))
+                          {s: statistics.median(v) for s, v in g["overlap"].items()},
+                          {s: statistics.median(v) for s, v in g["one"].items()}))
     return out
 
 
@@ -146,7 +152,7 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
     link = inter if nodes > 1 and inter is not None else intra
     grad_bytes = 4 * inp.params
     overlap = (inp.overlap or {}).get(strategy, 0.0)
-    t1, n = inp.single_step_s, devices
+    t1, n = (inp.one_device or {}).get(strategy, inp.single_step_s), devices
     if strategy == "single" or n == 1:
         step = t1
     elif strategy == "ddp":
@@ -174,7 +180,8 @@ def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
     rows: dict[tuple, list[float]] = {}
     for r in results:
         c = r["config"]
-        if r["status"] != "ok" or c["strategy"] not in ("ddp", "fsdp", "pipeline") or c.get("scaling", "weak") != "weak":
+        if (r["status"] != "ok" or c["strategy"] not in ("ddp", "fsdp", "pipeline") or c["devices"] < 2
+                or c.get("scaling", "weak") != "weak"):
             continue
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
         if key in by_key:

@@ -2,7 +2,8 @@
 
     python benchmarks/predict_cpu.py [--model cnn] [--batch-size 32] [--steps 30] [--rounds 2]
 
-Measures the links (bench comm, 2 workers), the single run (1 thread) and ddp, fsdp and pipeline
+Measures the links (bench comm, 2 workers), the single run (1 thread), fsdp at one worker (FSDP2's
+own cost without communication; bench predict starts fsdp from it) and ddp, fsdp and pipeline
 at 2 workers (profiled after the timed window, for the overlap factor), then predicts each
 multi-worker cell from the single run, the model's sizes and the measured links, and prints
 predicted against measured throughput with the error. Issue 10's bar: each within 15 %.
@@ -38,7 +39,7 @@ def main() -> None:
                          warmup_steps=5, threads=1, eval_each_epoch=False, device="cpu", out_dir=str(Path(out, "runs")))
         results = []
         for r in range(args.rounds):
-            for strategy, n in (("single", 1), ("ddp", 2), ("fsdp", 2), ("pipeline", 2)):
+            for strategy, n in (("single", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2), ("pipeline", 2)):
                 outcome = run(base.replace(strategy=strategy, devices=n, seed=r, profile=strategy != "single"))
                 if outcome.status != "ok":
                     sys.exit(f"{strategy} x{n}: {outcome.error}")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from bench.breakdown import Collective, StepTrace, breakdown, busbw_factor, merge, parts, subtract, transfer_times
-from bench.predict import Inputs, Link, predict, t_all_reduce, t_gather
+from bench.predict import Inputs, Link, check, inputs_from, predict, t_all_reduce, t_gather
 from bench.results import load_result
 from conftest import bench
 
@@ -68,6 +68,27 @@ def test_scaling_model_formulas():
     assert predict(inp, "ddp", 16, 2, link, slow)["step_ms"] > predict(inp, "ddp", 16, 1, link, slow)["step_ms"]
     pipe = predict(inp, "pipeline", 2, 1, Link(float("inf"), 0.0, "free"), None)
     assert pipe["step_ms"] == pytest.approx(100 * (4 + 2 - 1) / 4)  # the bubble alone: m = 4, p = 2
+    # a strategy measured at one device starts from its own step there, not single's
+    own = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 25_000_000, 5, one_device={"fsdp": 0.125})
+    fsdp = predict(own, "fsdp", 4, 1, link, None)
+    per_block = 2 * t_gather(4 * 25e6 / 5, 4, link) + t_gather(4 * 25e6 / 5, 4, link)
+    assert fsdp["step_ms"] == pytest.approx(1000 * (0.125 + 5 * per_block))
+    assert fsdp["efficiency"] == pytest.approx(4 * 32 / (fsdp["step_ms"] / 1000) / (4 * 320.0))
+    assert predict(own, "ddp", 4, 1, link, None)["step_ms"] == predict(inp, "ddp", 4, 1, link, None)["step_ms"]
+
+
+def test_predict_inputs_take_one_device_runs_and_check_skips_them():
+    def result(strategy, devices, step_ms, tput):
+        return {"status": "ok", "run_id": f"{strategy}{devices}", "breakdown": None,
+                "config": {"model": "cnn", "model_size": "base", "precision": "fp32", "batch_size_per_device": 32,
+                           "strategy": strategy, "devices": devices, "scaling": "weak"},
+                "throughput": {"step_time_ms_p50": step_ms, "samples_per_s": tput}}
+
+    runs = [result("single", 1, 100.0, 320.0), result("fsdp", 1, 125.0, 256.0), result("fsdp", 2, 140.0, 457.0)]
+    (inp,) = inputs_from(runs)
+    assert inp.single_step_s == 0.1 and inp.one_device == {"fsdp": 0.125}
+    rows = check(runs, Link(1.0, 100.0, "t"), None)
+    assert [(r["strategy"], r["devices"]) for r in rows] == [("fsdp", 2)] and rows[0]["measured"] == 457.0
 
 
 # ------------------------------------------------------------------------------------------ real runs
