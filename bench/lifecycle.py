@@ -323,7 +323,11 @@ def worker_main(cli_cfg: RunConfig) -> int:
         if rank == 0:
             _write(cfg, status=stop.status, error=str(stop), device_type=device_type, world_size=world,
                    backend="nccl" if device_type == "cuda" else "gloo", summary=stop.summary, t0=t0, data=data)
-        return stop.exit_code
+            return stop.exit_code
+        # every rank decides divergence together (train._check_finite) and rank 0 reports it: a
+        # non-zero exit here would make torchrun stop rank 0 while it writes the result (seen: the
+        # diverged result lost to "rank 1 died (exit code 1) without reporting an error")
+        return 0 if stop.status == "diverged" else stop.exit_code
     except stops.Interrupted as exc:  # before training: nothing measured
         if rank == 0:
             _write(cfg, status="interrupted", error=f"interrupted by {exc.name} before training started",
