@@ -19,6 +19,18 @@ def _cache_dir(tmp_path_factory):
     yield path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cores_shared_between_test_processes():
+    """Under pytest-xdist each test process gets its share of the cores for the runs it starts (the
+    `bench` default is every core per process: two test processes, each starting a 2-thread run
+    beside a 2-worker one, ran the suite 4x oversubscribed). Through OMP_NUM_THREADS, which `bench`
+    respects; a value the caller set stays."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    yield
+
+
 def tone(seconds=1.0, sr=16000, freq=220.0, channels=1, amp=0.5):
     t = np.arange(int(seconds * sr)) / sr
     y = amp * np.sin(2 * np.pi * freq * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench.breakdown import Collective, StepTrace, breakdown, busbw_factor, merge, parts, subtract, transfer_times
+from bench.breakdown import PARTS, Collective, StepTrace, breakdown, busbw_factor, merge, parts, subtract, transfer_times
 from bench.predict import Inputs, Link, check, inputs_from, predict, t_all_reduce, t_gather
 from bench.results import load_result
 from conftest import bench
@@ -44,6 +44,48 @@ def test_transfer_is_the_shortest_duration_across_ranks_and_p2p_waits_are_idle()
     peer = StepTrace(duration=50, compute=[(0, 35)], collectives=[Collective("send", 35, 40)])
     got, _ = parts(stage, transfer_times([stage, peer])[0])
     assert got["wait"] == 0 and got["exposed_comm"] == 5 and got["idle"] == 35  # 10-35 is the bubble
+
+
+def test_breakdown_of_two_ranks_by_hand():
+    """Rank 0 computes 0-40 µs, then waits in an all-reduce 40-70 for rank 1, which computes 0-60;
+    the all-reduce's transfer is its shortest duration, 10 µs (rank 1's 60-70). Step 0 also has an
+    unsized all-gather and a send/receive; rank 1 profiled one step more than rank 0 (ignored)."""
+    def steps(compute_end, durations, extra):
+        out = []
+        for i, d in enumerate(durations):
+            colls = [Collective("all_reduce", compute_end, 70, bytes=4_000_000)]
+            if i == 0:
+                colls += extra
+            out.append(StepTrace(duration=d, compute=[(0, compute_end)] + ([(80, 90)] if compute_end == 40 else []),
+                                 optimizer=[(80, 90)] if compute_end == 40 else [], collectives=colls))
+        return out
+
+    r0 = steps(40, [100, 120, 110, 130], [Collective("all_gather", 70, 75), Collective("send", 75, 78, bytes=3000)])
+    r1 = steps(60, [90, 130, 95, 140, 1000], [Collective("all_gather", 70, 72), Collective("recv", 72, 78)])
+    bd = breakdown([r0, r1]).to_dict()
+    # the median of 4 steps is the second shortest: 110 µs on rank 0, 95 µs on rank 1
+    assert [r["step_ms"] for r in bd["per_rank"]] == [pytest.approx(0.110), pytest.approx(0.095)]
+    assert bd["step_ms"] == pytest.approx(0.110) and bd["per_rank"][0]["rank"] == 0 and bd["per_rank"][1]["rank"] == 1
+    ms = {k: v * 1000 for k, v in bd["parts_ms"].items()}  # back to µs
+    assert ms == pytest.approx({"optimizer": 10, "compute": 40, "memcpy": 0, "exposed_comm": 10, "wait": 20,
+                                "runtime": 0, "idle": 30})  # idle: 70-80 and 90-110
+    assert bd["parts_share"] == pytest.approx({k: v / 110 for k, v in ms.items()})
+    assert {k: v * 1000 for k, v in bd["per_rank"][1]["parts_ms"].items()} == pytest.approx(
+        {"optimizer": 0, "compute": 60, "memcpy": 0, "exposed_comm": 10, "wait": 0, "runtime": 0, "idle": 25})
+    assert bd["overlapped_comm_ms"] == 0 and bd["slowest_rank"] == 1 and bd["parts_meaning"] == PARTS
+    c = bd["collectives"]
+    assert set(c) == {"all_reduce", "all_gather", "send_recv"}
+    # all-reduce: 4 of 4 steps, 4 MB each, 10 µs transfer: algbw 4e6 / 10e-6 = 400 GB/s, busbw x 2(2-1)/2
+    assert c["all_reduce"] == pytest.approx({"count_per_step": 1, "bytes_per_step": 4e6, "transfer_ms_per_step": 0.01,
+                                             "algbw_GBps": 400.0, "busbw_GBps": 400.0})
+    # the all-gather's size is unknown: no bandwidth rather than a wrong one; transfer 2 µs in 1 of 4 steps
+    assert c["all_gather"] == pytest.approx({"count_per_step": 0.25, "bytes_per_step": None,
+                                             "transfer_ms_per_step": 0.0005, "algbw_GBps": None, "busbw_GBps": None})
+    # send/recv pair up: transfer min(3, 6) = 3 µs, 3000 B: 1 GB/s, busbw factor 1
+    assert c["send_recv"] == pytest.approx({"count_per_step": 0.25, "bytes_per_step": 750, "transfer_ms_per_step": 0.00075,
+                                            "algbw_GBps": 1.0, "busbw_GBps": 1.0})
+    single = breakdown([r0[:1]])
+    assert single.slowest_rank() is None and single.ranks[0]["step_ms"] == pytest.approx(0.1)
 
 
 def test_bandwidth_definitions_follow_nccl_tests():
