@@ -40,16 +40,16 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "compare": ("bench/compare.py",
                 ["tests/test_sweep_report.py", "tests/test_oracles.py", "-k", "compare and not ci_runs"]),
     "report tables": ("bench/report/tables.py",
-                      ["tests/test_sweep_report.py", "tests/test_oracles.py", "-k",
-                       "table_computed or hardware or report_writes or time_went"]),
+                      ["tests/test_report_tables.py", "tests/test_sweep_report.py", "tests/test_oracles.py", "-k",
+                       "by_hand or blanks or two_machines or table_computed or hardware or report_writes or time_went"]),
     "config validation": ("bench/config.py",
                           ["tests/test_oracles.py", "tests/test_robustness.py", "-k",
                            "rule_has or absurd or declared_once"]),
     "efficiency (frame)": ("bench/frame.py",
-                           ["tests/test_sweep_report.py", "tests/test_oracles.py", "-k",
-                            "table_computed or efficiency_by_hand or compare_flags or hardware or frame_column"]),
+                           ["tests/test_report_tables.py", "tests/test_sweep_report.py", "tests/test_oracles.py", "-k",
+                            "by_hand or table_computed or efficiency_by_hand or compare_flags or hardware or frame_column"]),
     "breakdown": ("bench/breakdown.py",
-                  ["tests/test_breakdown.py", "-k", "interval or moment or transfer or bandwidth or formulas"]),
+                  ["tests/test_breakdown.py", "-k", "interval or moment or transfer or bandwidth or formulas or by_hand"]),
 }
 
 

@@ -60,7 +60,7 @@ def main_tables(agg: pd.DataFrame) -> list[tuple[str, list[str], list[list[str]]
             for p in precs:
                 r = by.get(p)
                 line.append(fmt(r.efficiency, ".2f") if r is not None and r.scaling == "weak" else "–")
-                if r is not None and r.baseline:
+                if r is not None and isinstance(r.baseline, str):  # no baseline: None, or NaN once in a frame
                     notes.add(f"{p}: {r.baseline}")
             line += [fmt_f1(ref), fmt(ref.time_to_target_s, t2t.spec)]
             rows.append(line)
