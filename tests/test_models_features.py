@@ -76,3 +76,27 @@ def test_stages_are_balanced_by_cost():
     costs = m.block_flops()
     parts = [sum(costs[a:b]) for a, b in bounds]
     assert max(parts) / sum(parts) < 0.75  # the cheapest split, not 1 + 4 blocks
+
+
+@pytest.mark.parametrize("model", ["lstm", "crnn"])
+def test_recurrent_flops_are_the_textbook_count_once(model):
+    """A bidirectional LSTM/GRU layer of hidden size h over t steps of width d: per direction and
+    step, gates x (2 h (d + h)) multiply-adds as FLOPs. Counted once (torch's meta LSTM unrolls the
+    steps, and a flop counter around it used to count them on top of the formula: 2x)."""
+    from torch import nn
+
+    m = build_model(model, size="small", device="meta")
+    x = m.example_input(2, "meta")
+    costs = m.block_flops(2)
+    checked = 0
+    for block, cost in zip(m.blocks, costs):
+        y = block(x)
+        rnns = [r for r in block.modules() if isinstance(r, nn.RNNBase)]
+        if rnns:
+            (r,) = rnns
+            gates = 4 if isinstance(r, nn.LSTM) else 3
+            t = x.shape[1]
+            assert cost == 2 * 2 * t * gates * 2 * r.hidden_size * (r.input_size + r.hidden_size), (model, cost)
+            checked += 1
+        x = y
+    assert checked >= 1

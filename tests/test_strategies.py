@@ -101,14 +101,28 @@ def test_impossible_combinations_fail_before_starting(tmp_path):
     assert load_result(proc.stdout.strip().splitlines()[-1])["status"] == "failed"
 
 
-def test_parity_exact_for_batch_independent_model():
-    """lstm has no BatchNorm: every strategy computes the same mathematics as single."""
-    proc = bench("parity", "--gpus", "2", "--model", "lstm", "--steps", "4", "--device", "cpu")
+def _parity_exact(model: str, cells: tuple[str, ...]) -> None:
+    proc = bench("parity", "--gpus", "2", "--model", model, "--model-size", "small", "--steps", "4",
+                 "--batch-size", "8", "--strategies", ",".join(cells), "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
-    for cell in ("ddp", "fsdp", "pipeline:gpipe", "pipeline:1f1b"):
-        assert cell in out
-    assert out.count("exact") >= 4 and "FAIL" not in out
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("│ ")]
+    for cell in cells:
+        assert any(r.split("│")[1].strip() == cell and "exact" in r and "ok" in r for r in rows), proc.stdout
+    assert "FAIL" not in proc.stdout
+
+
+def test_parity_exact_for_batch_independent_models():
+    """No BatchNorm: each strategy computes the same mathematics as single. The default run splits
+    the cells between lstm and the tiny wav2vec2 (each cell is a 2-process launch); -m slow runs
+    every cell for both."""
+    _parity_exact("lstm", ("ddp", "pipeline:gpipe"))
+    _parity_exact("wav2vec2-base", ("fsdp", "pipeline:1f1b"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["lstm", "wav2vec2-base"])
+def test_parity_exact_every_strategy(model):
+    _parity_exact(model, ("ddp", "fsdp", "pipeline:gpipe", "pipeline:1f1b"))
 
 
 def test_parity_batchnorm_tolerance(tmp_path):

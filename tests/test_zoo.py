@@ -62,13 +62,6 @@ def test_stages_are_balanced_by_flops():
         assert max(per_stage) <= max(1.25 * sum(per_stage) / n, max(flops)), per_stage
 
 
-def test_tiny_wav2vec2_trains_alike_under_every_strategy():
-    proc = bench("parity", "--model", "wav2vec2-base", "--model-size", "small", "--gpus", "2", "--steps", "3",
-                 "--batch-size", "8", "--strategies", "ddp,fsdp,pipeline:1f1b", "--device", "cpu")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("exact") >= 3 and "FAIL" not in proc.stdout
-
-
 @pytest.mark.slow
 def test_tiny_wavlm_passes_its_position_bias_between_pipeline_stages():
     proc = bench("parity", "--model", "wavlm-base", "--model-size", "small", "--gpus", "2", "--steps", "3",
