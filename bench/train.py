@@ -73,7 +73,7 @@ class Setup:
     plan: Plan
     precision: Precision
     optimizer: torch.optim.Optimizer
-    forward_flops_per_sample: float
+    forward_flops_per_sample: float  # 0 on ranks other than 0 (not counted there)
 
 
 def setup(cfg: RunConfig, env: DistEnv, data: Dataset) -> Setup:
@@ -86,7 +86,8 @@ def setup(cfg: RunConfig, env: DistEnv, data: Dataset) -> Setup:
                         frames=fcfg.crop_frames, device=env.device)
     if model.feature_kind != fcfg.kind:
         raise ConfigError(f"model {cfg.model} reads {model.feature_kind} features but the dataset holds {fcfg.kind}")
-    fwd_flops_per_sample = sum(model.block_flops(2)) / 2
+    # rank 0 reports them; the count's first use of meta tensors costs about a second per process
+    fwd_flops_per_sample = sum(model.block_flops(2)) / 2 if env.is_main else 0.0
     if cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:
