@@ -74,12 +74,14 @@ class BlockModel(nn.Module):
                 hooks = [m.register_forward_hook(lambda m, i, o: rnn_flops.append(_rnn_flops(m, i[0]))) for m in rnns]
                 for m in rnns:  # counted by formula: on meta, torch would unroll every time step (and count it)
                     m.forward = _rnn_shapes(m)
-                with FlopCounterMode(display=False) as counter:
-                    x = block(x)
-                for h in hooks:
-                    h.remove()
-                for m in rnns:
-                    del m.forward
+                try:
+                    with FlopCounterMode(display=False) as counter:
+                        x = block(x)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                    for m in rnns:
+                        del m.forward
                 costs.append(counter.get_total_flops() + sum(rnn_flops))
         return costs
 
