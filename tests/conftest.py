@@ -68,6 +68,13 @@ def bench(*args, env=None, timeout=600, cwd=None):
                           env=full_env, timeout=timeout, cwd=cwd or ROOT)
 
 
+def probe(folder: Path, rank: int) -> dict:
+    """What a rank saw at its first step (bench/faults.py probe, armed by EMOTION_BENCH_PROBE=folder)."""
+    import json
+
+    return json.loads((folder / f"probe-rank{rank}.json").read_text())
+
+
 def processes_tagged(tag: str) -> list:
     """Processes still alive from a run started with EMOTION_BENCH_TEST_TAG=tag."""
     import psutil

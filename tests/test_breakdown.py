@@ -9,6 +9,7 @@ from bench.breakdown import PARTS, Collective, StepTrace, breakdown, busbw_facto
 from bench.predict import Inputs, Link, check, inputs_from, predict, t_all_reduce, t_gather
 from bench.results import load_result
 from conftest import bench
+from test_sweep_report import fixture_result
 
 TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "8", "--model-size", "small", "--device", "cpu"]
 
@@ -50,18 +51,17 @@ def test_breakdown_of_two_ranks_by_hand():
     """Rank 0 computes 0-40 µs, then waits in an all-reduce 40-70 for rank 1, which computes 0-60;
     the all-reduce's transfer is its shortest duration, 10 µs (rank 1's 60-70). Step 0 also has an
     unsized all-gather and a send/receive; rank 1 profiled one step more than rank 0 (ignored)."""
-    def steps(compute_end, durations, extra):
+    def steps(compute_end, optimizer, durations, extra):
         out = []
         for i, d in enumerate(durations):
-            colls = [Collective("all_reduce", compute_end, 70, bytes=4_000_000)]
-            if i == 0:
-                colls += extra
-            out.append(StepTrace(duration=d, compute=[(0, compute_end)] + ([(80, 90)] if compute_end == 40 else []),
-                                 optimizer=[(80, 90)] if compute_end == 40 else [], collectives=colls))
+            colls = [Collective("all_reduce", compute_end, 70, bytes=4_000_000)] + (extra if i == 0 else [])
+            out.append(StepTrace(duration=d, compute=[(0, compute_end)] + optimizer, optimizer=optimizer,
+                                 collectives=colls))
         return out
 
-    r0 = steps(40, [100, 120, 110, 130], [Collective("all_gather", 70, 75), Collective("send", 75, 78, bytes=3000)])
-    r1 = steps(60, [90, 130, 95, 140, 1000], [Collective("all_gather", 70, 72), Collective("recv", 72, 78)])
+    r0 = steps(40, [(80, 90)], [100, 120, 110, 130],
+               [Collective("all_gather", 70, 75), Collective("send", 75, 78, bytes=3000)])
+    r1 = steps(60, [], [90, 130, 95, 140, 1000], [Collective("all_gather", 70, 72), Collective("recv", 72, 78)])
     bd = breakdown([r0, r1]).to_dict()
     # the median of 4 steps is the second shortest: 110 µs on rank 0, 95 µs on rank 1
     assert [r["step_ms"] for r in bd["per_rank"]] == [pytest.approx(0.110), pytest.approx(0.095)]
@@ -120,13 +120,8 @@ def test_scaling_model_formulas():
 
 
 def test_predict_inputs_take_one_device_runs_and_check_skips_them():
-    def result(strategy, devices, step_ms, tput):
-        return {"status": "ok", "run_id": f"{strategy}{devices}", "breakdown": None,
-                "config": {"model": "cnn", "model_size": "base", "precision": "fp32", "batch_size_per_device": 32,
-                           "strategy": strategy, "devices": devices, "scaling": "weak"},
-                "throughput": {"step_time_ms_p50": step_ms, "samples_per_s": tput}}
-
-    runs = [result("single", 1, 100.0, 320.0), result("fsdp", 1, 125.0, 256.0), result("fsdp", 2, 140.0, 457.0)]
+    runs = [fixture_result(strategy=s, devices=n, thr=thr, step_ms=ms)
+            for s, n, ms, thr in (("single", 1, 100.0, 320.0), ("fsdp", 1, 125.0, 256.0), ("fsdp", 2, 140.0, 457.0))]
     (inp,) = inputs_from(runs)
     assert inp.single_step_s == 0.1 and inp.one_device == {"fsdp": 0.125}
     rows = check(runs, Link(1.0, 100.0, "t"), None)

@@ -8,7 +8,7 @@ import torch
 from bench.metrics import quality
 from bench.monitor import Monitor
 from bench.results import load_result, validate
-from conftest import bench
+from conftest import bench, probe
 
 # CPU on every machine: these tests assert CPU behaviour (GPU tests are marked and skip without CUDA)
 TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "16", "--model-size", "small", "--warmup-steps", "2",
@@ -85,7 +85,7 @@ def test_bf16_on_cpu(tmp_path):
     r = _result(bench("run", *TINY, "--precision", "bf16", "--out", tmp_path, env={"EMOTION_BENCH_PROBE": str(tmp_path)}))
     assert r["config"]["precision"] == "bf16" and all(np.isfinite(r["losses"]))
     # what the forward saw (a hook, not the config): autocast computes in bf16 on fp32 weights
-    seen = json.loads((tmp_path / "probe-rank0.json").read_text())["modules"]
+    seen = probe(tmp_path, 0)["modules"]
     assert seen["Conv2d"] == {"output": "torch.bfloat16", "params": ["torch.float32"]}
     assert seen["Linear"]["output"] == "torch.bfloat16"
 
