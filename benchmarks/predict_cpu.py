@@ -7,6 +7,9 @@ own cost without communication; bench predict starts fsdp from it) and ddp, fsdp
 at 2 workers (profiled after the timed window, for the overlap factor), then predicts each
 multi-worker cell from the single run, the model's sizes and the measured links, and prints
 predicted against measured throughput with the error. Issue 10's bar: each within 15 %.
+
+The cells' settings, the run of one cell and the link measurement are shared with
+fsdp_cpu_cost.py.
 """
 from __future__ import annotations
 
@@ -23,27 +26,44 @@ from bench.predict import Link, check
 from bench.results import load_result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def arguments(doc: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def base_config(args: argparse.Namespace, out_dir: str) -> RunConfig:
+    """1 thread per worker, 5 warm-up steps, no evaluation between epochs."""
+    return RunConfig(model=args.model, batch_size=args.batch_size, epochs=100, max_steps=args.steps + 5,
+                     warmup_steps=5, threads=1, eval_each_epoch=False, device="cpu", out_dir=out_dir)
+
+
+def run_cell(base: RunConfig, strategy: str, devices: int, seed: int, profile: bool) -> dict:
+    """One cell's result; the script stops on a cell that did not run."""
+    outcome = run(base.replace(strategy=strategy, devices=devices, seed=seed, profile=profile))
+    if outcome.status != "ok":
+        sys.exit(f"{strategy} x{devices}: {outcome.error}")
+    return load_result(outcome.path)
+
+
+def measure_links(out_dir: str) -> dict:
+    """A bench comm result of 2 CPU workers, up to 8 MiB."""
+    subprocess.run([sys.executable, "-m", "bench", "comm", "--gpus", "2", "--device", "cpu", "--max-bytes", "8M",
+                    "--out", out_dir], check=True, capture_output=True)
+    return load(out_dir)
+
+
+def main() -> None:
+    args = arguments(__doc__)
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, "-m", "bench", "comm", "--gpus", "2", "--device", "cpu", "--max-bytes", "8M",
-                        "--out", str(Path(out, "comm"))], check=True, capture_output=True)
-        link = Link.measured(load(str(Path(out, "comm"))))
+        link = Link.measured(measure_links(str(Path(out, "comm"))))
         print(f"link: {link.source}: alpha {link.alpha_us:.0f} us per hop, bus bandwidth {link.busbw_GBps:.2f} GB/s")
-        base = RunConfig(model=args.model, batch_size=args.batch_size, epochs=100, max_steps=args.steps + 5,
-                         warmup_steps=5, threads=1, eval_each_epoch=False, device="cpu", out_dir=str(Path(out, "runs")))
-        results = []
-        for r in range(args.rounds):
-            for strategy, n in (("single", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2), ("pipeline", 2)):
-                outcome = run(base.replace(strategy=strategy, devices=n, seed=r, profile=strategy != "single"))
-                if outcome.status != "ok":
-                    sys.exit(f"{strategy} x{n}: {outcome.error}")
-                results.append(load_result(outcome.path))
+        base = base_config(args, str(Path(out, "runs")))
+        results = [run_cell(base, strategy, n, r, profile=strategy != "single") for r in range(args.rounds)
+                   for strategy, n in (("single", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2), ("pipeline", 2))]
         rows = check(results, link, None)
     print(f"{'cell':28} {'measured':>10} {'predicted':>10} {'error':>8} {'overlap':>8}   (samples/s)")
     for c in sorted(rows, key=lambda c: c["strategy"]):
