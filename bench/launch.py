@@ -23,6 +23,7 @@ from pathlib import Path
 from emotion_models.atomic import atomic_write_text
 
 from .config import RunConfig
+from .stops import Interrupted
 
 CONFIG_ENV = "EMOTION_BENCH_CONFIG"  # the launcher's RunConfig, JSON, for every worker
 LAUNCH_DIR_ENV = "EMOTION_BENCH_LAUNCH_DIR"  # where workers leave error reports and node facts
@@ -77,8 +78,10 @@ def launch(cfg: RunConfig, t0: float, status: Callable[[str], None], argv: tuple
                                     start_new_session=True)
             try:
                 rc = proc.wait()
-            except BaseException:  # Ctrl-C or SIGTERM: the workers write what they measured, then go
+            except BaseException as exc:  # Ctrl-C or SIGTERM: the workers write what they measured, then go
                 _kill_group(proc, GRACE_S)
+                if isinstance(exc, Interrupted) and not (result or Path(cfg.out_dir) / f"{cfg.run_id}.json").exists():
+                    exc.log_path = _keep_log(cfg, log_path.read_text(errors="replace"))
                 raise
         _kill_group(proc)  # nothing of the run may outlive it
         log_text = log_path.read_text(errors="replace")
@@ -94,10 +97,15 @@ def launch(cfg: RunConfig, t0: float, status: Callable[[str], None], argv: tuple
                 message = _failure_message(launch_dir, log_text, rc)
             except Exception as exc:  # the analysis must never cost the failed result
                 message = f"torchrun exited with code {rc}; its failure report could not be read ({exc})"
+    return Launched(ok=False, error=message, log_path=_keep_log(cfg, log_text))
+
+
+def _keep_log(cfg: RunConfig, log_text: str) -> Path:
+    """The workers' log beside the result, for a run that failed or lost its result."""
     keep = Path(cfg.out_dir) / f"{cfg.run_id}.torchrun.log"
     keep.parent.mkdir(parents=True, exist_ok=True)
     keep.write_text(log_text)
-    return Launched(ok=False, error=message, log_path=keep)
+    return keep
 
 
 # ------------------------------------------------------------------------------------- worker side

@@ -242,8 +242,11 @@ def _interrupted(cfg: RunConfig, exc: stops.Interrupted, device_type: str, t0: f
             return Outcome("interrupted", exc.exit_code, path, prior["error"])
     except (OSError, ValueError):
         pass
-    return _failed(cfg, f"interrupted by {exc.name} before training started", exc.exit_code,
-                   device_type=device_type, t0=t0, data=data, status="interrupted")
+    if exc.log_path is not None:  # launched workers that wrote nothing: say so, do not guess when
+        message = f"interrupted by {exc.name}; no worker wrote what it measured (worker log: {exc.log_path})"
+    else:
+        message = f"interrupted by {exc.name} before training started"
+    return _failed(cfg, message, exc.exit_code, device_type=device_type, t0=t0, data=data, status="interrupted")
 
 
 def _in_process(cfg: RunConfig, device_type: str, data: Dataset, bars, t0: float) -> Outcome:

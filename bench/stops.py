@@ -13,7 +13,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-        self.measured = None  # what the loop had measured, attached on the way out
+        self.log_path = None  # a launcher's kept worker log, when no worker wrote a result
 
     @property
     def exit_code(self) -> int:
@@ -32,7 +32,6 @@ class Diverged(Exception):
               else "; no finite loss before it")
         super().__init__(f"diverged: the training loss is not finite from step {step}{at}")
         self.step = step
-        self.measured = None
 
 
 class Stopped(Exception):
@@ -55,7 +54,8 @@ def signals_raise():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired: list[int] = []
+    fired, outer = _FIRED, list(_FIRED)
+    fired.clear()
 
     def handler(signum, frame):
         if fired:
@@ -69,3 +69,19 @@ def signals_raise():
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+        fired[:] = outer
+
+
+_FIRED: list[int] = []  # the signal signals_raise() has raised for, while it is active
+
+
+def raise_if_signalled() -> None:
+    """Raise Interrupted when a signal has arrived (or is about to be handled) within signals_raise().
+
+    For a failure that a signal caused indirectly: a rank blocked in a collective sees its peer,
+    stopped by the same signal, go away ("Connection reset by peer") and fails before its own
+    handler has run (seen in CI: the measured steps were lost). Entering this function gives a
+    pending handler its turn (CPython runs them at the next function call); if it ran earlier,
+    its signal is on record."""
+    if _FIRED:
+        raise Interrupted(_FIRED[0])

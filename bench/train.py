@@ -36,6 +36,7 @@ from .precision import Precision
 from .profiling import OPTIMIZER, read_trace, run_profiled, trace_path
 from .breakdown import breakdown
 from .results import Flops, Quality, RankUsage, RunSummary, Throughput, Timing, Utilization
+from . import stops
 from .stops import Diverged, Interrupted, Stopped
 from .strategies import Plan, get_strategy
 
@@ -211,19 +212,18 @@ class Measured:
             self.time_to_target_s, self.epochs_to_target = self.train_s, epoch + 1
 
 
-def train(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets, tick: Callable) -> Measured:
-    """The timed epochs. Warmup steps run first, outside the window; evaluation runs between epochs."""
+def train(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets, tick: Callable,
+          m: Measured) -> Measured:
+    """The timed epochs, measured into `m` (the caller's: an interruption raised anywhere on the way
+    out still finds what was measured). Warmup steps run first, outside the window; evaluation runs
+    between epochs."""
     device, opt = env.device, s.optimizer
     # one-cycle LR over the planned steps: stable final epochs; stepped on the host, no sync
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=b.total_steps, pct_start=0.15)
-    clock, m = _Clock(device), Measured()
     try:
-        _epochs(cfg, env, s, b, evalsets, tick, sched, clock, m)
+        _epochs(cfg, env, s, b, evalsets, tick, sched, _Clock(device), m)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(out_of_memory(device, len(m.losses) + 1)) from exc
-    except (Interrupted, Diverged) as exc:
-        exc.measured = m  # what was measured so far goes into the result
-        raise
     return m
 
 
@@ -395,15 +395,22 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
     tick = progress(b.total_steps) if (progress and env.is_main) else (lambda n=1: None)
     setup_s = time.perf_counter() - t_setup
     monitor = Monitor(cuda_device=env.device.index if env.device.type == "cuda" else None)
+    m = Measured()
     try:
-        with monitor:
-            m = train(cfg, env, s, b, evalsets, tick)
+        try:
+            with monitor:
+                train(cfg, env, s, b, evalsets, tick, m)
+        except Exception:
+            # a signal stops every rank; a rank blocked in a collective may see its peer's exit
+            # ("Connection reset by peer") before its own handler runs: that failure is the stop
+            stops.raise_if_signalled()
+            raise
     except (Interrupted, Diverged) as exc:
         # what this rank measured, without collectives: the peers may be gone
-        g = local_gather(env, exc.measured, _Clock(env.device), monitor)
-        summary = summarise(cfg, env, s, b, exc.measured, g, None, time.perf_counter() - t_setup)
+        g = local_gather(env, m, _Clock(env.device), monitor)
+        summary = summarise(cfg, env, s, b, m, g, None, time.perf_counter() - t_setup)
         if isinstance(exc, Interrupted):
-            raise Stopped("interrupted", f"interrupted by {exc.name} at step {len(exc.measured.losses) + 1} of "
+            raise Stopped("interrupted", f"interrupted by {exc.name} at step {len(m.losses) + 1} of "
                           f"{b.total_steps}", summary, exc.exit_code) from exc
         raise Stopped("diverged", str(exc), summary, 1) from exc
     t_test = time.perf_counter()

@@ -175,6 +175,57 @@ def test_sigterm_to_a_ddp_launcher_stops_every_worker_and_keeps_the_result(tmp_p
     assert no_process_outlives("sigterm-ddp")
 
 
+def test_a_failure_that_a_signal_caused_is_that_signal_and_keeps_the_steps(tmp_path, monkeypatch):
+    """The CI race, staged in one process: SIGTERM is taken by another thread (as by a gloo thread
+    of a worker) while the training thread is blocked in a call that then fails because its peer,
+    stopped by the same signal, went away. The failure comes first and the handler runs on the way
+    out; the run must still end interrupted, with the steps measured before it."""
+    import socket
+    import struct
+    import threading
+
+    from bench import lifecycle, strategies
+    from bench.config import RunConfig
+
+    server = socket.create_server(("127.0.0.1", 0))
+    ours = socket.create_connection(server.getsockname())
+    theirs, _ = server.accept()
+    at_step, seen = 7, []
+
+    def peer_stops() -> None:  # this thread takes the signal, then resets the connection
+        time.sleep(0.2)  # the training thread is in recv by now (if not, it is when the reset comes)
+        os.kill(os.getpid(), signal.SIGTERM)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        theirs.close()
+
+    real_forward_backward = strategies.forward_backward
+
+    def forward_backward(model):
+        real_step = real_forward_backward(model)
+        return lambda x, y, precision: step(real_step, x, y, precision)
+
+    def step(real_step, x, y, precision):
+        seen.append(1)
+        if len(seen) == at_step:
+            peer = threading.Thread(target=peer_stops)
+            peer.start()  # created before the mask below: SIGTERM can reach only it
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # unblocked below: unblocking runs the handler
+            ours.recv(1)  # blocked in C until the reset, then raises ConnectionResetError; no handler has run
+        return real_step(x, y, precision)
+
+    monkeypatch.setattr(strategies, "forward_backward", forward_backward)
+    cfg = RunConfig(size="tiny", epochs=2, batch_size=8, model_size="small", warmup_steps=2, device="cpu",
+                    out_dir=str(tmp_path))
+    try:
+        outcome = lifecycle.run(cfg)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        server.close()
+    r = load_result(outcome.path)
+    assert (outcome.status, outcome.code) == ("interrupted", 143), outcome.error
+    assert f"at step {at_step} of" in r["error"] and r["throughput"]["measured_steps"] == at_step - 3
+
+
 def test_a_second_signal_does_not_cut_the_stop_short():
     """A worker gets SIGTERM twice (the launcher's to the group, torchrun's forwarded): the second
     must not raise inside the handling of the first, where the result is being written."""
