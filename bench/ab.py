@@ -4,9 +4,10 @@ BASE (and HEAD, when it is a revision rather than the working tree) is checked o
 temporary git worktree; the same short cells (the `gate` preset: single and ddp x2, 40 timed
 steps) run with the base code and the head code alternately, A B B A A B ..., K pairs, in the
 same environment (`--base-env` / `--head-env` set variables for one side only, so BASE = HEAD
-A/B-tests a setting instead of a change). Each side keeps one measuring job for the whole gate
-(bench/ab_driver.py: torchrun over the side's code, data loaded once), so a visit costs its 45
-steps and not a start-up, and the two members of a pair run seconds apart: this machine's speed
+A/B-tests a setting instead of a change). Each side has a measuring job (bench/ab_driver.py:
+torchrun over the side's code, data loaded once, started anew every PAIRS_PER_JOB pairs, on huge
+pages: see job_env), so a visit costs its 45 steps and not a start-up, and the two members of a
+pair run seconds apart: this machine's speed
 drifts over tens of seconds by more than the 10 % the gate must catch, and pairing only cancels
 what both members share. A pair's efficiency divides its ddp cell by the single cell of the same
 side measured just before.
@@ -101,6 +102,22 @@ def checkout(rev: str | None) -> Iterator[Path]:
 DRIVER = Path(__file__).resolve().parent / "ab_driver.py"
 
 
+def job_env(side: Side, threads: int) -> dict[str, str]:
+    """The environment of one side's job.
+
+    THP_MEM_ALLOC_ENABLE=1: torch's CPU allocator aligns tensors of 2 MiB and more to 2 MiB and asks
+    for transparent huge pages (this kernel gives them on madvise only). Without it a job's speed
+    depends on where its tensors landed: measured here (benchmarks/gate_jobs.py, 6 fresh jobs x 3
+    visits per cell), job means spread 7.2 % (single) and 4.5 % (ddp), with it 1.6 % and 2.1 %, and
+    visits within a job 3.1 % instead of 5-8 %. Both sides alike; a user's own setting or a side's
+    --base-env/--head-env wins."""
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"), **side.env,
+           "EMOTION_BENCH_AB_ROOT": str(side.root), "PYTHONPATH": str(side.root),
+           "OMP_NUM_THREADS": str(threads), "EMOTION_BENCH_AB_THREADS": str(threads)}
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    return env
+
+
 class Job:
     """One side's measuring job: torchrun of ab_driver.py (head's) over the side's `bench` package,
     its processes kept between visits, so a visit costs its steps and not a start-up."""
@@ -109,9 +126,7 @@ class Job:
         self.side, self.dir, self.n = side, folder, 0
         folder.mkdir(parents=True)
         (folder / "setup.json").write_text(json.dumps({"cfg": setup}))
-        env = {**os.environ, **side.env, "EMOTION_BENCH_AB_ROOT": str(side.root), "PYTHONPATH": str(side.root),
-               "OMP_NUM_THREADS": str(threads), "EMOTION_BENCH_AB_THREADS": str(threads)}
-        env.pop("TORCHELASTIC_RUN_ID", None)
+        env = job_env(side, threads)
         self.log = open(folder / "job.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                                       str(world), "--max-restarts", "0", str(DRIVER), str(folder)],
