@@ -108,9 +108,9 @@ def job_env(side: Side, threads: int) -> dict[str, str]:
     THP_MEM_ALLOC_ENABLE=1: torch's CPU allocator aligns tensors of 2 MiB and more to 2 MiB and asks
     for transparent huge pages (this kernel gives them on madvise only). Without it a job's speed
     depends on where its tensors landed: measured here (benchmarks/gate_jobs.py, 6 fresh jobs x 3
-    visits per cell), job means spread 7.2 % (single) and 4.5 % (ddp), with it 1.6 % and 2.1 %, and
-    visits within a job 3.1 % instead of 5-8 %. Both sides alike; a user's own setting or a side's
-    --base-env/--head-env wins."""
+    visits per cell, two runs), job means spread 7-8 % (single) and 4-8 % (ddp), with it 1.6-2.3 %,
+    and visits within a job about 3 % instead of 5-10 %. Both sides alike; a user's own setting or
+    a side's --base-env/--head-env wins."""
     env = {**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"), **side.env,
            "EMOTION_BENCH_AB_ROOT": str(side.root), "PYTHONPATH": str(side.root),
            "OMP_NUM_THREADS": str(threads), "EMOTION_BENCH_AB_THREADS": str(threads)}

@@ -7,7 +7,7 @@ THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for tensors of 2 MiB and more), j
 Prints, per allocator setting and cell, the spread (standard deviation of log throughput of the
 fastest step, in %) of the job means and of the visits within a job, and the mean throughput.
 A spread of job means well above (within-job spread) / sqrt(visits) is a speed that belongs to
-the job: pairs measured by one pair of jobs share it, and only fresh jobs sample it. About 6 min
+the job: pairs measured by one pair of jobs share it, and only fresh jobs sample it. About 7.5 min
 for the defaults on 2 cores; run it on an idle machine.
 """
 from __future__ import annotations
