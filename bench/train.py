@@ -213,7 +213,7 @@ class Measured:
 
 
 def train(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets, tick: Callable,
-          m: Measured) -> Measured:
+          m: Measured) -> None:
     """The timed epochs, measured into `m` (the caller's: an interruption raised anywhere on the way
     out still finds what was measured). Warmup steps run first, outside the window; evaluation runs
     between epochs."""
@@ -224,7 +224,6 @@ def train(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets
         _epochs(cfg, env, s, b, evalsets, tick, sched, _Clock(device), m)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(out_of_memory(device, len(m.losses) + 1)) from exc
-    return m
 
 
 class OutOfMemory(RuntimeError):

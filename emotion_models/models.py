@@ -71,15 +71,12 @@ class BlockModel(nn.Module):
             for block in self.blocks:
                 rnn_flops: list[int] = []
                 rnns = [m for m in block.modules() if isinstance(m, nn.RNNBase)]
-                hooks = [m.register_forward_hook(lambda m, i, o: rnn_flops.append(_rnn_flops(m, i[0]))) for m in rnns]
                 for m in rnns:  # counted by formula: on meta, torch would unroll every time step (and count it)
-                    m.forward = _rnn_shapes(m)
+                    m.forward = _rnn_shapes(m, rnn_flops)
                 try:
                     with FlopCounterMode(display=False) as counter:
                         x = block(x)
                 finally:
-                    for h in hooks:
-                        h.remove()
                     for m in rnns:
                         del m.forward
                 costs.append(counter.get_total_flops() + sum(rnn_flops))
@@ -127,14 +124,15 @@ class BlockModel(nn.Module):
         return [Stage(*self.blocks[a:b]) for a, b in self.stage_boundaries(n)]
 
 
-def _rnn_shapes(rnn: nn.RNNBase):
-    """A forward for a batch-first GRU/LSTM on the meta device that returns its outputs' shapes
-    without computing: torch's meta LSTM unrolls every time step (0.7 s per layer for 300 frames),
-    and the flop counter would count the unrolled matmuls on top of _rnn_flops."""
+def _rnn_shapes(rnn: nn.RNNBase, flops: list[int]):
+    """A forward for a batch-first GRU/LSTM on the meta device that adds its FLOPs (_rnn_flops) to
+    `flops` and returns its outputs' shapes without computing: torch's meta LSTM unrolls every time
+    step (0.7 s per layer for 300 frames), and the flop counter would count the unrolled matmuls too."""
     if not rnn.batch_first or rnn.proj_size:
         raise NotImplementedError(f"FLOPs of {type(rnn).__name__}: batch_first without proj_size only")
 
     def forward(x, hx=None):
+        flops.append(_rnn_flops(rnn, x))
         dirs = 2 if rnn.bidirectional else 1
         out = x.new_empty(x.shape[0], x.shape[1], rnn.hidden_size * dirs)
         h = x.new_empty(rnn.num_layers * dirs, x.shape[0], rnn.hidden_size)
