@@ -10,15 +10,23 @@ that cannot fit.
     activations    the tensors autograd saves for backward, measured by running the model on
                    fake tensors (no memory, no compute) at this run's per-device batch, under
                    autocast for bf16/fp16; pipeline: one micro-batch per stage in flight (1F1B)
-                   or all of them (GPipe), of the largest stage's share
+                   or all of them (GPipe), of the largest stage's share. Fake tensors import
+                   torch._dynamo, 1.3 s of CPU that a launcher otherwise never pays: each count
+                   is kept in the cache folder (activation_bytes.json) under a key of the model
+                   code, this file, torch's version and the count's arguments
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from emotion_models.atomic import atomic_write_text
+from emotion_models.dataset import default_cache_dir
 from emotion_models.models import build_model
 
 from .config import ConfigError, RunConfig
@@ -52,8 +60,41 @@ def _shape(model: str, size: str) -> tuple[int, int, tuple[int, ...]]:
     return sum(per_block), max(per_block), per_block
 
 
+@functools.lru_cache(maxsize=1)
+def _code_key() -> str:
+    """What a count depends on besides its arguments: the model code, this file, torch's version."""
+    import emotion_models
+
+    h = hashlib.sha256(torch.__version__.encode())
+    for f in sorted(Path(emotion_models.__file__).parent.glob("*.py")) + [Path(__file__)]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=64)
 def activation_bytes(model: str, size: str, batch: int, precision: str) -> int:
+    """Bytes autograd saves for backward in one forward at this batch (counted once per code)."""
+    path = default_cache_dir() / "activation_bytes.json"
+    code = _code_key()
+    key = f"{code} {model} {size} {batch} {precision}"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: count
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    n = known.get(key)
+    if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+        return n
+    n = _measure_activation_bytes(model, size, batch, precision)
+    kept = {k: v for k, v in known.items() if k.startswith(code + " ")}  # other code's entries go
+    try:
+        atomic_write_text(path, json.dumps({**kept, key: n}))
+    except OSError:  # a read-only cache folder costs time, not correctness
+        pass
+    return n
+
+
+def _measure_activation_bytes(model: str, size: str, batch: int, precision: str) -> int:
     """Bytes autograd saves for backward in one forward at this batch, measured on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 

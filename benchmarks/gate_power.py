@@ -1,6 +1,6 @@
 """The regression gate's power and false-alarm rate on this machine, with the CI settings.
 
-    python benchmarks/gate_power.py [--runs 10] [--base REV]
+    python benchmarks/gate_power.py [--runs 10] [--base REV] [--cases slow,none,ddp-slow]
 
 Runs `bench ab BASE` (BASE = HEAD by default, the head the working tree) --runs times with a
 planted 10 % slowdown of every training step on the head side (EMOTION_BENCH_FAULT=slow:10, a
@@ -19,10 +19,22 @@ import subprocess
 import sys
 import time
 
-CASES = [("10 % slower, every step", "slow:10"), ("no change", None), ("10 % slower, ddp cell only", "slow:10:1")]
+CASES = {"slow": ("10 % slower, every step", "slow:10"), "none": ("no change", None),
+         "ddp-slow": ("10 % slower, ddp cell only", "slow:10:1")}
 
 
-def gate(base: str, fault: str | None) -> tuple[bool, float, list[float], str]:
+def throughput(md: str) -> dict[str, tuple[float, float, float]]:
+    """Per cell of `bench ab --format md`: the throughput ratio's (change, low, high) in percent."""
+    out = {}
+    for line in md.splitlines():
+        cols = [c.strip() for c in line.strip().strip("|").split("|")]
+        m = re.match(r"([-+0-9.]+)% \[([-+0-9.]+), ([-+0-9.]+)\]", cols[1]) if len(cols) > 1 else None
+        if m:
+            out[cols[0]] = tuple(map(float, m.groups()))
+    return out
+
+
+def gate(base: str, fault: str | None) -> tuple[bool, float, dict[str, tuple[float, float, float]]]:
     cmd = [sys.executable, "-m", "bench", "ab", base, "--format", "md"]
     if fault:
         cmd += ["--head-env", f"EMOTION_BENCH_FAULT={fault}"]
@@ -31,26 +43,38 @@ def gate(base: str, fault: str | None) -> tuple[bool, float, list[float], str]:
     seconds = time.perf_counter() - t
     if proc.returncode not in (0, 1):
         sys.exit(f"bench ab failed: {proc.stderr.strip()}")
-    widths = [float(hi) - float(lo) for lo, hi in re.findall(r"\[([-+0-9.]+), ([-+0-9.]+)\]", proc.stdout)[:1]]
-    return proc.returncode == 1, seconds, widths, proc.stdout
+    cells = throughput(proc.stdout)
+    if not cells:
+        sys.exit(f"bench ab printed no throughput interval:\n{proc.stdout}")
+    return proc.returncode == 1, seconds, cells
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--base", default="HEAD")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"which, comma-separated: {', '.join(CASES)}")
     args = ap.parse_args()
-    for name, fault in CASES:
-        flagged, seconds, widths = 0, [], []
-        for i in range(args.runs):
-            hit, s, w, out = gate(args.base, fault)
-            flagged += hit
-            seconds.append(s)
-            widths += w
-            print(f"{name}: run {i + 1}: {'regression' if hit else 'no regression'} in {s:.0f} s", flush=True)
-        print(f"== {name}: flagged {flagged} of {args.runs}; median throughput interval width "
-              f"{statistics.median(widths) if widths else float('nan'):.1f} points; "
-              f"median {statistics.median(seconds):.0f} s per gate", flush=True)
+    unknown = sorted(set(args.cases.split(",")) - set(CASES))
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
+    cases = [CASES[c] for c in args.cases.split(",")]
+    flagged = {name: 0 for name, _ in cases}
+    seconds: dict[str, list[float]] = {name: [] for name, _ in cases}
+    widths: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for i in range(args.runs):  # the cases interleaved, so a drift of the machine touches each alike
+        for name, fault in cases:
+            hit, s, cells = gate(args.base, fault)
+            flagged[name] += hit
+            seconds[name].append(s)
+            widths[name] += [hi - lo for _, lo, hi in cells.values()]
+            shown = "; ".join(f"{c} {r:+.1f} % [{lo:+.1f}, {hi:+.1f}]" for c, (r, lo, hi) in cells.items())
+            print(f"{name}: run {i + 1}: {'regression' if hit else 'no regression'} in {s:.0f} s; "
+                  f"throughput {shown}", flush=True)
+    for name, _ in cases:
+        print(f"== {name}: flagged {flagged[name]} of {args.runs}; median throughput interval width (every cell) "
+              f"{statistics.median(widths[name]) if widths[name] else float('nan'):.1f} points; "
+              f"median {statistics.median(seconds[name]):.0f} s per gate", flush=True)
 
 
 if __name__ == "__main__":

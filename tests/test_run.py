@@ -112,6 +112,10 @@ def test_metrics_match_sklearn():
         assert q["num_samples"] == len(y)
     empty = quality(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
     assert (empty["accuracy"], empty["macro_f1"], empty["num_samples"]) == (0.0, 0.0, 0)
+    for bad in ((torch.tensor([7]), torch.tensor([0])), (torch.tensor([0]), torch.tensor([-1])),
+                (torch.tensor([0, 1]), torch.tensor([0]))):  # not a class index, or shapes that differ
+        with pytest.raises(ValueError, match="class indices"):
+            quality(*bad)
 
 
 def test_monitor_without_nvml(monkeypatch):

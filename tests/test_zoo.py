@@ -95,3 +95,29 @@ def test_synthetic_runs_need_neither_soundfile_nor_soxr(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert load_result(proc.stdout.strip().splitlines()[-1])["status"] == "ok"
+
+
+def test_the_activation_count_is_cached_per_model_code(tmp_path, monkeypatch):
+    """Fake tensors import torch._dynamo (1.3 s of CPU that a launcher otherwise never pays): a run
+    start reads a count made before by the same code; other code (or another torch) counts afresh."""
+    import json
+
+    from bench import memory
+
+    monkeypatch.setenv("EMOTION_BENCH_CACHE", str(tmp_path))
+    acts = memory.activation_bytes.__wrapped__  # past the in-process lru_cache, to the file
+    first = acts("cnn", "small", 8, "fp32")
+    assert first == memory._measure_activation_bytes("cnn", "small", 8, "fp32") > 0
+    assert acts("cnn", "small", 8, "bf16") < first  # autocast saves bf16 activations
+    file = tmp_path / "activation_bytes.json"
+    assert len(json.loads(file.read_text())) == 2
+    monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a: pytest.fail("counted again"))
+    assert acts("cnn", "small", 8, "fp32") == first
+    monkeypatch.setattr(memory, "_code_key", lambda: "othercode")  # the model code changed
+    monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a: 123)
+    assert acts("cnn", "small", 8, "fp32") == 123
+    assert list(json.loads(file.read_text())) == ["othercode cnn small 8 fp32"]  # the old entries went
+    for bad in ("{not json", '{"othercode cnn small 8 fp32": -1}', "[]"):  # counted afresh, no error
+        file.write_text(bad)
+        monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a: 456)
+        assert acts("cnn", "small", 8, "fp32") == 456
