@@ -13,7 +13,7 @@ that cannot fit.
                    or all of them (GPipe), of the largest stage's share. Fake tensors import
                    torch._dynamo, 1.3 s of CPU that a launcher otherwise never pays: each count
                    is kept in the cache folder (activation_bytes.json) under a key of the model
-                   code, this file, torch's version and the count's arguments
+                   code, this file, torch's and torchaudio's versions and the count's arguments
 """
 from __future__ import annotations
 
@@ -62,11 +62,14 @@ def _shape(model: str, size: str) -> tuple[int, int, tuple[int, ...]]:
 
 @functools.lru_cache(maxsize=1)
 def _code_key() -> str:
-    """What a count depends on besides its arguments: the model code, this file, torch's version."""
+    """What a count depends on besides its arguments: the model code, this file, the versions of torch
+    and torchaudio (whose builders make the speech encoders)."""
+    import torchaudio
+
     import emotion_models
 
-    h = hashlib.sha256(torch.__version__.encode())
-    for f in sorted(Path(emotion_models.__file__).parent.glob("*.py")) + [Path(__file__)]:
+    h = hashlib.sha256(f"{torch.__version__} {torchaudio.__version__}".encode())
+    for f in sorted(Path(emotion_models.__file__).parent.rglob("*.py")) + [Path(__file__)]:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -86,7 +89,10 @@ def activation_bytes(model: str, size: str, batch: int, precision: str) -> int:
     if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
         return n
     n = _measure_activation_bytes(model, size, batch, precision)
-    kept = {k: v for k, v in known.items() if k.startswith(code + " ")}  # other code's entries go
+    # entries of this code and the 3 codes seen last stay (checkouts sharing a cache folder), older go
+    codes = list(dict.fromkeys(k.split(" ")[0] for k in known))  # in order of first entry
+    keep = set(codes[-3:]) | {code}
+    kept = {k: v for k, v in known.items() if k.split(" ")[0] in keep and k != key}
     try:
         atomic_write_text(path, json.dumps({**kept, key: n}))
     except OSError:  # a read-only cache folder costs time, not correctness

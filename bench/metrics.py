@@ -18,10 +18,11 @@ def quality(preds: torch.Tensor, target: torch.Tensor) -> dict:
     average (sklearn's zero_division=0), so an absent class is never silently ignored.
     """
     k = len(CLASSES)
+    if (preds.shape != target.shape or preds.ndim != 1 or preds.is_floating_point() or target.is_floating_point()
+            or preds.is_complex() or target.is_complex()
+            or (preds.numel() and (min(preds.min(), target.min()) < 0 or max(preds.max(), target.max()) >= k))):
+        raise ValueError(f"quality: predictions and targets must be 1-D class indices 0..{k - 1} of one shape")
     preds, target = preds.cpu().long(), target.cpu().long()
-    if preds.shape != target.shape or (preds.numel() and (min(preds.min(), target.min()) < 0
-                                                          or max(preds.max(), target.max()) >= k)):
-        raise ValueError(f"quality: predictions and targets must be class indices 0..{k - 1} of one shape")
     cm = torch.bincount(target * k + preds, minlength=k * k).reshape(k, k).to(torch.float64)
     tp = cm.diag()
     support = cm.sum(1)

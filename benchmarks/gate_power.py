@@ -26,11 +26,13 @@ CASES = {"slow": ("10 % slower, every step", "slow:10"), "none": ("no change", N
 def throughput(md: str) -> dict[str, tuple[float, float, float]]:
     """Per cell of `bench ab --format md`: the throughput ratio's (change, low, high) in percent."""
     out = {}
-    for line in md.splitlines():
+    rows = [line for line in md.splitlines() if line.startswith("| ")][1:]  # past the header
+    for line in rows:
         cols = [c.strip() for c in line.strip().strip("|").split("|")]
         m = re.match(r"([-+0-9.]+)% \[([-+0-9.]+), ([-+0-9.]+)\]", cols[1]) if len(cols) > 1 else None
-        if m:
-            out[cols[0]] = tuple(map(float, m.groups()))
+        if not m:
+            sys.exit(f"a gate row without a throughput interval: {line}")
+        out[cols[0]] = tuple(map(float, m.groups()))
     return out
 
 
@@ -55,10 +57,11 @@ def main() -> None:
     ap.add_argument("--base", default="HEAD")
     ap.add_argument("--cases", default=",".join(CASES), help=f"which, comma-separated: {', '.join(CASES)}")
     args = ap.parse_args()
-    unknown = sorted(set(args.cases.split(",")) - set(CASES))
+    picked = list(dict.fromkeys(args.cases.split(",")))  # each case once
+    unknown = sorted(set(picked) - set(CASES))
     if unknown:
         ap.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
-    cases = [CASES[c] for c in args.cases.split(",")]
+    cases = [CASES[c] for c in picked]
     flagged = {name: 0 for name, _ in cases}
     seconds: dict[str, list[float]] = {name: [] for name, _ in cases}
     widths: dict[str, list[float]] = {name: [] for name, _ in cases}

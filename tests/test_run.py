@@ -113,7 +113,8 @@ def test_metrics_match_sklearn():
     empty = quality(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
     assert (empty["accuracy"], empty["macro_f1"], empty["num_samples"]) == (0.0, 0.0, 0)
     for bad in ((torch.tensor([7]), torch.tensor([0])), (torch.tensor([0]), torch.tensor([-1])),
-                (torch.tensor([0, 1]), torch.tensor([0]))):  # not a class index, or shapes that differ
+                (torch.tensor([0, 1]), torch.tensor([0])), (torch.tensor([2.7]), torch.tensor([2])),
+                (torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))):  # not class indices, shapes that differ, not 1-D
         with pytest.raises(ValueError, match="class indices"):
             quality(*bad)
 

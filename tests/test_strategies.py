@@ -106,8 +106,8 @@ def _parity_exact(model: str, cells: tuple[str, ...]) -> None:
 
 def test_parity_exact_for_batch_independent_models():
     """No BatchNorm: each strategy computes the same mathematics as single. The default run checks
-    one model (each cell is a 2-process launch, the single reference one more); -m slow runs
-    every cell for lstm and wav2vec2, and test_parity_catches_a_planted_deviation runs lstm ddp."""
+    one model and one pipeline schedule (each cell is a 2-process launch, the single reference one
+    more); -m slow runs every cell, both schedules included, for lstm and wav2vec2."""
     _parity_exact("wav2vec2-base", ("ddp", "fsdp", "pipeline:1f1b"))
 
 

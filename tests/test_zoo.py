@@ -113,11 +113,19 @@ def test_the_activation_count_is_cached_per_model_code(tmp_path, monkeypatch):
     assert len(json.loads(file.read_text())) == 2
     monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a: pytest.fail("counted again"))
     assert acts("cnn", "small", 8, "fp32") == first
-    monkeypatch.setattr(memory, "_code_key", lambda: "othercode")  # the model code changed
-    monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a: 123)
-    assert acts("cnn", "small", 8, "fp32") == 123
-    assert list(json.loads(file.read_text())) == ["othercode cnn small 8 fp32"]  # the old entries went
-    for bad in ("{not json", '{"othercode cnn small 8 fp32": -1}', "[]"):  # counted afresh, no error
-        file.write_text(bad)
+    # the key follows the code: another torch (or model code) counts afresh
+    import torch
+
+    key = memory._code_key.__wrapped__()
+    monkeypatch.setattr(torch, "__version__", "0.0-other")
+    assert memory._code_key.__wrapped__() != key
+    for i, code in enumerate(("code1", "code2", "code3", "code4", "code5")):
+        monkeypatch.setattr(memory, "_code_key", lambda c=code: c)
+        monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a, n=i: n)
+        assert acts("cnn", "small", 8, "fp32") == i
+    # this code's entries and those of the 3 codes written before it stay; older ones go
+    assert sorted(json.loads(file.read_text())) == [f"code{i} cnn small 8 fp32" for i in (2, 3, 4, 5)]
+    for bad in ("{not json", '{"code5 cnn small 8 fp32": -1}', '{"code5 cnn small 8 fp32": true}', "[]"):
+        file.write_text(bad)  # unreadable, negative, a bool, not a dict: counted afresh, no error
         monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a: 456)
         assert acts("cnn", "small", 8, "fp32") == 456
