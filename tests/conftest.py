@@ -20,6 +20,15 @@ def _cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _bytecode_cached_for_the_processes_tests_start():
+    """The suite starts about 200 Python processes; where the environment sets
+    PYTHONDONTWRITEBYTECODE (this project's CI machines do), each recompiled bench/ and
+    emotion_models/ from source, about 0.1 s of CPU apiece. Their __pycache__ is git-ignored."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _cores_shared_between_test_processes():
     """Under pytest-xdist each test process gets its share of the cores for the runs it starts (the
     `bench` default is every core per process: two test processes, each starting a 2-thread run
