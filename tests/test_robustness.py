@@ -158,10 +158,8 @@ def test_sigterm_to_a_ddp_launcher_stops_every_worker_and_keeps_the_result(tmp_p
     mark = tmp_path / "timed-window"
     env = {**os.environ, "EMOTION_BENCH_FAULT": "mark:0:6", "EMOTION_BENCH_MARK": str(mark),
            "EMOTION_BENCH_TEST_TAG": "sigterm-ddp"}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--strategy", "ddp", "--gpus", "2", "--size", "small",
-                             "--epochs", "20", "--batch-size", "8", "--model-size", "small", "--device", "cpu",
-                             "--warmup-steps", "2",
-                             "--out", str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--strategy", "ddp", "--gpus", "2", *TINY,
+                             "--epochs", "40", "--out", str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:

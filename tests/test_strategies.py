@@ -144,8 +144,8 @@ def test_parity_exits_non_zero_on_a_failed_cell():
 
 
 def test_compile_aot_eager_ddp(tmp_path):
-    r = _ok(bench("run", "--strategy", "ddp", "--gpus", "2", *TINY, "--compile", "--compile-backend", "aot_eager",
-                  "--out", tmp_path, env={"EMOTION_BENCH_PROBE": str(tmp_path)}))
+    r = _ok(bench("run", "--strategy", "ddp", "--gpus", "2", *TINY, "--epochs", "1", "--compile", "--compile-backend",
+                  "aot_eager", "--out", tmp_path, env={"EMOTION_BENCH_PROBE": str(tmp_path)}))
     assert r["config"]["compile"] is True and r["throughput"]["samples_per_s"] > 0
     for rank in (0, 1):  # dynamo's own count: every rank captured graphs
         assert probe(tmp_path, rank)["dynamo_graphs"] >= 1
