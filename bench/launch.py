@@ -37,6 +37,7 @@ class Launched:
     ok: bool
     other_node: bool = False  # this node had no rank 0: the result was written on another node
     error: str | None = None  # the failing rank and why
+    failed_rank: int | None = None  # the rank whose failure ended the run, where one is known
     log_path: Path | None = None  # the worker log, kept beside the result when the run failed
 
 
@@ -91,13 +92,13 @@ def launch(cfg: RunConfig, t0: float, status: Callable[[str], None], argv: tuple
             node = Path(launch_dir, f"node-{cfg.node_rank}.json")
             if cfg.nodes > 1 and node.exists() and json.loads(node.read_text())["first_rank"] != 0:
                 return Launched(ok=True, other_node=True)
-            message = "workers exited without writing a result"
+            message, rank = "workers exited without writing a result", None
         else:
             try:
-                message = _failure_message(launch_dir, log_text, rc)
+                message, rank = _failure_message(launch_dir, log_text, rc)
             except Exception as exc:  # the analysis must never cost the failed result
-                message = f"torchrun exited with code {rc}; its failure report could not be read ({exc})"
-    return Launched(ok=False, error=message, log_path=_keep_log(cfg, log_text))
+                message, rank = f"torchrun exited with code {rc}; its failure report could not be read ({exc})", None
+    return Launched(ok=False, error=message, failed_rank=rank, log_path=_keep_log(cfg, log_text))
 
 
 def _keep_log(cfg: RunConfig, log_text: str) -> Path:
@@ -150,8 +151,8 @@ _SIGNALS = {-int(s): s.name for s in signal.Signals}
 _PEER_ERROR = re.compile(r"connection (reset|closed) by peer|pair closure|broken pipe|timed? ?out", re.I)
 
 
-def _failure_message(launch_dir: str, log_text: str, rc: int) -> str:
-    """The failing rank and why, told apart from what its peers saw because of it.
+def _failure_message(launch_dir: str, log_text: str, rc: int) -> tuple[str, int | None]:
+    """The failing rank and why, told apart from what its peers saw because of it: (message, rank).
 
     Which failure torchrun observes first is a race, so the order of preference is: a rank's own
     error that is not a peer-communication error; then a rank that died without reporting
@@ -166,17 +167,18 @@ def _failure_message(launch_dir: str, log_text: str, rc: int) -> str:
     own = {r: e for r, e in reports.items() if not _PEER_ERROR.search(e)}
     if own:
         rank = min(own)
-        return f"rank {rank} failed: {own[rank]}"
+        return f"rank {rank} failed: {own[rank]}", rank
     # torchrun stops the surviving ranks with SIGTERM once one has died: a rank that died of
-    # anything else is the cause
-    silent = sorted(((r, c) for r, c in failures if r not in reports), key=lambda rc: rc[1] == -signal.SIGTERM)
+    # anything else is the cause. A rank that took the SIGTERM and left on its own exits 143.
+    stopped = (-signal.SIGTERM, 128 + signal.SIGTERM)
+    silent = sorted(((r, c) for r, c in failures if r not in reports), key=lambda rc: rc[1] in stopped)
     if silent:
         rank, code = silent[0]
         how = f"killed by {_SIGNALS[code]}" if code in _SIGNALS else f"exit code {code}"
         seen = "; ".join(f"rank {r} saw: {e}" for r, e in sorted(reports.items()))
         return (f"rank {rank} died ({how}) without reporting an error; the other ranks were stopped"
-                + (f" ({seen})" if seen else ""))
+                + (f" ({seen})" if seen else "")), rank
     if reports:
         rank = min(reports)
-        return f"rank {rank} failed: {reports[rank]}"
-    return f"torchrun exited with code {rc} before any worker reported"
+        return f"rank {rank} failed: {reports[rank]}", rank
+    return f"torchrun exited with code {rc} before any worker reported", None

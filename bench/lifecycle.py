@@ -275,8 +275,15 @@ def _launched(cfg: RunConfig, device_type: str, data: Dataset, t0: float, say: C
     path = Path(cfg.out_dir) / f"{cfg.run_id}.json"
     if done.ok:
         return Outcome("ok", 0, None if done.other_node else path)
-    try:  # rank 0 stopped early and said so itself (diverged): its result stands
+    try:  # rank 0 stopped early and said so itself (diverged, interrupted): its result stands
         prior = json.loads(path.read_text())
+        if prior.get("status") == "interrupted" and done.failed_rank not in (None, 0):
+            # no signal reached the launcher (launch() raises Interrupted then): torchrun stopped
+            # rank 0 with SIGTERM because another rank had failed. That failure is the outcome;
+            # what rank 0 measured before it stays.
+            prior.update(status="failed", error=f"{done.error}; rank 0 was stopped: {prior['error']}")
+            write_result(prior, cfg.out_dir)
+            return Outcome("failed", 1, path, f"run failed: {prior['error']} (worker log: {done.log_path})")
         if prior.get("status") in ("diverged", "interrupted"):
             return Outcome(prior["status"], 1 if prior["status"] == "diverged" else 143, path, prior["error"])
     except (OSError, ValueError):

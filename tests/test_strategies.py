@@ -1,4 +1,5 @@
 """The strategy matrix on CPU with real processes: gloo, world size 2, tiny models."""
+import json
 import os
 import re
 import socket
@@ -203,6 +204,48 @@ def test_failing_rank_is_named_not_the_peer_that_lost_it(tmp_path):
     log = tmp_path / f"{r['run_id']}.torchrun.log"  # the worker log is kept beside the failed result
     assert log.exists() and "Traceback" in log.read_text() and "injected fault on rank 1" in log.read_text()
     assert str(log) in proc.stderr
+
+
+_TORCHRUN_SUMMARY = """
+Failures:
+[1]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : 143 (pid: 101)
+  error_file: <N/A>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 102)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 102
+"""
+
+
+def test_a_rank_that_torchrun_stopped_is_not_the_cause_and_keeps_its_steps(tmp_path, monkeypatch):
+    """The race seen in CI: rank 1 is killed, and torchrun's SIGTERM reaches rank 0 before its next
+    collective fails, so rank 0 writes an interrupted result and exits 143. The run failed because
+    of rank 1, not a signal to the launcher: failed, exit 1, rank 0's measured steps kept."""
+    from bench import launch, lifecycle
+    from bench.config import RunConfig
+    from test_sweep_report import fixture_result
+
+    message, rank = launch._failure_message(str(tmp_path), _TORCHRUN_SUMMARY, 1)
+    assert rank == 1 and message.startswith("rank 1 died (killed by SIGKILL)"), message
+    prior = {**fixture_result(strategy="ddp", devices=2, status="interrupted"),
+             "error": "interrupted by SIGTERM at step 4 of 12", "losses": [1.9, 1.8, 1.7]}
+    (tmp_path / f"{prior['run_id']}.json").write_text(json.dumps(prior))
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: launch.Launched(ok=False, error=message, failed_rank=1))
+    cfg = RunConfig(strategy="ddp", devices=2, device="cpu", out_dir=str(tmp_path), run_id=prior["run_id"])
+    out = lifecycle._launched(cfg, "cpu", None, time.perf_counter(), lambda _: None)
+    r = load_result(out.path)
+    assert (out.status, out.code, r["status"]) == ("failed", 1, "failed")
+    assert r["error"].startswith("rank 1 died (killed by SIGKILL)") and "rank 0 was stopped" in r["error"]
+    assert r["losses"] == [1.9, 1.8, 1.7]
+    # rank 0's own signal (the launcher not signalled, no other rank the cause) stays interrupted
+    (tmp_path / f"{prior['run_id']}.json").write_text(json.dumps(prior))
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: launch.Launched(ok=False, error="x", failed_rank=0))
+    assert lifecycle._launched(cfg, "cpu", None, time.perf_counter(), lambda _: None).status == "interrupted"
 
 
 def _free_port():
