@@ -275,13 +275,16 @@ def test_a_nan_loss_stops_the_run_as_diverged_and_the_sweep_goes_on(tmp_path):
 
 
 def test_oversubscribed_cores_and_few_measured_steps_are_warned(tmp_path):
-    proc = bench("run", "--strategy", "ddp", "--gpus", "2", "--threads", "2", "--size", "tiny", "--epochs", "1",
-                 "--batch-size", "8", "--model-size", "small", "--device", "cpu", "--out", tmp_path)
+    # the launcher's check comes before anything starts: --dry-run shows it without 2 oversubscribed workers
+    proc = bench("run", "--strategy", "ddp", "--gpus", "2", "--threads", "2", *TINY, "--dry-run", "--out", tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
+    assert "2 process(es) on this node x 2 thread(s) (--threads)" in proc.stdout
     if (os.cpu_count() or 1) < 4:
-        assert "warning: 2 process(es) x 2 thread(s) share this machine's" in out
-    assert "warning: only" in out and "step(s) in the timed window" in out and "--max-steps" in out
+        assert "warning: 2 process(es) x 2 thread(s) share this machine's" in proc.stdout
+    # too few timed steps is known after the run: 4 steps, 2 of them warm-up
+    proc = bench("run", *TINY, "--threads", "1", "--max-steps", "4", "--out", tmp_path)
+    out = proc.stdout
+    assert "warning: only 2 step(s) in the timed window" in out and "--max-steps" in out, out + proc.stderr
     assert _result(proc)["config"]["threads_source"] == "--threads"
 
 

@@ -122,12 +122,13 @@ def test_sweep_resumes_after_being_killed_mid_cell(tmp_path):
 
 
 def test_failed_cell_is_recorded_and_sweep_goes_on(tmp_path):
-    proc = bench("sweep", "--strategies", "single,pipeline", "--gpus", "1,2", "--size", "tiny", "--epochs", "1",
+    # two cells, both failing: single (in the sweep's process) first, then pipeline x2 (launched)
+    proc = bench("sweep", "--strategies", "single,pipeline", "--gpus", "2", "--size", "tiny", "--epochs", "1",
                  "--batch-size", "8", "--device", "cpu", "--out", tmp_path, env={"EMOTION_BENCH_FAULT": "raise:0:2"})
     assert proc.returncode == 0, proc.stderr
-    results = [load_result(p) for p in tmp_path.glob("cnn-*.json")]
-    assert len(results) == 3 and all(r["status"] == "failed" for r in results)
-    assert "injected fault" in results[0]["error"]
+    results = {r["config"]["strategy"]: r for r in map(load_result, tmp_path.glob("cnn-*.json"))}
+    assert set(results) == {"single", "pipeline"} and all(r["status"] == "failed" for r in results.values())
+    assert all("injected fault" in r["error"] for r in results.values()), results
 
 
 # ------------------------------------------------------------------------------------------ report
