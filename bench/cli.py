@@ -323,7 +323,8 @@ def _link(text: str | None):
 
 @app.command()
 def predict(
-    results_dir: str = typer.Argument(..., help="Result folder with single runs (and, for overlap, profiled runs)."),
+    results_dir: str = typer.Argument(..., help="Result folder with single runs (and, for overlap, profiled runs; "
+                                                "for contention, independent runs)."),
     devices: str = typer.Option("1,2,4,8,16,64", "--gpus", "--devices", help="Comma-separated device counts N."),
     per_node: int = typer.Option(8, help="Devices per node: N above it spans nodes (data parallel through --inter-link)."),
     strategies: str = typer.Option("ddp,fsdp,pipeline", help="Comma-separated strategies to predict."),
@@ -360,11 +361,15 @@ def predict(
             for n in counts:
                 if s == "pipeline" and n > inp.blocks:
                     continue
-                p = predict_cell(inp, s, n, max(1, -(-n // per_node)), intra, inter)
-                rows.append([f"{inp.model} {s} {inp.precision} b{inp.batch}", str(n), str(max(1, -(-n // per_node))),
+                nodes = max(1, -(-n // per_node))
+                p = predict_cell(inp, s, n, nodes, intra, inter)
+                measured_c = n // nodes < 2 or (n // nodes) in (inp.contention or {})
+                rows.append([f"{inp.model} {s} {inp.precision} b{inp.batch}", str(n), str(nodes),
                              f"{p['step_ms']:.1f}", f"{p['samples_per_s']:.1f}", f"{p['efficiency']:.2f}",
-                             f"{p['overlap']:.2f}" + ("" if inp.overlap and s in inp.overlap else " (none measured)")])
-    header = ["cell", "devices", "nodes", "step (ms)", "throughput (samples/s)", "efficiency", "overlap o"]
+                             f"{p['overlap']:.2f}" + ("" if inp.overlap and s in inp.overlap else " (none measured)"),
+                             f"{p['contention']:.2f}" + ("" if measured_c else " (none measured)")])
+    header = ["cell", "devices", "nodes", "step (ms)", "throughput (samples/s)", "efficiency", "overlap o",
+              "contention c_n"]
     t = Table(title=f"predicted: intra-node {intra.source} ({intra.busbw_GBps:.1f} GB/s, {intra.alpha_us:.0f} us); "
                     f"inter-node {inter.source}")
     for h in header:
@@ -373,9 +378,10 @@ def predict(
         t.add_row(*r)
     console.print(t)
     checked = check(results, intra, inter)
-    cmp_header = ["cell", "devices", "measured (samples/s)", "predicted (samples/s)", "error"]
+    cmp_header = ["cell", "devices", "measured (samples/s)", "predicted (samples/s)", "error", "contention c_n"]
     cmp_rows = [[f"{c['model']} {c['strategy']} {c['precision']} b{c['batch']}", str(c["devices"]),
-                 f"{c['measured']:.1f}", f"{c['predicted']:.1f}", f"{c['error'] * 100:+.1f}%"] for c in checked]
+                 f"{c['measured']:.1f}", f"{c['predicted']:.1f}", f"{c['error'] * 100:+.1f}%", f"{c['contention']:.2f}"]
+                for c in checked]
     if cmp_rows:
         t = Table(title="predicted against measured (the same links)")
         for h in cmp_header:

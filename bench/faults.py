@@ -40,7 +40,8 @@ def probe(rank: int, folder: str) -> None:
     """Record what the first training step saw, an oracle independent of the harness: per module
     class the dtype of its output and of its parameters during the forward (autocast, FSDP2's
     MixedPrecisionPolicy), per optimised parameter its type and local and global element count
-    (FSDP2's shards), and how many graphs torch.compile captured (dynamo's own counter). Written
+    (FSDP2's shards), a fixed projection of its gradients (synchronised or not), and how many
+    graphs torch.compile captured (dynamo's own counter). Written
     to FOLDER/probe-rank<R>.json at the first optimiser step."""
     import json
     import sys
@@ -68,9 +69,15 @@ def probe(rank: int, folder: str) -> None:
             params = [p for g in self.param_groups for p in g["params"]]
             local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
             dynamo = sys.modules.get("torch._dynamo.utils")  # imported only where something compiled
+            grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
             record = {"modules": seen, "params": [{"type": type(p).__name__, "local": int(q.numel()),
                                                    "global": int(p.numel()), "dtype": str(q.dtype)}
                                                   for p, q in zip(params, local)],
+                      # a fixed projection of the gradients this rank steps with: equal on every rank
+                      # where gradients are synchronised (ddp), not where they are not (independent)
+                      "grad_projection": float(sum((g.detach().float().flatten()
+                                                    * torch.cos(torch.arange(g.numel(), dtype=torch.float32))).sum()
+                                                   for g in grads)),
                       "dynamo_graphs": int(dynamo.counters["stats"]["unique_graphs"]) if dynamo else 0}
             Path(folder, f"probe-rank{rank}.json").write_text(json.dumps(record))
             handle.remove()

@@ -3,22 +3,27 @@ what was measured, with the model written out (README: "Scaling past the machine
 
 Inputs: the `single` run at the per-device batch b (its step time t1: compute, optimiser and all;
 for a strategy that was also measured at one device, that run's step time instead, since FSDP2's
-hooks, DTensor optimiser step and copies cost time without any communication),
-the model's parameter bytes S and blocks L, the pipeline schedule, and links (alpha: latency of a
+hooks, DTensor optimiser step and copies cost time without any communication), the contention
+factor c_n of n devices per node (the step time of an `independent` run at n, n replicas training
+side by side with no communication, over the single step time; 1 where none was measured), the
+model's parameter bytes S and blocks L, the pipeline schedule, and links (alpha: latency of a
 hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = nodes x per-node.
 
+    compute at N        t1' = c_n x t1                                   n = N / nodes devices per node
     ring all-reduce     T_ar(S) = 2(N-1) alpha + 2(N-1)/N x S / B
     all-gather, reduce-scatter   T(S) = (N-1) alpha + (N-1)/N x S / B      (S the whole buffer)
-    ddp       t = t1 + (1 - o) x k x T_ar(S / k)       k = buckets of 25 MiB
-    fsdp      t = t1 + (1 - o) x L x [2 T_ag(S_p / L) + T_rs(S / L)]       S_p: S in the parameter dtype
-    pipeline  t = t1 x (m + p - 1) / m + 2 (m + p - 2) x (alpha + A / B)   p = N stages, m micro-batches,
+    ddp       t = t1' + (1 - o) x k x T_ar(S / k)       k = buckets of 25 MiB
+    fsdp      t = t1' + (1 - o) x L x [2 T_ag(S_p / L) + T_rs(S / L)]       S_p: S in the parameter dtype
+    pipeline  t = t1' x (m + p - 1) / m + 2 (m + p - 2) x (alpha + A / B)  p = N stages, m micro-batches,
                                                                             A one micro-batch's activations
     throughput = N b / t; efficiency = throughput / (N x single throughput)
 
 Across nodes every data-parallel collective goes through the slower link (B and alpha of the
 inter-node link). o, the share of communication hidden behind compute, is measured from a
 profiled run's breakdown of that strategy (overlapped / (overlapped + exposed)); without one it is
-0, the pessimistic bound, and the table says so.
+0, the pessimistic bound, and the table says so. c_n matters where workers share what a device
+does not hold alone: CPU workers share cores and memory bandwidth (measured here: see the README);
+GPUs of one node share host cores, data loading and PCIe switches, usually little.
 """
 from __future__ import annotations
 
@@ -94,6 +99,11 @@ class Inputs:
     microbatches: int | None = None  # pipeline's m (None: 2 x stages)
     overlap: dict | None = None  # strategy -> measured share of communication hidden behind compute
     one_device: dict | None = None  # strategy -> its step time (s) measured at one device, when it was
+    contention: dict | None = None  # devices per node n -> c_n, from independent runs at n
+
+    def contention_at(self, per_node: int) -> float:
+        """c_n: 1 at one device per node, and where no independent run at n was measured."""
+        return (self.contention or {}).get(per_node, 1.0) if per_node > 1 else 1.0
 
 
 def inputs_from(results: list[dict]) -> list[Inputs]:
@@ -105,9 +115,12 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
             continue
         c = r["config"]
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
-        g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}})
+        g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}, "independent": {}})
         if c["strategy"] == "single":
             g["single"].append(r)
+        elif c["strategy"] == "independent":
+            per_node = c["devices"] // c.get("nodes", 1)
+            g["independent"].setdefault(per_node, []).append(r["throughput"]["step_time_ms_p50"] / 1000)
         elif c["devices"] == 1:
             g["one"].setdefault(c["strategy"], []).append(r["throughput"]["step_time_ms_p50"] / 1000)
         elif r.get("breakdown"):
@@ -122,12 +135,13 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
         if not g["single"]:
             continue
         m = build_model(model, size=size, device="meta")
-        out.append(Inputs(model, size, precision, batch,
-                          statistics.median(r["throughput"]["step_time_ms_p50"] for r in g["single"]) / 1000,
+        t1 = statistics.median(r["throughput"]["step_time_ms_p50"] for r in g["single"]) / 1000
+        out.append(Inputs(model, size, precision, batch, t1,
                           statistics.median(r["throughput"]["samples_per_s"] for r in g["single"]),
                           sum(p.numel() for p in m.parameters()), len(m.blocks), g["micro"],
                           {s: statistics.median(v) for s, v in g["overlap"].items()},
-                          {s: statistics.median(v) for s, v in g["one"].items()}))
+                          {s: statistics.median(v) for s, v in g["one"].items()},
+                          {n: statistics.median(v) / t1 for n, v in g["independent"].items()}))
     return out
 
 
@@ -153,7 +167,8 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
     grad_bytes = 4 * inp.params
     overlap = (inp.overlap or {}).get(strategy, 0.0)
     t1, n = (inp.one_device or {}).get(strategy, inp.single_step_s), devices
-    if strategy == "single" or n == 1:
+    t1 *= inp.contention_at(max(1, n // max(nodes, 1)))
+    if strategy in ("single", "independent") or n == 1:
         step = t1
     elif strategy == "ddp":
         k = max(1, math.ceil(grad_bytes / BUCKET_BYTES))
@@ -171,7 +186,8 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
         raise ValueError(f"no model for strategy {strategy!r}: predict ddp, fsdp or pipeline")
     throughput = n * inp.batch / step
     return {"step_ms": step * 1000, "samples_per_s": throughput,
-            "efficiency": throughput / (n * inp.single_throughput), "overlap": overlap}
+            "efficiency": throughput / (n * inp.single_throughput), "overlap": overlap,
+            "contention": inp.contention_at(max(1, n // max(nodes, 1)))}
 
 
 def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
@@ -193,5 +209,6 @@ def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
         m = statistics.median(measured)
         out.append({"model": inp.model, "precision": inp.precision, "batch": inp.batch, "strategy": strategy,
                     "devices": n, "nodes": nodes, "predicted": p["samples_per_s"], "measured": m,
-                    "error": p["samples_per_s"] / m - 1, "overlap": p["overlap"], "repeats": len(measured)})
+                    "error": p["samples_per_s"] / m - 1, "overlap": p["overlap"], "contention": p["contention"],
+                    "repeats": len(measured)})
     return out

@@ -117,15 +117,28 @@ def test_scaling_model_formulas():
     assert fsdp["step_ms"] == pytest.approx(1000 * (0.125 + 5 * per_block))
     assert fsdp["efficiency"] == pytest.approx(4 * 32 / (fsdp["step_ms"] / 1000) / (4 * 320.0))
     assert predict(own, "ddp", 4, 1, link, None)["step_ms"] == predict(inp, "ddp", 4, 1, link, None)["step_ms"]
+    # contention: c_n scales the compute of n devices per node, before communication is added
+    busy = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 25_000_000, 5, contention={4: 1.5})
+    assert predict(busy, "ddp", 4, 1, link, None)["step_ms"] == pytest.approx(
+        1000 * (1.5 * 0.1 + 4 * t_all_reduce(25e6, 4, link)))
+    assert predict(busy, "ddp", 8, 2, link, None)["contention"] == 1.5  # 4 per node on 2 nodes
+    assert predict(busy, "ddp", 2, 1, link, None)["step_ms"] == predict(inp, "ddp", 2, 1, link, None)["step_ms"]
+    own_busy = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 25_000_000, 5, one_device={"fsdp": 0.125},
+                      contention={4: 1.5})
+    assert predict(own_busy, "fsdp", 4, 1, link, None)["step_ms"] == pytest.approx(1000 * (1.5 * 0.125 + 5 * per_block))
 
 
-def test_predict_inputs_take_one_device_runs_and_check_skips_them():
+def test_predict_inputs_take_one_device_and_independent_runs_and_check_skips_them():
     runs = [fixture_result(strategy=s, devices=n, thr=thr, step_ms=ms)
-            for s, n, ms, thr in (("single", 1, 100.0, 320.0), ("fsdp", 1, 125.0, 256.0), ("fsdp", 2, 140.0, 457.0))]
+            for s, n, ms, thr in (("single", 1, 100.0, 320.0), ("fsdp", 1, 125.0, 256.0), ("fsdp", 2, 140.0, 457.0),
+                                  ("independent", 2, 110.0, 580.0), ("independent", 2, 130.0, 490.0),
+                                  ("independent", 2, 120.0, 530.0))]
     (inp,) = inputs_from(runs)
     assert inp.single_step_s == 0.1 and inp.one_device == {"fsdp": 0.125}
-    rows = check(runs, Link(1.0, 100.0, "t"), None)
+    assert inp.contention == {2: pytest.approx(1.2)}  # the median independent step over single's
+    rows = check(runs, Link(1.0, 100.0, "t"), None)  # independent runs are inputs, not predictions
     assert [(r["strategy"], r["devices"]) for r in rows] == [("fsdp", 2)] and rows[0]["measured"] == 457.0
+    assert rows[0]["contention"] == pytest.approx(1.2)
 
 
 # ------------------------------------------------------------------------------------------ real runs

@@ -26,6 +26,7 @@ def _ok(proc):
     ("ddp", ["--precision", "bf16"]),
     ("fsdp", ["--precision", "bf16"]),
     ("pipeline", ["--schedule", "gpipe", "--microbatches", "4"]),
+    ("independent", []),
 ])
 def test_multiprocess_strategy_end_to_end(tmp_path, strategy, extra):
     probes = tmp_path / "probe"
@@ -50,6 +51,11 @@ def test_multiprocess_strategy_end_to_end(tmp_path, strategy, extra):
         for s in seen:
             assert s["modules"]["Conv2d"] == {"output": "torch.bfloat16", "params": ["torch.float32"]}
             assert all(p["local"] == p["global"] and p["dtype"] == "torch.float32" for p in s["params"])
+        # every rank steps with the all-reduced gradients (the same on both, though the slices differ)
+        assert seen[0]["grad_projection"] == pytest.approx(seen[1]["grad_projection"], rel=1e-6)
+    if strategy == "independent":  # each replica steps with its own slice's gradients: none exchanged
+        assert all(p["local"] == p["global"] for s in seen for p in s["params"])
+        assert seen[0]["grad_projection"] != pytest.approx(seen[1]["grad_projection"], rel=1e-3)
     if strategy == "fsdp":  # MixedPrecisionPolicy: bf16 weights in the forward, BatchNorm kept fp32
         for s in seen:
             assert s["modules"]["Conv2d"] == {"output": "torch.bfloat16", "params": ["torch.bfloat16"]}

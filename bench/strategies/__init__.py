@@ -67,7 +67,7 @@ class StrategySpec:
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
-_MODULES = ("single", "dp", "ddp", "fsdp", "pipeline", "model_parallel")
+_MODULES = ("single", "dp", "ddp", "fsdp", "pipeline", "model_parallel", "independent")
 
 
 def register(name: str, *, multiprocess: bool, needs_cuda: bool = False, summary: str, check=None):
