@@ -4,6 +4,7 @@ import gzip
 import json
 
 import pytest
+import torch
 
 from bench.breakdown import PARTS, Collective, StepTrace, breakdown, busbw_factor, merge, parts, subtract, transfer_times
 from bench.predict import Inputs, Link, check, inputs_from, predict, t_all_reduce, t_gather
@@ -139,6 +140,105 @@ def test_predict_inputs_take_one_device_and_independent_runs_and_check_skips_the
     rows = check(runs, Link(1.0, 100.0, "t"), None)  # independent runs are inputs, not predictions
     assert [(r["strategy"], r["devices"]) for r in rows] == [("fsdp", 2)] and rows[0]["measured"] == 457.0
     assert rows[0]["contention"] == pytest.approx(1.2)
+
+
+def test_links_from_presets_and_from_a_comm_fit():
+    nv = Link.named("nvlink4")
+    assert (nv.busbw_GBps, nv.alpha_us) == (pytest.approx(0.8 * 450), 10.0) and "NVLink" in nv.source
+    with pytest.raises(ValueError, match="not a preset"):
+        Link.named("token-ring")
+    comm = {"run_id": "c1", "config": {"devices": 4, "device_type": "cpu", "backend": "gloo"},
+            "fit": {"all_gather": {"busbw_GBps": 3.0, "alpha_us": 90.0},
+                    "all_reduce": {"busbw_GBps": 2.0, "alpha_us": 600.0}}}
+    ar = Link.measured(comm)  # a fit's latency is the whole collective: a ring all-reduce is 2(n-1) hops
+    assert (ar.busbw_GBps, ar.alpha_us) == (2.0, 100.0)
+    assert ar.source == "bench comm c1: 4 x cpu (gloo), all_reduce fit"
+    ag = Link.measured(comm, "all_gather")  # the others n-1
+    assert (ag.busbw_GBps, ag.alpha_us) == (3.0, 30.0) and ag.source.endswith("all_gather fit")
+    only = {**comm, "fit": {"all_gather": {"busbw_GBps": None, "alpha_us": 90.0}}}
+    first = Link.measured(only)  # the kind asked for is missing: the first fit, as an all-reduce
+    assert first.busbw_GBps == float("inf") and first.alpha_us == 15.0
+    two = {**comm, "config": {**comm["config"], "devices": 2}}
+    assert Link.measured(two).alpha_us == 300.0 and Link.measured(two, "send").alpha_us == 90.0
+
+
+def test_predict_by_hand_for_every_strategy_and_node_count():
+    link, inter = Link(10.0, 5.0, "in"), Link(1.0, 50.0, "out")
+    inp = Inputs("cnn", "base", "bf16", 32, single_step_s=0.1, single_throughput=320.0, params=10_000_000, blocks=5,
+                 microbatches=8, overlap={"fsdp": 0.5})
+    one = predict(inp, "ddp", 1, 1, link, inter)
+    assert one["step_ms"] == pytest.approx(100.0) and one["efficiency"] == pytest.approx(1.0)
+    assert predict(inp, "single", 4, 1, link, inter)["step_ms"] == pytest.approx(100.0)
+    # ddp across 2 nodes: 40 MB of fp32 gradients in 2 buckets, through the inter-node link
+    ddp = predict(inp, "ddp", 16, 2, link, inter)
+    assert ddp["step_ms"] == pytest.approx(1000 * (0.1 + 2 * t_all_reduce(40e6 / 2, 16, inter)))
+    assert predict(inp, "ddp", 16, 2, link, None)["step_ms"] == pytest.approx(
+        1000 * (0.1 + 2 * t_all_reduce(40e6 / 2, 16, link)))  # no inter-node link given: the intra one
+    assert ddp["overlap"] == 0.0 and ddp["contention"] == 1.0
+    # fsdp in bf16 gathers 2-byte parameters and reduce-scatters 4-byte gradients, half of it hidden
+    fsdp = predict(inp, "fsdp", 4, 1, link, inter)
+    per_block = 2 * t_gather(2 * 10e6 / 5, 4, link) + t_gather(4 * 10e6 / 5, 4, link)
+    assert fsdp["step_ms"] == pytest.approx(1000 * (0.1 + 0.5 * 5 * per_block)) and fsdp["overlap"] == 0.5
+    assert fsdp["samples_per_s"] == pytest.approx(4 * 32 / (fsdp["step_ms"] / 1000))
+    # pipeline: m = 8 micro-batches of 4 x 32 / 8 = 16 samples; A from the model itself, by hand below
+    pipe = predict(inp, "pipeline", 4, 1, link, inter)
+    act = _activation_bytes_at_cuts("cnn", 4, 16)
+    assert pipe["step_ms"] == pytest.approx(1000 * (0.1 * (8 + 3) / 8 + 2 * (8 + 4 - 2) * (5e-6 + act / 10e9)))
+    default_m = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 10_000_000, 5)  # m = 2 x stages
+    assert predict(default_m, "pipeline", 2, 1, Link(float("inf"), 0.0, "free"), None)["step_ms"] == \
+        pytest.approx(100 * (4 + 1) / 4)
+    with pytest.raises(ValueError, match="no model for strategy"):
+        predict(inp, "dp", 2, 1, link, inter)
+
+
+def _activation_bytes_at_cuts(model: str, stages: int, micro_batch: int) -> int:
+    """The largest fp32 output of a block that ends a stage, by running the model's blocks on the meta
+    device (shapes only: a real forward here would be slower, and mutmut forks the test process)."""
+    from emotion_models.models import build_model
+
+    m = build_model(model, device="meta").eval()
+    x, sizes = m.example_input(micro_batch, "meta"), []
+    with torch.no_grad():
+        for block in m.blocks:
+            x = block(x)
+            sizes.append(x.numel() * 4)
+    return max(sizes[end - 1] for _, end in m.stage_boundaries(stages)[:-1])
+
+
+def test_predict_inputs_group_runs_and_check_compares_only_what_it_models():
+    def run(strategy, devices, thr, *, precision="fp32", batch=32, status="ok", overlapped=None, **config):
+        r = fixture_result(strategy=strategy, devices=devices, thr=thr, precision=precision, batch=batch, status=status)
+        r["config"].update(config)
+        if overlapped is not None:
+            r["breakdown"] = {"parts_ms": {"exposed_comm": 10.0 - overlapped}, "overlapped_comm_ms": overlapped}
+        return r
+
+    runs = [run("single", 1, 300.0), run("single", 1, 320.0), run("single", 1, 340.0),
+            run("single", 1, 999.0, status="failed"),  # not an input
+            run("single", 1, 150.0, precision="bf16", batch=16), run("single", 1, 100.0, batch=64),
+            run("ddp", 2, 500.0, overlapped=2.0), run("ddp", 2, 560.0, overlapped=4.0), run("ddp", 2, 520.0),
+            run("ddp", 2, 1.0, scaling="strong"), run("ddp", 4, 1.0, status="failed"),
+            run("pipeline", 2, 400.0, microbatches=6, overlapped=0.0), run("dp", 2, 1.0),
+            run("ddp", 2, 290.0, precision="bf16", batch=16, model="lstm")]  # no lstm single: no prediction
+    inputs = {(i.precision, i.batch): i for i in inputs_from(runs)}
+    assert set(inputs) == {("fp32", 32), ("bf16", 16), ("fp32", 64)}
+    inp = inputs[("fp32", 32)]
+    assert inp.single_throughput == 320.0 and inp.single_step_s == pytest.approx(32 / 320.0)
+    assert (inp.model, inp.model_size, inp.blocks, inp.microbatches) == ("cnn", "small", 5, 6)
+    from emotion_models.models import build_model
+
+    assert inp.params == sum(p.numel() for p in build_model("cnn", size="small", device="meta").parameters())
+    assert inp.overlap == {"ddp": pytest.approx(0.3), "pipeline": 0.0}  # median of 0.2 and 0.4
+    assert inp.one_device == {} and inp.contention == {}
+    rows = check(runs, Link(1.0, 100.0, "t"), None)
+    # only ok, weak-scaling, multi-device ddp / fsdp / pipeline cells that have their single baseline
+    assert sorted((r["strategy"], r["devices"], r["repeats"]) for r in rows) == [("ddp", 2, 3), ("pipeline", 2, 1)]
+    ddp = next(r for r in rows if r["strategy"] == "ddp")
+    assert ddp["measured"] == 520.0 and (ddp["model"], ddp["precision"], ddp["batch"], ddp["nodes"]) == \
+        ("cnn", "fp32", 32, 1)
+    want = predict(inp, "ddp", 2, 1, Link(1.0, 100.0, "t"), None)["samples_per_s"]
+    assert ddp["predicted"] == pytest.approx(want) and ddp["error"] == pytest.approx(want / 520.0 - 1)
+    assert ddp["overlap"] == pytest.approx(0.3) and ddp["contention"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------ real runs
