@@ -107,6 +107,9 @@ def check_parity(*, strategies: list[str], steps: int, **settings) -> None:
         raise ValueError("--strategies: name at least one cell, e.g. ddp,fsdp,pipeline:1f1b")
     if settings["devices"] < 2:
         raise ValueError(f"--gpus {settings['devices']}: parity compares 2 or more devices with single")
+    if "independent" in strategies:
+        raise ValueError("--strategies: independent trains N separate replicas that never exchange gradients, "
+                         "so it is not the model single trains; leave it out (it measures contention, not parity)")
     base, cells = _configs(strategies, steps=steps, out_dir=tempfile.gettempdir(), **settings)
     base.validate()
     from emotion_models.models import check_model

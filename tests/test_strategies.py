@@ -145,6 +145,13 @@ def test_parity_catches_a_planted_deviation():
     assert float(row.split("│")[2]) > 1e-4 and "FAIL" in row, proc.stdout
 
 
+def test_parity_refuses_independent_before_running(capsys):
+    from conftest import invoke
+
+    code, out = invoke(["parity", "--gpus", "2", "--strategies", "ddp,independent", "--device", "cpu"], capsys)
+    assert code == 2 and "independent trains N separate replicas" in out and "Traceback" not in out, out
+
+
 def test_parity_exits_non_zero_on_a_failed_cell():
     proc = bench("parity", "--gpus", "2", "--model", "lstm", "--strategies", "nosuch", "--steps", "2", "--device", "cpu")
     assert proc.returncode == 1 and "FAIL" in proc.stdout and "unknown strategy" in proc.stderr
