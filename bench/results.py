@@ -62,6 +62,9 @@ class RankUsage:
     peak_rss_bytes: int
     gpu_busy_percent_mean: float | None
     gpu_energy_j: float | None
+    # this rank's own step time p50 (ms), before the slowest rank sets each step's time: where ranks
+    # never wait for each other (independent), their spread is the jitter every synchronisation pays
+    own_step_time_ms_p50: float | None = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ and the device is synchronised only at the window's edges.
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -298,18 +299,18 @@ class Gathered:
     ranks: list[dict]  # each rank's memory and utilisation
 
 
-def local_gather(env: DistEnv, m: Measured, clock: _Clock, monitor: Monitor) -> Gathered:
+def local_gather(env: DistEnv, m: Measured, clock: _Clock, monitor: Monitor, warmup: int) -> Gathered:
     """This rank's measurements alone (a run stopped early: no collectives). The timed window is
     the sum of the timed steps, the window of an epoch cut short having no right edge."""
     step_s = [clock.seconds(a, b) for a, b in m.step_marks]
     losses = torch.stack(m.losses).double().cpu().tolist() if m.losses else []
     info = {"rank": env.rank, "peak_allocated_bytes": None,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "utilization": monitor.summary(m.windows or [(0.0, float("inf"))])}
+            "utilization": monitor.summary(m.windows or [(0.0, float("inf"))]), "own_step_time_ms_p50": _p50_ms(step_s[warmup:])}
     return Gathered(step_s, 0.0, losses, [info])
 
 
-def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monitor) -> Gathered:
+def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monitor, warmup: int) -> Gathered:
     """Collective, after the loop: the only host syncs of the run."""
     device = env.device
     step_s = torch.tensor([clock.seconds(a, b) for a, b in m.step_marks], dtype=torch.float64)
@@ -318,7 +319,7 @@ def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monito
     rank_info = {"rank": env.rank,
                  "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                 "utilization": monitor.summary(m.windows)}
+                 "utilization": monitor.summary(m.windows), "own_step_time_ms_p50": _p50_ms(step_s.tolist()[warmup:])}
     ranks = [rank_info]
     if env.distributed:
         coll_dev = device if env.backend == "nccl" else torch.device("cpu")
@@ -336,6 +337,10 @@ def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monito
 
 
 # ------------------------------------------------------------------------------------------ summary
+
+def _p50_ms(step_s: list[float]) -> float | None:
+    return statistics.median(step_s) * 1000 if step_s else None
+
 
 def _percentile(values: list[float], q: float) -> float:
     t = torch.tensor(values, dtype=torch.float64)
@@ -373,7 +378,8 @@ def utilization(cfg: RunConfig, ranks: list[dict]) -> Utilization:
     """Rank 0's monitor summary, with memory, busy % and energy over every rank."""
     u = dict(ranks[0]["utilization"])
     per_rank = [RankUsage(r["rank"], r["peak_allocated_bytes"], r["peak_rss_bytes"],
-                          r["utilization"]["gpu_busy_percent_mean"], r["utilization"]["gpu_energy_j"]) for r in ranks]
+                          r["utilization"]["gpu_busy_percent_mean"], r["utilization"]["gpu_energy_j"],
+                          r.get("own_step_time_ms_p50")) for r in ranks]
     energy = [r.gpu_energy_j for r in per_rank]
     u.update(per_rank=per_rank,
              peak_allocated_bytes=max((r.peak_allocated_bytes or 0) for r in per_rank) or None,
@@ -406,7 +412,7 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
             raise
     except (Interrupted, Diverged) as exc:
         # what this rank measured, without collectives: the peers may be gone
-        g = local_gather(env, m, _Clock(env.device), monitor)
+        g = local_gather(env, m, _Clock(env.device), monitor, b.warmup_steps)
         summary = summarise(cfg, env, s, b, m, g, None, time.perf_counter() - t_setup)
         if isinstance(exc, Interrupted):
             raise Stopped("interrupted", f"interrupted by {exc.name} at step {len(m.losses) + 1} of "
@@ -420,7 +426,7 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
             torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, cfg.save_params)
     m.eval_s += time.perf_counter() - t_test
     profiled = profile(cfg, env, s, b) if cfg.profile else None  # after everything measured
-    g = gather(env, s.plan, m, _Clock(env.device), monitor)
+    g = gather(env, s.plan, m, _Clock(env.device), monitor, b.warmup_steps)
     if not env.is_main:
         return None
     summary = summarise(cfg, env, s, b, m, g, test_q, setup_s)

@@ -87,6 +87,15 @@ def main() -> None:
         c = r["config"]
         step.setdefault(f"{c['strategy']} x{c['devices']}", []).append(r["throughput"]["step_time_ms_p50"])
     print("  " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in step.items()))
+    skew = {}
+    for r in results:  # the slowest rank's step over the mean of each rank's own (no sync: jitter)
+        own = [x.get("own_step_time_ms_p50") for x in r["utilization"]["per_rank"]]
+        if len(own) > 1 and None not in own:
+            c = r["config"]
+            skew.setdefault(f"{c['strategy']} x{c['devices']}", []).append(
+                r["throughput"]["step_time_ms_p50"] - statistics.mean(own))
+    print("slowest rank's step p50 minus the ranks' own p50s (ms; medians over rounds): "
+          + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in skew.items()))
     print("where each measured multi-worker step went (profiled, ms per step, medians over rounds):")
     for cell in ("ddp x2", "fsdp x2", "pipeline x2"):
         parts = [r["breakdown"]["parts_ms"] for r in results if r.get("breakdown")

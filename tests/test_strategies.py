@@ -39,6 +39,9 @@ def test_multiprocess_strategy_end_to_end(tmp_path, strategy, extra):
     assert (c["strategy"], c["devices"], c["world_size"], c["backend"], c["device_type"]) == (strategy, 2, 2, "gloo", "cpu")
     assert c["global_batch_size"] == 16 and c["batch_size_per_device"] == 8
     assert len(r["utilization"]["per_rank"]) == 2 and all(x["peak_rss_bytes"] > 0 for x in r["utilization"]["per_rank"])
+    # each step's time is its slowest rank's, so its median is at least each rank's own median
+    own = [x["own_step_time_ms_p50"] for x in r["utilization"]["per_rank"]]
+    assert all(0 < t <= r["throughput"]["step_time_ms_p50"] * (1 + 1e-9) for t in own), (own, r["throughput"])
     assert r["throughput"]["samples_per_s"] > 0 and len(r["losses"]) == r["timing"]["steps"]
     assert all(l == l and l > 0 for l in r["losses"])  # finite, global mean over ranks
     assert r["quality"]["test"]["num_samples"] > 0
