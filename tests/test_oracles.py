@@ -637,15 +637,16 @@ def _gather_rank(rank: int, init: str, times: list, losses: list, out: str) -> N
     m = Measured(losses=[torch.tensor(v) for v in losses[rank]], step_marks=[(0.0, t) for t in times[rank]],
                  windows=[(0.0, sum(times[rank]))])
     g = gather(env, SimpleNamespace(loss_rank=None), m, _Clock(torch.device("cpu")),
-               SimpleNamespace(summary=lambda windows: {}))
+               SimpleNamespace(summary=lambda windows: {}), 1)
     if rank == 0:
-        Path(out).write_text(json.dumps({"step_s": g.step_s, "window_s": g.window_s, "losses": g.losses}))
+        Path(out).write_text(json.dumps({"step_s": g.step_s, "window_s": g.window_s, "losses": g.losses,
+                                         "own_p50_ms": [r["own_step_time_ms_p50"] for r in g.ranks]}))
     dist.destroy_process_group()
 
 
 def test_the_slowest_rank_sets_each_steps_time(tmp_path):
     """Real gloo collectives between two processes: each step takes the slower rank's time, the
-    loss is the mean over ranks."""
+    loss is the mean over ranks; each rank's own median (1 warm-up step left out) is kept."""
     import json
 
     import torch.multiprocessing as mp
@@ -658,6 +659,7 @@ def test_the_slowest_rank_sets_each_steps_time(tmp_path):
     assert g["step_s"] == pytest.approx([0.040, 0.050, 0.025, 0.030])
     assert g["window_s"] == pytest.approx(max(sum(t) for t in times))
     assert g["losses"] == pytest.approx([1.5, 1.25, 1.5, 0.25])
+    assert g["own_p50_ms"] == pytest.approx([30.0, 25.0])  # medians of 50, 20, 30 and of 15, 25, 30
 
 
 def test_inductor_compiles_a_block_that_matches_eager():
