@@ -363,11 +363,10 @@ def predict(
                     continue
                 nodes = max(1, -(-n // per_node))
                 p = predict_cell(inp, s, n, nodes, intra, inter)
-                measured_c = n // nodes < 2 or (n // nodes) in (inp.contention or {})
                 rows.append([f"{inp.model} {s} {inp.precision} b{inp.batch}", str(n), str(nodes),
                              f"{p['step_ms']:.1f}", f"{p['samples_per_s']:.1f}", f"{p['efficiency']:.2f}",
                              f"{p['overlap']:.2f}" + ("" if inp.overlap and s in inp.overlap else " (none measured)"),
-                             f"{p['contention']:.2f}" + ("" if measured_c else " (none measured)")])
+                             f"{p['contention']:.2f}" + ("" if inp.contention_measured(n // nodes) else " (none measured)")])
     header = ["cell", "devices", "nodes", "step (ms)", "throughput (samples/s)", "efficiency", "overlap o",
               "contention c_n"]
     t = Table(title=f"predicted: intra-node {intra.source} ({intra.busbw_GBps:.1f} GB/s, {intra.alpha_us:.0f} us); "

@@ -105,6 +105,10 @@ class Inputs:
         """c_n: 1 at one device per node, and where no independent run at n was measured."""
         return (self.contention or {}).get(per_node, 1.0) if per_node > 1 else 1.0
 
+    def contention_measured(self, per_node: int) -> bool:
+        """Whether c_n is a measurement (an independent run at n) rather than the assumed 1."""
+        return per_node < 2 or per_node in (self.contention or {})
+
 
 def inputs_from(results: list[dict]) -> list[Inputs]:
     """One Inputs per (model, size, precision, batch) that has ok single runs, with overlaps
@@ -167,8 +171,9 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
     grad_bytes = 4 * inp.params
     overlap = (inp.overlap or {}).get(strategy, 0.0)
     t1, n = (inp.one_device or {}).get(strategy, inp.single_step_s), devices
-    t1 *= inp.contention_at(max(1, n // max(nodes, 1)))
-    if strategy in ("single", "independent") or n == 1:
+    contention = inp.contention_at(max(1, n // max(nodes, 1)))
+    t1 *= contention
+    if strategy == "single" or n == 1:
         step = t1
     elif strategy == "ddp":
         k = max(1, math.ceil(grad_bytes / BUCKET_BYTES))
@@ -186,8 +191,7 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
         raise ValueError(f"no model for strategy {strategy!r}: predict ddp, fsdp or pipeline")
     throughput = n * inp.batch / step
     return {"step_ms": step * 1000, "samples_per_s": throughput,
-            "efficiency": throughput / (n * inp.single_throughput), "overlap": overlap,
-            "contention": inp.contention_at(max(1, n // max(nodes, 1)))}
+            "efficiency": throughput / (n * inp.single_throughput), "overlap": overlap, "contention": contention}
 
 
 def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:

@@ -61,6 +61,29 @@ def measure_links(out_dir: str) -> dict:
     return load(out_dir)
 
 
+def _cell(r: dict) -> str:
+    return f"{r['config']['strategy']} x{r['config']['devices']}"
+
+
+def by_cell(results: list[dict], value) -> str:
+    """value(result) per cell, median over rounds, as one line; cells where it is None left out."""
+    seen: dict[str, list[float]] = {}
+    for r in results:
+        v = value(r)
+        if v is not None:
+            seen.setdefault(_cell(r), []).append(v)
+    return ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in seen.items())
+
+
+def rank_skew_ms(r: dict) -> float | None:
+    """The slowest rank's step p50 over the mean of each rank's own: where ranks never meet
+    (independent), the jitter each meeting would pay."""
+    own = [x.get("own_step_time_ms_p50") for x in r["utilization"]["per_rank"]]
+    if len(own) < 2 or None in own:
+        return None
+    return r["throughput"]["step_time_ms_p50"] - statistics.mean(own)
+
+
 def main() -> None:
     args = arguments(__doc__)
     with tempfile.TemporaryDirectory() as out:
@@ -81,25 +104,13 @@ def main() -> None:
         print(f"{c['model']} {c['strategy']} x{c['devices']} b{c['batch']:<7} {c['measured']:9.1f} "
               f"{c['predicted']:9.1f} {c['error'] * 100:+6.1f}% {c['overlap']:7.2f} {c['contention']:10.2f} "
               f"{p['predicted']:21.1f} {p['error'] * 100:+6.1f}%")
-    print("inputs (step time p50, ms; medians over rounds):")
-    step = {}
-    for r in results:
-        c = r["config"]
-        step.setdefault(f"{c['strategy']} x{c['devices']}", []).append(r["throughput"]["step_time_ms_p50"])
-    print("  " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in step.items()))
-    skew = {}
-    for r in results:  # the slowest rank's step over the mean of each rank's own (no sync: jitter)
-        own = [x.get("own_step_time_ms_p50") for x in r["utilization"]["per_rank"]]
-        if len(own) > 1 and None not in own:
-            c = r["config"]
-            skew.setdefault(f"{c['strategy']} x{c['devices']}", []).append(
-                r["throughput"]["step_time_ms_p50"] - statistics.mean(own))
+    print("inputs (step time p50, ms; medians over rounds): "
+          + by_cell(results, lambda r: r["throughput"]["step_time_ms_p50"]))
     print("slowest rank's step p50 minus the ranks' own p50s (ms; medians over rounds): "
-          + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in skew.items()))
+          + by_cell(results, rank_skew_ms))
     print("where each measured multi-worker step went (profiled, ms per step, medians over rounds):")
     for cell in ("ddp x2", "fsdp x2", "pipeline x2"):
-        parts = [r["breakdown"]["parts_ms"] for r in results if r.get("breakdown")
-                 and f"{r['config']['strategy']} x{r['config']['devices']}" == cell]
+        parts = [r["breakdown"]["parts_ms"] for r in results if r.get("breakdown") and _cell(r) == cell]
         if parts:
             print(f"  {cell}: " + ", ".join(f"{k} {statistics.median(p[k] for p in parts):.1f}" for k in parts[0]))
     worst = max(abs(c["error"]) for c in rows)

@@ -123,6 +123,7 @@ def test_scaling_model_formulas():
     assert predict(busy, "ddp", 4, 1, link, None)["step_ms"] == pytest.approx(
         1000 * (1.5 * 0.1 + 4 * t_all_reduce(25e6, 4, link)))
     assert predict(busy, "ddp", 8, 2, link, None)["contention"] == 1.5  # 4 per node on 2 nodes
+    assert busy.contention_measured(4) and busy.contention_measured(1) and not busy.contention_measured(2)
     assert predict(busy, "ddp", 2, 1, link, None)["step_ms"] == predict(inp, "ddp", 2, 1, link, None)["step_ms"]
     own_busy = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 25_000_000, 5, one_device={"fsdp": 0.125},
                       contention={4: 1.5})
@@ -239,6 +240,26 @@ def test_predict_inputs_group_runs_and_check_compares_only_what_it_models():
     want = predict(inp, "ddp", 2, 1, Link(1.0, 100.0, "t"), None)["samples_per_s"]
     assert ddp["predicted"] == pytest.approx(want) and ddp["error"] == pytest.approx(want / 520.0 - 1)
     assert ddp["overlap"] == pytest.approx(0.3) and ddp["contention"] == 1.0
+
+
+def test_predict_command_shows_where_contention_was_measured(tmp_path, capsys):
+    """bench predict end to end in process: its table marks c_n measured (independent x2) or
+    assumed (x4), and compares the measured ddp x2 cell."""
+    from conftest import invoke
+    from test_sweep_report import write_all
+
+    runs = [fixture_result(strategy=s, devices=n, thr=thr, step_ms=ms, repeat=i)
+            for i, (s, n, ms, thr) in enumerate((("single", 1, 100.0, 320.0), ("independent", 2, 120.0, 533.0),
+                                                  ("ddp", 2, 130.0, 492.0)))]
+    src = write_all(tmp_path / "runs", runs)
+    code, out = invoke(["predict", src, "--gpus", "2,4", "--strategies", "ddp", "--link", "pcie4",
+                        "--out", tmp_path / "rep"], capsys)
+    assert code == 0, out
+    md = (tmp_path / "rep" / "predict.md").read_text()
+    row = {line.split("|")[2].strip(): line for line in md.splitlines() if line.startswith("| cnn ddp")}
+    assert "| 1.20 |" in row["2"] and "1.00 (none measured)" in row["4"], md
+    compared = [line for line in md.splitlines() if "| 492.0 |" in line]
+    assert len(compared) == 1 and compared[0].rstrip().endswith("| 1.20 |"), md
 
 
 # ------------------------------------------------------------------------------------------ real runs
