@@ -323,8 +323,8 @@ def _link(text: str | None):
 
 @app.command()
 def predict(
-    results_dir: str = typer.Argument(..., help="Result folder with single runs (and, for overlap, profiled runs; "
-                                                "for contention, independent runs)."),
+    results_dir: str = typer.Argument(..., help="Result folder with single runs (and, for overlap and wait, profiled "
+                                                "runs; for contention, independent runs)."),
     devices: str = typer.Option("1,2,4,8,16,64", "--gpus", "--devices", help="Comma-separated device counts N."),
     per_node: int = typer.Option(8, help="Devices per node: N above it spans nodes (data parallel through --inter-link)."),
     strategies: str = typer.Option("ddp,fsdp,pipeline", help="Comma-separated strategies to predict."),
@@ -366,9 +366,11 @@ def predict(
                 rows.append([f"{inp.model} {s} {inp.precision} b{inp.batch}", str(n), str(nodes),
                              f"{p['step_ms']:.1f}", f"{p['samples_per_s']:.1f}", f"{p['efficiency']:.2f}",
                              f"{p['overlap']:.2f}" + ("" if inp.overlap and s in inp.overlap else " (none measured)"),
-                             f"{p['contention']:.2f}" + ("" if inp.contention_measured(n // nodes) else " (none measured)")])
+                             f"{p['contention']:.2f}" + ("" if inp.contention_measured(n // nodes) else " (none measured)"),
+                             "" if s == "pipeline" or n < 2 else
+                             f"{p['wait_ms']:.1f}" + ("" if (inp.wait or {}).get(s) else " (none measured)")])
     header = ["cell", "devices", "nodes", "step (ms)", "throughput (samples/s)", "efficiency", "overlap o",
-              "contention c_n"]
+              "contention c_n", "wait W (ms/step)"]
     t = Table(title=f"predicted: intra-node {intra.source} ({intra.busbw_GBps:.1f} GB/s, {intra.alpha_us:.0f} us); "
                     f"inter-node {inter.source}")
     for h in header:
@@ -377,9 +379,11 @@ def predict(
         t.add_row(*r)
     console.print(t)
     checked = check(results, intra, inter)
-    cmp_header = ["cell", "devices", "measured (samples/s)", "predicted (samples/s)", "error", "contention c_n"]
+    cmp_header = ["cell", "devices", "measured (samples/s)", "predicted (samples/s)", "error", "contention c_n",
+                  "wait W (ms/step)"]
     cmp_rows = [[f"{c['model']} {c['strategy']} {c['precision']} b{c['batch']}", str(c["devices"]),
-                 f"{c['measured']:.1f}", f"{c['predicted']:.1f}", f"{c['error'] * 100:+.1f}%", f"{c['contention']:.2f}"]
+                 f"{c['measured']:.1f}", f"{c['predicted']:.1f}", f"{c['error'] * 100:+.1f}%", f"{c['contention']:.2f}",
+                 f"{c['wait_ms']:.1f}"]
                 for c in checked]
     if cmp_rows:
         t = Table(title="predicted against measured (the same links)")

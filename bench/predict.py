@@ -12,8 +12,9 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
     compute at N        t1' = c_n x t1                                   n = N / nodes devices per node
     ring all-reduce     T_ar(S) = 2(N-1) alpha + 2(N-1)/N x S / B
     all-gather, reduce-scatter   T(S) = (N-1) alpha + (N-1)/N x S / B      (S the whole buffer)
-    ddp       t = t1' + (1 - o) x k x T_ar(S / k)       k = buckets of 25 MiB
-    fsdp      t = t1' + (1 - o) x L x [2 T_ag(S_p / L) + T_rs(S / L)]       S_p: S in the parameter dtype
+    waiting at meetings W_N = W_N0 x g(N) / g(N0)     g(N): the expected maximum of N standard normals
+    ddp       t = t1' + W_N + (1 - o) x k x T_ar(S / k)       k = buckets of 25 MiB
+    fsdp      t = t1' + W_N + (1 - o) x L x [2 T_ag(S_p / L) + T_rs(S / L)]       S_p: S in the parameter dtype
     pipeline  t = t1' x (m + p - 1) / m + 2 (m + p - 2) x (alpha + A / B)  p = N stages, m micro-batches,
                                                                             A one micro-batch's activations
     throughput = N b / t; efficiency = throughput / (N x single throughput)
@@ -21,12 +22,20 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
 Across nodes every data-parallel collective goes through the slower link (B and alpha of the
 inter-node link). o, the share of communication hidden behind compute, is measured from a
 profiled run's breakdown of that strategy (overlapped / (overlapped + exposed)); without one it is
-0, the pessimistic bound, and the table says so. c_n matters where workers share what a device
+0, the pessimistic bound, and the table says so. W, like o, comes from a profiled run of that
+strategy at N0 devices: the time its slowest rank still spent waiting for others inside collectives
+(the breakdown's wait of the rank that waited least), in timed milliseconds (scaled by the run's
+timed step over its profiled step: the profiler stretches every step). c_n already holds the
+slowest replica's pace; W is the jitter it meets on top when the ranks meet many times a step
+(fsdp: 3 collectives per block) and a peer happens to be behind. From N0 to N it grows as the
+expected lateness of the latest of N ranks, g(N), for jitter independent across ranks; 0 where no
+profiled run measured it. A pipeline's waits on its neighbour are its bubble, modelled above. c_n matters where workers share what a device
 does not hold alone: CPU workers share cores and memory bandwidth (measured here: see the README);
 GPUs of one node share host cores, data loading and PCIe switches, usually little.
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from dataclasses import dataclass
@@ -100,6 +109,7 @@ class Inputs:
     overlap: dict | None = None  # strategy -> measured share of communication hidden behind compute
     one_device: dict | None = None  # strategy -> its step time (s) measured at one device, when it was
     contention: dict | None = None  # devices per node n -> c_n, from independent runs at n
+    wait: dict | None = None  # strategy -> {devices N0: W_N0 in seconds per step}, from profiled runs
 
     def contention_at(self, per_node: int) -> float:
         """c_n: 1 at one device per node, and where no independent run at n was measured."""
@@ -110,16 +120,56 @@ class Inputs:
         return per_node < 2 or per_node in (self.contention or {})
 
 
+    def wait_at(self, strategy: str, devices: int) -> float:
+        """W_N in seconds: measured at N, else carried from the nearest measured N0 below N (above,
+        where none is below) by g(N) / g(N0); 0 where none was measured, and at one device."""
+        measured = (self.wait or {}).get(strategy) or {}
+        if devices < 2 or not measured:
+            return 0.0
+        below = [k for k in measured if k <= devices]
+        n0 = max(below) if below else min(measured)
+        return measured[n0] * expected_max(devices) / expected_max(n0)
+
+
+@functools.lru_cache(maxsize=None)
+def expected_max(n: int) -> float:
+    """E[max of n independent standard normals]: 0 at n = 1, 1/sqrt(pi) at 2, 1.0294 at 4. By the
+    integral of x n phi(x) Phi(x)^(n-1), trapezoids on [-10, 10]."""
+    if n < 2:
+        return 0.0
+    steps, lo, hi = 4000, -10.0, 10.0
+    h = (hi - lo) / steps
+    total = 0.0
+    for i in range(steps + 1):
+        x = lo + i * h
+        f = x * n * math.exp(-x * x / 2) / math.sqrt(2 * math.pi) * (0.5 * (1 + math.erf(x / math.sqrt(2)))) ** (n - 1)
+        total += f / 2 if i in (0, steps) else f
+    return total * h
+
+
+def slowest_rank_wait_s(r: dict) -> float | None:
+    """A profiled run's W: the wait of its slowest rank (the one that waited least), per step, in
+    timed seconds (scaled by the timed step p50 over that rank's profiled step)."""
+    b = r.get("breakdown")
+    if not b or b.get("slowest_rank") is None:
+        return None
+    rank = next(x for x in b["per_rank"] if x["rank"] == b["slowest_rank"])
+    if not rank["step_ms"]:
+        return None
+    return rank["parts_ms"]["wait"] * r["throughput"]["step_time_ms_p50"] / rank["step_ms"] / 1000
+
+
 def inputs_from(results: list[dict]) -> list[Inputs]:
-    """One Inputs per (model, size, precision, batch) that has ok single runs, with overlaps
-    measured by profiled multi-device runs of the same."""
+    """One Inputs per (model, size, precision, batch) that has ok single runs, with overlaps and
+    waits measured by profiled multi-device runs of the same."""
     groups: dict[tuple, dict] = {}
     for r in results:
         if r["status"] != "ok":
             continue
         c = r["config"]
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
-        g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}, "independent": {}})
+        g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}, "independent": {},
+                                     "wait": {}})
         if c["strategy"] == "single":
             g["single"].append(r)
         elif c["strategy"] == "independent":
@@ -132,6 +182,9 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
             exposed = b["parts_ms"]["exposed_comm"] + b["overlapped_comm_ms"]
             if exposed > 0:
                 g["overlap"].setdefault(c["strategy"], []).append(b["overlapped_comm_ms"] / exposed)
+            w = slowest_rank_wait_s(r)
+            if w is not None and c["strategy"] in ("ddp", "fsdp"):
+                g["wait"].setdefault(c["strategy"], {}).setdefault(c["devices"], []).append(w)
         if c["strategy"] == "pipeline":
             g["micro"] = c.get("microbatches")
     out = []
@@ -145,7 +198,8 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
                           sum(p.numel() for p in m.parameters()), len(m.blocks), g["micro"],
                           {s: statistics.median(v) for s, v in g["overlap"].items()},
                           {s: statistics.median(v) for s, v in g["one"].items()},
-                          {n: statistics.median(v) / t1 for n, v in g["independent"].items()}))
+                          {n: statistics.median(v) / t1 for n, v in g["independent"].items()},
+                          {s: {n: statistics.median(v) for n, v in by_n.items()} for s, by_n in g["wait"].items()}))
     return out
 
 
@@ -173,15 +227,16 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
     t1, n = (inp.one_device or {}).get(strategy, inp.single_step_s), devices
     contention = inp.contention_at(max(1, n // max(nodes, 1)))
     t1 *= contention
+    wait = inp.wait_at(strategy, n) if strategy in ("ddp", "fsdp") else 0.0
     if strategy == "single" or n == 1:
         step = t1
     elif strategy == "ddp":
         k = max(1, math.ceil(grad_bytes / BUCKET_BYTES))
-        step = t1 + (1 - overlap) * k * t_all_reduce(grad_bytes / k, n, link)
+        step = t1 + wait + (1 - overlap) * k * t_all_reduce(grad_bytes / k, n, link)
     elif strategy == "fsdp":
         param_bytes = (2 if inp.precision in ("bf16", "fp16") else 4) * inp.params
         per_block = 2 * t_gather(param_bytes / inp.blocks, n, link) + t_gather(grad_bytes / inp.blocks, n, link)
-        step = t1 + (1 - overlap) * inp.blocks * per_block
+        step = t1 + wait + (1 - overlap) * inp.blocks * per_block
     elif strategy == "pipeline":
         m = inp.microbatches or 2 * n
         mb = max(1, n * inp.batch // m)
@@ -191,7 +246,8 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
         raise ValueError(f"no model for strategy {strategy!r}: predict ddp, fsdp or pipeline")
     throughput = n * inp.batch / step
     return {"step_ms": step * 1000, "samples_per_s": throughput,
-            "efficiency": throughput / (n * inp.single_throughput), "overlap": overlap, "contention": contention}
+            "efficiency": throughput / (n * inp.single_throughput), "overlap": overlap, "contention": contention,
+            "wait_ms": wait * 1000}
 
 
 def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
@@ -214,5 +270,6 @@ def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
         out.append({"model": inp.model, "precision": inp.precision, "batch": inp.batch, "strategy": strategy,
                     "devices": n, "nodes": nodes, "predicted": p["samples_per_s"], "measured": m,
                     "error": p["samples_per_s"] / m - 1, "overlap": p["overlap"], "contention": p["contention"],
+                    "wait_ms": p["wait_ms"],
                     "repeats": len(measured)})
     return out

@@ -1,6 +1,6 @@
 """Where FSDP2's step time goes on CPU workers that fill the machine's cores (issue 10's open miss).
 
-    python benchmarks/fsdp_cpu_cost.py [--model cnn] [--batch-size 32] [--steps 30] [--rounds 2]
+    python benchmarks/fsdp_cpu_cost.py [--model cnn] [--batch-size 32] [--steps 30] [--rounds 3] [--keep DIR]
 
 `bench predict` charges fsdp, on top of its one-device step, only its communication (all-gather
 and reduce-scatter through the link figures). On this 2-core machine it over-predicts fsdp x2 by
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import tempfile
 from pathlib import Path
 
 from bench.breakdown import intersect, merge, subtract, total
 from bench.predict import Link, inputs_from, predict, t_all_reduce, t_gather
 from bench.profiling import read_trace, trace_path
-from predict_cpu import arguments, base_config, measure_links, run_cell  # beside this script
+from predict_cpu import arguments, base_config, measure_links, out_folder, run_cell  # beside this script
 
 
 def per_step(path: Path, comm: dict) -> dict[str, float]:
@@ -49,7 +48,7 @@ def per_step(path: Path, comm: dict) -> dict[str, float]:
 def main() -> None:
     args = arguments(__doc__)
     cells = (("single", 1), ("fsdp", 1), ("fsdp", 2))
-    with tempfile.TemporaryDirectory() as out:
+    with out_folder(args) as out:
         comm = measure_links(str(Path(out, "comm")))
         base = base_config(args, str(Path(out, "runs")))
         results = {c: [run_cell(base, *c, seed=r, profile=True) for r in range(args.rounds)] for c in cells}

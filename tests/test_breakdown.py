@@ -2,12 +2,13 @@
 collective benchmark, and the scaling model."""
 import gzip
 import json
+import math
 
 import pytest
 import torch
 
 from bench.breakdown import PARTS, Collective, StepTrace, breakdown, busbw_factor, merge, parts, subtract, transfer_times
-from bench.predict import Inputs, Link, check, inputs_from, predict, t_all_reduce, t_gather
+from bench.predict import Inputs, Link, check, expected_max, inputs_from, predict, t_all_reduce, t_gather
 from bench.results import load_result
 from conftest import bench
 from test_sweep_report import fixture_result
@@ -128,6 +129,51 @@ def test_scaling_model_formulas():
     own_busy = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 25_000_000, 5, one_device={"fsdp": 0.125},
                       contention={4: 1.5})
     assert predict(own_busy, "fsdp", 4, 1, link, None)["step_ms"] == pytest.approx(1000 * (1.5 * 0.125 + 5 * per_block))
+
+
+def test_waiting_at_meetings_is_carried_to_n_devices_by_the_expected_maximum():
+    # E[max of n standard normals]: closed forms at 2 and 3 (1/sqrt(pi), 3/(2 sqrt(pi))), tables beyond
+    assert expected_max(1) == 0.0 and expected_max(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-6)
+    assert expected_max(3) == pytest.approx(1.5 / math.sqrt(math.pi), rel=1e-6)
+    assert expected_max(4) == pytest.approx(1.0293754, rel=1e-6) and expected_max(8) == pytest.approx(1.4236003, rel=1e-6)
+    free = Link(float("inf"), 0.0, "free")
+    inp = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 1_000_000, 5, wait={"fsdp": {2: 0.02, 8: 0.05}, "ddp": {4: 0.01}})
+    assert predict(inp, "fsdp", 2, 1, free, None)["step_ms"] == pytest.approx(100 + 20)  # measured at 2
+    assert predict(inp, "fsdp", 8, 1, free, None)["wait_ms"] == pytest.approx(50)  # measured at 8: as it is
+    # 4 carries 2's (the nearest measured below); 64 carries 8's
+    assert predict(inp, "fsdp", 4, 1, free, None)["wait_ms"] == pytest.approx(20 * 1.0293754 / 0.5641896, rel=1e-5)
+    assert predict(inp, "fsdp", 64, 8, free, None)["step_ms"] == pytest.approx(
+        100 + 50 * expected_max(64) / expected_max(8))
+    # ddp measured only at 4: 2 is carried down from it; one device never waits
+    assert predict(inp, "ddp", 2, 1, free, None)["wait_ms"] == pytest.approx(10 * 0.5641896 / 1.0293754, rel=1e-5)
+    assert predict(inp, "ddp", 1, 1, free, None)["step_ms"] == pytest.approx(100)
+    # a pipeline's waits are its bubble: no W, even where one was measured for the data-parallel ones
+    assert predict(inp, "pipeline", 2, 1, free, None)["step_ms"] == pytest.approx(100 * 5 / 4)
+    none = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 1_000_000, 5)
+    assert predict(none, "fsdp", 4, 1, free, None)["wait_ms"] == 0.0
+
+
+def test_predict_reads_the_wait_of_the_slowest_rank_in_timed_milliseconds():
+    def profiled(strategy, step_ms, waits, profiled_ms, slowest):
+        r = fixture_result(strategy=strategy, devices=len(waits), thr=64000 / step_ms, step_ms=step_ms)
+        r["breakdown"] = {"parts_ms": {"exposed_comm": 1.0}, "overlapped_comm_ms": 1.0, "slowest_rank": slowest,
+                          "per_rank": [{"rank": i, "step_ms": profiled_ms, "parts_ms": {"wait": w}}
+                                       for i, w in enumerate(waits)]}
+        return r
+
+    runs = [fixture_result(strategy="single", thr=320.0),
+            # the slowest rank waited 12 ms of a 240 ms profiled step; timed, the step is 200 ms
+            profiled("fsdp", 200.0, [40.0, 12.0], 240.0, slowest=1),
+            profiled("fsdp", 220.0, [16.0, 50.0], 220.0, slowest=0),
+            profiled("fsdp", 300.0, [30.0, 60.0], 300.0, slowest=0),
+            profiled("ddp", 200.0, [3.0, 9.0], 200.0, slowest=0),
+            profiled("pipeline", 200.0, [0.0, 99.0], 200.0, slowest=0)]  # its waits are the bubble: no W
+    (inp,) = inputs_from(runs)
+    assert inp.wait == {"fsdp": {2: pytest.approx(0.016)},  # median of 10, 16 and 30 ms
+                        "ddp": {2: pytest.approx(0.003)}}
+    unprofiled = fixture_result(strategy="fsdp", devices=2, thr=300.0)
+    (plain,) = inputs_from([runs[0], unprofiled])
+    assert plain.wait == {}
 
 
 def test_predict_inputs_take_one_device_and_independent_runs_and_check_skips_them():
@@ -251,6 +297,9 @@ def test_predict_command_shows_where_contention_was_measured(tmp_path, capsys):
     runs = [fixture_result(strategy=s, devices=n, thr=thr, step_ms=ms, repeat=i)
             for i, (s, n, ms, thr) in enumerate((("single", 1, 100.0, 320.0), ("independent", 2, 120.0, 533.0),
                                                   ("ddp", 2, 130.0, 492.0)))]
+    runs[2]["breakdown"] = {"parts_ms": {"exposed_comm": 2.0}, "overlapped_comm_ms": 0.0, "slowest_rank": 1,
+                            "per_rank": [{"rank": 0, "step_ms": 130.0, "parts_ms": {"wait": 9.0}},
+                                         {"rank": 1, "step_ms": 130.0, "parts_ms": {"wait": 4.0}}]}
     src = write_all(tmp_path / "runs", runs)
     code, out = invoke(["predict", src, "--gpus", "2,4", "--strategies", "ddp", "--link", "pcie4",
                         "--out", tmp_path / "rep"], capsys)
@@ -258,8 +307,15 @@ def test_predict_command_shows_where_contention_was_measured(tmp_path, capsys):
     md = (tmp_path / "rep" / "predict.md").read_text()
     row = {line.split("|")[2].strip(): line for line in md.splitlines() if line.startswith("| cnn ddp")}
     assert "| 1.20 |" in row["2"] and "1.00 (none measured)" in row["4"], md
+    # W: rank 1's 4.0 ms measured at 2, carried to 4 by E[max of 4] / E[max of 2] = 1.8245
+    assert row["2"].rstrip().endswith("| 4.0 |") and row["4"].rstrip().endswith("| 7.3 |"), md
     compared = [line for line in md.splitlines() if "| 492.0 |" in line]
-    assert len(compared) == 1 and compared[0].rstrip().endswith("| 1.20 |"), md
+    assert len(compared) == 1 and compared[0].rstrip().endswith("| 1.20 | 4.0 |"), md
+    code, out = invoke(["predict", write_all(tmp_path / "plain", runs[:2]), "--gpus", "2", "--strategies",
+                        "ddp,pipeline", "--link", "pcie4", "--out", tmp_path / "rep2"], capsys)
+    md = (tmp_path / "rep2" / "predict.md").read_text()
+    assert code == 0 and "| 0.0 (none measured) |" in md and "| cnn pipeline fp32 b32 | 2 | 1 |" in md, md
+    assert [line for line in md.splitlines() if "pipeline" in line][0].rstrip().endswith("|  |"), md
 
 
 # ------------------------------------------------------------------------------------------ real runs
