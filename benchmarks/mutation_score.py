@@ -50,7 +50,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                             "by_hand or table_computed or efficiency_by_hand or compare_flags or hardware or frame_column"]),
     "breakdown": ("bench/breakdown.py",
                   ["tests/test_breakdown.py", "-k", "interval or moment or transfer or bandwidth or formulas or by_hand"]),
-    "scaling model": ("bench/predict.py", ["tests/test_breakdown.py", "-k", "formulas or predict or links"]),
+    "scaling model": ("bench/predict.py", ["tests/test_breakdown.py", "-k", "formulas or predict or links or wait"]),
 }
 
 

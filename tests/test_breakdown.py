@@ -147,30 +147,39 @@ def test_waiting_at_meetings_is_carried_to_n_devices_by_the_expected_maximum():
     # ddp measured only at 4: 2 is carried down from it; one device never waits
     assert predict(inp, "ddp", 2, 1, free, None)["wait_ms"] == pytest.approx(10 * 0.5641896 / 1.0293754, rel=1e-5)
     assert predict(inp, "ddp", 1, 1, free, None)["step_ms"] == pytest.approx(100)
-    # a pipeline's waits are its bubble: no W, even where one was measured for the data-parallel ones
-    assert predict(inp, "pipeline", 2, 1, free, None)["step_ms"] == pytest.approx(100 * 5 / 4)
+    # ddp adds W to its compute, beside the all-reduce it does not hide
+    link = Link(10.0, 5.0, "in")
+    half = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 1_000_000, 5, wait={"ddp": {2: 0.01}}, overlap={"ddp": 0.25})
+    assert predict(half, "ddp", 2, 1, link, None)["step_ms"] == pytest.approx(
+        1000 * (0.1 + 0.01 + 0.75 * t_all_reduce(4e6, 2, link)))
+    # a pipeline's waits are its bubble: no W, even where one was given
+    piped = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 1_000_000, 5, wait={"pipeline": {2: 0.5}})
+    p = predict(piped, "pipeline", 2, 1, free, None)
+    assert p["step_ms"] == pytest.approx(100 * 5 / 4) and p["wait_ms"] == 0.0
     none = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 1_000_000, 5)
     assert predict(none, "fsdp", 4, 1, free, None)["wait_ms"] == 0.0
 
 
 def test_predict_reads_the_wait_of_the_slowest_rank_in_timed_milliseconds():
-    def profiled(strategy, step_ms, waits, profiled_ms, slowest):
+    def profiled(strategy, step_ms, waits, profiled_ms, slowest, exposed=1.0, overlapped=1.0):
         r = fixture_result(strategy=strategy, devices=len(waits), thr=64000 / step_ms, step_ms=step_ms)
-        r["breakdown"] = {"parts_ms": {"exposed_comm": 1.0}, "overlapped_comm_ms": 1.0, "slowest_rank": slowest,
+        r["breakdown"] = {"parts_ms": {"exposed_comm": exposed}, "overlapped_comm_ms": overlapped, "slowest_rank": slowest,
                           "per_rank": [{"rank": i, "step_ms": profiled_ms, "parts_ms": {"wait": w}}
                                        for i, w in enumerate(waits)]}
         return r
 
     runs = [fixture_result(strategy="single", thr=320.0),
             # the slowest rank waited 12 ms of a 240 ms profiled step; timed, the step is 200 ms
-            profiled("fsdp", 200.0, [40.0, 12.0], 240.0, slowest=1),
+            profiled("fsdp", 200.0, [40.0, 12.0], 240.0, slowest=1, exposed=0.3, overlapped=0.2),
             profiled("fsdp", 220.0, [16.0, 50.0], 220.0, slowest=0),
-            profiled("fsdp", 300.0, [30.0, 60.0], 300.0, slowest=0),
+            profiled("fsdp", 300.0, [30.0, 60.0], 300.0, slowest=0, exposed=0.3, overlapped=0.2),
             profiled("ddp", 200.0, [3.0, 9.0], 200.0, slowest=0),
-            profiled("pipeline", 200.0, [0.0, 99.0], 200.0, slowest=0)]  # its waits are the bubble: no W
+            # its waits are the bubble: no W; no communication measured: no overlap either
+            profiled("pipeline", 200.0, [0.0, 99.0], 200.0, slowest=0, exposed=0.0, overlapped=0.0)]
     (inp,) = inputs_from(runs)
     assert inp.wait == {"fsdp": {2: pytest.approx(0.016)},  # median of 10, 16 and 30 ms
                         "ddp": {2: pytest.approx(0.003)}}
+    assert inp.overlap == {"fsdp": pytest.approx(0.4), "ddp": 0.5}  # fsdp: median of 0.2 / 0.5, 1 / 2, 0.2 / 0.5
     unprofiled = fixture_result(strategy="fsdp", devices=2, thr=300.0)
     (plain,) = inputs_from([runs[0], unprofiled])
     assert plain.wait == {}
