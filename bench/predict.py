@@ -29,9 +29,10 @@ timed step over its profiled step: the profiler stretches every step). c_n alrea
 slowest replica's pace; W is the jitter it meets on top when the ranks meet many times a step
 (fsdp: 3 collectives per block) and a peer happens to be behind. From N0 to N it grows as the
 expected lateness of the latest of N ranks, g(N), for jitter independent across ranks; 0 where no
-profiled run measured it. A pipeline's waits on its neighbour are its bubble, modelled above. c_n matters where workers share what a device
-does not hold alone: CPU workers share cores and memory bandwidth (measured here: see the README);
-GPUs of one node share host cores, data loading and PCIe switches, usually little.
+profiled run measured it. A pipeline's waits on its neighbour are its bubble, modelled above.
+c_n matters where workers share what a device does not hold alone: CPU workers share cores and
+memory bandwidth (measured here: see the README); GPUs of one node share host cores, data loading
+and PCIe switches, usually little.
 """
 from __future__ import annotations
 
@@ -118,7 +119,6 @@ class Inputs:
     def contention_measured(self, per_node: int) -> bool:
         """Whether c_n is a measurement (an independent run at n) rather than the assumed 1."""
         return per_node < 2 or per_node in (self.contention or {})
-
 
     def wait_at(self, strategy: str, devices: int) -> float:
         """W_N in seconds: measured at N, else carried from the nearest measured N0 below N (above,

@@ -1,12 +1,14 @@
-"""Where FSDP2's step time goes on CPU workers that fill the machine's cores (issue 10's open miss).
+"""Where FSDP2's step goes on CPU workers that fill the machine's cores (bench predict's weakest cell).
 
     python benchmarks/fsdp_cpu_cost.py [--model cnn] [--batch-size 32] [--steps 30] [--rounds 3] [--keep DIR]
 
-`bench predict` charges fsdp, on top of its one-device step, only its communication (all-gather
-and reduce-scatter through the link figures). On this 2-core machine it over-predicts fsdp x2 by
-about a quarter. This script measures, with predict_cpu.py's settings (1 thread per worker,
-profiled after the timed window), single x1, fsdp x1 (FSDP2's hooks, DTensor optimiser and copies
-without any communication) and fsdp x2, and prints per step, from rank 0's trace:
+`bench predict` charges fsdp, on top of its one-device step, its communication (all-gather and
+reduce-scatter through the link figures), the contention of independent replicas (c_n) and the
+slowest rank's wait (W). With the communication term alone it over-predicted fsdp x2 on this
+2-core machine by about a quarter; this script shows why. It measures, with predict_cpu.py's
+settings (1 thread per worker, profiled after the timed window), single x1, fsdp x1 (FSDP2's
+hooks, DTensor optimiser and copies without any communication) and fsdp x2, and prints per step,
+from rank 0's trace:
 
 - the timed step p50 of each;
 - fsdp x1 - single: FSDP2's own cost without communication;
@@ -14,7 +16,8 @@ without any communication) and fsdp x2, and prints per step, from rank 0's trace
   time of gloo's threads (the collectives), and how much of that ran while the training thread
   computed (overlapped: on a machine with no spare core, the two share a core);
 - what the collectives of that step should take by bench comm's fits (each collective's own kind
-  and size) and the communication term bench predict charges (its all-reduce link, no overlap).
+  and size) and the communication term bench predict charges (its all-reduce link, no overlap; without
+  c_n and W, which this script does not measure separately).
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ def main() -> None:
     med = {c: statistics.median(r["throughput"]["step_time_ms_p50"] for r in rs) for c, rs in results.items()}
     prof = {c: {k: statistics.median(t[k] for t in ts) for k in ts[0]} for c, ts in prof.items()}
     (inp,) = inputs_from([r for rs in results.values() for r in rs])
-    inp = dataclasses.replace(inp, overlap=None)  # the whole communication term, none of it hidden
+    inp = dataclasses.replace(inp, overlap=None, wait=None)  # the whole communication term, none hidden; no W
     predicted_comm = predict(inp, "fsdp", 2, 1, Link.measured(comm), None)["step_ms"] - inp.one_device["fsdp"] * 1000
 
     print(f"{args.model}, batch {args.batch_size} per worker, 1 thread per worker, {args.rounds} rounds (medians, ms per step)")
