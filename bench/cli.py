@@ -383,7 +383,7 @@ def predict(
                   "wait W (ms/step)"]
     cmp_rows = [[f"{c['model']} {c['strategy']} {c['precision']} b{c['batch']}", str(c["devices"]),
                  f"{c['measured']:.1f}", f"{c['predicted']:.1f}", f"{c['error'] * 100:+.1f}%", f"{c['contention']:.2f}",
-                 f"{c['wait_ms']:.1f}"]
+                 "" if c["strategy"] == "pipeline" else f"{c['wait_ms']:.1f}"]
                 for c in checked]
     if cmp_rows:
         t = Table(title="predicted against measured (the same links)")

@@ -24,7 +24,7 @@ inter-node link). o, the share of communication hidden behind compute, is measur
 profiled run's breakdown of that strategy (overlapped / (overlapped + exposed)); without one it is
 0, the pessimistic bound, and the table says so. W, like o, comes from a profiled run of that
 strategy at N0 devices: the time its slowest rank still spent waiting for others inside collectives
-(the breakdown's wait of the rank that waited least), in timed milliseconds (scaled by the run's
+(the breakdown's slowest rank: the one with the least wait and idle), in timed milliseconds (scaled by the run's
 timed step over its profiled step: the profiler stretches every step). c_n already holds the
 slowest replica's pace; W is the jitter it meets on top when the ranks meet many times a step
 (fsdp: 3 collectives per block) and a peer happens to be behind. From N0 to N it grows as the
@@ -110,7 +110,7 @@ class Inputs:
     overlap: dict | None = None  # strategy -> measured share of communication hidden behind compute
     one_device: dict | None = None  # strategy -> its step time (s) measured at one device, when it was
     contention: dict | None = None  # devices per node n -> c_n, from independent runs at n
-    wait: dict | None = None  # strategy -> {devices N0: W_N0 in seconds per step}, from profiled runs
+    wait: dict | None = None  # strategy -> {devices N0 (any node count): W_N0 in seconds per step}, profiled runs
 
     def contention_at(self, per_node: int) -> float:
         """c_n: 1 at one device per node, and where no independent run at n was measured."""
@@ -123,7 +123,7 @@ class Inputs:
     def wait_at(self, strategy: str, devices: int) -> float:
         """W_N in seconds: measured at N, else carried from the nearest measured N0 below N (above,
         where none is below) by g(N) / g(N0); 0 where none was measured, and at one device."""
-        measured = (self.wait or {}).get(strategy) or {}
+        measured = {k: v for k, v in ((self.wait or {}).get(strategy) or {}).items() if k >= 2}
         if devices < 2 or not measured:
             return 0.0
         below = [k for k in measured if k <= devices]
@@ -148,13 +148,14 @@ def expected_max(n: int) -> float:
 
 
 def slowest_rank_wait_s(r: dict) -> float | None:
-    """A profiled run's W: the wait of its slowest rank (the one that waited least), per step, in
-    timed seconds (scaled by the timed step p50 over that rank's profiled step)."""
+    """A profiled run's W: the wait of its slowest rank as the breakdown names it (the one with the
+    least wait and idle), per step, in timed seconds (scaled by the timed step p50 over that rank's
+    profiled step). None without a breakdown that names one."""
     b = r.get("breakdown")
     if not b or b.get("slowest_rank") is None:
         return None
-    rank = next(x for x in b["per_rank"] if x["rank"] == b["slowest_rank"])
-    if not rank["step_ms"]:
+    rank = next((x for x in b["per_rank"] if x["rank"] == b["slowest_rank"]), None)
+    if rank is None or not rank["step_ms"]:
         return None
     return rank["parts_ms"]["wait"] * r["throughput"]["step_time_ms_p50"] / rank["step_ms"] / 1000
 

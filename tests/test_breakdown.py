@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bench.breakdown import PARTS, Collective, StepTrace, breakdown, busbw_factor, merge, parts, subtract, transfer_times
-from bench.predict import Inputs, Link, check, expected_max, inputs_from, predict, t_all_reduce, t_gather
+from bench.predict import (Inputs, Link, check, expected_max, inputs_from, predict, slowest_rank_wait_s, t_all_reduce,
+                           t_gather)
 from bench.results import load_result
 from conftest import bench
 from test_sweep_report import fixture_result
@@ -158,6 +159,9 @@ def test_waiting_at_meetings_is_carried_to_n_devices_by_the_expected_maximum():
     assert p["step_ms"] == pytest.approx(100 * 5 / 4) and p["wait_ms"] == 0.0
     none = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 1_000_000, 5)
     assert predict(none, "fsdp", 4, 1, free, None)["wait_ms"] == 0.0
+    # a W given at one device (no meeting there) is not a starting point: 2 is carried down from 4
+    one = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 1_000_000, 5, wait={"fsdp": {1: 0.3, 4: 0.02}})
+    assert predict(one, "fsdp", 2, 1, free, None)["wait_ms"] == pytest.approx(20 * 0.5641896 / 1.0293754, rel=1e-5)
 
 
 def test_predict_reads_the_wait_of_the_slowest_rank_in_timed_milliseconds():
@@ -171,18 +175,21 @@ def test_predict_reads_the_wait_of_the_slowest_rank_in_timed_milliseconds():
     runs = [fixture_result(strategy="single", thr=320.0),
             # the slowest rank waited 12 ms of a 240 ms profiled step; timed, the step is 200 ms
             profiled("fsdp", 200.0, [40.0, 12.0], 240.0, slowest=1, exposed=0.3, overlapped=0.2),
-            profiled("fsdp", 220.0, [16.0, 50.0], 220.0, slowest=0),
+            profiled("fsdp", 220.0, [8.0, 50.0], 220.0, slowest=0),
             profiled("fsdp", 300.0, [30.0, 60.0], 300.0, slowest=0, exposed=0.3, overlapped=0.2),
             profiled("ddp", 200.0, [3.0, 9.0], 200.0, slowest=0),
             # its waits are the bubble: no W; no communication measured: no overlap either
             profiled("pipeline", 200.0, [0.0, 99.0], 200.0, slowest=0, exposed=0.0, overlapped=0.0)]
     (inp,) = inputs_from(runs)
-    assert inp.wait == {"fsdp": {2: pytest.approx(0.016)},  # median of 10, 16 and 30 ms
+    assert slowest_rank_wait_s(runs[1]) == pytest.approx(0.010)  # 12 ms x 200 / 240, in seconds
+    assert inp.wait == {"fsdp": {2: pytest.approx(0.010)},  # median of 10, 8 and 30 ms
                         "ddp": {2: pytest.approx(0.003)}}
     assert inp.overlap == {"fsdp": pytest.approx(0.4), "ddp": 0.5}  # fsdp: median of 0.2 / 0.5, 1 / 2, 0.2 / 0.5
     unprofiled = fixture_result(strategy="fsdp", devices=2, thr=300.0)
     (plain,) = inputs_from([runs[0], unprofiled])
     assert plain.wait == {}
+    lost = profiled("fsdp", 200.0, [5.0, 6.0], 200.0, slowest=3)  # names a rank it does not list: no W
+    assert slowest_rank_wait_s(lost) is None and slowest_rank_wait_s(unprofiled) is None
 
 
 def test_predict_inputs_take_one_device_and_independent_runs_and_check_skips_them():
