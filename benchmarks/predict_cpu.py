@@ -1,6 +1,7 @@
 """bench predict checked against measurement on this machine: 2 CPU workers (gloo), 1 thread each.
 
     python benchmarks/predict_cpu.py [--model cnn] [--batch-size 32] [--steps 30] [--rounds 3] [--keep DIR]
+    python benchmarks/predict_cpu.py --from DIR
 
 Measures the links (bench comm, 2 workers), the single run (1 thread), fsdp at one worker (FSDP2's
 own cost without communication; bench predict starts fsdp from it), 2 independent replicas side
@@ -10,7 +11,8 @@ then predicts each multi-worker cell from those inputs, the model's sizes and th
 and prints predicted against measured throughput with the error. Issue 10's bar: each within
 15 %. Each row also shows the prediction without the independent runs (c = 1) and without the
 slowest rank's wait W, from the same measurements; --no-contention leaves the independent runs out
-of the run altogether. Three rounds by default: one round of a cell can be 15 % off the other two
+of the run altogether; --from DIR measures nothing and reports on what an earlier --keep DIR kept
+(the runs the README quotes are under results/predict_cpu/). Three rounds by default: one round of a cell can be 15 % off the other two
 on this shared machine, and a median of three is not moved by one.
 
 The cells' settings, the run of one cell and the link measurement are shared with
@@ -33,7 +35,7 @@ from bench.predict import Link, check, slowest_rank_wait_s
 from bench.results import load_result
 
 
-def arguments(doc: str) -> argparse.Namespace:
+def arguments(doc: str, *, reports_kept: bool = False) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -41,6 +43,9 @@ def arguments(doc: str) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every cell; each figure is their median")
     ap.add_argument("--no-contention", action="store_true", help="leave the independent runs out (c = 1)")
     ap.add_argument("--keep", metavar="DIR", help="keep the results (comm/, runs/) in DIR instead of a temporary folder")
+    if reports_kept:
+        ap.add_argument("--from", dest="source", metavar="DIR",
+                        help="measure nothing: report on the results an earlier --keep DIR kept")
     return ap.parse_args()
 
 
@@ -93,19 +98,65 @@ def out_folder(args: argparse.Namespace):
     return contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()
 
 
+def measure(args: argparse.Namespace, out: str) -> tuple[Link, list[dict]]:
+    """The links and every cell's results, rounds in order."""
+    link = Link.measured(measure_links(str(Path(out, "comm"))))
+    base = base_config(args, str(Path(out, "runs")))
+    cells = (("single", 1), ("fsdp", 1), ("independent", 2), ("ddp", 2), ("fsdp", 2), ("pipeline", 2))
+    return link, [run_cell(base, strategy, n, r, profile=strategy in ("ddp", "fsdp", "pipeline"))
+                  for r in range(args.rounds) for strategy, n in cells
+                  if not (args.no_contention and strategy == "independent")]
+
+
+def kept(folder: str) -> tuple[Link, list[dict]]:
+    """What an earlier --keep DIR holds: its link measurement and its results, in the order they ran."""
+    runs = sorted(Path(folder, "runs").glob("*.json"))
+    if not runs:
+        sys.exit(f"--from {folder}: no results under {folder}/runs (make them with --keep {folder})")
+    return Link.measured(load(str(Path(folder, "comm")))), [load_result(p) for p in runs]
+
+
+def profile_figures(results: list[dict]) -> None:
+    """Per round, what the README reads from the profiles: CPU use, fsdp x2's slowest rank's compute
+    over fsdp x1's, and the pipeline's stages."""
+    def pct(values: list[float], fmt: str = "{:.0f}") -> str:
+        return (fmt.format(min(values)) + " to " + fmt.format(max(values))) if values else "n/a"
+
+    cpu: dict[str, list[float]] = {}
+    for r in results:
+        cpu.setdefault(_cell(r), []).append(r["utilization"]["cpu_percent_mean"])
+    print("CPU use (% of the machine, min to max over rounds): "
+          + ", ".join(f"{cell} {pct(v)}" for cell, v in cpu.items()))
+    one = {r["config"]["seed"]: r for r in results if _cell(r) == "fsdp x1" and r.get("breakdown")}
+    grow = []
+    for r in results:
+        b = r.get("breakdown")
+        if _cell(r) == "fsdp x2" and b and b.get("slowest_rank") is not None and r["config"]["seed"] in one:
+            slowest = next(x for x in b["per_rank"] if x["rank"] == b["slowest_rank"])
+            base = one[r["config"]["seed"]]["breakdown"]["per_rank"][0]["parts_ms"]["compute"]
+            grow.append(f"{(slowest['parts_ms']['compute'] / base - 1) * 100:+.0f} %")
+    print("fsdp x2's slowest rank's profiled compute over fsdp x1's, per round: " + (", ".join(grow) or "n/a"))
+    pipe = [r["breakdown"]["per_rank"] for r in results if _cell(r) == "pipeline x2" and r.get("breakdown")]
+    if pipe:
+        total = [sum(x["parts_ms"]["compute"] for x in ranks) for ranks in pipe]
+        print("pipeline x2 (profiled, ms per step, min to max over rounds): stage 0 compute "
+              + pct([ranks[0]["parts_ms"]["compute"] for ranks in pipe]) + ", its share of both stages' compute "
+              + pct([ranks[0]["parts_ms"]["compute"] / t * 100 for ranks, t in zip(pipe, total)]) + " %, stage 1 idle "
+              + pct([ranks[-1]["parts_ms"]["idle"] for ranks in pipe]) + ", a rank's profiled step "
+              + pct([x["step_ms"] for ranks in pipe for x in ranks]) + f"; both stages' compute, median {statistics.median(total):.0f}")
+
+
 def main() -> None:
-    args = arguments(__doc__)
-    with out_folder(args) as out:
-        link = Link.measured(measure_links(str(Path(out, "comm"))))
-        print(f"link: {link.source}: alpha {link.alpha_us:.0f} us per hop, bus bandwidth {link.busbw_GBps:.2f} GB/s")
-        base = base_config(args, str(Path(out, "runs")))
-        cells = (("single", 1), ("fsdp", 1), ("independent", 2), ("ddp", 2), ("fsdp", 2), ("pipeline", 2))
-        results = [run_cell(base, strategy, n, r, profile=strategy in ("ddp", "fsdp", "pipeline"))
-                   for r in range(args.rounds) for strategy, n in cells
-                   if not (args.no_contention and strategy == "independent")]
-        rows = check(results, link, None)
-        plain = {(c["strategy"], c["devices"]): c
-                 for c in check([r for r in results if r["config"]["strategy"] != "independent"], link, None)}
+    args = arguments(__doc__, reports_kept=True)
+    if args.source:
+        link, results = kept(args.source)
+    else:
+        with out_folder(args) as out:
+            link, results = measure(args, out)
+    print(f"link: {link.source}: alpha {link.alpha_us:.0f} us per hop, bus bandwidth {link.busbw_GBps:.2f} GB/s")
+    rows = check(results, link, None)
+    plain = {(c["strategy"], c["devices"]): c
+             for c in check([r for r in results if r["config"]["strategy"] != "independent"], link, None)}
     print(f"{'cell':24} {'measured':>9} {'predicted':>9} {'error':>7} {'overlap':>7} {'contention':>10} "
           f"{'wait W (ms)':>11} {'without c':>9} {'error':>7} {'without W':>9} {'error':>7}   (samples/s)")
     for c in sorted(rows, key=lambda c: c["strategy"]):
@@ -118,6 +169,10 @@ def main() -> None:
               f"{no_w:9.1f} {(no_w / c['measured'] - 1) * 100:+6.1f}%")
     print("inputs (step time p50, ms; medians over rounds): "
           + by_cell(results, lambda r: r["throughput"]["step_time_ms_p50"]))
+    rounds: dict[str, list[str]] = {}
+    for r in results:
+        rounds.setdefault(_cell(r), []).append(f"{r['throughput']['step_time_ms_p50']:.1f}")
+    print("each round's step time p50 (ms): " + ", ".join(f"{k} {' / '.join(v)}" for k, v in rounds.items()))
     print("slowest rank's step p50 minus the ranks' own p50s (ms; medians over rounds): "
           + by_cell(results, rank_skew_ms))
     print("the slowest rank's wait inside collectives, W (profiled, in timed ms per step; medians over rounds): "
@@ -128,6 +183,7 @@ def main() -> None:
         parts = [r["breakdown"]["parts_ms"] for r in results if r.get("breakdown") and _cell(r) == cell]
         if parts:
             print(f"  {cell}: " + ", ".join(f"{k} {statistics.median(p[k] for p in parts):.1f}" for k in parts[0]))
+    profile_figures(results)
     worst = max(abs(c["error"]) for c in rows)
     print(f"largest error {worst * 100:.1f} % (issue 10's bar: 15 %)")
 
