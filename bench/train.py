@@ -303,10 +303,15 @@ def local_gather(env: DistEnv, m: Measured, clock: _Clock, monitor: Monitor, war
     the sum of the timed steps, the window of an epoch cut short having no right edge."""
     step_s = [clock.seconds(a, b) for a, b in m.step_marks]
     losses = torch.stack(m.losses).double().cpu().tolist() if m.losses else []
-    info = {"rank": env.rank, "peak_allocated_bytes": None,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "utilization": monitor.summary(m.windows or [(0.0, float("inf"))]), "own_step_time_ms_p50": _p50_ms(step_s[warmup:])}
+    info = _rank_info(env, monitor, m.windows or [(0.0, float("inf"))], step_s[warmup:], None)
     return Gathered(step_s, 0.0, losses, [info])
+
+
+def _rank_info(env: DistEnv, monitor: Monitor, windows: list, timed_s: list[float], peak: int | None) -> dict:
+    """What each rank reports of itself: memory, utilisation over the timed windows, its own step p50."""
+    return {"rank": env.rank, "peak_allocated_bytes": peak,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "utilization": monitor.summary(windows), "own_step_time_ms_p50": _p50_ms(timed_s)}
 
 
 def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monitor, warmup: int) -> Gathered:
@@ -315,10 +320,8 @@ def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monito
     step_s = torch.tensor([clock.seconds(a, b) for a, b in m.step_marks], dtype=torch.float64)
     loss_t = torch.stack(m.losses).to(torch.float64)
     window_s = torch.tensor([sum(b - a for a, b in m.windows)], dtype=torch.float64)
-    rank_info = {"rank": env.rank,
-                 "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                 "utilization": monitor.summary(m.windows), "own_step_time_ms_p50": _p50_ms(step_s.tolist()[warmup:])}
+    rank_info = _rank_info(env, monitor, m.windows, step_s.tolist()[warmup:],
+                           torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
     ranks = [rank_info]
     if env.distributed:
         coll_dev = device if env.backend == "nccl" else torch.device("cpu")
