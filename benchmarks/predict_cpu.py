@@ -74,14 +74,19 @@ def _cell(r: dict) -> str:
     return f"{r['config']['strategy']} x{r['config']['devices']}"
 
 
-def by_cell(results: list[dict], value) -> str:
-    """value(result) per cell, median over rounds, as one line; cells where it is None left out."""
+def per_cell(results: list[dict], value) -> dict[str, list[float]]:
+    """value(result) of every round, per cell, in run order; None left out."""
     seen: dict[str, list[float]] = {}
     for r in results:
         v = value(r)
         if v is not None:
             seen.setdefault(_cell(r), []).append(v)
-    return ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in seen.items())
+    return seen
+
+
+def by_cell(results: list[dict], value) -> str:
+    """value(result) per cell, median over rounds, as one line; cells where it is None left out."""
+    return ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in per_cell(results, value).items())
 
 
 def rank_skew_ms(r: dict) -> float | None:
@@ -122,9 +127,7 @@ def profile_figures(results: list[dict]) -> None:
     def pct(values: list[float], fmt: str = "{:.0f}") -> str:
         return (fmt.format(min(values)) + " to " + fmt.format(max(values))) if values else "n/a"
 
-    cpu: dict[str, list[float]] = {}
-    for r in results:
-        cpu.setdefault(_cell(r), []).append(r["utilization"]["cpu_percent_mean"])
+    cpu = per_cell(results, lambda r: r["utilization"]["cpu_percent_mean"])
     print("CPU use (% of the machine, min to max over rounds): "
           + ", ".join(f"{cell} {pct(v)}" for cell, v in cpu.items()))
     one = {r["config"]["seed"]: r for r in results if _cell(r) == "fsdp x1" and r.get("breakdown")}
@@ -169,10 +172,9 @@ def main() -> None:
               f"{no_w:9.1f} {(no_w / c['measured'] - 1) * 100:+6.1f}%")
     print("inputs (step time p50, ms; medians over rounds): "
           + by_cell(results, lambda r: r["throughput"]["step_time_ms_p50"]))
-    rounds: dict[str, list[str]] = {}
-    for r in results:
-        rounds.setdefault(_cell(r), []).append(f"{r['throughput']['step_time_ms_p50']:.1f}")
-    print("each round's step time p50 (ms): " + ", ".join(f"{k} {' / '.join(v)}" for k, v in rounds.items()))
+    rounds = per_cell(results, lambda r: r["throughput"]["step_time_ms_p50"])
+    print("each round's step time p50 (ms): "
+          + ", ".join(f"{k} " + " / ".join(f"{x:.1f}" for x in v) for k, v in rounds.items()))
     print("slowest rank's step p50 minus the ranks' own p50s (ms; medians over rounds): "
           + by_cell(results, rank_skew_ms))
     print("the slowest rank's wait inside collectives, W (profiled, in timed ms per step; medians over rounds): "
