@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from emotion_models.atomic import atomic_write_text
 
+from . import control
 from .breakdown import busbw_factor
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send_recv")
@@ -52,7 +53,8 @@ def sizes(cfg: CommConfig) -> list[int]:
 
 
 def _op(kind: str, nbytes: int, device: torch.device, rank: int, world: int):
-    """A closure running one collective on a buffer of S = nbytes (the whole buffer), fp32."""
+    """A closure running one collective on a buffer of S = nbytes (the whole buffer), fp32, made on the
+    run's device: the payload measured (every control message goes through bench/control.py)."""
     n = max(nbytes // 4, world)
     n -= n % world  # all-gather / reduce-scatter split the buffer evenly
     if kind == "all_reduce":
@@ -77,30 +79,27 @@ def _op(kind: str, nbytes: int, device: torch.device, rank: int, world: int):
     return ring
 
 
-def _time(fn, device: torch.device, warmup: int, target_s: float) -> float:
+def _time(fn, env, warmup: int, target_s: float) -> float:
     """Mean seconds per call over the timed iterations, the same count on every rank."""
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
 
     for _ in range(warmup):
         fn()
     sync()
-    dist.barrier()
+    control.barrier(env)
     t = time.perf_counter()
     fn()
     sync()
-    probe = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
-    dist.all_reduce(probe, op=dist.ReduceOp.MAX)  # everyone agrees on the iteration count
-    iters = int(min(50, max(3, target_s / max(float(probe), 1e-6))))
-    dist.barrier()
+    probe_s = control.max_over_ranks([time.perf_counter() - t], env)[0]  # everyone agrees on the count
+    iters = int(min(50, max(3, target_s / max(probe_s, 1e-6))))
+    control.barrier(env)
     t = time.perf_counter()
     for _ in range(iters):
         fn()
     sync()
-    elapsed = torch.tensor([(time.perf_counter() - t) / iters], dtype=torch.float64)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's time
-    return float(elapsed)
+    return control.max_over_ranks([(time.perf_counter() - t) / iters], env)[0]  # the slowest rank's time
 
 
 def fit(points: list[dict]) -> dict:
@@ -118,12 +117,13 @@ def fit(points: list[dict]) -> dict:
     return {"alpha_us": max(my - slope * mx, 0.0), "busbw_GBps": 1e-3 / slope if slope > 0 else None}
 
 
-def measure(cfg: CommConfig, device: torch.device, rank: int, world: int) -> dict:
+def measure(cfg: CommConfig, env) -> dict:
     results: dict[str, list[dict]] = {}
+    world = env.world_size
     for kind in cfg.ops:
         rows = []
         for nbytes in sizes(cfg):
-            seconds = _time(_op(kind, nbytes, device, rank, world), device, cfg.warmup, cfg.target_s)
+            seconds = _time(_op(kind, nbytes, env.device, env.rank, world), env, cfg.warmup, cfg.target_s)
             algbw = nbytes / seconds / 1e9
             factor = busbw_factor("send" if kind == "send_recv" else kind, world)
             rows.append({"bytes": nbytes, "time_us": seconds * 1e6, "algbw_GBps": algbw, "busbw_GBps": algbw * factor,
@@ -142,7 +142,7 @@ def worker_main(cfg: CommConfig) -> int:
     run_cfg = RunConfig(devices=int(os.environ["WORLD_SIZE"]), timeout_s=float(cfg.extra.get("timeout_s", 300)))
     set_threads(run_cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     env = init_env(run_cfg, device_type)
-    points = measure(cfg, env.device, env.rank, env.world_size)
+    points = measure(cfg, env)
     if env.is_main:
         result = {"schema": COMM_SCHEMA, "kind": "comm", "run_id": cfg.run_id, "status": "ok",
                   "config": {"devices": env.world_size, "backend": env.backend, "device_type": device_type,
@@ -152,7 +152,7 @@ def worker_main(cfg: CommConfig) -> int:
         path = Path(cfg.out) / f"{cfg.run_id}.comm.json"
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
         plot(result, path.with_name(f"{cfg.run_id}.comm.png"))
-    dist.barrier()
+    control.barrier(env)
     return 0
 
 

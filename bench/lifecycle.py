@@ -28,7 +28,7 @@ from emotion_models.audio import FeatureConfig
 from emotion_models.dataset import Dataset, load_folder, load_synthetic
 from emotion_models.models import check_model, feature_kind
 
-from . import faults, launch, stops
+from . import control, faults, launch, stops
 from .config import ConfigError, RunConfig
 from .distenv import DistEnv, init_env, resolve_device_type, set_threads, thread_count
 from .envinfo import fingerprint
@@ -364,10 +364,7 @@ def worker_main(cli_cfg: RunConfig) -> int:
 def _leave_together(env: DistEnv) -> None:
     # a rank that tears down gloo while its peer still uses the connection makes the peer abort
     # ("terminate called without an active exception")
-    if env.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
+    control.barrier(env)
 
 
 def worker_exit(cfg: RunConfig) -> None:

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from emotion_models.audio import centre_offset, crop_frames
@@ -36,7 +35,7 @@ from .precision import Precision
 from .profiling import OPTIMIZER, read_trace, run_profiled, trace_path
 from .breakdown import breakdown
 from .results import Flops, Quality, RankUsage, RunSummary, Throughput, Timing, Utilization
-from . import stops
+from . import control, stops
 from .stops import Diverged, Interrupted, Stopped
 from .strategies import Plan, get_strategy
 
@@ -264,18 +263,15 @@ def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSe
         _check_finite(env, m, step - n_steps)  # at epoch ends only: a host sync per epoch, not per step
         if cfg.eval_each_epoch or step >= b.total_steps or epoch == cfg.epochs - 1:
             m.record_eval(evaluate(plan, precision, evalsets.val), cfg, epoch)
-            if env.distributed:
-                dist.barrier()  # no rank starts timing the next epoch while rank 0 evaluates
+            control.barrier(env)  # no rank starts timing the next epoch while rank 0 evaluates
             m.eval_s += time.perf_counter() - t_end
 
 
 def _check_finite(env: DistEnv, m: Measured, first: int) -> None:
     """Raise Diverged (on every rank alike) when a loss since step `first` is NaN or infinite."""
-    losses = torch.stack(m.losses[first:])
-    bad = torch.tensor([0.0 if bool(torch.isfinite(losses).all()) else 1.0])
-    if env.distributed:  # ranks stop together: pipeline stages other than the last see no loss
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item() == 0:
+    finite_here = bool(torch.isfinite(torch.stack(m.losses[first:])).all())
+    # ranks stop together: pipeline stages other than the last see no loss
+    if not control.any_rank(not finite_here, env):
         return
     values = torch.stack(m.losses).cpu()
     finite = torch.isfinite(values)
@@ -317,25 +313,15 @@ def _rank_info(env: DistEnv, monitor: Monitor, windows: list, timed_s: list[floa
 def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monitor, warmup: int) -> Gathered:
     """Collective, after the loop: the only host syncs of the run."""
     device = env.device
-    step_s = torch.tensor([clock.seconds(a, b) for a, b in m.step_marks], dtype=torch.float64)
-    loss_t = torch.stack(m.losses).to(torch.float64)
-    window_s = torch.tensor([sum(b - a for a, b in m.windows)], dtype=torch.float64)
-    rank_info = _rank_info(env, monitor, m.windows, step_s.tolist()[warmup:],
+    own_step_s = [clock.seconds(a, b) for a, b in m.step_marks]
+    rank_info = _rank_info(env, monitor, m.windows, own_step_s[warmup:],
                            torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
-    ranks = [rank_info]
-    if env.distributed:
-        coll_dev = device if env.backend == "nccl" else torch.device("cpu")
-        step_s, window_s, loss_t = step_s.to(coll_dev), window_s.to(coll_dev), loss_t.to(coll_dev)
-        dist.all_reduce(step_s, op=dist.ReduceOp.MAX)  # the slowest rank sets each step's time
-        dist.all_reduce(window_s, op=dist.ReduceOp.MAX)
-        if plan.loss_rank is None:
-            dist.all_reduce(loss_t)  # gloo has no AVG: sum, then divide
-            loss_t /= env.world_size
-        else:
-            dist.broadcast(loss_t, src=plan.loss_rank)
-        ranks = [None] * env.world_size
-        dist.all_gather_object(ranks, rank_info)
-    return Gathered(step_s.cpu().tolist(), float(window_s[0]), loss_t.cpu().tolist(), ranks)
+    step_s = control.max_over_ranks(own_step_s, env)  # the slowest rank sets each step's time
+    window_s = control.max_over_ranks([sum(b - a for a, b in m.windows)], env)[0]
+    loss_t = torch.stack(m.losses)
+    losses = (control.mean_over_ranks(loss_t, env) if plan.loss_rank is None
+              else control.from_rank(loss_t, plan.loss_rank, env))
+    return Gathered(step_s, window_s, losses, control.gather_objects(rank_info, env))
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -451,11 +437,7 @@ def profile(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches) -> dict | None:
 
     path = trace_path(cfg.out_dir, cfg.run_id, env.rank)
     run_profiled(cfg.profile_steps, env.device, one_step, path)
-    steps = [read_trace(path)]
-    if env.distributed:
-        gathered: list = [None] * env.world_size
-        dist.all_gather_object(gathered, steps[0])
-        steps = gathered
+    steps = control.gather_objects(read_trace(path), env)
     if not env.is_main:
         return None
     out = breakdown(steps).to_dict()

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from emotion_models.models import build_model, rebuild
 
+from .. import control
 from ..config import ConfigError
 from . import Plan, register
 
@@ -68,8 +68,7 @@ def pipeline(model, env, cfg) -> Plan:
         # every rank contributes its stage; rank 0 assembles the full model
         local = {f"blocks.{first_block + int(k.split('.', 1)[0])}.{k.split('.', 1)[1]}": v.detach().cpu()
                  for k, v in stage_module.state_dict().items()}
-        gathered = [None] * n
-        dist.all_gather_object(gathered, local)
+        gathered = control.gather_objects(local, env)
         if rank != 0:
             return None
         full = rebuild(model)
