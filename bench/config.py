@@ -95,6 +95,15 @@ class RunConfig:
         for name in ("devices", "nodes", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{flag_of(name)} must be at least 1 (got {getattr(self, name)})")
+        # optional counts: None is the default, so 0 would silently mean it; refused, like negatives
+        for name, default in (("threads", "cores / processes on this machine"), ("max_steps", "all epochs"),
+                              ("microbatches", "2 x stages")):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag_of(name)} must be at least 1 (got {value}); leave it out for the default "
+                                  f"({default})")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"--timeout-s must be a positive number of seconds (got {self.timeout_s})")
         if self.warmup_steps < 0:
             raise ConfigError("--warmup-steps must be 0 or more")
         if self.profile and self.profile_steps < 1:

@@ -388,6 +388,14 @@ def test_every_run_setting_rule_has_its_own_line():
         (dict(devices=2, nodes=2), "--nnodes above 1 needs --rdzv-endpoint HOST:PORT"),
         (dict(devices=3, scaling="strong"), "strong scaling splits --batch-size 8 over 3 devices"),
         (dict(dataset="/no/such/folder"), "--dataset /no/such/folder: no such folder"),
+        # 0 is not the default in disguise (found by a review: --threads 0 silently meant the default,
+        # --threads -3 passed --dry-run and failed after the data was built)
+        (dict(threads=0), "--threads must be at least 1 (got 0); leave it out for the default"),
+        (dict(threads=-3), "--threads must be at least 1 (got -3)"),
+        (dict(max_steps=0), "--max-steps must be at least 1 (got 0); leave it out for the default (all epochs)"),
+        (dict(microbatches=-1), "--microbatches must be at least 1 (got -1)"),
+        (dict(timeout_s=0.0), "--timeout-s must be a positive number of seconds (got 0.0)"),
+        (dict(timeout_s=float("nan")), "--timeout-s must be a positive number of seconds (got nan)"),
     ]
     for bad, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):
@@ -405,7 +413,7 @@ def test_every_run_setting_rule_has_its_own_line():
             RunConfig(**{**ok, **bad}).validate()
     for fine in (dict(), dict(warmup_steps=0), dict(devices=4, nodes=2, rdzv_endpoint="h:1"),
                  dict(devices=2, scaling="strong"), dict(profile=False, profile_steps=0),
-                 dict(profile=True, profile_steps=1)):
+                 dict(profile=True, profile_steps=1), dict(threads=1, max_steps=1, microbatches=1, timeout_s=0.5)):
         RunConfig(**{**ok, **fine}).validate()
     assert RunConfig(batch_size=8, devices=4).global_batch_size == 32
     assert RunConfig(batch_size=8, devices=4, scaling="strong").global_batch_size == 8

@@ -26,9 +26,22 @@ def _result(proc):
 
 # ------------------------------------------------------------------------------------------ fuzzed flags
 
-NUMBERS = st.sampled_from(["0", "-1", "1", "2", "3", "999999999", "1e9", "0.5", "", "nan", "x"])
+NUMBERS = st.sampled_from(["0", "-1", "-3", "1", "2", "3", "999999999", "1e9", "0.5", "", "nan", "x"])
 NAMES = st.sampled_from(["", "single", "ddp", "fsdp", "pipeline", "dp", "model-parallel", "nosuch", "cnn", "lstm",
                          "xlsr-2b", "fp32", "bf16", "fp16", "weak", "strong", "gpipe", "1f1b", "cpu", "cuda", "tiny"])
+
+
+# run flags whose value must be at least 1 (a positive number of seconds for --timeout-s)
+POSITIVE = ("--gpus", "--epochs", "--batch-size", "--nnodes", "--threads", "--max-steps", "--microbatches",
+            "--timeout-s")
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value == value else None
 
 
 def _paths(tmp: Path):
@@ -72,6 +85,10 @@ def test_fuzzed_flags_never_end_in_a_traceback(data, tmp_path_factory, capsys, m
     code, out = invoke(argv, capsys)
     assert "Traceback" not in out and "internal error" not in out, (argv, out)
     assert code in (0, 1, 2), (argv, code, out)
+    if command == "run":  # a count below 1 is refused before anything starts, never taken as a default
+        counts = dict(zip(argv[1::2], argv[2::2]))
+        low = [f for f in POSITIVE if f in counts and _number(counts[f]) is not None and _number(counts[f]) < 1]
+        assert not low or code == 2, (argv, code, out)
     assert not list(tmp.rglob(".*.tmp")), argv  # no partial file, whatever failed
 
 
