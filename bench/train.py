@@ -51,6 +51,7 @@ class _Clock:
     """Step boundaries without host sync: CUDA events on GPU, perf_counter on CPU."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
 
     def mark(self):
@@ -60,8 +61,28 @@ class _Clock:
             return ev
         return time.perf_counter()
 
-    def seconds(self, start, end) -> float:
-        return start.elapsed_time(end) / 1000.0 if self.cuda else end - start
+    def durations_s(self, marks: list[tuple]) -> list[float]:
+        """Seconds of each (start, end) pair of marks. An event the device has not reached yet cannot
+        be read (elapsed_time raises "Both events must be completed"), and the device normally runs
+        behind the host, as when a signal stops the loop mid-window: one synchronize first. Where
+        that fails (the device in error), the pairs it had completed, in order, are kept."""
+        if not self.cuda:
+            return [b - a for a, b in marks]
+        try:
+            torch.cuda.synchronize(self.device)
+        except Exception:
+            done = 0
+            while done < len(marks) and _completed(marks[done][1]):
+                done += 1
+            marks = marks[:done]
+        return [a.elapsed_time(b) / 1000.0 for a, b in marks]
+
+
+def _completed(event) -> bool:
+    try:
+        return bool(event.query())
+    except Exception:
+        return False
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -297,8 +318,11 @@ class Gathered:
 def local_gather(env: DistEnv, m: Measured, clock: _Clock, monitor: Monitor, warmup: int) -> Gathered:
     """This rank's measurements alone (a run stopped early: no collectives). The timed window is
     the sum of the timed steps, the window of an epoch cut short having no right edge."""
-    step_s = [clock.seconds(a, b) for a, b in m.step_marks]
-    losses = torch.stack(m.losses).double().cpu().tolist() if m.losses else []
+    step_s = clock.durations_s(m.step_marks)
+    try:  # the losses of the steps whose time could be read (the device may be in error)
+        losses = torch.stack(m.losses[: len(step_s)]).double().cpu().tolist() if step_s else []
+    except Exception:
+        losses = []
     info = _rank_info(env, monitor, m.windows or [(0.0, float("inf"))], step_s[warmup:], None)
     return Gathered(step_s, 0.0, losses, [info])
 
@@ -313,7 +337,7 @@ def _rank_info(env: DistEnv, monitor: Monitor, windows: list, timed_s: list[floa
 def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monitor, warmup: int) -> Gathered:
     """Collective, after the loop: the only host syncs of the run."""
     device = env.device
-    own_step_s = [clock.seconds(a, b) for a, b in m.step_marks]
+    own_step_s = clock.durations_s(m.step_marks)
     rank_info = _rank_info(env, monitor, m.windows, own_step_s[warmup:],
                            torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
     step_s = control.max_over_ranks(own_step_s, env)  # the slowest rank sets each step's time
