@@ -83,3 +83,58 @@ def test_a_device_in_error_keeps_the_steps_it_completed(monkeypatch):
                  windows=[(0.0, 1.0)])
     g = local_gather(CPU1, m, _cuda_clock(), SimpleNamespace(summary=lambda windows: {}), 0)
     assert g.step_s == pytest.approx([0.010, 0.020]) and g.losses == pytest.approx([2.0, 1.9])
+
+
+# ------------------------------------------------------------------------------------------ dp
+
+def test_dataparallel_replicas_compute_in_the_runs_dtype_in_their_own_threads():
+    """Item 3: DataParallel enters autocast again in each replica's thread without a dtype (read from
+    torch's own source below), and a new thread's autocast dtype is its default: a bf16 run's
+    replicas computed in fp16. On the CPU the default is bf16, so the run's dtype here is fp16."""
+    import inspect
+    import threading
+
+    import sys
+
+    from bench.strategies.dp import CastInReplica
+
+    source = inspect.getsource(sys.modules["torch.nn.parallel.parallel_apply"])
+    assert "torch.amp.autocast(device_type, enabled=autocast_enabled)" in source
+    linear = torch.nn.Linear(4, 4)
+    seen = {}
+
+    def replica(name, module):  # what parallel_apply's _worker does, on the CPU
+        with torch.amp.autocast("cpu", enabled=enabled):
+            seen[name] = module(torch.randn(2, 4)).dtype, seen.get("inner")
+
+    def inner_dtype(module, args, output):
+        seen["inner"] = output.dtype
+
+    linear.register_forward_hook(inner_dtype)
+    with torch.autocast("cpu", dtype=torch.float16):
+        enabled = torch.is_autocast_enabled("cpu")  # read in the caller's thread, as parallel_apply does
+        for name, module in (("plain", linear), ("cast", CastInReplica(linear, "cpu", torch.float16))):
+            t = threading.Thread(target=replica, args=(name, module))
+            t.start()
+            t.join()
+    assert seen["plain"] == (torch.bfloat16, torch.bfloat16)  # the thread's default, not the run's fp16
+    assert seen["cast"] == (torch.float32, torch.float16)  # computed in fp16, logits out in fp32
+
+
+def test_dataparallel_refuses_compile_on_several_gpus_and_why(monkeypatch):
+    """Item 4: Module.compile binds the original module, and DataParallel's replicas copy its
+    __dict__: every replica would run the original's weights. Refused in one line before anything
+    starts; the binding itself is shown on the CPU."""
+    from bench.config import ConfigError, RunConfig
+    from bench.strategies.dp import _check
+
+    block = torch.nn.Linear(2, 2)
+    block.compile(backend="eager")
+    replica = block._replicate_for_data_parallel()
+    assert replica._compiled_call_impl is not None
+    assert replica._compiled_call_impl._torchdynamo_orig_callable.__self__ is block  # not the replica
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with pytest.raises(ConfigError, match=r"--strategy dp --compile --gpus 2: .* use --strategy ddp --compile"):
+        _check(RunConfig(strategy="dp", devices=2, compile=True), "cuda")
+    _check(RunConfig(strategy="dp", devices=1, compile=True), "cuda")  # one GPU replicates nothing
+    _check(RunConfig(strategy="dp", devices=8, precision="bf16"), "cuda")

@@ -34,10 +34,15 @@ class Plan:
     # collective: the full model (weights gathered) on rank 0 for evaluation, None on other ranks
     eval_module: Callable[[], nn.Module | None] | None = None
     info: dict = field(default_factory=dict)  # recorded in the result's config (schedule, bubble, ...)
+    # every device this process computes on, where memory, busy % and energy are read: several for
+    # dp and model-parallel, else the input device
+    devices: list[torch.device] | None = None
 
     def __post_init__(self):
         if self.step is None:
             self.step = forward_backward(self.model)
+        if self.devices is None:
+            self.devices = [self.input_device]
 
     @property
     def parameters(self) -> list[nn.Parameter]:

@@ -35,5 +35,5 @@ def model_parallel(model, env, cfg) -> Plan:
     for stage, dev in zip(stages, devices):
         stage.to(dev)
     staged = _Staged(stages, devices)
-    return Plan(model=staged, input_device=devices[0], eval_module=lambda: staged,
+    return Plan(model=staged, input_device=devices[0], eval_module=lambda: staged, devices=devices,
                 info={"stage_blocks": [list(b) for b in model.stage_boundaries(cfg.devices)]})
