@@ -72,6 +72,23 @@ def test_multiprocess_strategy_end_to_end(tmp_path, strategy, extra):
             assert 0.45 < sum(p["local"] for p in s["params"]) / total < 0.55
 
 
+def test_conformer_trains_under_fsdp_bf16(tmp_path):
+    """BatchNorm's own fp32 group under FSDP2 gave an fp32 output that torchaudio's conformer feeds
+    straight into a bf16 Conv1d ("Input type (float) and bias type (c10::BFloat16) should be the
+    same"): it now casts its output back. Every model with BatchNorm inside a block needs it."""
+    probes = tmp_path / "probe"
+    probes.mkdir()
+    r = _ok(bench("run", "--strategy", "fsdp", "--gpus", "2", "--model", "conformer", "--model-size", "small",
+                  "--precision", "bf16", "--size", "tiny", "--epochs", "1", "--batch-size", "4", "--max-steps", "3",
+                  "--warmup-steps", "1", "--device", "cpu", "--out", tmp_path, env={"EMOTION_BENCH_PROBE": str(probes)}))
+    assert r["status"] == "ok" and len(r["losses"]) == 3 and all(l == l for l in r["losses"])
+    for rank in (0, 1):
+        seen = probe(probes, rank)["modules"]
+        # (the probe's global hook sees BatchNorm's output before FSDP2's own hook casts it)
+        assert seen["BatchNorm1d"]["params"] == ["torch.float32"]
+        assert seen["Conv1d"] == {"output": "torch.bfloat16", "params": ["torch.bfloat16"]}
+
+
 @pytest.mark.parametrize("strategy", ["dp", "model-parallel"])
 def test_cuda_only_strategies_fail_clearly_on_cpu(tmp_path, strategy):
     proc = bench("run", "--strategy", strategy, "--gpus", "2", *TINY, "--device", "cpu", "--out", tmp_path)

@@ -21,10 +21,13 @@ def fsdp(model, env, cfg) -> Plan:
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     if dtype:
         # BatchNorm keeps fp32 parameters and statistics (its own group, inputs cast up), as autocast
-        # does; with bf16 weights its fp32 running stats would not even type-check on CPU
+        # does; with bf16 weights its fp32 running stats would not even type-check on CPU. Its output
+        # goes back to the compute dtype: the next layer of its block has bf16 weights (torchaudio's
+        # conformer convolution module feeds BatchNorm1d straight into a Conv1d)
+        bn = MixedPrecisionPolicy(param_dtype=torch.float32, output_dtype=dtype)
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
+                fully_shard(module, mesh=mesh, mp_policy=bn)
     for block in model.blocks:  # per block first, so each block's all-gather overlaps the previous block
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
