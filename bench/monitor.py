@@ -47,34 +47,63 @@ def free_device_bytes(device_index: int) -> int:
 
 
 class Monitor:
-    def __init__(self, *, cuda_device: int | None = None, interval_s: float = 0.2):
+    """Samples this process's CPU use and RSS, and busy %, memory and power of every GPU it computes
+    on (dp and model-parallel drive several from one process); reads their energy counters at the
+    edges of each timed window (`window_edge`), so energy is that of the timed training alone."""
+
+    def __init__(self, *, cuda_devices: list[int] | None = None, cuda_device: int | None = None,
+                 interval_s: float = 0.2):
         self.interval_s = interval_s
         self.proc = psutil.Process()
         self.samples: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="emotion-bench-monitor", daemon=True)
-        self.nvml = _nvml_handle(cuda_device) if cuda_device is not None else None
-        self.energy_start_mj = self._energy_mj()
+        indices = list(cuda_devices or []) + ([cuda_device] if cuda_device is not None else [])
+        handles = [_nvml_handle(i) for i in indices]
+        self.nvml = [h for h in handles if h]  # (pynvml, handle) per device NVML can see
+        self.devices = [i for i, h in zip(indices, handles) if h]
+        self._window_start_mj: list[int | None] | None = None
+        self.window_energy_mj: list[int] | None = [0] * len(self.nvml) if self.nvml else None  # per device
 
-    def _energy_mj(self) -> int | None:
+    def _energy_mj(self) -> list[int | None]:
+        out = []
+        for pynvml, h in self.nvml:
+            try:
+                out.append(int(pynvml.nvmlDeviceGetTotalEnergyConsumption(h)))
+            except Exception:
+                out.append(None)
+        return out
+
+    def window_edge(self, start: bool) -> None:
+        """At a timed window's left (start=True) or right edge: the energy counters are read there
+        (a host call per device, after the device was synchronised; nothing inside the window)."""
         if not self.nvml:
-            return None
-        pynvml, h = self.nvml
-        try:
-            return int(pynvml.nvmlDeviceGetTotalEnergyConsumption(h))
-        except Exception:
-            return None
+            return
+        now = self._energy_mj()
+        if start:
+            self._window_start_mj = now
+            return
+        begun, self._window_start_mj = self._window_start_mj, None
+        if begun is None or self.window_energy_mj is None:
+            return
+        if any(v is None for v in begun + now):
+            self.window_energy_mj = None  # a device without a counter: power is integrated instead
+            return
+        self.window_energy_mj = [e + b - a for e, a, b in zip(self.window_energy_mj, begun, now)]
 
     def _sample(self) -> dict:
         s = {"t": time.perf_counter(), "cpu_percent": psutil.cpu_percent(None), "rss_bytes": self.proc.memory_info().rss}
-        if self.nvml:
-            pynvml, h = self.nvml
+        busy, used, power = [], [], []
+        for pynvml, h in self.nvml:
             try:
-                s["gpu_busy_percent"] = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
-                s["gpu_mem_used_bytes"] = int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
-                s["gpu_power_w"] = pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0
+                busy.append(float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu))
+                used.append(int(pynvml.nvmlDeviceGetMemoryInfo(h).used))
+                power.append(pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0)
             except Exception:
-                pass
+                busy, used, power = [], [], []
+                break
+        if busy:
+            s.update(gpu_busy_percent=busy, gpu_mem_used_bytes=used, gpu_power_w=power)
         return s
 
     def _run(self) -> None:
@@ -91,36 +120,46 @@ class Monitor:
         self._thread.join()
 
     def summary(self, windows: list[tuple[float, float]]) -> dict:
-        """Means and peaks over the samples that fall inside the timed windows."""
+        """Over the samples inside the timed windows: CPU %, RSS peak; per GPU, busy % (mean), memory
+        used (peak), power (mean) and energy; and the process's totals: busy % averaged over its
+        GPUs, power and energy summed over them."""
         inside = [s for s in self.samples if any(a <= s["t"] <= b for a, b in windows)] or self.samples
 
-        def mean(key):
-            vals = [s[key] for s in inside if key in s]
+        def mean(values):
+            vals = [v for v in values if v is not None]
             return sum(vals) / len(vals) if vals else None
 
-        def peak(key):
-            vals = [s[key] for s in inside if key in s]
-            return max(vals) if vals else None
+        def column(key, i):
+            return [s[key][i] for s in inside if key in s]
 
-        out = {
+        per_device = []
+        energy_j, source = None, None
+        if self.window_energy_mj is not None:
+            energy_j, source = [e / 1000.0 for e in self.window_energy_mj], "nvml-energy-counter"
+        elif self.nvml:  # power integrated over the windows (trapezoids within each)
+            energy_j, source = [0.0] * len(self.nvml), "integrated-power"
+            for a, b in windows:
+                pw = [(s["t"], s["gpu_power_w"]) for s in self.samples if "gpu_power_w" in s and a <= s["t"] <= b]
+                for (t1, p1), (t2, p2) in zip(pw, pw[1:]):
+                    for i in range(len(energy_j)):
+                        energy_j[i] += (t2 - t1) * (p1[i] + p2[i]) / 2
+        for i, index in enumerate(self.devices):
+            used = column("gpu_mem_used_bytes", i)
+            per_device.append({"index": index, "gpu_busy_percent_mean": mean(column("gpu_busy_percent", i)),
+                               "gpu_mem_used_peak_bytes": max(used) if used else None,
+                               "gpu_power_w_mean": mean(column("gpu_power_w", i)),
+                               "gpu_energy_j": energy_j[i] if energy_j else None})
+        rss = [s["rss_bytes"] for s in inside]
+        powers = [d["gpu_power_w_mean"] for d in per_device]
+        return {
             "num_samples": len(inside),
             "sample_interval_s": self.interval_s,
-            "cpu_percent_mean": mean("cpu_percent"),
-            "process_rss_peak_bytes": peak("rss_bytes"),
-            "gpu_busy_percent_mean": mean("gpu_busy_percent"),
-            "gpu_mem_used_peak_bytes": peak("gpu_mem_used_bytes"),
-            "gpu_power_w_mean": mean("gpu_power_w"),
-            "gpu_energy_j": None,
-            "gpu_energy_source": None,
+            "cpu_percent_mean": mean([s["cpu_percent"] for s in inside]),
+            "process_rss_peak_bytes": max(rss) if rss else None,
+            "gpu_busy_percent_mean": mean([d["gpu_busy_percent_mean"] for d in per_device]),
+            "gpu_mem_used_peak_bytes": max((d["gpu_mem_used_peak_bytes"] or 0 for d in per_device), default=0) or None,
+            "gpu_power_w_mean": sum(powers) if powers and None not in powers else None,
+            "gpu_energy_j": sum(energy_j) if energy_j else None,
+            "gpu_energy_source": source,
+            "per_device": per_device,
         }
-        # energy over the whole training (windows and the rest): the counter if the GPU has one,
-        # else power integrated over time (trapezoids)
-        end = self._energy_mj()
-        if self.energy_start_mj is not None and end is not None:
-            out["gpu_energy_j"], out["gpu_energy_source"] = (end - self.energy_start_mj) / 1000.0, "nvml-energy-counter"
-        else:
-            pw = [(s["t"], s["gpu_power_w"]) for s in self.samples if "gpu_power_w" in s]
-            if len(pw) >= 2:
-                out["gpu_energy_j"] = sum((t2 - t1) * (p1 + p2) / 2 for (t1, p1), (t2, p2) in zip(pw, pw[1:]))
-                out["gpu_energy_source"] = "integrated-power"
-        return out

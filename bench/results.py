@@ -65,6 +65,10 @@ class RankUsage:
     # this rank's own step time p50 (ms), before the slowest rank sets each step's time: where ranks
     # never wait for each other (independent), their spread is the jitter every synchronisation pays
     own_step_time_ms_p50: float | None = None
+    gpu_power_w_mean: float | None = None  # this rank's GPUs together, W
+    # each GPU this rank computes on (several for dp and model-parallel): index, busy %, memory used
+    # peak (NVML), power, energy over the timed windows, torch's peak allocated; None on CPU
+    per_device: list[dict] | None = None
 
 
 @dataclass
@@ -73,14 +77,15 @@ class Utilization:
     sample_interval_s: float
     cpu_percent_mean: float | None  # whole machine, psutil
     process_rss_peak_bytes: int | None  # rank 0's process
-    gpu_busy_percent_mean: float | None  # NVML utilisation rate, mean over ranks
-    gpu_mem_used_peak_bytes: int | None
-    gpu_power_w_mean: float | None
-    gpu_energy_j: float | None  # sum over ranks, the whole training
+    gpu_busy_percent_mean: float | None  # NVML utilisation rate, mean over every GPU of the run
+    gpu_mem_used_peak_bytes: int | None  # NVML, the fullest GPU's
+    gpu_power_w_mean: float | None  # every GPU of the run together, W
+    gpu_energy_j: float | None  # every GPU of the run, over the timed windows, J
     gpu_energy_source: str | None
     per_rank: list[RankUsage]
-    peak_allocated_bytes: int | None  # the largest rank's
-    gpu_energy_j_per_epoch: float | None
+    peak_allocated_bytes: int | None  # torch's peak over the training steps, the fullest GPU's
+    gpu_energy_j_per_epoch: float | None  # gpu_energy_j per timed sample x samples in an epoch
+    gpu_energy_j_per_sample: float | None = None
 
 
 @dataclass

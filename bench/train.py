@@ -223,6 +223,9 @@ class Measured:
     eval_s: float = 0.0
     time_to_target_s: float | None = None
     epochs_to_target: int | None = None
+    # per device of the plan: torch's peak allocated over the training steps (warm-up included,
+    # evaluation not), bytes; CUDA only
+    peak_allocated_bytes: list[int] | None = None
 
     def record_eval(self, q: dict | None, cfg: RunConfig, epoch: int) -> None:
         if q is None:
@@ -233,15 +236,15 @@ class Measured:
 
 
 def train(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets, tick: Callable,
-          m: Measured) -> None:
+          m: Measured, monitor: Monitor | None = None) -> None:
     """The timed epochs, measured into `m` (the caller's: an interruption raised anywhere on the way
     out still finds what was measured). Warmup steps run first, outside the window; evaluation runs
-    between epochs."""
+    between epochs. The monitor, if any, reads the energy counters at each window's edges."""
     device, opt = env.device, s.optimizer
     # one-cycle LR over the planned steps: stable final epochs; stepped on the host, no sync
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=b.total_steps, pct_start=0.15)
     try:
-        _epochs(cfg, env, s, b, evalsets, tick, sched, _Clock(device), m)
+        _epochs(cfg, env, s, b, evalsets, tick, sched, _Clock(device), m, monitor or _NO_MONITOR)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(out_of_memory(device, len(m.losses) + 1)) from exc
 
@@ -250,8 +253,29 @@ class OutOfMemory(RuntimeError):
     """A device ran out of memory while training; the message is the line users see."""
 
 
+class _NoMonitor:
+    def window_edge(self, start: bool) -> None: ...
+
+
+_NO_MONITOR = _NoMonitor()
+
+
+def _reset_peaks(devices: list[torch.device]) -> None:
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d)
+
+
+def _keep_peaks(devices: list[torch.device], m: Measured) -> None:
+    """Fold the peaks since the last reset into m (allocator statistics: host reads, no sync)."""
+    if not any(d.type == "cuda" for d in devices):
+        return
+    now = [torch.cuda.max_memory_allocated(d) if d.type == "cuda" else 0 for d in devices]
+    m.peak_allocated_bytes = [max(a, b) for a, b in zip(m.peak_allocated_bytes or [0] * len(now), now)]
+
+
 def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets, tick: Callable,
-            sched, clock: _Clock, m: Measured) -> None:
+            sched, clock: _Clock, m: Measured, monitor) -> None:
     device, plan, precision, opt = env.device, s.plan, s.precision, s.optimizer
     step = 0
     for epoch in range(cfg.epochs):
@@ -260,11 +284,18 @@ def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSe
             break
         order, offsets = b.epoch(epoch)
         _sync(device)
+        # peak memory of the training steps alone: not setup (the full model built before sharding),
+        # not the evaluation between epochs (rank 0's evaluation copy)
+        _reset_peaks(plan.devices)
         t_epoch = time.perf_counter()
-        window_start = t_epoch if step >= b.warmup_steps else None
+        window_start = None
+        if step >= b.warmup_steps:
+            monitor.window_edge(True)
+            window_start = time.perf_counter()
         for k in range(n_steps):
             if step == b.warmup_steps and window_start is None:
                 _sync(device)  # the window's left edge
+                monitor.window_edge(True)
                 window_start = time.perf_counter()
             start = clock.mark()
             x, y = b.batch(order[k], offsets)
@@ -278,8 +309,10 @@ def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSe
             tick(1)
         _sync(device)  # the window's right edge (evaluation is outside it)
         t_end = time.perf_counter()
+        _keep_peaks(plan.devices, m)
         if window_start is not None:
             m.windows.append((window_start, t_end))
+            monitor.window_edge(False)
         m.train_s += t_end - t_epoch
         _check_finite(env, m, step - n_steps)  # at epoch ends only: a host sync per epoch, not per step
         if cfg.eval_each_epoch or step >= b.total_steps or epoch == cfg.epochs - 1:
@@ -315,7 +348,8 @@ class Gathered:
     ranks: list[dict]  # each rank's memory and utilisation
 
 
-def local_gather(env: DistEnv, m: Measured, clock: _Clock, monitor: Monitor, warmup: int) -> Gathered:
+def local_gather(env: DistEnv, m: Measured, clock: _Clock, monitor: Monitor, warmup: int,
+                 devices: list[torch.device] | None = None) -> Gathered:
     """This rank's measurements alone (a run stopped early: no collectives). The timed window is
     the sum of the timed steps, the window of an epoch cut short having no right edge."""
     step_s = clock.durations_s(m.step_marks)
@@ -323,23 +357,32 @@ def local_gather(env: DistEnv, m: Measured, clock: _Clock, monitor: Monitor, war
         losses = torch.stack(m.losses[: len(step_s)]).double().cpu().tolist() if step_s else []
     except Exception:
         losses = []
-    info = _rank_info(env, monitor, m.windows or [(0.0, float("inf"))], step_s[warmup:], None)
+    try:  # the epoch cut short: its steps' peak so far
+        _keep_peaks(devices or [], m)
+    except Exception:
+        pass
+    info = _rank_info(env, monitor, m.windows or [(0.0, float("inf"))], step_s[warmup:], m.peak_allocated_bytes)
     return Gathered(step_s, 0.0, losses, [info])
 
 
-def _rank_info(env: DistEnv, monitor: Monitor, windows: list, timed_s: list[float], peak: int | None) -> dict:
-    """What each rank reports of itself: memory, utilisation over the timed windows, its own step p50."""
-    return {"rank": env.rank, "peak_allocated_bytes": peak,
+def _rank_info(env: DistEnv, monitor: Monitor, windows: list, timed_s: list[float],
+               peaks: list[int] | None) -> dict:
+    """What each rank reports of itself: memory, utilisation over the timed windows (each of its
+    GPUs' too, with its peak allocated), its own step p50."""
+    usage = dict(monitor.summary(windows))
+    per_device = usage.pop("per_device", None) or None
+    if per_device and peaks:
+        for d, peak in zip(per_device, peaks):
+            d["peak_allocated_bytes"] = peak
+    return {"rank": env.rank, "peak_allocated_bytes": max(peaks) if peaks else None,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "utilization": monitor.summary(windows), "own_step_time_ms_p50": _p50_ms(timed_s)}
+            "utilization": usage, "own_step_time_ms_p50": _p50_ms(timed_s), "per_device": per_device}
 
 
 def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monitor, warmup: int) -> Gathered:
     """Collective, after the loop: the only host syncs of the run."""
-    device = env.device
     own_step_s = clock.durations_s(m.step_marks)
-    rank_info = _rank_info(env, monitor, m.windows, own_step_s[warmup:],
-                           torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+    rank_info = _rank_info(env, monitor, m.windows, own_step_s[warmup:], m.peak_allocated_bytes)
     step_s = control.max_over_ranks(own_step_s, env)  # the slowest rank sets each step's time
     window_s = control.max_over_ranks([sum(b - a for a, b in m.windows)], env)[0]
     loss_t = torch.stack(m.losses)
@@ -384,21 +427,30 @@ def summarise(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, m: Measured, g
                   achieved / (peak * 1e12 * cfg.devices) if peak else None)
     quality_ = Quality(test_q, m.val_f1, cfg.target_f1, m.time_to_target_s, m.epochs_to_target)
     timing = Timing(setup_s, m.train_s, m.eval_s, len(m.step_marks), b.steps_per_epoch)
-    return RunSummary(s.plan.info, throughput, utilization(cfg, g.ranks), flops, quality_, timing, g.losses)
+    return RunSummary(s.plan.info, throughput, utilization(g.ranks, timed_samples, b.steps_per_epoch * cfg.global_batch_size),
+                      flops, quality_, timing, g.losses)
 
 
-def utilization(cfg: RunConfig, ranks: list[dict]) -> Utilization:
-    """Rank 0's monitor summary, with memory, busy % and energy over every rank."""
+def utilization(ranks: list[dict], timed_samples: int, samples_per_epoch: int) -> Utilization:
+    """Rank 0's monitor summary, with memory, busy %, power and energy over every rank (and every
+    GPU of each): busy % their mean, power and energy their sum; energy over the timed windows."""
     u = dict(ranks[0]["utilization"])
     per_rank = [RankUsage(r["rank"], r["peak_allocated_bytes"], r["peak_rss_bytes"],
                           r["utilization"]["gpu_busy_percent_mean"], r["utilization"]["gpu_energy_j"],
-                          r.get("own_step_time_ms_p50")) for r in ranks]
+                          r.get("own_step_time_ms_p50"), r["utilization"].get("gpu_power_w_mean"),
+                          r.get("per_device")) for r in ranks]
     energy = [r.gpu_energy_j for r in per_rank]
+    power = [r.gpu_power_w_mean for r in per_rank]
+    used = [r["utilization"].get("gpu_mem_used_peak_bytes") for r in ranks]
     u.update(per_rank=per_rank,
              peak_allocated_bytes=max((r.peak_allocated_bytes or 0) for r in per_rank) or None,
              gpu_busy_percent_mean=_mean([r.gpu_busy_percent_mean for r in per_rank]),
+             gpu_mem_used_peak_bytes=max((v or 0) for v in used) or None,
+             gpu_power_w_mean=sum(power) if all(p is not None for p in power) else None,
              gpu_energy_j=sum(energy) if all(e is not None for e in energy) else None)
-    u["gpu_energy_j_per_epoch"] = u["gpu_energy_j"] / cfg.epochs if u["gpu_energy_j"] is not None else None
+    j = u["gpu_energy_j"]
+    u["gpu_energy_j_per_sample"] = j / timed_samples if j is not None and timed_samples else None
+    u["gpu_energy_j_per_epoch"] = u["gpu_energy_j_per_sample"] * samples_per_epoch if u["gpu_energy_j_per_sample"] is not None else None
     return Utilization(**u)
 
 
@@ -412,12 +464,14 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
     evalsets = EvalSets.of(data)
     tick = progress(b.total_steps) if (progress and env.is_main) else (lambda n=1: None)
     setup_s = time.perf_counter() - t_setup
-    monitor = Monitor(cuda_device=env.device.index if env.device.type == "cuda" else None)
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()  # NVML's memory used then shows training, not what setup freed
+    monitor = Monitor(cuda_devices=[d.index for d in s.plan.devices if d.type == "cuda"])
     m = Measured()
     try:
         try:
             with monitor:
-                train(cfg, env, s, b, evalsets, tick, m)
+                train(cfg, env, s, b, evalsets, tick, m, monitor)
         except Exception:
             # a signal stops every rank; a rank blocked in a collective may see its peer's exit
             # ("Connection reset by peer") before its own handler runs: that failure is the stop
@@ -425,7 +479,7 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
             raise
     except (Interrupted, Diverged) as exc:
         # what this rank measured, without collectives: the peers may be gone
-        g = local_gather(env, m, _Clock(env.device), monitor, b.warmup_steps)
+        g = local_gather(env, m, _Clock(env.device), monitor, b.warmup_steps, s.plan.devices)
         summary = summarise(cfg, env, s, b, m, g, None, time.perf_counter() - t_setup)
         if isinstance(exc, Interrupted):
             raise Stopped("interrupted", f"interrupted by {exc.name} at step {len(m.losses) + 1} of "

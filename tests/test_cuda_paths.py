@@ -138,3 +138,138 @@ def test_dataparallel_refuses_compile_on_several_gpus_and_why(monkeypatch):
         _check(RunConfig(strategy="dp", devices=2, compile=True), "cuda")
     _check(RunConfig(strategy="dp", devices=1, compile=True), "cuda")  # one GPU replicates nothing
     _check(RunConfig(strategy="dp", devices=8, precision="bf16"), "cuda")
+
+
+# ------------------------------------------------------------------------------------------ memory, energy
+
+GiB = 2**30
+
+
+def test_peak_memory_is_the_training_steps_not_setup_nor_evaluation(tmp_path, monkeypatch):
+    """Item 7: an allocator whose peak the test drives: setup builds a 10 GiB full model before
+    sharding, training steps reach 2 GiB, evaluation 7 GiB (rank 0's evaluation copy at a large
+    batch). The run's peak is the training steps' 2 GiB; read once at the end it was 10."""
+    from bench import lifecycle, train
+    from bench.config import RunConfig
+    from bench.results import load_result
+    from bench.strategies import STRATEGIES, get_strategy
+
+    allocator = {"current": 1 * GiB, "peak": 1 * GiB}
+    resets = []
+
+    def reach(nbytes):
+        allocator["peak"] = max(allocator["peak"], nbytes)
+
+    def reset(device):
+        resets.append(device)
+        allocator["peak"] = allocator["current"]
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocator["peak"])
+    spec = get_strategy("single")
+
+    def built_big(model, env, cfg):
+        reach(10 * GiB)
+        plan = spec.fn(model, env, cfg)
+        plan.devices = [torch.device("cuda", 0)]  # read as a GPU's allocator
+        return plan
+
+    monkeypatch.setitem(STRATEGIES, "single", type(spec)(**{**vars(spec), "fn": built_big}))
+    orig_eval, orig_step = train.evaluate, torch.optim.AdamW.step
+
+    def evaluate(*a, **k):
+        reach(7 * GiB)
+        return orig_eval(*a, **k)
+
+    def step(self, *a, **k):
+        reach(2 * GiB)
+        return orig_step(self, *a, **k)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    cfg = RunConfig(size="tiny", epochs=2, batch_size=16, model_size="small", warmup_steps=1, device="cpu",
+                    out_dir=str(tmp_path))
+    r = load_result(lifecycle.run(cfg).path)
+    u = r["utilization"]
+    assert u["peak_allocated_bytes"] == 2 * GiB and u["per_rank"][0]["peak_allocated_bytes"] == 2 * GiB
+    assert len(resets) == 2  # once before each epoch's steps
+
+
+class _NVML:
+    """nvidia-ml-py's calls for GPUs drawing known constant power (W) at known busy %."""
+
+    def __init__(self, watts: list[float], busy: list[float], counter: bool = True):
+        import time
+
+        self.watts, self.busy, self.counter, self.t0 = watts, busy, counter, time.perf_counter()
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):  # mJ since t0
+        import time
+
+        if not self.counter:
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+        return int(self.watts[h] * (time.perf_counter() - self.t0) * 1000)
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return SimpleNamespace(gpu=self.busy[h])
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return SimpleNamespace(used=(h + 1) * GiB, free=GiB)
+
+    def nvmlDeviceGetPowerUsage(self, h):  # mW
+        return self.watts[h] * 1000
+
+
+@pytest.mark.parametrize("counter", [True, False], ids=["energy-counter", "integrated-power"])
+def test_every_gpu_of_a_process_is_read_and_energy_is_the_timed_windows(monkeypatch, counter):
+    """Items 8 and 9: a process driving two GPUs (dp, model-parallel) reads both, not cuda:0
+    alone; energy covers the timed windows, not the evaluation between them nor what follows."""
+    import sys
+    import time
+
+    from bench.monitor import Monitor
+
+    monkeypatch.setitem(sys.modules, "pynvml", _NVML([100.0, 300.0], [50.0, 90.0], counter))
+    mon = Monitor(cuda_devices=[0, 1], interval_s=0.01)
+    windows = []
+    with mon:
+        for _ in range(2):
+            mon.window_edge(True)
+            a = time.perf_counter()
+            time.sleep(0.25)  # a timed window
+            windows.append((a, time.perf_counter()))
+            mon.window_edge(False)
+            time.sleep(0.3)  # evaluation, outside
+    s = mon.summary(windows)
+    inside_s = sum(b - a for a, b in windows)
+    assert s["gpu_energy_source"] == ("nvml-energy-counter" if counter else "integrated-power")
+    # 400 W over the windows; over the whole time it would be about 2.2 x that
+    assert s["gpu_energy_j"] == pytest.approx(400 * inside_s, rel=0.02 if counter else 0.2)
+    assert [d["gpu_energy_j"] for d in s["per_device"]] == pytest.approx([100 * inside_s, 300 * inside_s],
+                                                                         rel=0.02 if counter else 0.2)
+    assert s["gpu_power_w_mean"] == pytest.approx(400.0) and s["gpu_busy_percent_mean"] == pytest.approx(70.0)
+    assert s["gpu_mem_used_peak_bytes"] == 2 * GiB and [d["index"] for d in s["per_device"]] == [0, 1]
+
+
+def test_utilisation_over_ranks_sums_energy_and_power_and_averages_busy():
+    from bench.train import utilization
+
+    def rank(r, busy, watts, joules, peak):
+        return {"rank": r, "peak_allocated_bytes": peak, "peak_rss_bytes": GiB, "own_step_time_ms_p50": 10.0,
+                "per_device": [{"index": r}],
+                "utilization": {"num_samples": 5, "sample_interval_s": 0.2, "cpu_percent_mean": 50.0,
+                                "process_rss_peak_bytes": GiB, "gpu_busy_percent_mean": busy,
+                                "gpu_mem_used_peak_bytes": peak + GiB, "gpu_power_w_mean": watts,
+                                "gpu_energy_j": joules, "gpu_energy_source": "nvml-energy-counter"}}
+
+    u = utilization([rank(0, 80.0, 300.0, 600.0, 3 * GiB), rank(1, 60.0, 250.0, 500.0, 4 * GiB)],
+                    timed_samples=2200, samples_per_epoch=1000)
+    assert (u.gpu_busy_percent_mean, u.gpu_power_w_mean, u.gpu_energy_j) == (70.0, 550.0, 1100.0)
+    assert u.gpu_energy_j_per_sample == pytest.approx(0.5) and u.gpu_energy_j_per_epoch == pytest.approx(500.0)
+    assert u.peak_allocated_bytes == 4 * GiB and u.gpu_mem_used_peak_bytes == 5 * GiB
