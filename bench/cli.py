@@ -100,6 +100,8 @@ def run(
     cfg = RunConfig(**settings)
     if under_torchrun():
         lifecycle.worker_exit(cfg)  # never returns
+    if os.environ.get(lifecycle.CELL_ENV):  # one cell of a sweep or parity, in its own process
+        raise Exit(lifecycle.cell_main())
     outcome = lifecycle.run(cfg, say=info, progress=progress_factory, dry_run=dry_run)
     if outcome.error:
         error(outcome.error)

@@ -130,6 +130,21 @@ def report_error(rank: int, message: str) -> bool:
 GRACE_S = 20  # after SIGTERM, the workers' time to write what they measured before SIGKILL
 
 
+def stop_process(proc: subprocess.Popen, first: int, grace_s: float) -> None:
+    """`first` (the signal the caller got) to one process, SIGKILL after grace_s if it is still there."""
+    for sig in (first, signal.SIGKILL):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
 def _kill_group(proc: subprocess.Popen, grace_s: float = 5) -> None:
     """SIGTERM to torchrun and every worker, SIGKILL after grace_s: nothing of a run outlives it."""
     for sig in (signal.SIGTERM, signal.SIGKILL):

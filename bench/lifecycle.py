@@ -15,6 +15,9 @@ import dataclasses
 import json
 import os
 import secrets
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -154,11 +157,14 @@ def _describe(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------- the launcher
 
-def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_progress, dry_run: bool = False) -> Outcome:
+def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_progress, dry_run: bool = False,
+        own_process: bool = False) -> Outcome:
     """Validate, prepare data, train (here or through torchrun), write the result; never raises for
     a run that fails or is interrupted. `say` gets the one-line notes; `progress()` is a context
     yielding bar makers. dry_run: validate everything (the memory estimate and --out included),
-    say what would run, and stop: no data, no training, no result file."""
+    say what would run, and stop: no data, no training, no result file. own_process: a
+    single-process strategy trains in a fresh process of its own (sweep and parity cells: nothing
+    of an earlier cell carries over), as multi-process strategies always do."""
     t0 = time.perf_counter()
     device_type = "cuda" if cfg.device == "cuda" else "cpu"
     try:
@@ -176,6 +182,8 @@ def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_pr
                        device_type=device_type, t0=t0)
     if cfg.run_id is None:
         cfg = cfg.replace(run_id=new_run_id(cfg, device_type))
+    if own_process and not spec.multiprocess and not dry_run:
+        return _in_child(cfg, device_type, t0)  # the child resolves threads and data as a run does
     local = cfg.devices // cfg.nodes if spec.multiprocess else 1
     threads, source = thread_count(cfg, local)
     cfg = cfg.replace(threads=threads, threads_source=source)
@@ -268,6 +276,60 @@ def _in_process(cfg: RunConfig, device_type: str, data: Dataset, bars, t0: float
     path = _write(cfg, status="ok", error=None, device_type=device_type, world_size=1, backend=None,
                   summary=summary, t0=t0, data=data, notes=notes)
     return Outcome("ok", 0, path, None, notes)
+
+
+CELL_ENV = "EMOTION_BENCH_CELL"  # set in a cell's own process: run the RunConfig in launch.CONFIG_ENV
+
+
+def _in_child(cfg: RunConfig, device_type: str, t0: float) -> Outcome:
+    """One cell in a fresh process (`bench run` reading cfg from the environment), waited for.
+
+    A cell run in the caller's process inherits what earlier cells left there: the peak RSS the
+    kernel keeps per process (the CPU's peak memory figure), the CUDA allocator's cache and peak,
+    dynamo's caches and their recompile counts (past config.recompile_limit a compiled block runs
+    eager, silently), thread settings. The child shares the caller's process group, so Ctrl-C or a
+    kill of the group reaches both; a signal to the caller alone is passed on, and the child dies
+    with its parent. The child writes the result, as any run does."""
+    path = Path(cfg.out_dir) / f"{cfg.run_id}.json"
+    env = dict(os.environ)
+    env[launch.CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
+    env[CELL_ENV] = "1"
+    with tempfile.TemporaryDirectory(prefix="emotion-bench-cell-") as tmp:
+        log_path = Path(tmp, "cell.log")
+        with open(log_path, "w") as log, stops.signals_raise():
+            proc = subprocess.Popen([sys.executable, "-m", "bench", "run"], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            try:
+                rc = proc.wait()
+            except stops.Interrupted as exc:  # the child writes what it measured, then goes
+                launch.stop_process(proc, exc.signum, launch.GRACE_S)
+                return _interrupted(cfg, exc, device_type, t0, None)
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+            kept = Path(cfg.out_dir) / f"{cfg.run_id}.log"
+            shutil.copyfile(log_path, kept)
+            return _failed(cfg, f"the cell's process died ({how}) without writing a result (log: {kept})", 1,
+                           device_type=device_type, t0=t0)
+    status = result.get("status", "failed")
+    return Outcome(status, rc if status != "ok" else 0, path, result.get("error"))
+
+
+def _die_with_parent() -> None:
+    """In a child before exec (Linux): SIGTERM when the parent dies, so that a caller killed on its
+    own leaves no cell running on (the child writes an interrupted result and goes)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def cell_main() -> int:
+    """A cell's own process (see _in_child): run the caller's RunConfig; the exit code is the run's."""
+    return run(RunConfig(**json.loads(os.environ[launch.CONFIG_ENV]))).code
 
 
 def _launched(cfg: RunConfig, device_type: str, data: Dataset, t0: float, say: Callable[[str], None]) -> Outcome:

@@ -184,9 +184,9 @@ def out_of_memory(device: torch.device, step: int) -> str:
         peak = torch.cuda.max_memory_allocated(device)
         total = torch.cuda.get_device_properties(device).total_memory
     else:
-        import resource
+        from .monitor import peak_rss_bytes
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss_bytes()
         total = psutil.virtual_memory().total
     return (f"out of memory at step {step}, peak {peak / GiB:.1f} GiB of {total / GiB:.1f} GiB on {device}: "
             "try --strategy fsdp, a smaller --batch-size or --precision bf16")

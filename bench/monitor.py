@@ -46,6 +46,32 @@ def free_device_bytes(device_index: int) -> int:
     return torch.cuda.mem_get_info(device_index)[0]
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started or since reset_peak_rss(): VmHWM, the
+    high-water mark of its own address space. Not getrusage's ru_maxrss, which Linux carries over
+    fork and exec: a cell started by a 2 GiB process would report 2 GiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: the best there is
+
+
+def reset_peak_rss() -> None:
+    """Set the peak to the present resident memory (Linux 4.0+, /proc/self/clear_refs "5"); where
+    that cannot be done the peak stays the process's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 class Monitor:
     """Samples this process's CPU use and RSS, and busy %, memory and power of every GPU it computes
     on (dp and model-parallel drive several from one process); reads their energy counters at the

@@ -123,7 +123,7 @@ def check_parity(*, strategies: list[str], steps: int, **settings) -> None:
 
 def _run(cfg: RunConfig) -> str:
     """Run one cell; its result path, or the reason it failed."""
-    outcome = run(cfg)
+    outcome = run(cfg, own_process=True)  # single too: nothing of the cell before carries over
     if outcome.status != "ok" or outcome.path is None:
         raise RuntimeError(outcome.error or "no result on this node")
     return str(outcome.path)

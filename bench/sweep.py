@@ -258,7 +258,7 @@ def run_sweep(spec: SweepSpec, out: str, *, device_type: str, resume: bool = Fal
     with (progress(len(todo)) if progress else contextlib.nullcontext(_NoBar())) as bar:
         for c in todo:
             bar.start(c.key)
-            outcome = run(c.cfg)
+            outcome = run(c.cfg, own_process=True)  # nothing of the cell before carries over
             if outcome.status == "ok":
                 states[c.key] = {"state": "done", "result": f"{c.key}.json"}
             else:  # recorded as such by the run; the sweep goes on, unless a signal stopped it

@@ -13,7 +13,6 @@ and the device is synchronised only at the window's edges.
 """
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from .distenv import DistEnv
 from .envinfo import peak_tflops
 from .memory import out_of_memory
 from .metrics import quality
-from .monitor import Monitor
+from .monitor import Monitor, peak_rss_bytes, reset_peak_rss
 from .precision import Precision
 from .profiling import OPTIMIZER, read_trace, run_profiled, trace_path
 from .breakdown import breakdown
@@ -226,6 +225,7 @@ class Measured:
     # per device of the plan: torch's peak allocated over the training steps (warm-up included,
     # evaluation not), bytes; CUDA only
     peak_allocated_bytes: list[int] | None = None
+    peak_rss_bytes: int | None = None  # the process's resident peak over the same steps
 
     def record_eval(self, q: dict | None, cfg: RunConfig, epoch: int) -> None:
         if q is None:
@@ -261,13 +261,15 @@ _NO_MONITOR = _NoMonitor()
 
 
 def _reset_peaks(devices: list[torch.device]) -> None:
+    reset_peak_rss()
     for d in devices:
         if d.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d)
 
 
 def _keep_peaks(devices: list[torch.device], m: Measured) -> None:
-    """Fold the peaks since the last reset into m (allocator statistics: host reads, no sync)."""
+    """Fold the peaks since the last reset into m (allocator statistics, /proc: host reads, no sync)."""
+    m.peak_rss_bytes = max(m.peak_rss_bytes or 0, peak_rss_bytes())
     if not any(d.type == "cuda" for d in devices):
         return
     now = [torch.cuda.max_memory_allocated(d) if d.type == "cuda" else 0 for d in devices]
@@ -361,28 +363,28 @@ def local_gather(env: DistEnv, m: Measured, clock: _Clock, monitor: Monitor, war
         _keep_peaks(devices or [], m)
     except Exception:
         pass
-    info = _rank_info(env, monitor, m.windows or [(0.0, float("inf"))], step_s[warmup:], m.peak_allocated_bytes)
+    info = _rank_info(env, monitor, m.windows or [(0.0, float("inf"))], step_s[warmup:], m)
     return Gathered(step_s, 0.0, losses, [info])
 
 
-def _rank_info(env: DistEnv, monitor: Monitor, windows: list, timed_s: list[float],
-               peaks: list[int] | None) -> dict:
-    """What each rank reports of itself: memory, utilisation over the timed windows (each of its
-    GPUs' too, with its peak allocated), its own step p50."""
+def _rank_info(env: DistEnv, monitor: Monitor, windows: list, timed_s: list[float], m: Measured) -> dict:
+    """What each rank reports of itself: memory over the training steps, utilisation over the timed
+    windows (each of its GPUs' too, with its peak allocated), its own step p50."""
+    peaks = m.peak_allocated_bytes
     usage = dict(monitor.summary(windows))
     per_device = usage.pop("per_device", None) or None
     if per_device and peaks:
         for d, peak in zip(per_device, peaks):
             d["peak_allocated_bytes"] = peak
     return {"rank": env.rank, "peak_allocated_bytes": max(peaks) if peaks else None,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": m.peak_rss_bytes or peak_rss_bytes(),
             "utilization": usage, "own_step_time_ms_p50": _p50_ms(timed_s), "per_device": per_device}
 
 
 def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monitor, warmup: int) -> Gathered:
     """Collective, after the loop: the only host syncs of the run."""
     own_step_s = clock.durations_s(m.step_marks)
-    rank_info = _rank_info(env, monitor, m.windows, own_step_s[warmup:], m.peak_allocated_bytes)
+    rank_info = _rank_info(env, monitor, m.windows, own_step_s[warmup:], m)
     step_s = control.max_over_ranks(own_step_s, env)  # the slowest rank sets each step's time
     window_s = control.max_over_ranks([sum(b - a for a, b in m.windows)], env)[0]
     loss_t = torch.stack(m.losses)
@@ -468,10 +470,24 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
         torch.cuda.empty_cache()  # NVML's memory used then shows training, not what setup freed
     monitor = Monitor(cuda_devices=[d.index for d in s.plan.devices if d.type == "cuda"])
     m = Measured()
+    after = None  # past the training steps: what was running when a signal came
     try:
         try:
             with monitor:
                 train(cfg, env, s, b, evalsets, tick, m, monitor)
+            after = "the test evaluation"
+            t_test = time.perf_counter()
+            test_q = evaluate(s.plan, s.precision, evalsets.test)
+            if cfg.save_params:
+                after = "the parameter dump"
+                module = s.plan.eval_module()
+                if module is not None:
+                    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, cfg.save_params)
+            m.eval_s += time.perf_counter() - t_test
+            after = "the profiled steps"
+            profiled = profile(cfg, env, s, b) if cfg.profile else None  # after everything measured
+            after = "the gather of every rank's measurements"
+            g = gather(env, s.plan, m, _Clock(env.device), monitor, b.warmup_steps)
         except Exception:
             # a signal stops every rank; a rank blocked in a collective may see its peer's exit
             # ("Connection reset by peer") before its own handler runs: that failure is the stop
@@ -482,18 +498,10 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
         g = local_gather(env, m, _Clock(env.device), monitor, b.warmup_steps, s.plan.devices)
         summary = summarise(cfg, env, s, b, m, g, None, time.perf_counter() - t_setup)
         if isinstance(exc, Interrupted):
-            raise Stopped("interrupted", f"interrupted by {exc.name} at step {len(m.losses) + 1} of "
-                          f"{b.total_steps}", summary, exc.exit_code) from exc
+            where = (f"at step {len(m.losses) + 1} of {b.total_steps}" if after is None else
+                     f"after its {len(m.losses)} training steps, during {after}")
+            raise Stopped("interrupted", f"interrupted by {exc.name} {where}", summary, exc.exit_code) from exc
         raise Stopped("diverged", str(exc), summary, 1) from exc
-    t_test = time.perf_counter()
-    test_q = evaluate(s.plan, s.precision, evalsets.test)
-    if cfg.save_params:
-        module = s.plan.eval_module()
-        if module is not None:
-            torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, cfg.save_params)
-    m.eval_s += time.perf_counter() - t_test
-    profiled = profile(cfg, env, s, b) if cfg.profile else None  # after everything measured
-    g = gather(env, s.plan, m, _Clock(env.device), monitor, b.warmup_steps)
     if not env.is_main:
         return None
     summary = summarise(cfg, env, s, b, m, g, test_q, setup_s)

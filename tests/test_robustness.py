@@ -171,6 +171,32 @@ def test_a_signal_in_training_keeps_what_was_measured(tmp_path, fault, status, c
         assert r["throughput"]["measured_steps"] == step - 3 and r["throughput"]["samples_per_s"] > 0
 
 
+def test_a_signal_after_the_training_steps_keeps_them(tmp_path, monkeypatch):
+    """Found by a sweep stopped with SIGTERM: a signal during the test evaluation (or the profiled
+    steps, or the gather) escaped the loop's handler, and the run was recorded as interrupted
+    "before training started" with every measured step lost."""
+    from bench import lifecycle, train
+    from bench.config import RunConfig
+
+    orig, calls = train.evaluate, []
+
+    def evaluate(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # after the validation of both epochs: the test split
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here
+        return orig(*a, **k)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    cfg = RunConfig(size="tiny", epochs=2, batch_size=16, model_size="small", warmup_steps=1, device="cpu",
+                    out_dir=str(tmp_path))
+    out = lifecycle.run(cfg)
+    r = load_result(out.path)
+    assert (out.status, out.code, r["status"]) == ("interrupted", 143, "interrupted"), r["error"]
+    assert r["error"] == f"interrupted by SIGTERM after its {len(r['losses'])} training steps, during the test evaluation"
+    assert r["throughput"]["measured_steps"] == len(r["losses"]) - 1 > 0 and not r["quality"]["test"]
+
+
 def test_sigterm_to_a_ddp_launcher_stops_every_worker_and_keeps_the_result(tmp_path):
     mark = tmp_path / "timed-window"
     env = {**os.environ, "EMOTION_BENCH_FAULT": "mark:0:6", "EMOTION_BENCH_MARK": str(mark),

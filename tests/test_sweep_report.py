@@ -122,7 +122,7 @@ def test_sweep_resumes_after_being_killed_mid_cell(tmp_path):
 
 
 def test_failed_cell_is_recorded_and_sweep_goes_on(tmp_path):
-    # two cells, both failing: single (in the sweep's process) first, then pipeline x2 (launched)
+    # two cells, both failing: single (a process of its own) first, then pipeline x2 (launched)
     proc = bench("sweep", "--strategies", "single,pipeline", "--gpus", "2", "--size", "tiny", "--epochs", "1",
                  "--batch-size", "8", "--device", "cpu", "--out", tmp_path, env={"EMOTION_BENCH_FAULT": "raise:0:2"})
     assert proc.returncode == 0, proc.stderr
@@ -230,3 +230,22 @@ def test_compare_failed_cell_is_a_regression():
     cur.append(fixture_result(strategy="ddp", devices=2, status="failed"))
     verdicts = {v.cell: v for v in compare(matrix(), cur)}
     assert verdicts["cnn ddp 2x fp32 b32"].verdict == "failed"
+
+
+def test_a_sweep_cell_inherits_nothing_of_the_process_before_it(tmp_path):
+    """Item 7 of issue 20: cells ran in the sweep's process, so each inherited what came before,
+    the kernel's peak RSS of the process (the CPU's peak memory figure) first of all, and on a GPU
+    the allocator's peak and cache and dynamo's caches. The test's own process holds 2 GiB of
+    ballast, touched, before the sweep starts: a cell in this process would report at least that."""
+    import numpy as np
+
+    from bench.sweep import SweepSpec, run_sweep
+
+    ballast = np.ones(2 * 2**30 // 8)  # 2 GiB, every page written
+    spec = SweepSpec(strategies=["single"], gpus=[1], run=dict(size="tiny", epochs=1, batch_size=8,
+                                                               model_size="small", device="cpu", warmup_steps=1))
+    done = run_sweep(spec, str(tmp_path), device_type="cpu")
+    assert done.ran == 1 and ballast[-1] == 1.0
+    (result,) = [load_result(p) for p in tmp_path.glob("cnn-*.json")]
+    peak = result["utilization"]["per_rank"][0]["peak_rss_bytes"]
+    assert result["status"] == "ok" and 0 < peak < 1.5 * 2**30, peak
