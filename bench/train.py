@@ -111,12 +111,26 @@ def setup(cfg: RunConfig, env: DistEnv, data: Dataset) -> Setup:
     if cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:
-        for block in model.blocks:
-            block.compile(backend=cfg.compile_backend)
+        compile_blocks(model, cfg.compile_backend)
     plan = spec.fn(model, env, cfg)
     precision = Precision(cfg.precision, env.device, autocast=plan.autocast, scaler_factory=plan.grad_scaler)
     opt = precision.optimizer(plan.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return Setup(plan, precision, opt, fwd_flops_per_sample)
+
+
+def compile_blocks(model, backend: str) -> None:
+    """torch.compile each block in place, with room in dynamo's cache for all of them.
+
+    dynamo keeps one cache per code object: every block of a class shares its forward's, and each
+    shape and grad mode is an entry (the CNN's four ConvBlocks fill 8, training and evaluation).
+    Past config.recompile_limit (8) a block runs eager, silently: a compiled cell would measure
+    eager blocks. So the limit grows with the blocks; it never shrinks."""
+    import torch._dynamo
+
+    need = 2 * len(model.blocks) + 2  # per block a training and an evaluation entry, the first block's input
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, need)
+    for block in model.blocks:
+        block.compile(backend=backend)
 
 
 # ------------------------------------------------------------------------------------------ batches

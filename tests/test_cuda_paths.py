@@ -273,3 +273,36 @@ def test_utilisation_over_ranks_sums_energy_and_power_and_averages_busy():
     assert (u.gpu_busy_percent_mean, u.gpu_power_w_mean, u.gpu_energy_j) == (70.0, 550.0, 1100.0)
     assert u.gpu_energy_j_per_sample == pytest.approx(0.5) and u.gpu_energy_j_per_epoch == pytest.approx(500.0)
     assert u.peak_allocated_bytes == 4 * GiB and u.gpu_mem_used_peak_bytes == 5 * GiB
+
+
+# ------------------------------------------------------------------------------------------ compile
+
+def test_every_compiled_block_stays_compiled_past_dynamos_recompile_limit(caplog):
+    """Suspected in the review, confirmed: blocks of one class share their forward's dynamo cache,
+    one entry per shape and grad mode (the CNN's four ConvBlocks fill 8 in one run), and past
+    recompile_limit (8) a block silently runs eager. Five ConvBlocks of five widths, trained and
+    evaluated, need 10 entries: none may hit the limit (with the default limit, the ninth does)."""
+    import logging
+
+    import torch._dynamo
+
+    from bench.train import compile_blocks
+    from emotion_models.models import BlockModel, ConvBlock, PoolHead
+
+    torch._dynamo.reset()
+    widths = [2, 3, 4, 5, 6]
+    blocks = [ConvBlock(1, widths[0], add_channel=True)] + [ConvBlock(a, b) for a, b in zip(widths, widths[1:])]
+    model = BlockModel("deep-cnn", blocks + [PoolHead(widths[-1], 0.0)], feature_kind="logmel", n_features=64,
+                       frames=128)
+    before = torch._dynamo.config.recompile_limit
+    try:
+        compile_blocks(model, "aot_eager")
+        with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+            model(torch.randn(2, 64, 128)).sum().backward()
+            with torch.no_grad():
+                model.eval()(torch.randn(2, 64, 128))
+        assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()], caplog.text
+        assert torch._dynamo.config.recompile_limit >= 12
+    finally:
+        torch._dynamo.config.recompile_limit = before
+        torch._dynamo.reset()
