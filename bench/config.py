@@ -102,6 +102,8 @@ class RunConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"{flag_of(name)} must be at least 1 (got {value}); leave it out for the default "
                                   f"({default})")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"--peak-tflops must be a positive number of TFLOP/s per device (got {self.peak_tflops})")
         if not self.timeout_s > 0:
             raise ConfigError(f"--timeout-s must be a positive number of seconds (got {self.timeout_s})")
         if self.warmup_steps < 0:

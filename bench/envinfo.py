@@ -100,29 +100,72 @@ def hardware_id(env: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
-# Dense peak FLOP/s per device, TFLOP/s, from the vendors' data sheets (no sparsity). fp32 is
-# the plain FP32 (non-tensor-core) figure: torch does not use TF32 for matmuls by default.
-PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H200": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
-    "H100 SXM": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
-    "H100 PCIe": {"fp32": 51.0, "bf16": 756.0, "fp16": 756.0},
-    "H100": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
-    "A100": {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0},
-    "L40S": {"fp32": 91.6, "bf16": 362.0, "fp16": 362.0},
-    "L4": {"fp32": 30.3, "bf16": 121.0, "fp16": 121.0},
-    "A10": {"fp32": 31.2, "bf16": 125.0, "fp16": 125.0},
-    "V100": {"fp32": 15.7, "bf16": 0.0, "fp16": 125.0},
-    "T4": {"fp32": 8.1, "bf16": 0.0, "fp16": 65.0},
+# Dense peak TFLOP/s per device, from the vendors' data sheets (half their "with sparsity" tensor
+# figures), keyed by the exact name CUDA and NVML report (`nvidia-smi --query-gpu=name`). Matched
+# whole, never by substring: "NVIDIA H100 NVL" is not an H100 SXM, "NVIDIA L40" is not an L4, and
+# a name that is not here has no peak (torchtitan's fallback to A100's peak gave its users 200 %
+# MFU on B200). fp32 is the plain FP32 rate; tf32 the TF32 tensor-core rate, which fp32 runs are
+# compared with when TF32 is allowed for convolutions or matmuls (cuDNN allows it by default).
+_HOPPER_SXM = {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5, "fp16": 989.5}  # H100 SXM5, H200 SXM
+_HOPPER_NVL = {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}  # H100 NVL, H200 NVL
+_A100 = {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}  # SXM4 and PCIe, 40 and 80 GB
+PEAK_TFLOPS: dict[str, tuple[str, dict[str, float]]] = {
+    "NVIDIA H100 80GB HBM3": ("H100 SXM", _HOPPER_SXM),
+    "NVIDIA H100 PCIe": ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.5, "fp16": 756.5}),
+    "NVIDIA H100 NVL": ("H100 NVL", _HOPPER_NVL),
+    "NVIDIA H200": ("H200 SXM", _HOPPER_SXM),
+    "NVIDIA H200 NVL": ("H200 NVL", _HOPPER_NVL),
+    "NVIDIA A100-SXM4-40GB": ("A100 SXM4 40GB", _A100),
+    "NVIDIA A100-SXM4-80GB": ("A100 SXM4 80GB", _A100),
+    "NVIDIA A100-PCIE-40GB": ("A100 PCIe 40GB", _A100),
+    "NVIDIA A100 80GB PCIe": ("A100 PCIe 80GB", _A100),
+    "NVIDIA L4": ("L4", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0}),
+    "NVIDIA L40": ("L40", {"fp32": 90.5, "tf32": 90.5, "bf16": 181.0, "fp16": 181.0}),
+    "NVIDIA L40S": ("L40S", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.0, "fp16": 362.0}),
+    "NVIDIA B200": ("B200 (HGX)", {"fp32": 75.0, "tf32": 1100.0, "bf16": 2250.0, "fp16": 2250.0}),
+    "NVIDIA GB200": ("GB200", {"fp32": 80.0, "tf32": 1250.0, "bf16": 2500.0, "fp16": 2500.0}),
+    "NVIDIA A10": ("A10", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}),
+    "Tesla T4": ("T4", {"fp32": 8.1, "fp16": 65.0}),
+    "Tesla V100-SXM2-16GB": ("V100 SXM2", {"fp32": 15.7, "fp16": 125.0}),
+    "Tesla V100-SXM2-32GB": ("V100 SXM2", {"fp32": 15.7, "fp16": 125.0}),
 }
 
 
-def peak_tflops(device_name: str | None, precision: str, override: float | None) -> tuple[float | None, str]:
-    """The per-device peak used for MFU and where it came from."""
+def math_settings() -> dict:
+    """The settings in force that decide what an fp32 run computes in, recorded with its MFU."""
+    out = {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+           "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+           "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+           "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+           "cudnn_deterministic": bool(torch.backends.cudnn.deterministic)}
+    for name, obj in (("cudnn_conv_fp32_precision", getattr(torch.backends.cudnn, "conv", None)),
+                      ("cuda_matmul_fp32_precision", torch.backends.cuda.matmul)):
+        value = getattr(obj, "fp32_precision", None)
+        if isinstance(value, str):
+            out[name] = value
+    return out
+
+
+def peak_tflops(device_name: str | None, precision: str, override: float | None,
+                settings: dict | None = None) -> tuple[float | None, str]:
+    """The per-device peak used for MFU and where it came from; None where no peak is known."""
     if override:
         return override, "--peak-tflops"
     if not device_name:
-        return None, "unknown (CPU: no peak table; pass --peak-tflops)"
-    for key, table in PEAK_TFLOPS.items():  # ordered: specific names first
-        if key.lower() in device_name.lower() and table.get(precision):
-            return table[precision], f"data sheet ({key}, {precision}, dense)"
-    return None, f"unknown ({device_name}: not in the peak table; pass --peak-tflops)"
+        return None, "no peak for a CPU: pass --peak-tflops"
+    known = PEAK_TFLOPS.get(device_name.strip())
+    if known is None:
+        return None, f"no peak known for {device_name.strip()}: pass --peak-tflops"
+    card, table = known
+    kind = precision
+    why = ""
+    if precision == "fp32":
+        s = settings if settings is not None else math_settings()
+        if s.get("cudnn_allow_tf32") or s.get("cuda_matmul_allow_tf32"):
+            kind = "tf32" if "tf32" in table else "fp32"
+            allowed = " and ".join(n for n, k in (("convolutions (cuDNN)", "cudnn_allow_tf32"),
+                                                  ("matmuls", "cuda_matmul_allow_tf32")) if s.get(k))
+            why = f"; fp32 with TF32 allowed for {allowed}"
+    if not table.get(kind):
+        return None, f"no {kind} peak known for {device_name.strip()}: pass --peak-tflops"
+    return table[kind], f"data sheet ({card}, {kind}, dense{why})"

@@ -96,6 +96,8 @@ class Flops:
     peak_tflops_per_device: float | None
     peak_source: str
     mfu: float | None
+    # what fp32 computes in on a GPU: TF32 allowed for matmuls / cuDNN convolutions, cuDNN autotuning
+    math_settings: dict | None = None
 
 
 @dataclass

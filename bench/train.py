@@ -26,7 +26,7 @@ from emotion_models.models import build_model
 
 from .config import ConfigError, RunConfig
 from .distenv import DistEnv
-from .envinfo import peak_tflops
+from .envinfo import math_settings, peak_tflops
 from .memory import out_of_memory
 from .metrics import quality
 from .monitor import Monitor, peak_rss_bytes, reset_peak_rss
@@ -437,10 +437,11 @@ def summarise(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, m: Measured, g
         warmup_steps=b.warmup_steps, timed_window_s=window_s, timed_samples=timed_samples)
     train_flops = 3 * s.forward_flops_per_sample  # backward ~ 2x forward
     dev_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None
-    peak, peak_source = peak_tflops(dev_name, cfg.precision, cfg.peak_tflops)
+    settings = math_settings()
+    peak, peak_source = peak_tflops(dev_name, cfg.precision, cfg.peak_tflops, settings)
     achieved = train_flops * samples_per_s
     flops = Flops(train_flops, s.forward_flops_per_sample, achieved / 1e12, peak, peak_source,
-                  achieved / (peak * 1e12 * cfg.devices) if peak else None)
+                  achieved / (peak * 1e12 * cfg.devices) if peak else None, settings)
     quality_ = Quality(test_q, m.val_f1, cfg.target_f1, m.time_to_target_s, m.epochs_to_target)
     timing = Timing(setup_s, m.train_s, m.eval_s, len(m.step_marks), b.steps_per_epoch)
     return RunSummary(s.plan.info, throughput, utilization(g.ranks, timed_samples, b.steps_per_epoch * cfg.global_batch_size),

@@ -306,3 +306,67 @@ def test_every_compiled_block_stays_compiled_past_dynamos_recompile_limit(caplog
     finally:
         torch._dynamo.config.recompile_limit = before
         torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------ MFU
+
+# what `nvidia-smi --query-gpu=name` (and torch.cuda.get_device_name) report, and the card's dense
+# data-sheet peaks (TFLOP/s: fp32, tf32, bf16) written out here, not read from the table under test
+CARDS = {
+    "NVIDIA H100 80GB HBM3": (67.0, 494.5, 989.5),  # H100 SXM5
+    "NVIDIA H100 PCIe": (51.0, 378.0, 756.5),
+    "NVIDIA H100 NVL": (60.0, 417.5, 835.5),
+    "NVIDIA H200": (67.0, 494.5, 989.5),
+    "NVIDIA H200 NVL": (60.0, 417.5, 835.5),
+    "NVIDIA A100-SXM4-40GB": (19.5, 156.0, 312.0),
+    "NVIDIA A100-SXM4-80GB": (19.5, 156.0, 312.0),
+    "NVIDIA A100-PCIE-40GB": (19.5, 156.0, 312.0),
+    "NVIDIA A100 80GB PCIe": (19.5, 156.0, 312.0),
+    "NVIDIA L4": (30.3, 60.0, 121.0),
+    "NVIDIA L40": (90.5, 90.5, 181.0),
+    "NVIDIA L40S": (91.6, 183.0, 362.0),
+    "NVIDIA B200": (75.0, 1100.0, 2250.0),
+    "NVIDIA GB200": (80.0, 1250.0, 2500.0),
+}
+NO_TF32 = {"float32_matmul_precision": "highest", "cuda_matmul_allow_tf32": False, "cudnn_allow_tf32": False}
+TORCH_DEFAULT = {"float32_matmul_precision": "highest", "cuda_matmul_allow_tf32": False, "cudnn_allow_tf32": True}
+
+
+@pytest.mark.parametrize("name", list(CARDS))
+def test_every_card_gets_its_own_peak_by_its_exact_name(name):
+    """Item 10: names were matched by substring, so "H100 NVL" and "H200 NVL" got the SXM peak and
+    "L40" matched "L4"."""
+    from bench.envinfo import peak_tflops
+
+    fp32, tf32, bf16 = CARDS[name]
+    assert peak_tflops(name, "bf16", None)[0] == bf16
+    assert peak_tflops(name, "fp16", None)[0] == bf16
+    assert peak_tflops(name, "fp32", None, NO_TF32)[0] == fp32
+    # torch's defaults run cuDNN convolutions in TF32: fp32 is compared with the TF32 peak, and says so
+    peak, source = peak_tflops(name, "fp32", None, TORCH_DEFAULT)
+    assert peak == tf32 and "tf32" in source and "convolutions (cuDNN)" in source
+
+
+@pytest.mark.parametrize("name", ["NVIDIA H800", "NVIDIA GH200 480GB", "NVIDIA GeForce RTX 4090", "H100", "NVIDIA",
+                                  "NVIDIA B300", "Tesla T4 (fake)", ""])
+def test_an_unknown_card_has_no_mfu_and_says_how_to_give_one(name):
+    from bench.envinfo import peak_tflops
+
+    peak, source = peak_tflops(name, "bf16", None)
+    assert peak is None
+    if name:
+        assert source == f"no peak known for {name}: pass --peak-tflops"
+    assert peak_tflops(name, "bf16", 123.0) == (123.0, "--peak-tflops")
+
+
+def test_the_math_settings_in_force_are_recorded(tmp_path):
+    from bench import lifecycle
+    from bench.config import RunConfig
+    from bench.results import load_result
+
+    r = load_result(lifecycle.run(RunConfig(size="tiny", epochs=1, batch_size=16, model_size="small",
+                                            warmup_steps=1, device="cpu", out_dir=str(tmp_path))).path)
+    f = r["flops"]
+    assert f["mfu"] is None and f["peak_source"] == "no peak for a CPU: pass --peak-tflops"
+    assert f["math_settings"]["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+    assert f["math_settings"]["cudnn_allow_tf32"] is torch.backends.cudnn.allow_tf32
