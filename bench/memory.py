@@ -1,22 +1,38 @@
-"""Training memory per device, estimated before a run starts, and the check that refuses a run
-that cannot fit.
+"""Memory per device, estimated before a run starts, the check that refuses a run that cannot fit,
+and the record that puts the estimate beside what the run measured.
 
-    weights + gradients + AdamW state (two moments) = 4 + 4 + 8 bytes per parameter (fp32 master
-    weights: autocast keeps them, and FSDP2 keeps its shards in fp32 too)
-    ddp            + 4 bytes per parameter: the reducer's gradient buckets
-    fsdp at N      (4 + 4 + 8) / N bytes per parameter, plus the largest block unsharded twice (the
-                   one computing and the one prefetched, in the parameter dtype) and its gradients
-    pipeline, model-parallel   the largest stage's parameters, 16 bytes each
-    activations    the tensors autograd saves for backward, measured by running the model on
-                   fake tensors (no memory, no compute) at this run's per-device batch, under
-                   autocast for bf16/fp16; pipeline: one micro-batch per stage in flight (1F1B)
-                   or all of them (GPipe), of the largest stage's share. Fake tensors import
-                   torch._dynamo, 1.3 s of CPU that a launcher otherwise never pays: each count
-                   is kept in the cache folder (activation_bytes.json) under a key of the model
-                   code, this file, torch's and torchaudio's versions and the count's arguments
+A device's memory over a run, as the harness uses it (the busiest device where they differ):
+
+    setup       the full fp32 model built on the device from the seed, before fully_shard or the
+                stage split: 4 bytes per parameter
+    training    weights + gradients + AdamW state (two moments): 4 + 4 + 8 bytes per parameter of
+                the device's share (fp32 master weights: autocast keeps them, FSDP2 keeps its
+                shards in fp32 too)
+                ddp: + 4 bytes per parameter, the reducer's gradient buckets
+                fsdp at N: the share is 1/N, plus the largest block unsharded twice (the one
+                computing and the one prefetched, in the parameter dtype) and its gradients
+                pipeline, model-parallel: the stage's own parameters
+                + activations: the tensors autograd saves for backward, counted block by block on
+                fake tensors (no memory, no compute) at this run's per-device batch, under
+                autocast for bf16/fp16; pipeline: the stage's micro-batches in flight (GPipe all
+                m, 1F1B at most n - stage), model-parallel one global batch per stage
+                + the training split, resident on the device for the whole run (float32)
+    evaluation  rank 0, between epochs and at the end: the training state, its copy of the full
+                fp32 model where the strategy assembles one (fsdp, pipeline: 4 bytes per
+                parameter), and a forward at the evaluation batch without autograd (the peak of
+                live tensors, counted on fake tensors)
+    outside     what torch's allocator never sees, on CUDA: the context and, for multi-process
+                runs, NCCL's buffers; assumed constants (CONTEXT_BYTES, NCCL_BYTES) until a GPU
+                run measures them (memory.measured.outside_allocator_bytes in its result)
+
+The fit check takes the largest of setup, training and evaluation, plus outside. Fake tensors
+import torch._dynamo, 1.3 s of CPU that a launcher otherwise never pays: each count is kept in the
+cache folder (activation_bytes.json) under a key of the model code, this file, torch's and
+torchaudio's versions and the count's arguments.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -34,6 +50,14 @@ from .config import ConfigError, RunConfig
 GiB = 2**30
 
 
+# outside torch's allocator on a CUDA device: the context with torch's kernels loaded (0.3-0.6 GiB
+# on recent drivers) and NCCL's per-peer buffers (4 MiB per channel and peer by default, more with
+# NVLS): assumed, not measured; the first GPU run records what it saw (outside_allocator_bytes)
+CONTEXT_BYTES = GiB // 2
+NCCL_BYTES = GiB // 2
+EVAL_BATCH = 256  # samples per evaluation forward (bench/train.py evaluates in batches of this)
+
+
 @dataclass(frozen=True)
 class Estimate:
     weights_bytes: int  # parameters, gradients and optimiser state on the device
@@ -41,15 +65,39 @@ class Estimate:
     activations_bytes: int
     note: str  # what the extra is
     batch: int = 0  # samples per device (per micro-batch for pipeline) the activations were measured at
+    data_bytes: int = 0  # the training split on the device (on a CPU, the whole set in float16 too)
+    setup_bytes: int = 0  # the full fp32 model built on the device before the strategy wraps it
+    eval_bytes: int = 0  # evaluation on rank 0: its full-model copy and one forward's live tensors
+    outside_bytes: int = 0  # outside torch's allocator (CUDA context, NCCL buffers): assumed
+    stage: int | None = None  # pipeline, model-parallel: the busiest stage, whose device this is
+
+    @property
+    def training_bytes(self) -> int:
+        """What torch's allocator holds at the training steps' peak (a run's peak_allocated_bytes)."""
+        return self.weights_bytes + self.extra_bytes + self.activations_bytes + self.data_bytes
+
+    @property
+    def evaluation_bytes(self) -> int:
+        return self.weights_bytes + self.extra_bytes + self.data_bytes + self.eval_bytes
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.extra_bytes + self.activations_bytes
+        return max(self.setup_bytes, self.training_bytes, self.evaluation_bytes) + self.outside_bytes
 
     def text(self) -> str:
         extra = f", {self.note} {self.extra_bytes / GiB:.1f}" if self.extra_bytes else ""
-        return (f"{self.total_bytes / GiB:.1f} GiB per device (params + grads + AdamW {self.weights_bytes / GiB:.1f}"
-                f"{extra}, activations {self.activations_bytes / GiB:.1f} at batch {self.batch})")
+        stage = f" (stage {self.stage})" if self.stage is not None else ""
+        outside = f"; outside torch's allocator {self.outside_bytes / GiB:.1f} (assumed)" if self.outside_bytes else ""
+        return (f"{self.total_bytes / GiB:.1f} GiB per device{stage} (training: params + grads + AdamW "
+                f"{self.weights_bytes / GiB:.1f}{extra}, activations {self.activations_bytes / GiB:.1f} at batch "
+                f"{self.batch}, training split {self.data_bytes / GiB:.1f}; evaluation on rank 0 "
+                f"{self.evaluation_bytes / GiB:.1f}; setup {self.setup_bytes / GiB:.1f}{outside})")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(training_bytes=self.training_bytes, evaluation_bytes=self.evaluation_bytes,
+                   total_bytes=self.total_bytes)
+        return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -74,21 +122,20 @@ def _code_key() -> str:
     return h.hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=64)
-def activation_bytes(model: str, size: str, batch: int, precision: str) -> int:
-    """Bytes autograd saves for backward in one forward at this batch (counted once per code)."""
+def _cached(kind: str, model: str, size: str, batch: int, precision: str, measure, valid):
+    """A count kept in the cache folder under this code's key (and the 3 codes seen last)."""
     path = default_cache_dir() / "activation_bytes.json"
     code = _code_key()
-    key = f"{code} {model} {size} {batch} {precision}"
+    key = f"{code} {kind} {model} {size} {batch} {precision}"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):  # none yet, or unreadable: count
         known = {}
     known = known if isinstance(known, dict) else {}
     n = known.get(key)
-    if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+    if valid(n):
         return n
-    n = _measure_activation_bytes(model, size, batch, precision)
+    n = measure(model, size, batch, precision)
     # entries of this code and the 3 codes seen last stay (checkouts sharing a cache folder), older go
     codes = list(dict.fromkeys(k.split(" ")[0] for k in known))  # in order of first entry
     keep = set(codes[-3:]) | {code}
@@ -100,34 +147,122 @@ def activation_bytes(model: str, size: str, batch: int, precision: str) -> int:
     return n
 
 
-def _measure_activation_bytes(model: str, size: str, batch: int, precision: str) -> int:
-    """Bytes autograd saves for backward in one forward at this batch, measured on fake tensors."""
+def _count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+@functools.lru_cache(maxsize=64)
+def activation_bytes_per_block(model: str, size: str, batch: int, precision: str) -> tuple[int, ...]:
+    """Bytes autograd saves for backward in one forward at this batch, block by block."""
+    n = _cached("saved", model, size, batch, precision, _measure_activation_bytes,
+                lambda v: isinstance(v, list) and bool(v) and all(_count(x) for x in v))
+    return tuple(n)
+
+
+def activation_bytes(model: str, size: str, batch: int, precision: str) -> int:
+    """Bytes autograd saves for backward in one forward at this batch (counted once per code)."""
+    return sum(activation_bytes_per_block(model, size, batch, precision))
+
+
+@functools.lru_cache(maxsize=64)
+def eval_activation_bytes(model: str, size: str, batch: int, precision: str) -> int:
+    """The peak of live tensors in one forward without autograd at this batch (evaluation)."""
+    return _cached("eval", model, size, batch, precision, _measure_eval_bytes, _count)
+
+
+def _measure_activation_bytes(model: str, size: str, batch: int, precision: str) -> list[int]:
+    """Per block, bytes autograd saves for backward in one forward at this batch, on fake tensors.
+    A tensor belongs to the block whose forward saved it first (a block's input, saved by its first
+    layer, is the block's: it lives on that block's device)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    saved: dict[int, torch.Tensor] = {}
+    saved: dict[int, tuple[torch.Tensor, int]] = {}
     with FakeTensorMode():
         m = build_model(model, size=size)
         params = {id(p) for p in m.parameters()}
+        current = [0]
+        hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: current.__setitem__(0, i))
+                 for i, b in enumerate(m.blocks)]
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             base = t._base if t._base is not None else t
-            if id(base) not in params:
-                saved[id(base)] = base  # held, so no id is reused by another tensor meanwhile
+            if id(base) not in params and id(base) not in saved:
+                saved[id(base)] = (base, current[0])  # held, so no id is reused by another tensor meanwhile
             return t
 
         x = torch.randn(batch, m.n_features, m.frames)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             m(x)
-    return sum(t.numel() * t.element_size() for t in saved.values())
+        for h in hooks:
+            h.remove()
+    per_block = [0] * len(m.blocks)
+    for t, block in saved.values():
+        per_block[block] += t.numel() * t.element_size()
+    return per_block
+
+
+def _measure_eval_bytes(model: str, size: str, batch: int, precision: str) -> int:
+    """The peak of live tensors in one evaluation forward of a zoo model at this batch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        m = build_model(model, size=size).eval()
+        return live_peak_bytes(m, (batch, m.n_features, m.frames), precision)
+
+
+def live_peak_bytes(module: torch.nn.Module, input_shape: tuple[int, ...], precision: str = "fp32") -> int:
+    """The peak of live tensors (the input included) in one forward of module under no_grad: each
+    op's new outputs count while Python holds them; views and in-place results, which alias an
+    input, count once. Run it under FakeTensorMode for shapes only (no memory, no compute)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    state = {"live": 0, "peak": 0}
+
+    def free(nbytes: int) -> None:
+        state["live"] -= nbytes
+
+    def hold(t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        state["live"] += nbytes
+        state["peak"] = max(state["peak"], state["live"])
+        weakref.finalize(t, free, nbytes)
+
+    class Live(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            returns = func._schema.returns
+            for i, t in enumerate(out if isinstance(out, (tuple, list)) else [out]):
+                if i < len(returns) and returns[i].alias_info is not None:
+                    continue  # a view or an in-place result: the input's memory
+                for leaf in tree_leaves(t):
+                    if isinstance(leaf, torch.Tensor):
+                        hold(leaf)
+            return out
+
+    x = torch.randn(*input_shape)
+    hold(x)
+    with torch.no_grad(), Live(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = module(x)
+    del out, x
+    return state["peak"]
+
+
+def _stages(cfg: RunConfig) -> list[tuple[int, int]]:
+    return build_model(cfg.model, size=cfg.model_size, device="meta").stage_boundaries(cfg.devices)
 
 
 def static_bytes(cfg: RunConfig) -> tuple[int, int, str]:
-    """(params + grads + AdamW state, the strategy's extra, what the extra is) on the busiest device."""
+    """(params + grads + AdamW state, the strategy's extra, what the extra is) on the busiest device
+    by parameters."""
     params, largest_block, per_block = _shape(cfg.model, cfg.model_size)
     if cfg.strategy in ("pipeline", "model-parallel"):
-        return 16 * max(sum(per_block[a:b]) for a, b in _bounds(cfg)), 0, "stage"
+        return 16 * max(sum(per_block[a:b]) for a, b in _stages(cfg)), 0, "stage"
     if cfg.strategy == "fsdp":
         param_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
         return 16 * params // cfg.devices, largest_block * (2 * param_bytes + 4), "unsharded block"
@@ -136,24 +271,68 @@ def static_bytes(cfg: RunConfig) -> tuple[int, int, str]:
     return 16 * params, 0, "nothing else"
 
 
-def estimate(cfg: RunConfig) -> Estimate:
-    """The memory one device needs for cfg (the busiest device where they differ)."""
-    weights, extra, note = static_bytes(cfg)
-    params, _, per_block = _shape(cfg.model, cfg.model_size)
-    if cfg.strategy in ("pipeline", "model-parallel"):
-        share = weights / 16 / max(params, 1)
-        m = _microbatches(cfg)
-        micro = cfg.global_batch_size if cfg.strategy == "model-parallel" else cfg.global_batch_size // m
-        in_flight = 1 if cfg.strategy == "model-parallel" else (m if cfg.schedule == "gpipe" else cfg.devices)
-        acts = int(activation_bytes(cfg.model, cfg.model_size, micro, cfg.precision) * share * in_flight)
+def split_clips(cfg: RunConfig) -> tuple[int, int]:
+    """(training clips, clips of the larger evaluation split) before the data is loaded: 80 % and
+    10 % of the synthetic set's clips or of the folder's audio files (the speaker-disjoint split lands
+    within a few clips of them on the synthetic set; the evaluation share is taken 25 % larger)."""
+    if cfg.dataset == "synthetic":
+        from emotion_models.synthetic import class_counts
+
+        clips = sum(class_counts(cfg.size).values())
     else:
-        micro = max(cfg.global_batch_size // cfg.devices, 1)
-        acts = activation_bytes(cfg.model, cfg.model_size, micro, cfg.precision)
-    return Estimate(weights, extra, acts, note, micro)
+        from emotion_models.scan import AUDIO_EXTENSIONS
+
+        clips = sum(1 for p in Path(cfg.dataset).rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+    return round(0.8 * clips), max(1, round(0.125 * clips))
 
 
-def _bounds(cfg: RunConfig) -> list[tuple[int, int]]:
-    return build_model(cfg.model, size=cfg.model_size, device="meta").stage_boundaries(cfg.devices)
+def estimate(cfg: RunConfig, device_type: str = "cpu", splits: tuple[int, int] | None = None) -> Estimate:
+    """The memory one device needs for cfg (the busiest device where they differ); splits: (training
+    clips, clips of the larger evaluation split) where the data is loaded already."""
+    from emotion_models.audio import FeatureConfig
+    from emotion_models.models import feature_kind
+
+    params, _, per_block = _shape(cfg.model, cfg.model_size)
+    fcfg = FeatureConfig(kind=feature_kind(cfg.model))
+    clip = fcfg.n_features * fcfg.cache_frames
+    n_train, n_eval = split_clips(cfg) if splits is None else splits
+    split_bytes = 4 * n_train * clip  # float32 on the device
+    if device_type == "cpu":  # the whole set in float16 in every process, besides the split's copy
+        split_bytes += 2 * round(n_train / 0.8) * clip
+    multiprocess = cfg.strategy in ("ddp", "fsdp", "pipeline", "independent")
+    outside = (CONTEXT_BYTES + (NCCL_BYTES if multiprocess and cfg.devices > 1 else 0)) if device_type == "cuda" else 0
+    full_copy = 4 * params if cfg.strategy in ("fsdp", "pipeline") else 0  # rank 0 assembles one to evaluate
+    evaluation = full_copy + eval_activation_bytes(cfg.model, cfg.model_size, min(EVAL_BATCH, n_eval), cfg.precision)
+    if cfg.strategy in ("pipeline", "model-parallel"):
+        return _staged(cfg, per_block, split_bytes, evaluation, outside)
+    weights, extra, note = static_bytes(cfg)
+    micro = max(cfg.global_batch_size // cfg.devices, 1)
+    acts = activation_bytes(cfg.model, cfg.model_size, micro, cfg.precision)
+    return Estimate(weights, extra, acts, note, micro, split_bytes, 4 * params, evaluation, outside)
+
+
+def _staged(cfg: RunConfig, per_block, split_bytes: int, evaluation: int, outside: int) -> Estimate:
+    """Pipeline and model parallel: each stage's own parameters and activations (the speech encoders'
+    conv front end holds 3 % of the parameters and a third of the activations, all on stage 0); the
+    busiest stage's device."""
+    params = sum(per_block)
+    n = cfg.devices
+    m = _microbatches(cfg)
+    micro = cfg.global_batch_size if cfg.strategy == "model-parallel" else cfg.global_batch_size // m
+    acts_per_block = activation_bytes_per_block(cfg.model, cfg.model_size, micro, cfg.precision)
+    best = None
+    for s, (a, b) in enumerate(_stages(cfg)):
+        if cfg.strategy == "model-parallel":
+            in_flight = 1
+        else:  # GPipe runs every forward first; 1F1B holds at most n - s micro-batches on stage s
+            in_flight = m if cfg.schedule == "gpipe" else min(m, n - s)
+        on_first = cfg.strategy == "pipeline" or s == 0  # model-parallel holds the batches on its first GPU only
+        est = Estimate(16 * sum(per_block[a:b]), 0, sum(acts_per_block[a:b]) * in_flight, "stage", micro,
+                       split_bytes if on_first else 0, 4 * params if s == 0 else 0,
+                       evaluation if s == 0 else 0, outside, s)
+        if best is None or est.total_bytes > best.total_bytes:
+            best = est
+    return best
 
 
 def _microbatches(cfg: RunConfig) -> int:
@@ -194,7 +373,7 @@ def out_of_memory(device: torch.device, step: int) -> str:
 
 def check_fits(cfg: RunConfig, device_type: str) -> Estimate:
     """Refuse, in one line with the estimate and the way out, a run that cannot fit."""
-    est = estimate(cfg)
+    est = estimate(cfg, device_type)
     free, where = free_bytes(cfg, device_type)
     if est.total_bytes > free:
         ways = []

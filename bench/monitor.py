@@ -117,6 +117,21 @@ class Monitor:
             return
         self.window_energy_mj = [e + b - a for e, a, b in zip(self.window_energy_mj, begun, now)]
 
+    def outside_allocator_bytes(self) -> list[int] | None:
+        """Per GPU, NVML's memory used less torch's reserved: the CUDA context, NCCL's buffers (and any
+        other process on the GPU). None without NVML."""
+        if not self.nvml:
+            return None
+        import torch
+
+        out = []
+        for (pynvml, h), index in zip(self.nvml, self.devices):
+            try:
+                out.append(int(pynvml.nvmlDeviceGetMemoryInfo(h).used) - torch.cuda.memory_reserved(index))
+            except Exception:
+                return None
+        return out
+
     def _sample(self) -> dict:
         s = {"t": time.perf_counter(), "cpu_percent": psutil.cpu_percent(None), "rss_bytes": self.proc.memory_info().rss}
         busy, used, power = [], [], []

@@ -128,6 +128,7 @@ class RunSummary:
     timing: Timing
     losses: list[float]  # per step, the global mean training loss
     breakdown: dict | None = None  # with --profile: where the profiled steps' time went (bench/breakdown.py)
+    memory: dict | None = None  # the memory estimate beside what was measured (bench/train.memory_record)
 
 
 def build_result(*, run_id: str, status: str, error: str | None, config: dict, env: dict, data: dict | None,
@@ -150,6 +151,7 @@ def build_result(*, run_id: str, status: str, error: str | None, config: dict, e
         "timing": {**body.get("timing", {}), "wall_s": wall_s},
         "losses": body.get("losses", []),
         "breakdown": body.get("breakdown"),
+        "memory": body.get("memory"),
     }
 
 

@@ -27,7 +27,7 @@ from emotion_models.models import build_model
 from .config import ConfigError, RunConfig
 from .distenv import DistEnv
 from .envinfo import math_settings, peak_tflops
-from .memory import out_of_memory
+from .memory import EVAL_BATCH, out_of_memory
 from .metrics import quality
 from .monitor import Monitor, peak_rss_bytes, reset_peak_rss
 from .precision import Precision
@@ -38,7 +38,6 @@ from . import control, stops
 from .stops import Diverged, Interrupted, Stopped
 from .strategies import Plan, get_strategy
 
-EVAL_BATCH = 256
 
 
 def _sync(device: torch.device) -> None:
@@ -240,6 +239,8 @@ class Measured:
     # evaluation not), bytes; CUDA only
     peak_allocated_bytes: list[int] | None = None
     peak_rss_bytes: int | None = None  # the process's resident peak over the same steps
+    peak_eval_bytes: list[int] | None = None  # per device: torch's peak over the test evaluation
+    outside_allocator_bytes: list[int] | None = None  # per device: NVML's used less torch's reserved
 
     def record_eval(self, q: dict | None, cfg: RunConfig, epoch: int) -> None:
         if q is None:
@@ -281,12 +282,18 @@ def _reset_peaks(devices: list[torch.device]) -> None:
             torch.cuda.reset_peak_memory_stats(d)
 
 
+def _peaks_now(devices: list[torch.device]) -> list[int] | None:
+    if not any(d.type == "cuda" for d in devices):
+        return None
+    return [torch.cuda.max_memory_allocated(d) if d.type == "cuda" else 0 for d in devices]
+
+
 def _keep_peaks(devices: list[torch.device], m: Measured) -> None:
     """Fold the peaks since the last reset into m (allocator statistics, /proc: host reads, no sync)."""
     m.peak_rss_bytes = max(m.peak_rss_bytes or 0, peak_rss_bytes())
-    if not any(d.type == "cuda" for d in devices):
+    now = _peaks_now(devices)
+    if now is None:
         return
-    now = [torch.cuda.max_memory_allocated(d) if d.type == "cuda" else 0 for d in devices]
     m.peak_allocated_bytes = [max(a, b) for a, b in zip(m.peak_allocated_bytes or [0] * len(now), now)]
 
 
@@ -490,9 +497,12 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
         try:
             with monitor:
                 train(cfg, env, s, b, evalsets, tick, m, monitor)
+            m.outside_allocator_bytes = monitor.outside_allocator_bytes()
             after = "the test evaluation"
             t_test = time.perf_counter()
+            _reset_peaks(s.plan.devices)
             test_q = evaluate(s.plan, s.precision, evalsets.test)
+            m.peak_eval_bytes = _peaks_now(s.plan.devices)
             if cfg.save_params:
                 after = "the parameter dump"
                 module = s.plan.eval_module()
@@ -512,6 +522,7 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
         # what this rank measured, without collectives: the peers may be gone
         g = local_gather(env, m, _Clock(env.device), monitor, b.warmup_steps, s.plan.devices)
         summary = summarise(cfg, env, s, b, m, g, None, time.perf_counter() - t_setup)
+        summary.memory = memory_record(cfg, env, data, summary, m) if env.is_main else None
         if isinstance(exc, Interrupted):
             where = (f"at step {len(m.losses) + 1} of {b.total_steps}" if after is None else
                      f"after its {len(m.losses)} training steps, during {after}")
@@ -521,7 +532,34 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
         return None
     summary = summarise(cfg, env, s, b, m, g, test_q, setup_s)
     summary.breakdown = profiled
+    summary.memory = memory_record(cfg, env, data, summary, m)
     return summary
+
+
+def memory_record(cfg: RunConfig, env: DistEnv, data: Dataset, summary: RunSummary, m: Measured) -> dict | None:
+    """The estimate (bench/memory.py) beside what the run measured, so that a GPU run checks it. The
+    training part is what torch's allocator holds at the training steps' peak; on a CPU the
+    measured side is the process's peak RSS, which holds the interpreter and torch's libraries too."""
+    from .memory import estimate
+
+    try:
+        split = data.summary()["per_split"]
+        est = estimate(cfg, env.device.type, (split["train"], max(split["val"], split["test"])))
+    except Exception as exc:  # an estimate that cannot be made costs the record, never the result
+        return {"estimate": None, "error": f"{type(exc).__name__}: {exc}"}
+    u = summary.utilization
+    if env.device.type == "cuda":
+        measured = u.peak_allocated_bytes
+        basis = "torch's peak allocated over the training steps, the fullest GPU"
+    else:
+        measured = max((r.peak_rss_bytes or 0) for r in u.per_rank) or None
+        basis = "peak RSS over the training steps, the largest process (interpreter and libraries included)"
+    return {"estimate": est.to_dict(), "estimate_text": est.text(),
+            "measured": {"training_bytes": measured, "basis": basis,
+                         "eval_peak_allocated_bytes": max(m.peak_eval_bytes) if m.peak_eval_bytes else None,
+                         "gpu_mem_used_peak_bytes": u.gpu_mem_used_peak_bytes,
+                         "outside_allocator_bytes": max(m.outside_allocator_bytes) if m.outside_allocator_bytes else None},
+            "training_measured_over_estimated": measured / est.training_bytes if measured and est.training_bytes else None}
 
 
 def profile(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches) -> dict | None:

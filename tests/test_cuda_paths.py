@@ -192,7 +192,8 @@ def test_peak_memory_is_the_training_steps_not_setup_nor_evaluation(tmp_path, mo
     r = load_result(lifecycle.run(cfg).path)
     u = r["utilization"]
     assert u["peak_allocated_bytes"] == 2 * GiB and u["per_rank"][0]["peak_allocated_bytes"] == 2 * GiB
-    assert len(resets) == 2  # once before each epoch's steps
+    assert len(resets) == 3  # before each epoch's steps, and before the test evaluation
+    assert r["memory"]["measured"]["eval_peak_allocated_bytes"] == 7 * GiB  # measured apart
 
 
 class _NVML:
@@ -370,3 +371,81 @@ def test_the_math_settings_in_force_are_recorded(tmp_path):
     assert f["mfu"] is None and f["peak_source"] == "no peak for a CPU: pass --peak-tflops"
     assert f["math_settings"]["float32_matmul_precision"] == torch.get_float32_matmul_precision()
     assert f["math_settings"]["cudnn_allow_tf32"] is torch.backends.cudnn.allow_tf32
+
+
+# ------------------------------------------------------------------------------------------ the estimate
+
+def test_a_forwards_live_peak_by_hand():
+    """The evaluation term: live tensors of a forward without autograd. Linear(16, 32), ReLU,
+    Linear(32, 8) at batch 4, fp32: the input (256 B), the first output (512) and the ReLU's (512)
+    are alive together: 1280 B; with an in-place ReLU its result is the first output: 896 B."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bench.memory import live_peak_bytes
+
+    with FakeTensorMode():
+        for inplace, peak in ((False, 1280), (True, 896)):
+            m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(inplace=inplace), torch.nn.Linear(32, 8))
+            assert live_peak_bytes(m, (4, 16)) == peak
+
+
+def _saved_bytes(module, x) -> int:
+    """What autograd saves for backward in module(x), counted here on its own (not bench.memory's
+    code): bases of saved tensors that are not parameters."""
+    params, saved = {id(p) for p in module.parameters()}, {}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(base) not in params:
+            saved[id(base)] = base
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)
+    return sum(t.numel() * t.element_size() for t in saved.values()), out
+
+
+def test_each_stage_is_charged_its_own_blocks_activations():
+    """Item 11: the estimate took whole-model activations times the largest stage's parameter share.
+    The speech encoders' conv front end holds about 3 % of the parameters and a third of the
+    activations, all on stage 0. Per-block counts add up to the model's (counted independently
+    here), the front end's share is what the issue says, and pipeline 1F1B charges stage 0 its own
+    blocks' activations for its n micro-batches in flight."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bench import memory
+    from bench.config import RunConfig
+    from emotion_models.models import build_model
+
+    per_block = memory._measure_activation_bytes("wav2vec2-base", "base", 4, "fp32")
+    with FakeTensorMode():
+        m = build_model("wav2vec2-base")
+        total, _ = _saved_bytes(m, torch.randn(4, 1, 48_000))
+    assert sum(per_block) == total
+    params = [sum(p.numel() for p in b.parameters()) for b in build_model("wav2vec2-base", device="meta").blocks]
+    assert params[0] / sum(params) < 0.05 and per_block[0] / total > 0.25, (params[0] / sum(params), per_block[0] / total)
+    cfg = RunConfig(model="wav2vec2-base", strategy="pipeline", devices=4, batch_size=4, schedule="1f1b")
+    est = memory.estimate(cfg, "cuda", (1000, 100))
+    stages = build_model("wav2vec2-base", device="meta").stage_boundaries(4)
+    micro = memory.activation_bytes_per_block("wav2vec2-base", "base", 16 // 8, "fp32")
+    assert est.stage == 0 and est.activations_bytes == sum(micro[stages[0][0]:stages[0][1]]) * 4
+
+
+def test_the_estimate_adds_the_split_setup_evaluation_and_what_the_allocator_never_sees():
+    """Item 11, by hand for fsdp x8 on CUDA: the training split resident on every GPU, the full fp32
+    model built before sharding, rank 0's evaluation copy and forward, the context and NCCL."""
+    from bench import memory
+    from bench.config import RunConfig
+
+    cfg = RunConfig(model="cnn", strategy="fsdp", devices=8, batch_size=32)
+    est = memory.estimate(cfg, "cuda", (1000, 120))
+    params, largest, _ = memory._shape("cnn", "base")
+    assert est.weights_bytes == 16 * params // 8 and est.extra_bytes == largest * (2 * 4 + 4)
+    assert est.activations_bytes == memory.activation_bytes("cnn", "base", 32, "fp32")
+    assert est.data_bytes == 4 * 1000 * 64 * 401  # float32 (N, 64 mel bands, 401 cached frames)
+    assert est.setup_bytes == 4 * params
+    assert est.eval_bytes == 4 * params + memory.eval_activation_bytes("cnn", "base", 120, "fp32")
+    assert est.outside_bytes == memory.CONTEXT_BYTES + memory.NCCL_BYTES
+    assert est.total_bytes == max(est.setup_bytes, est.training_bytes, est.evaluation_bytes) + est.outside_bytes
+    single = memory.estimate(cfg.replace(strategy="single", devices=1), "cuda", (1000, 120))
+    assert single.outside_bytes == memory.CONTEXT_BYTES and single.eval_bytes == est.eval_bytes - 4 * params

@@ -36,6 +36,10 @@ def test_tiny_run_writes_a_valid_result(tmp_path):
     assert r["flops"]["train_flops_per_sample"] > 0 and r["flops"]["mfu"] is None  # no CPU peak known
     assert r["utilization"]["gpu_busy_percent_mean"] is None and r["utilization"]["process_rss_peak_bytes"] > 0
     assert r["env"]["torch"].startswith("2.11") and r["env"]["cpu_cores_logical"] >= 1
+    # the memory estimate beside what was measured (on a CPU, the peak RSS of the training steps)
+    mem = r["memory"]
+    assert mem["estimate"]["training_bytes"] > 0 and mem["measured"]["training_bytes"] > 0
+    assert mem["measured"]["training_bytes"] == r["utilization"]["per_rank"][0]["peak_rss_bytes"]
     assert list(tmp_path.glob("*.json")) and not list(tmp_path.glob(".*.tmp"))
 
 

@@ -105,10 +105,11 @@ def test_the_activation_count_is_cached_per_model_code(tmp_path, monkeypatch):
     from bench import memory
 
     monkeypatch.setenv("EMOTION_BENCH_CACHE", str(tmp_path))
-    acts = memory.activation_bytes.__wrapped__  # past the in-process lru_cache, to the file
+    acts = memory.activation_bytes_per_block.__wrapped__  # past the in-process lru_cache, to the file
     first = acts("cnn", "small", 8, "fp32")
-    assert first == memory._measure_activation_bytes("cnn", "small", 8, "fp32") > 0
-    assert acts("cnn", "small", 8, "bf16") < first  # autocast saves bf16 activations
+    assert list(first) == memory._measure_activation_bytes("cnn", "small", 8, "fp32") and sum(first) > 0
+    assert len(first) == 5  # one count per block
+    assert sum(acts("cnn", "small", 8, "bf16")) < sum(first)  # autocast saves bf16 activations
     file = tmp_path / "activation_bytes.json"
     assert len(json.loads(file.read_text())) == 2
     monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a: pytest.fail("counted again"))
@@ -121,11 +122,12 @@ def test_the_activation_count_is_cached_per_model_code(tmp_path, monkeypatch):
     assert memory._code_key.__wrapped__() != key
     for i, code in enumerate(("code1", "code2", "code3", "code4", "code5")):
         monkeypatch.setattr(memory, "_code_key", lambda c=code: c)
-        monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a, n=i: n)
-        assert acts("cnn", "small", 8, "fp32") == i
+        monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a, n=i: [n, 1])
+        assert acts("cnn", "small", 8, "fp32") == (i, 1)
     # this code's entries and those of the 3 codes written before it stay; older ones go
-    assert sorted(json.loads(file.read_text())) == [f"code{i} cnn small 8 fp32" for i in (2, 3, 4, 5)]
-    for bad in ("{not json", '{"code5 cnn small 8 fp32": -1}', '{"code5 cnn small 8 fp32": true}', "[]"):
-        file.write_text(bad)  # unreadable, negative, a bool, not a dict: counted afresh, no error
-        monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a: 456)
-        assert acts("cnn", "small", 8, "fp32") == 456
+    assert sorted(json.loads(file.read_text())) == [f"code{i} saved cnn small 8 fp32" for i in (2, 3, 4, 5)]
+    for bad in ("{not json", '{"code5 saved cnn small 8 fp32": [-1]}', '{"code5 saved cnn small 8 fp32": [true]}',
+                '{"code5 saved cnn small 8 fp32": 7}', '{"code5 saved cnn small 8 fp32": []}', "[]"):
+        file.write_text(bad)  # unreadable, negative, a bool, not a list, empty, not a dict: counted afresh
+        monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a: [456])
+        assert acts("cnn", "small", 8, "fp32") == (456,)
