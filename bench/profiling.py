@@ -10,7 +10,9 @@ What is read from a trace, per step (`emotion_bench.step` ranges on the training
   `gloo:*` ranges on gloo's own threads (their real duration); their sizes come from the c10d ops
   that launched them (record_shapes).
 - GPU runs: kernels on CUDA streams are compute, NCCL kernels communication, memcpy/memset
-  copies, cudaLaunchKernel and friends the runtime.
+  copies, cudaLaunchKernel and friends the runtime; the optimizer is the kernels and copies the
+  optimiser's range launched (tied by correlation id), where the device ran them. Collective sizes
+  come from the c10d ops on any thread (DDP launches from autograd's thread on CUDA).
 """
 from __future__ import annotations
 
@@ -97,15 +99,33 @@ def _label(collectives: list[Collective], launches: list[tuple[float, str, int]]
         c.kind, c.bytes = kind, size
 
 
-def read_trace(path: Path) -> list[StepTrace]:
-    """The profiled steps of one rank's trace, as timelines relative to each step's start."""
+def _named(name: str, want: str) -> bool:
+    """A range's name is `want`, or starts with it where `want` ends in '#' (ProfilerStep#12)."""
+    return name.startswith(want) if want.endswith("#") else name == want
+
+
+def read_trace(path: Path, step: str = STEP, optimizer: str = OPTIMIZER) -> list[StepTrace]:
+    """The profiled steps of one rank's trace, as timelines relative to each step's start. `step` and
+    `optimizer` name the ranges (record_function) of a step and of its optimiser step; a name ending
+    in '#' matches by prefix, so a trace of torch's own schedule reads with "ProfilerStep#" and
+    "Optimizer.step#".
+
+    On a GPU the optimiser's part is its kernels and copies on the device, not its CPU range: the host
+    runs ahead of the device, so the range and the work it launched rarely line up. Kernels are tied
+    to the launches inside the range by their correlation id."""
     with gzip.open(path, "rt") as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
-    step_ranges = sorted((e for e in events if e["name"] == STEP and e.get("cat") == "user_annotation"),
+    step_ranges = sorted((e for e in events if _named(e["name"], step) and e.get("cat") == "user_annotation"),
                          key=lambda e: e["ts"])
     if not step_ranges:
         return []
     main = step_ranges[0]["tid"]
+    opt_ranges = [(e["ts"], e["ts"] + e["dur"]) for e in events
+                  if _named(e["name"], optimizer) and e.get("cat") in ("user_annotation", None)]
+    # what the optimiser launched: the correlation ids of CUDA runtime and driver calls inside its range
+    opt_launched = {e["args"]["correlation"] for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                    and "correlation" in e.get("args", {}) and e["tid"] == main
+                    and any(a <= e["ts"] < b for a, b in opt_ranges)}
     out = []
     for st in step_ranges:
         s, e = st["ts"], st["ts"] + st["dur"]
@@ -113,30 +133,35 @@ def read_trace(path: Path) -> list[StepTrace]:
         # little after the training thread, woken by it, has moved on
         inside = [x for x in events if s <= x["ts"] < e]
         rel = lambda x: (x["ts"] - s, min(x["ts"] + x["dur"], e) - s)  # noqa: E731
-        step = StepTrace(duration=st["dur"])
+        step_trace = StepTrace(duration=st["dur"])
         launches: list[tuple[float, str, int]] = []  # (start, kind, bytes) of each c10d op
+        gpu = any(x.get("cat") == "kernel" for x in inside)
         for x in inside:
             cat, name = x.get("cat"), x["name"]
-            if name == OPTIMIZER:
-                step.optimizer.append(rel(x))
-            elif cat == "cpu_op" and x["tid"] == main and name.startswith("c10d::"):
+            from_optimizer = x.get("args", {}).get("correlation") in opt_launched
+            if _named(name, optimizer) and cat in ("user_annotation", None):
+                if not gpu:  # on a CPU the range is the work
+                    step_trace.optimizer.append(rel(x))
+            elif cat == "cpu_op" and name.startswith("c10d::"):
+                # any thread: on CUDA, DDP's reducer launches its all-reduce from autograd's thread
                 kind = _kind(name[6:], _C10D)
                 if kind:
                     launches.append((x["ts"], kind, _bytes(x)))
             elif cat == "cpu_op" and x["tid"] == main:
-                step.compute.append(rel(x))
+                if not gpu:
+                    step_trace.compute.append(rel(x))
             elif name.startswith("gloo:") and _GLOO.get(re.sub(r"[^a-z_]", "", name[5:].lower())):
-                step.collectives.append(Collective(_GLOO[re.sub(r"[^a-z_]", "", name[5:].lower())], *rel(x)))
+                step_trace.collectives.append(Collective(_GLOO[re.sub(r"[^a-z_]", "", name[5:].lower())], *rel(x)))
             elif cat == "kernel" and "nccl" in name.lower():
-                step.collectives.append(Collective(_kind(name, _NCCL) or "all_reduce", *rel(x)))
+                step_trace.collectives.append(Collective(_kind(name, _NCCL) or "all_reduce", *rel(x)))
+            elif cat in ("kernel", "gpu_memcpy", "gpu_memset") and from_optimizer:
+                step_trace.optimizer.append(rel(x))
             elif cat == "kernel":
-                step.compute.append(rel(x))
+                step_trace.compute.append(rel(x))
             elif cat in ("gpu_memcpy", "gpu_memset"):
-                step.memcpy.append(rel(x))
+                step_trace.memcpy.append(rel(x))
             elif cat in ("cuda_runtime", "cuda_driver"):
-                step.runtime.append(rel(x))
-        if any(x.get("cat") == "kernel" for x in inside):
-            step.compute = [rel(x) for x in inside if x.get("cat") == "kernel" and "nccl" not in x["name"].lower()]
-        _label(step.collectives, sorted(launches))
-        out.append(step)
+                step_trace.runtime.append(rel(x))
+        _label(step_trace.collectives, sorted(launches))
+        out.append(step_trace)
     return out
