@@ -60,21 +60,32 @@ def set_threads(cfg: RunConfig, local_processes: int) -> int:
     return threads
 
 
-def init_env(cfg: RunConfig, device_type: str) -> DistEnv:
-    """Join the process group when launched by torchrun; a plain process is rank 0 of 1."""
+def local_device(device_type: str, local_rank: int) -> torch.device:
+    """The device of a node's local rank: cuda:<local rank>, or the CPU for every CPU worker."""
+    return torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+
+
+def init_env(cfg: RunConfig, device_type: str, *, backend: str | None = None, store=None) -> DistEnv:
+    """Join the process group when launched by torchrun; a plain process is rank 0 of 1.
+
+    backend and store: another process group than the device's own (bench.rehearse passes torch's
+    fake one, which communicates nothing)."""
     if not under_torchrun():
         return DistEnv(0, 1, 0, 1, torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu"), None)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
-    if device_type == "cuda":
+    device = local_device(device_type, local_rank)
+    if device_type == "cuda" and backend is None:
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
                               "lower --gpus or --nproc-per-node")
-        device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    backend = backend or ("nccl" if device_type == "cuda" else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
-                                device_id=device if device_type == "cuda" else None)
+        if store is not None:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        else:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                                    device_id=device if backend == "nccl" else None)
     return DistEnv(rank, world, local_rank, local_world, device, backend)

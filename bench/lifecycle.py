@@ -36,6 +36,7 @@ from .config import ConfigError, RunConfig
 from .distenv import DistEnv, init_env, resolve_device_type, set_threads, thread_count
 from .envinfo import fingerprint
 from .memory import check_fits
+from .memory import estimate as memory_estimate
 from .results import RunSummary, build_result, write_result
 from .strategies import check_strategy
 
@@ -49,6 +50,12 @@ class Outcome:
     path: Path | None  # the result file; None where rank 0 on another node wrote it
     error: str | None = None  # the one line users see
     notes: list[str] = field(default_factory=list)  # warnings for the user: oversubscribed cores, few steps, ...
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _silent(_: str) -> None:
@@ -167,12 +174,23 @@ def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_pr
     of an earlier cell carries over), as multi-process strategies always do."""
     t0 = time.perf_counter()
     device_type = "cuda" if cfg.device == "cuda" else "cpu"
+    # a dry run for GPUs on a machine without any: planned as on CUDA, not checked against a GPU
+    planning = dry_run and cfg.device == "cuda" and not _cuda_available()
+    unfit = None  # a dry run that would be refused for memory still says what rank 0 would hold
     try:
         cfg.validate()
-        device_type = resolve_device_type(cfg)
+        device_type = "cuda" if planning else resolve_device_type(cfg)
         spec = check_strategy(cfg, device_type)
         check_model(cfg.model, cfg.model_size)  # unknown names fail here, before data work
-        estimate = check_fits(cfg, device_type)  # a model that cannot fit is refused before it allocates
+        if planning:
+            estimate = memory_estimate(cfg, device_type)
+        else:
+            try:
+                estimate = check_fits(cfg, device_type)  # a model that cannot fit is refused before it allocates
+            except ConfigError as exc:
+                if not dry_run:
+                    raise
+                unfit, estimate = str(exc), memory_estimate(cfg, device_type)
         check_out_dir(cfg.out_dir)
     except ValueError as exc:  # ConfigError included
         if dry_run:
@@ -189,8 +207,22 @@ def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_pr
     cfg = cfg.replace(threads=threads, threads_source=source)
     notes = _oversubscribed(device_type, local, threads)
     if dry_run:
-        say(f"would run {cfg.run_id}: {local} process(es) on this node x {threads} thread(s) ({source}); "
-            f"memory {estimate.text()}")
+        if planning:
+            say("no CUDA on this machine: planned for CUDA GPUs; the estimate is not checked against a GPU's memory")
+        if unfit is None:
+            say(f"would run {cfg.run_id}: {local} process(es) on this node x {threads} thread(s) ({source}); "
+                f"memory {estimate.text()}")
+        if spec.multiprocess and cfg.devices > 1:
+            # rank 0 of the run, built here on the meta device under a fake process group: the code a
+            # 64-GPU job would run, before any GPU is asked for
+            from . import rehearse
+
+            try:
+                say(rehearse.text(cfg, rehearse.rehearse(cfg, 0, device_type)))
+            except Exception as exc:
+                return Outcome("failed", 1, None, f"the rehearsal of rank 0 failed: {_describe(exc)}", notes)
+        if unfit is not None:
+            return Outcome("failed", 2, None, unfit, notes)
         return Outcome("ok", 0, None, None, notes)
     if device_type == "cpu" and spec.multiprocess:
         say(f"no CUDA here: --gpus {cfg.devices} runs {cfg.devices} CPU worker processes with gloo "

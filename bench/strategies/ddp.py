@@ -16,6 +16,9 @@ def _check(cfg, device_type):
 @register("ddp", multiprocess=True, check=_check,
           summary="DistributedDataParallel, DistributedSampler; NCCL on GPU, gloo on CPU")
 def ddp(model, env, cfg) -> Plan:
-    wrapped = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    # init_sync broadcasts rank 0's parameters; a rehearsal's fake group (bench.rehearse) carries no
+    # data, and its meta parameters have none to send
+    wrapped = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                  init_sync=env.backend != "fake")
     # every replica holds the full model: rank 0 evaluates its own copy
     return Plan(model=wrapped, input_device=env.device, eval_module=lambda: model if env.is_main else None)

@@ -1,0 +1,96 @@
+"""Scale rehearsed on the CPU (issue 20): one rank of 8 or 64 built in this process under torch's
+fake process group, on the meta device, through the run's own code (distenv.init_env reading the
+torchrun environment, the strategy's wrapping). Its shards and stages are checked against
+arithmetic written here: torch.chunk's split of dim 0 (FSDP2's Shard(0)), the pipeline's blocks."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bench.config import RunConfig
+from bench.rehearse import rehearse
+
+
+def _chunk_rows(rows: int, world: int, rank: int) -> int:
+    """Rows of dim 0 that rank holds when torch.chunk splits `rows` into `world` parts."""
+    size = math.ceil(rows / world)
+    return max(0, min(size, rows - rank * size))
+
+
+@pytest.mark.parametrize("world,ranks", [(8, [0, 7]), (64, [0, 1, 63])])
+def test_fsdp_shards_of_a_rank_of_n_are_torch_chunks_of_dim_0(world, ranks):
+    from emotion_models.models import build_model
+
+    model = "cnn" if world == 8 else "wav2vec2-base"
+    shapes = [p.shape for p in build_model(model, device="meta").parameters()]
+    for rank in ranks:
+        r = rehearse(RunConfig(strategy="fsdp", devices=world, model=model, precision="bf16"), rank)
+        assert (r.rank, r.world_size, r.local_rank, r.local_world_size, r.node) == (rank, world, rank, world, 0)
+        expected = [_chunk_rows(s[0], world, rank) * math.prod(s[1:]) for s in shapes]
+        assert sorted(loc for _, loc in r.shards) == sorted(expected)  # FSDP2 may order them by block
+        assert r.params_local == sum(expected) and r.params_total == sum(math.prod(s) for s in shapes)
+    # the shards of all ranks add up to the model (arithmetic), and rank 0 holds the most
+    per_rank = [sum(_chunk_rows(s[0], world, k) * math.prod(s[1:]) for s in shapes) for k in range(world)]
+    assert sum(per_rank) == sum(math.prod(s) for s in shapes) and max(per_rank) == per_rank[0]
+
+
+def test_two_nodes_of_eight_ddp_ranks_know_where_they_are():
+    for rank, node, local in ((0, 0, 0), (7, 0, 7), (8, 1, 0), (13, 1, 5), (15, 1, 7)):
+        cfg = RunConfig(strategy="ddp", devices=16, nodes=2, rdzv_endpoint="node0:29400", model="wav2vec2-base")
+        r = rehearse(cfg, rank, "cuda")
+        assert (r.rank, r.world_size, r.node, r.local_rank, r.local_world_size) == (rank, 16, node, local, 8)
+        assert r.device == f"cuda:{local}" and r.params_local == r.params_total  # every replica whole
+
+
+def test_pipeline_ranks_hold_their_own_stage_and_64_stages_are_refused():
+    from bench.config import ConfigError
+    from bench.strategies import check_strategy
+    from emotion_models.models import build_model
+
+    meta = build_model("wav2vec2-base", device="meta")
+    bounds = meta.stage_boundaries(8)
+    per_block = [sum(p.numel() for p in b.parameters()) for b in meta.blocks]
+    held = []
+    for rank in (0, 3, 7):
+        r = rehearse(RunConfig(strategy="pipeline", devices=8, model="wav2vec2-base", batch_size=4), rank)
+        assert r.stage_blocks == bounds[rank]
+        assert r.params_local == sum(per_block[bounds[rank][0]:bounds[rank][1]])
+        held.append(r.params_local)
+    assert [b for b, _ in bounds] == [0] + [e for _, e in bounds[:-1]] and bounds[-1][1] == len(per_block)
+    with pytest.raises(ConfigError, match="at most 15 stages"):
+        check_strategy(RunConfig(strategy="pipeline", devices=64, model="wav2vec2-base"), "cpu")
+
+
+@pytest.mark.parametrize("world", [8, 64])
+def test_each_rank_trains_its_own_disjoint_slice_of_the_global_batch(world):
+    """plan_batches as rank r of N: a local batch of global / N, the N slices of a step disjoint."""
+    from bench.distenv import DistEnv
+    from bench.train import plan_batches
+
+    n = 4096
+    data = SimpleNamespace(subset=lambda split, device: (torch.zeros(n, 1, 10), torch.zeros(n, dtype=torch.long)),
+                           feature_cfg=SimpleNamespace(crop_frames=8))
+    cfg = RunConfig(strategy="ddp", devices=world, batch_size=4, epochs=1)
+    first_steps = []
+    for rank in range(world):
+        env = DistEnv(rank, world, rank % 8, 8, torch.device("cpu"), "fake")
+        b = plan_batches(cfg, env, SimpleNamespace(shard_batch=True), data)
+        order, _ = b.epoch(0)
+        assert b.local_batch == 4 and order.shape[1] == 4
+        first_steps.append(set(order[0].tolist()))
+    assert len(set().union(*first_steps)) == 4 * world  # disjoint: one global batch of 4 x N samples
+
+
+def test_the_dry_run_of_64_gpus_states_what_rank_0_holds_from_its_shards(capsys):
+    from conftest import invoke
+
+    code, out = invoke(["run", "--dry-run", "--strategy", "fsdp", "--gpus", "64", "--model", "xlsr-2b",
+                        "--precision", "bf16", "--batch-size", "8", "--device", "cuda"], capsys)
+    text = " ".join(out.split())
+    if not torch.cuda.is_available():
+        assert "no CUDA on this machine: planned for CUDA GPUs" in text
+    assert code == 0, out
+    assert "rehearsed as rank 0 of 64 (node 0, local rank 0, cuda:0)" in text
+    assert "33.7 M of 2,159.3 M parameters" in text and "0.50 GiB from its shards, 0.50 GiB by the estimate" in text
+    assert not torch.distributed.is_initialized()  # the rehearsal's group is gone
