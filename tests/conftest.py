@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +46,8 @@ def tone(seconds=1.0, sr=16000, freq=220.0, channels=1, amp=0.5):
 
 
 def write_wav(path: Path, seconds=1.0, sr=16000, channels=1, subtype="PCM_16", freq=220.0):
+    import soundfile as sf  # here, not at the top: the GPU machine has no soundfile (python -m pytest -m gpu)
+
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, tone(seconds, sr, freq, channels), sr, subtype=subtype)
     return path

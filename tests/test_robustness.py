@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+
+pytest.importorskip("hypothesis")  # a test extra; the GPU machine has none (python -m pytest -m gpu)
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st
 
 from bench.results import load_result, write_result
