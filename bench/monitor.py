@@ -164,7 +164,8 @@ class Monitor:
         """Over the samples inside the timed windows: CPU %, RSS peak; per GPU, busy % (mean), memory
         used (peak), power (mean) and energy; and the process's totals: busy % averaged over its
         GPUs, power and energy summed over them."""
-        inside = [s for s in self.samples if any(a <= s["t"] <= b for a, b in windows)] or self.samples
+        in_windows = [s for s in self.samples if any(a <= s["t"] <= b for a, b in windows)]
+        inside = in_windows or self.samples  # a window shorter than the interval: every sample, said so
 
         def mean(values):
             vals = [v for v in values if v is not None]
@@ -194,6 +195,7 @@ class Monitor:
         powers = [d["gpu_power_w_mean"] for d in per_device]
         return {
             "num_samples": len(inside),
+            "samples_in_windows": len(in_windows),  # 0: the means above are over the whole training
             "sample_interval_s": self.interval_s,
             "cpu_percent_mean": mean([s["cpu_percent"] for s in inside]),
             "process_rss_peak_bytes": max(rss) if rss else None,

@@ -73,7 +73,7 @@ class RankUsage:
 
 @dataclass
 class Utilization:
-    num_samples: int  # monitor samples inside the timed window (rank 0)
+    num_samples: int  # monitor samples the means are over (rank 0)
     sample_interval_s: float
     cpu_percent_mean: float | None  # whole machine, psutil
     process_rss_peak_bytes: int | None  # rank 0's process
@@ -86,6 +86,7 @@ class Utilization:
     peak_allocated_bytes: int | None  # torch's peak over the training steps, the fullest GPU's
     gpu_energy_j_per_epoch: float | None  # gpu_energy_j per timed sample x samples in an epoch
     gpu_energy_j_per_sample: float | None = None
+    samples_in_windows: int | None = None  # of num_samples, inside the timed windows (0: none fell there)
 
 
 @dataclass

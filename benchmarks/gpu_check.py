@@ -1,120 +1,257 @@
-"""Every CUDA path users run, in one go, on a machine with at least one GPU (about 5 minutes on one H100).
+"""Every CUDA path, run and checked: the acceptance test of the code no CPU can run.
 
-    python benchmarks/gpu_check.py --out DIR [--epochs 2] [--size small]
+    python benchmarks/gpu_check.py --out DIR [--budget-s 420] [--only NAME,...] [--list]
 
-Runs `bench run` on synthetic data (no soundfile, no soxr needed) for the reference CNN: single
-fp32, bf16, fp16 (GradScaler), compiled (inductor), ddp on 1 GPU (NCCL, world size 1), dp on 1
-GPU, fsdp bf16; and for the speech encoders: wav2vec2-base bf16 (eager and compiled), hubert-large
-fsdp bf16, and the largest encoder whose memory estimate fits this card under fsdp bf16. Then
-prints one table of throughput, NVML busy %, MFU, peak memory, power, energy and macro-F1 from
-the result files in DIR. Exits non-zero if any cell failed or NVML reported nothing.
+One command from the repository root on a machine with one GPU or more; it needs torch,
+torchaudio, typer, rich, pandas, matplotlib, psutil and nvidia-ml-py, not soundfile, soxr or the
+package installed (the data is the synthetic set). It runs, in order of what they tell:
+
+- on one GPU: the CNN under single fp32, bf16 and fp16 (GradScaler); ddp x1 fp32 and fp16 and
+  fsdp x1 bf16 and fp16 (ShardedGradScaler), whose control messages go over NCCL; SIGINT in the
+  timed window and a planted out-of-memory error; pipeline, model-parallel, dp (bf16), independent
+  and ddp --sync-bn at one device; the step breakdown (--profile) of single and ddp; the RNN models,
+  the transformer and conformer (single and fsdp); the CNN and wav2vec2-base compiled (inductor);
+  wav2vec2-base and hubert-large fsdp bf16, and the largest encoder whose estimate fits the card;
+- with two GPUs or more: dp (fp32 and bf16), ddp, fsdp, pipeline and model-parallel at 2 GPUs,
+  bench comm, bench parity, and hubert-large under fsdp at N GPUs against single.
+
+Each result is checked (bench/invariants.py): status; 0 < MFU < 1; NVML busy % in [0, 100];
+energy within 25 % of mean power x timed window (where the window held enough power samples);
+torch's training peak under the card's memory and within 30 % of the memory estimate; SIGINT
+gives `interrupted` with its steps kept; the planted OOM gives the one-line OOM result; fsdp xN's
+peak below single's. One verdict per check is printed; DIR holds every result file,
+gpu_check.json (cells, checks, timings, card) and gpu_check.md (the table for the README),
+rewritten after each cell, so a run stopped by a timeout keeps what it did. Cells that the
+budget leaves no time for are listed as not run. Exit 0 when every check passed, 1 when one
+failed, 2 on a machine without CUDA (one line).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the package need not be installed on the GPU machine
 
-from bench.results import load_results  # noqa: E402
-
-CNN = [
-    ["--strategy", "single"],
-    ["--strategy", "single", "--precision", "bf16"],
-    ["--strategy", "single", "--precision", "fp16"],
-    ["--strategy", "single", "--compile"],
-    ["--strategy", "ddp", "--gpus", "1"],
-    ["--strategy", "dp", "--gpus", "1"],
-    ["--strategy", "fsdp", "--gpus", "1", "--precision", "bf16"],
-    # the step breakdown read from CUDA streams (kernels, memcpy, runtime, idle); one GPU has no
-    # NCCL traffic to show, and the table says so rather than invent it
-    ["--strategy", "single", "--precision", "bf16", "--profile"],
-    ["--strategy", "ddp", "--gpus", "1", "--profile"],
-]
-# the encoders train a bounded number of steps: what is measured is the system, not convergence
-ENCODER = ["--epochs", "1", "--max-steps", "40", "--warmup-steps", "10", "--batch-size", "16"]
-ENCODERS = [
-    ["--model", "wav2vec2-base", "--precision", "bf16", *ENCODER],
-    ["--model", "wav2vec2-base", "--precision", "bf16", "--compile", *ENCODER],
-    ["--model", "hubert-large", "--strategy", "fsdp", "--gpus", "1", "--precision", "bf16", *ENCODER],
-]
+CNN = ["--size", "small", "--epochs", "3", "--batch-size", "64"]
+ENC = ["--size", "small", "--epochs", "1", "--max-steps", "40", "--warmup-steps", "10", "--batch-size", "16"]
 BY_SIZE = ["xlsr-2b", "xlsr-1b", "wavlm-large", "hubert-large"]
 
 
-def largest_fitting(batch: int) -> str | None:
-    """The largest encoder whose estimate (bench/memory.py) fits 90 % of this card's free memory."""
-    import torch
+@dataclass
+class Cell:
+    name: str
+    argv: list[str]  # after `bench`
+    expect: str = "ok"  # ok | interrupted | oom | command (bench comm / parity: the exit code)
+    gpus: int = 1  # GPUs it needs
+    env: dict = field(default_factory=dict)
+    guess_s: float = 20.0  # what it is expected to take, for the budget
 
+
+def one_gpu_cells() -> list[Cell]:
+    run = ["run"]
+    return [
+        Cell("cnn single fp32", [*run, *CNN]),
+        Cell("cnn ddp x1 fp32 (NCCL)", [*run, "--strategy", "ddp", "--gpus", "1", *CNN]),
+        Cell("cnn single bf16", [*run, *CNN, "--precision", "bf16"]),
+        Cell("cnn single fp16 (GradScaler)", [*run, *CNN, "--precision", "fp16"]),
+        Cell("cnn fsdp x1 bf16", [*run, "--strategy", "fsdp", "--gpus", "1", *CNN, "--precision", "bf16"]),
+        Cell("cnn fsdp x1 fp16 (ShardedGradScaler)", [*run, "--strategy", "fsdp", "--gpus", "1", *CNN,
+                                                      "--precision", "fp16"]),
+        Cell("cnn ddp x1 fp16", [*run, "--strategy", "ddp", "--gpus", "1", *CNN, "--precision", "fp16"]),
+        Cell("cnn single: SIGINT in the timed window", [*run, *CNN], expect="interrupted",
+             env={"EMOTION_BENCH_FAULT": "int:0:40"}),
+        Cell("cnn single: planted out-of-memory error", [*run, *CNN], expect="oom",
+             env={"EMOTION_BENCH_FAULT": "oom:0:3"}),
+        Cell("cnn pipeline x1", [*run, "--strategy", "pipeline", "--gpus", "1", *CNN]),
+        Cell("cnn model-parallel x1", [*run, "--strategy", "model-parallel", "--gpus", "1", *CNN]),
+        Cell("cnn dp x1 bf16", [*run, "--strategy", "dp", "--gpus", "1", *CNN, "--precision", "bf16"]),
+        Cell("cnn independent x1", [*run, "--strategy", "independent", "--gpus", "1", *CNN]),
+        Cell("cnn ddp x1 --sync-bn", [*run, "--strategy", "ddp", "--gpus", "1", "--sync-bn", *CNN]),
+        Cell("cnn single bf16 --profile", [*run, *CNN, "--precision", "bf16", "--profile"]),
+        Cell("cnn ddp x1 --profile", [*run, "--strategy", "ddp", "--gpus", "1", *CNN, "--profile"]),
+        Cell("lstm single bf16", [*run, "--model", "lstm", *CNN, "--precision", "bf16"]),
+        Cell("crnn single bf16", [*run, "--model", "crnn", *CNN, "--precision", "bf16"]),
+        Cell("transformer single bf16", [*run, "--model", "transformer", *CNN, "--precision", "bf16"]),
+        Cell("conformer single bf16", [*run, "--model", "conformer", *ENC, "--precision", "bf16"], guess_s=30),
+        Cell("conformer fsdp x1 bf16", [*run, "--model", "conformer", "--strategy", "fsdp", "--gpus", "1", *ENC,
+                                        "--precision", "bf16"], guess_s=30),
+        Cell("wav2vec2-base single bf16", [*run, "--model", "wav2vec2-base", *ENC, "--precision", "bf16"], guess_s=30),
+        Cell("hubert-large fsdp x1 bf16", [*run, "--model", "hubert-large", "--strategy", "fsdp", "--gpus", "1", *ENC,
+                                           "--precision", "bf16"], guess_s=40),
+        Cell("cnn single compiled (inductor)", [*run, *CNN, "--compile"], guess_s=90),
+        Cell("wav2vec2-base single bf16 compiled (inductor)", [*run, "--model", "wav2vec2-base", *ENC, "--precision",
+                                                               "bf16", "--compile"], guess_s=150),
+    ]
+
+
+def multi_gpu_cells(n: int) -> list[Cell]:
+    run = ["run"]
+    n = min(n, 8)
+    return [
+        Cell("cnn ddp x2", [*run, "--strategy", "ddp", "--gpus", "2", *CNN], gpus=2),
+        Cell("cnn fsdp x2 bf16", [*run, "--strategy", "fsdp", "--gpus", "2", *CNN, "--precision", "bf16"], gpus=2),
+        Cell("cnn dp x2 bf16", [*run, "--strategy", "dp", "--gpus", "2", *CNN, "--precision", "bf16"], gpus=2),
+        Cell("cnn dp x2 fp32", [*run, "--strategy", "dp", "--gpus", "2", *CNN], gpus=2),
+        Cell("cnn pipeline x2", [*run, "--strategy", "pipeline", "--gpus", "2", *CNN], gpus=2),
+        Cell("cnn model-parallel x2", [*run, "--strategy", "model-parallel", "--gpus", "2", *CNN], gpus=2),
+        Cell("bench comm x2", ["comm", "--gpus", "2", "--max-bytes", "64M"], expect="command", gpus=2, guess_s=60),
+        Cell("bench parity x2", ["parity", "--gpus", "2", "--model", "lstm"], expect="command", gpus=2, guess_s=60),
+        Cell("hubert-large single bf16", [*run, "--model", "hubert-large", *ENC, "--precision", "bf16"], gpus=2,
+             guess_s=40),
+        Cell(f"hubert-large fsdp x{n} bf16", [*run, "--model", "hubert-large", "--strategy", "fsdp", "--gpus", str(n),
+                                              *ENC, "--precision", "bf16"], gpus=2, guess_s=60),
+    ]
+
+
+def card() -> dict:
+    """Name, memory and count of the GPUs, from NVML: asking CUDA would give this process a context
+    (hundreds of MiB) that every cell would then share the card with."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    n = pynvml.nvmlDeviceGetCount()
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    name = pynvml.nvmlDeviceGetName(h)
+    name = name.decode() if isinstance(name, bytes) else name
+    mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+    return {"name": name, "count": n, "memory_bytes": int(mem.total), "free_bytes": int(mem.free),
+            "driver": str(pynvml.nvmlSystemGetDriverVersion())}
+
+
+def largest_fitting(free_bytes: int) -> str | None:
+    """The largest encoder whose estimate (bench/memory.py, on CUDA) fits 90 % of the card's free memory
+    under fsdp bf16 at batch 8."""
     from bench.config import RunConfig
     from bench.memory import estimate
 
-    free = torch.cuda.mem_get_info(0)[0]
     for name in BY_SIZE:
-        cfg = RunConfig(model=name, strategy="fsdp", devices=1, precision="bf16", batch_size=batch)
-        est = estimate(cfg)
-        print(f"  {name}: estimated {est.text()}; free {free / 2**30:.1f} GiB", flush=True)
-        if est.total_bytes < 0.9 * free:
+        est = estimate(RunConfig(model=name, strategy="fsdp", devices=1, precision="bf16", batch_size=8,
+                                 size="small"), "cuda")
+        print(f"  {name}: estimated {est.text()}; free {free_bytes / 2**30:.1f} GiB", flush=True)
+        if est.total_bytes < 0.9 * free_bytes:
             return name
     return None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--epochs", default="2")
-    ap.add_argument("--size", default="small")
-    ap.add_argument("--batch-size", default="64")
+def run_cell(cell: Cell, out: Path, timeout_s: float, device: str = "cuda") -> dict:
+    """Run one cell; what it printed (the end), its exit code, its result file."""
+    runs = out / "runs"
+    argv = [*cell.argv, "--device", device]
+    if cell.argv[0] in ("run", "comm"):
+        argv += ["--out", str(runs if cell.argv[0] == "run" else out / "comm")]
+    env = {**os.environ, **cell.env}
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench", *argv], capture_output=True, text=True, cwd=ROOT,
+                              env=env, timeout=timeout_s)
+        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        code, stdout, stderr = None, (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) \
+            else (exc.stdout or ""), f"timed out after {timeout_s:.0f} s"
+    lines = stdout.strip().splitlines()
+    path = lines[-1] if lines and lines[-1].endswith(".json") and Path(lines[-1]).exists() else None
+    return {"name": cell.name, "argv": argv, "env": cell.env, "exit": code, "seconds": time.perf_counter() - t,
+            "result": path, "stdout_tail": stdout[-1500:], "stderr_tail": stderr[-1500:]}
+
+
+def check_cell(cell: Cell, ran: dict) -> list[dict]:
+    from bench import invariants
+    from bench.results import load_result
+
+    if cell.expect == "command":
+        ok = ran["exit"] == 0 and "FAIL" not in ran["stdout_tail"]
+        return [asdict(invariants.Check("exit 0, no FAIL", ok, f"exit {ran['exit']}: {ran['stderr_tail'][-200:]}"))]
+    if ran["result"] is None:
+        return [asdict(invariants.Check("a result file", False, f"exit {ran['exit']}: {ran['stderr_tail'][-300:]}"))]
+    result = load_result(ran["result"])
+    checks = {"ok": invariants.of_run, "interrupted": invariants.interrupted,
+              "oom": invariants.out_of_memory}[cell.expect](result)
+    return [asdict(c) for c in checks]
+
+
+def write_report(out: Path, report: dict) -> None:
+    from emotion_models.atomic import atomic_write_text
+
+    atomic_write_text(out / "gpu_check.json", json.dumps(report, indent=1) + "\n")
+    rows = ["| cell | check | verdict | detail |", "| --- | --- | --- | --- |"]
+    for c in report["cells"]:
+        for k in c.get("checks", []) or [{"name": "-", "ok": None, "detail": c.get("not_run", "")}]:
+            verdict = {True: "ok", False: "FAIL", None: "cannot tell"}[k["ok"]] if "not_run" not in c else "not run"
+            rows.append(f"| {c['name']} | {k['name']} | {verdict} | {str(k['detail']).replace('|', '/')[:160]} |")
+    atomic_write_text(out / "gpu_check.md", f"{report['card']['name']} x{report['card']['count']}, driver "
+                                            f"{report['card']['driver']}, {report['started']}\n\n" + "\n".join(rows) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="Folder for the result files, gpu_check.json and gpu_check.md.")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="Seconds the cells may take in all (default 420).")
+    ap.add_argument("--only", default=None, help="Comma-separated cell names (as --list prints them) to run alone.")
+    ap.add_argument("--list", action="store_true", help="List the cells and stop.")
     args = ap.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    common = ["--device", "cuda", "--size", args.size, "--out", args.out]
-    cells = [[*c, "--epochs", args.epochs, "--batch-size", args.batch_size] for c in CNN] + ENCODERS
-    print("largest encoder that fits this card under fsdp bf16 at batch 8:", flush=True)
-    biggest = largest_fitting(8)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU on this machine (torch.cuda.is_available() is False); run it where there is one",
+              file=sys.stderr)
+        return 2
+    gpu = card()
+    cells = one_gpu_cells()
+    print(f"{gpu['name']} x{gpu['count']}: {gpu['memory_bytes'] / 2**30:.1f} GiB each; the largest encoder that fits "
+          "one under fsdp bf16 at batch 8:", flush=True)
+    biggest = largest_fitting(gpu["free_bytes"])
     if biggest:
-        cells.append(["--model", biggest, "--strategy", "fsdp", "--gpus", "1", "--precision", "bf16",
-                      *ENCODER[:-1], "8"])
-    codes = []
+        cells.append(Cell(f"{biggest} fsdp x1 bf16 (the largest that fits)",
+                          ["run", "--model", biggest, "--strategy", "fsdp", "--gpus", "1", *ENC[:-1], "8",
+                           "--precision", "bf16"], guess_s=90))
+    cells += multi_gpu_cells(gpu["count"]) if gpu["count"] >= 2 else []
+    if args.list:
+        for c in cells:
+            print(f"{c.name}: bench {' '.join(c.argv)}")
+        return 0
+    if args.only:
+        wanted = {n.strip() for n in args.only.split(",") if n.strip()}
+        unknown = wanted - {c.name for c in cells}
+        if unknown:
+            print(f"gpu_check: --only {sorted(unknown)}: no such cell (--list prints them)", file=sys.stderr)
+            return 2
+        cells = [c for c in cells if c.name in wanted]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"card": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budget_s": args.budget_s, "cells": []}
+    t0 = time.perf_counter()
     for cell in cells:
-        cmd = [sys.executable, "-m", "bench", "run", *cell, *common]
-        print("$", " ".join(cmd[2:]), flush=True)
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        codes.append(proc.returncode)
-        print(f"  exit {proc.returncode} after {time.perf_counter() - t:.0f} s", flush=True)
-        print(proc.stdout[-2500:], proc.stderr[-2000:], flush=True)
-    results, bad = load_results([args.out])
-    print(f"{'cell':58} {'samples/s':>10} {'busy %':>7} {'peak MiB':>9} {'W':>6} {'J':>8} {'MFU %':>6} {'F1':>6}")
-    nvml_seen = False
-    for r in sorted(results, key=lambda r: r["run_id"]):
-        c, t, u = r["config"], r["throughput"], r["utilization"]
-        f1 = ((r["quality"] or {}).get("test") or {}).get("macro_f1")
-        mfu = (r.get("flops") or {}).get("mfu")
-        nvml_seen |= u.get("gpu_busy_percent_mean") is not None
-        name = (f"{c['model']} {c['strategy']} {c['precision']}{' compiled' if c['compile'] else ''} "
-                f"x{c['devices']} b{c['batch_size_per_device']} [{r['status']}]")
-
-        def f(v, spec):
-            return format(v, spec) if v is not None else "n/a"
-
-        print(f"{name:58} {f(t.get('samples_per_s'), '10.1f')} {f(u.get('gpu_busy_percent_mean'), '7.0f')} "
-              f"{f((u.get('peak_allocated_bytes') or 0) / 2**20 if u.get('peak_allocated_bytes') else None, '9.0f')} "
-              f"{f(u.get('gpu_power_w_mean'), '6.0f')} {f(u.get('gpu_energy_j'), '8.0f')} "
-              f"{f(mfu * 100 if mfu is not None else None, '6.2f')} {f(f1, '6.3f')}")
-        if r["status"] != "ok":
-            print("   error:", r["error"])
-        b = r.get("breakdown")
-        if b:
-            parts = ", ".join(f"{k} {v:.2f}" for k, v in b["parts_ms"].items())
-            comm = ", ".join(f"{k} x{v['count_per_step']:g}" for k, v in b["collectives"].items()) or "no NCCL traffic"
-            print(f"   breakdown of a {b['step_ms']:.2f} ms step (ms): {parts}; collectives: {comm}")
-    failed = any(codes) or bad or not nvml_seen
-    print("FAILED" if failed else "all CUDA paths ok", "" if nvml_seen else "(NVML reported nothing)")
-    sys.exit(1 if failed else 0)
+        left = args.budget_s - (time.perf_counter() - t0)
+        if left < cell.guess_s:
+            report["cells"].append({"name": cell.name, "not_run": f"budget: {left:.0f} s left, about {cell.guess_s:.0f} "
+                                                                  "s needed (--only runs it alone)"})
+            write_report(out, report)
+            continue
+        print(f"$ bench {' '.join(cell.argv)}", flush=True)
+        ran = run_cell(cell, out, timeout_s=max(60.0, min(left, 4 * cell.guess_s + 60)))
+        ran["checks"] = check_cell(cell, ran)
+        report["cells"].append(ran)
+        write_report(out, report)
+        for k in ran["checks"]:
+            verdict = {True: "ok", False: "FAIL", None: "cannot tell"}[k["ok"]]
+            print(f"  {verdict:11} {k['name']}: {k['detail']}", flush=True)
+        print(f"  ({ran['seconds']:.0f} s, exit {ran['exit']})", flush=True)
+    checks = [k for c in report["cells"] for k in c.get("checks", [])]
+    failed = [k for k in checks if k["ok"] is False]
+    not_run = [c["name"] for c in report["cells"] if "not_run" in c]
+    print(f"gpu_check: {len(checks)} checks, {len(failed)} failed, "
+          f"{sum(k['ok'] is None for k in checks)} could not tell; {len(not_run)} cells not run"
+          + (f" ({', '.join(not_run)})" if not_run else "") + f"; {time.perf_counter() - t0:.0f} s; {out / 'gpu_check.md'}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -533,3 +533,96 @@ def test_collective_sizes_come_from_launches_on_any_thread(tmp_path):
     got = breakdown([read_trace(path)]).to_dict()
     assert got["collectives"]["all_reduce"]["bytes_per_step"] == 1024 * 256 * 4
     assert got["parts_ms"]["optimizer"] == 0.0  # it launched nothing on the device in this trace
+
+
+# ------------------------------------------------------------------------------------------ gpu_check
+
+def _gpu_result(**changes):
+    """A finished H100 run's result, as the invariants read it; `changes` are dotted keys."""
+    r = {"status": "ok", "error": None, "config": {"devices": 1},
+         "env": {"gpus": [{"memory_bytes": 80 * GiB}]},
+         "flops": {"mfu": 0.31, "peak_tflops_per_device": 989.5, "peak_source": "data sheet (H100 SXM, bf16, dense)"},
+         "throughput": {"timed_window_s": 10.0, "measured_steps": 90},
+         "utilization": {"gpu_busy_percent_mean": 97.0, "gpu_energy_j": 6200.0, "gpu_power_w_mean": 640.0,
+                         "gpu_energy_source": "nvml-energy-counter", "samples_in_windows": 50,
+                         "peak_allocated_bytes": 11 * GiB},
+         "memory": {"estimate": {"training_bytes": 10 * GiB}, "training_measured_over_estimated": 1.1,
+                    "measured": {"outside_allocator_bytes": GiB // 2}},
+         "losses": [1.0] * 100}
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        d = r
+        for p in path:
+            d = d[p]
+        d[last] = value
+    return r
+
+
+def test_gpu_checks_pass_a_sound_result_and_fail_each_broken_figure():
+    from bench import invariants
+
+    assert all(c.ok for c in invariants.of_run(_gpu_result()))
+    broken = {
+        "status": ("status", "failed"), "flops.mfu": ("0 < MFU < 1", 1.7), "utilization.gpu_busy_percent_mean":
+        ("busy % in [0, 100]", None), "utilization.gpu_energy_j": ("energy within 25% of power x window", 2000.0),
+        "utilization.peak_allocated_bytes": ("peak memory under the card's", 81 * GiB),
+        "memory.training_measured_over_estimated": ("peak within 30% of the estimate", 1.45),
+    }
+    for key, (name, value) in broken.items():
+        checks = {c.name: c for c in invariants.of_run(_gpu_result(**{key: value}))}
+        assert checks[name].ok is False, (key, checks[name])
+        assert sum(c.ok is False for c in checks.values()) == 1, key  # that check alone
+    # a window too short for NVML's power samples: cannot tell, said so, not a pass
+    c = invariants.energy(_gpu_result(**{"utilization.samples_in_windows": 3}))
+    assert c.ok is None and "too short" in c.detail
+    # MFU null (a card the table does not know) is a failure, with the reason
+    c = invariants.mfu(_gpu_result(**{"flops.mfu": None, "flops.peak_source": "no peak known for X: pass --peak-tflops"}))
+    assert c.ok is False and "no peak known" in c.detail
+    single, sharded = _gpu_result(), _gpu_result(**{"config.devices": 4, "utilization.peak_allocated_bytes": 4 * GiB})
+    assert invariants.sharding_saves_memory(single, sharded).ok
+    assert not invariants.sharding_saves_memory(sharded, single).ok
+
+
+def test_gpu_check_refuses_in_one_line_without_cuda(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: gpu_check would run")
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no CUDA GPU on this machine" in proc.stderr and not list(tmp_path.iterdir())
+
+
+def test_gpu_check_runs_checks_and_reports_a_cell(tmp_path, monkeypatch, capsys):
+    """The script's own plumbing on this CPU: a real cell run (on the CPU here), its result read
+    and checked, the verdicts printed and written to gpu_check.json and gpu_check.md."""
+    import importlib.util
+    import json
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(__import__("sys").modules, "gpu_check", gc)  # dataclasses look their module up
+    spec.loader.exec_module(gc)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gc, "card", lambda: {"name": "NVIDIA H100 80GB HBM3", "count": 1, "memory_bytes": 80 * GiB,
+                                             "free_bytes": 79 * GiB, "driver": "test"})
+    monkeypatch.setattr(gc, "largest_fitting", lambda free: None)
+    real = gc.run_cell
+    monkeypatch.setattr(gc, "run_cell", lambda cell, out, timeout_s: real(cell, out, timeout_s, device="cpu"))
+    monkeypatch.setattr(gc, "CNN", ["--size", "tiny", "--epochs", "1", "--batch-size", "16", "--model-size", "small"])
+    monkeypatch.setattr("sys.argv", ["gpu_check.py", "--out", str(tmp_path), "--only",
+                                     "cnn single: planted out-of-memory error"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert gc.main() == 0  # the planted OOM's checks pass on a CPU too
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    (cell,) = report["cells"]
+    assert [k["ok"] for k in cell["checks"]] == [True, True] and cell["result"]
+    assert "| cnn single: planted out-of-memory error | the one-line OOM result | ok |" in (tmp_path / "gpu_check.md").read_text()
+    out = capsys.readouterr().out
+    assert "gpu_check: 2 checks, 0 failed" in out

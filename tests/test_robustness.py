@@ -171,6 +171,9 @@ def test_a_signal_in_training_keeps_what_was_measured(tmp_path, fault, status, c
     assert len(r["losses"]) == step - 1  # the steps before the signal, measured
     if step > 3:  # past the 2 warm-up steps: timed steps, a throughput
         assert r["throughput"]["measured_steps"] == step - 3 and r["throughput"]["samples_per_s"] > 0
+        from bench.invariants import interrupted
+
+        assert all(c.ok for c in interrupted(r))  # what gpu_check.py asks of its SIGINT cell
 
 
 def test_a_signal_after_the_training_steps_keeps_them(tmp_path, monkeypatch):

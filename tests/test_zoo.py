@@ -84,6 +84,9 @@ def test_out_of_memory_is_a_failed_result_with_the_step(tmp_path):
     r = load_result(proc.stdout.strip().splitlines()[-1])
     assert r["status"] == "failed" and r["error"].startswith("out of memory at step 3, peak "), r["error"]
     assert "GiB of" in r["error"] and "--strategy fsdp" in r["error"]
+    from bench.invariants import out_of_memory
+
+    assert all(c.ok for c in out_of_memory(r))  # what gpu_check.py asks of its planted OOM
 
 
 def test_synthetic_runs_need_neither_soundfile_nor_soxr(tmp_path):
