@@ -132,23 +132,38 @@ PEAK_TFLOPS: dict[str, tuple[str, dict[str, float]]] = {
 
 
 def math_settings() -> dict:
-    """The settings in force that decide what an fp32 run computes in, recorded with its MFU."""
-    out = {"float32_matmul_precision": torch.get_float32_matmul_precision(),
-           "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-           "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-           "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-           "cudnn_deterministic": bool(torch.backends.cudnn.deterministic)}
-    for name, obj in (("cudnn_conv_fp32_precision", getattr(torch.backends.cudnn, "conv", None)),
-                      ("cuda_matmul_fp32_precision", torch.backends.cuda.matmul)):
-        value = getattr(obj, "fp32_precision", None)
-        if isinstance(value, str):
-            out[name] = value
+    """The settings in force that decide what an fp32 run computes in, recorded with its MFU. Each is
+    read on its own: torch raises on reading a legacy flag once the new fp32_precision API is used."""
+    out: dict = {}
+    reads = {"float32_matmul_precision": torch.get_float32_matmul_precision,
+             "cuda_matmul_allow_tf32": lambda: bool(torch.backends.cuda.matmul.allow_tf32),
+             "cudnn_allow_tf32": lambda: bool(torch.backends.cudnn.allow_tf32),
+             "cudnn_benchmark": lambda: bool(torch.backends.cudnn.benchmark),
+             "cudnn_deterministic": lambda: bool(torch.backends.cudnn.deterministic),
+             "cudnn_conv_fp32_precision": lambda: torch.backends.cudnn.conv.fp32_precision,
+             "cuda_matmul_fp32_precision": lambda: torch.backends.cuda.matmul.fp32_precision}
+    for name, read in reads.items():
+        try:
+            out[name] = read()
+        except Exception:  # a flag this torch does not have, or a mix of the two APIs
+            out[name] = None
     return out
 
 
+def _tf32(settings: dict, legacy: str, new: str) -> bool:
+    """Whether TF32 is allowed for cuDNN or for matmuls, by whichever API says so."""
+    return bool(settings.get(legacy)) or settings.get(new) == "tf32"
+
+
 def peak_tflops(device_name: str | None, precision: str, override: float | None,
-                settings: dict | None = None) -> tuple[float | None, str]:
-    """The per-device peak used for MFU and where it came from; None where no peak is known."""
+                settings: dict | None = None, cudnn_share: float = 1.0) -> tuple[float | None, str]:
+    """The per-device peak used for MFU and where it came from; None where no peak is known.
+
+    An fp32 run computes its cuDNN work (convolutions, RNNs; cudnn_share of the FLOPs) in TF32 where
+    cuDNN allows it (torch's default) and its matmuls in TF32 only where they are allowed too (not
+    by default): its peak is the rate at which the card would do that mix, share / peak_cudnn +
+    (1 - share) / peak_matmul seconds per FLOP. A single peak would flatter one kind of model or
+    the other: the CNN's FLOPs are all convolutions, the transformer's all matmuls."""
     if override:
         return override, "--peak-tflops"
     if not device_name:
@@ -157,15 +172,20 @@ def peak_tflops(device_name: str | None, precision: str, override: float | None,
     if known is None:
         return None, f"no peak known for {device_name.strip()}: pass --peak-tflops"
     card, table = known
-    kind = precision
-    why = ""
-    if precision == "fp32":
-        s = settings if settings is not None else math_settings()
-        if s.get("cudnn_allow_tf32") or s.get("cuda_matmul_allow_tf32"):
-            kind = "tf32" if "tf32" in table else "fp32"
-            allowed = " and ".join(n for n, k in (("convolutions (cuDNN)", "cudnn_allow_tf32"),
-                                                  ("matmuls", "cuda_matmul_allow_tf32")) if s.get(k))
-            why = f"; fp32 with TF32 allowed for {allowed}"
-    if not table.get(kind):
-        return None, f"no {kind} peak known for {device_name.strip()}: pass --peak-tflops"
-    return table[kind], f"data sheet ({card}, {kind}, dense{why})"
+    if precision != "fp32":
+        if not table.get(precision):
+            return None, f"no {precision} peak known for {device_name.strip()}: pass --peak-tflops"
+        return table[precision], f"data sheet ({card}, {precision}, dense)"
+    s = settings if settings is not None else math_settings()
+    kinds = {"cuDNN": "tf32" if _tf32(s, "cudnn_allow_tf32", "cudnn_conv_fp32_precision") else "fp32",
+             "matmuls": "tf32" if _tf32(s, "cuda_matmul_allow_tf32", "cuda_matmul_fp32_precision") else "fp32"}
+    rates = {part: table.get(kind) for part, kind in kinds.items()}
+    if None in rates.values():
+        return None, f"no tf32 peak known for {device_name.strip()}: pass --peak-tflops"
+    share = min(max(cudnn_share, 0.0), 1.0)
+    peak = 1.0 / (share / rates["cuDNN"] + (1 - share) / rates["matmuls"])
+    if kinds["cuDNN"] == kinds["matmuls"]:
+        return peak, f"data sheet ({card}, {kinds['cuDNN']}, dense)"
+    return peak, (f"data sheet ({card}, fp32, dense: {share:.0%} of the FLOPs in cuDNN at {kinds['cuDNN']} "
+                  f"{rates['cuDNN']:g}, {1 - share:.0%} in matmuls at {kinds['matmuls']} {rates['matmuls']:g}: "
+                  f"{peak:.1f} TFLOP/s for this mix)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -323,9 +324,13 @@ def _in_child(cfg: RunConfig, device_type: str, t0: float) -> Outcome:
     kill of the group reaches both; a signal to the caller alone is passed on, and the child dies
     with its parent. The child writes the result, as any run does."""
     path = Path(cfg.out_dir) / f"{cfg.run_id}.json"
+    # an earlier attempt's file (sweep --resume reruns failed cells under the same key) must not
+    # pass for this one's if the child dies before writing
+    path.unlink(missing_ok=True)
     env = dict(os.environ)
     env[launch.CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
     env[CELL_ENV] = "1"
+    _libc()  # loaded here: the child calls it between fork and exec, where loading is not safe
     with tempfile.TemporaryDirectory(prefix="emotion-bench-cell-") as tmp:
         log_path = Path(tmp, "cell.log")
         with open(log_path, "w") as log, stops.signals_raise():
@@ -348,15 +353,22 @@ def _in_child(cfg: RunConfig, device_type: str, t0: float) -> Outcome:
     return Outcome(status, rc if status != "ok" else 0, path, result.get("error"))
 
 
-def _die_with_parent() -> None:
-    """In a child before exec (Linux): SIGTERM when the parent dies, so that a caller killed on its
-    own leaves no cell running on (the child writes an interrupted result and goes)."""
+@functools.lru_cache(maxsize=1)
+def _libc():
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not Linux: no parent-death signal
+        return None
+
+
+def _die_with_parent() -> None:
+    """In a child before exec (Linux): SIGTERM when the parent dies, so that a caller killed on its
+    own leaves no cell running on (the child writes an interrupted result and goes)."""
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def cell_main() -> int:

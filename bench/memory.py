@@ -326,10 +326,15 @@ def _staged(cfg: RunConfig, per_block, split_bytes: int, evaluation: int, outsid
             in_flight = 1
         else:  # GPipe runs every forward first; 1F1B holds at most n - s micro-batches on stage s
             in_flight = m if cfg.schedule == "gpipe" else min(m, n - s)
-        on_first = cfg.strategy == "pipeline" or s == 0  # model-parallel holds the batches on its first GPU only
+        pipeline = cfg.strategy == "pipeline"
+        on_first = pipeline or s == 0  # model-parallel holds the batches on its first GPU only
+        # every pipeline rank builds the whole model before freeing the other stages (model-parallel:
+        # its first GPU); to evaluate, every pipeline rank receives every stage's weights (gathered as
+        # pickled bytes, on the GPU under NCCL), and rank 0 assembles and runs the full model
+        setup = 4 * params if pipeline or s == 0 else 0
+        gathered = 4 * params if pipeline else 0
         est = Estimate(16 * sum(per_block[a:b]), 0, sum(acts_per_block[a:b]) * in_flight, "stage", micro,
-                       split_bytes if on_first else 0, 4 * params if s == 0 else 0,
-                       evaluation if s == 0 else 0, outside, s)
+                       split_bytes if on_first else 0, setup, gathered + (evaluation if s == 0 else 0), outside, s)
         if best is None or est.total_bytes > best.total_bytes:
             best = est
     return best

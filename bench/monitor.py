@@ -90,6 +90,7 @@ class Monitor:
         self.devices = [i for i, h in zip(indices, handles) if h]
         self._window_start_mj: list[int | None] | None = None
         self.window_energy_mj: list[int] | None = [0] * len(self.nvml) if self.nvml else None  # per device
+        self.windows_closed = 0  # energy is known once a window has closed
 
     def _energy_mj(self) -> list[int | None]:
         out = []
@@ -116,6 +117,7 @@ class Monitor:
             self.window_energy_mj = None  # a device without a counter: power is integrated instead
             return
         self.window_energy_mj = [e + b - a for e, a, b in zip(self.window_energy_mj, begun, now)]
+        self.windows_closed += 1
 
     def outside_allocator_bytes(self) -> list[int] | None:
         """Per GPU, NVML's memory used less torch's reserved: the CUDA context, NCCL's buffers (and any
@@ -176,9 +178,9 @@ class Monitor:
 
         per_device = []
         energy_j, source = None, None
-        if self.window_energy_mj is not None:
+        if self.window_energy_mj is not None and self.windows_closed:
             energy_j, source = [e / 1000.0 for e in self.window_energy_mj], "nvml-energy-counter"
-        elif self.nvml:  # power integrated over the windows (trapezoids within each)
+        elif self.nvml and self.window_energy_mj is None and windows:  # power integrated over the windows
             energy_j, source = [0.0] * len(self.nvml), "integrated-power"
             for a, b in windows:
                 pw = [(s["t"], s["gpu_power_w"]) for s in self.samples if "gpu_power_w" in s and a <= s["t"] <= b]

@@ -43,18 +43,20 @@ def trace_path(out_dir: str, run_id: str, rank: int) -> Path:
     return Path(out_dir) / f"{run_id}.rank{rank}.trace.json.gz"
 
 
-def run_profiled(steps: int, device: torch.device, one_step, path: Path) -> None:
-    """one_step(k) `steps` times under the profiler; the Chrome trace to path."""
+def run_profiled(steps: int, device: torch.device | list[torch.device], one_step, path: Path) -> None:
+    """one_step(k) `steps` times under the profiler; the Chrome trace to path. device: the device, or
+    every device the process computes on (dp, model-parallel)."""
+    devices = [d for d in (device if isinstance(device, list) else [device]) if d.type == "cuda"]
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
+    if devices:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         for k in range(steps):
             with torch.profiler.record_function(STEP):
                 one_step(k)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # each step's kernels inside its own range
+                for d in devices:
+                    torch.cuda.synchronize(d)  # each step's kernels inside its own range
     prof.export_chrome_trace(str(path))
 
 

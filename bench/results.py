@@ -99,6 +99,7 @@ class Flops:
     mfu: float | None
     # what fp32 computes in on a GPU: TF32 allowed for matmuls / cuDNN convolutions, cuDNN autotuning
     math_settings: dict | None = None
+    cudnn_flop_share: float | None = None  # of the forward FLOPs, cuDNN's (convolutions, RNNs)
 
 
 @dataclass

@@ -40,17 +40,21 @@ from .strategies import Plan, get_strategy
 
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(device: torch.device | list[torch.device]) -> None:
+    """Wait for the device (each of a list: dp and model-parallel drive several from one process)."""
+    for d in device if isinstance(device, list) else [device]:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
 
 
 class _Clock:
     """Step boundaries without host sync: CUDA events on GPU, perf_counter on CPU."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, devices: list[torch.device] | None = None):
         self.device = device
+        self.devices = devices or [device]
         self.cuda = device.type == "cuda"
+        self.stop_deadline_s = 5.0  # how long a stopped loop waits for the device to finish its steps
 
     def mark(self):
         if self.cuda:
@@ -60,20 +64,44 @@ class _Clock:
         return time.perf_counter()
 
     def durations_s(self, marks: list[tuple]) -> list[float]:
-        """Seconds of each (start, end) pair of marks. An event the device has not reached yet cannot
-        be read (elapsed_time raises "Both events must be completed"), and the device normally runs
-        behind the host, as when a signal stops the loop mid-window: one synchronize first. Where
-        that fails (the device in error), the pairs it had completed, in order, are kept."""
+        """Seconds of each (start, end) pair of marks, after the loop: every device synchronised first
+        (an event the device has not reached cannot be read: elapsed_time raises "Both events must
+        be completed")."""
         if not self.cuda:
             return [b - a for a, b in marks]
-        try:
-            torch.cuda.synchronize(self.device)
-        except Exception:
+        _sync(self.devices)
+        return [a.elapsed_time(b) / 1000.0 for a, b in marks]
+
+    def completed_s(self, marks: list[tuple], deadline_s: float | None = None) -> list[float]:
+        """Seconds of the steps the device completed, in order, for a loop a signal stopped; without
+        blocking. The device normally runs behind the host, and under NCCL one rank may have queued
+        a collective that its stopped peer never will: a synchronize would wait for NCCL's watchdog
+        (--timeout-s) while the launcher's SIGKILL comes after 20 s. So the end events are polled for
+        up to deadline_s. After a sticky CUDA error the queries fail too, and nothing is kept."""
+        if not self.cuda:
+            return [b - a for a, b in marks]
+        deadline = time.monotonic() + (self.stop_deadline_s if deadline_s is None else deadline_s)
+        while True:
             done = 0
             while done < len(marks) and _completed(marks[done][1]):
                 done += 1
-            marks = marks[:done]
-        return [a.elapsed_time(b) / 1000.0 for a, b in marks]
+            if done == len(marks) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        return [a.elapsed_time(b) / 1000.0 for a, b in marks[:done]]
+
+    def read_losses(self, losses: list[torch.Tensor], marks: list[tuple], done: int) -> list[float]:
+        """The losses of the first `done` steps on the host, without waiting on the stream that made
+        them (it may be blocked behind a collective that never completes): copied on a side stream
+        that waits for the last completed step's end event alone."""
+        if done == 0:
+            return []
+        if not self.cuda:
+            return torch.stack(losses[:done]).double().tolist()
+        side = torch.cuda.Stream(self.device)
+        side.wait_event(marks[done - 1][1])
+        with torch.cuda.stream(side):
+            return torch.stack(losses[:done]).double().cpu().tolist()  # synchronises the side stream only
 
 
 def _completed(event) -> bool:
@@ -93,6 +121,7 @@ class Setup:
     precision: Precision
     optimizer: torch.optim.Optimizer
     forward_flops_per_sample: float  # 0 on ranks other than 0 (not counted there)
+    cudnn_flop_share: float = 0.0  # of those FLOPs, cuDNN's (convolutions, recurrent layers)
 
 
 def setup(cfg: RunConfig, env: DistEnv, data: Dataset) -> Setup:
@@ -106,7 +135,9 @@ def setup(cfg: RunConfig, env: DistEnv, data: Dataset) -> Setup:
     if model.feature_kind != fcfg.kind:
         raise ConfigError(f"model {cfg.model} reads {model.feature_kind} features but the dataset holds {fcfg.kind}")
     # rank 0 reports them; the count's first use of meta tensors costs about a second per process
-    fwd_flops_per_sample = sum(model.block_flops(2)) / 2 if env.is_main else 0.0
+    kinds = model.block_flop_kinds(2) if env.is_main else [(0, 0)]
+    fwd_flops_per_sample = sum(t for t, _ in kinds) / 2
+    cudnn_share = sum(c for _, c in kinds) / max(sum(t for t, _ in kinds), 1)
     if cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:
@@ -114,19 +145,21 @@ def setup(cfg: RunConfig, env: DistEnv, data: Dataset) -> Setup:
     plan = spec.fn(model, env, cfg)
     precision = Precision(cfg.precision, env.device, autocast=plan.autocast, scaler_factory=plan.grad_scaler)
     opt = precision.optimizer(plan.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return Setup(plan, precision, opt, fwd_flops_per_sample)
+    return Setup(plan, precision, opt, fwd_flops_per_sample, cudnn_share)
 
 
 def compile_blocks(model, backend: str) -> None:
     """torch.compile each block in place, with room in dynamo's cache for all of them.
 
     dynamo keeps one cache per code object: every block of a class shares its forward's, and each
-    shape and grad mode is an entry (the CNN's four ConvBlocks fill 8, training and evaluation).
-    Past config.recompile_limit (8) a block runs eager, silently: a compiled cell would measure
-    eager blocks. So the limit grows with the blocks; it never shrinks."""
+    shape and grad mode is an entry: per block one for training, one for evaluation and one more
+    once evaluation sees a second batch size (the last, smaller batch), so the CNN's four
+    ConvBlocks fill 12. Past config.recompile_limit (8) a block runs eager, silently: a compiled
+    cell would measure eager blocks. So the limit grows with the blocks (with room to spare: a
+    recompile costs seconds, an eager block the figure); it never shrinks."""
     import torch._dynamo
 
-    need = 2 * len(model.blocks) + 2  # per block a training and an evaluation entry, the first block's input
+    need = 4 * len(model.blocks) + 8  # 3 entries a block, measured, and headroom
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, need)
     for block in model.blocks:
         block.compile(backend=backend)
@@ -240,6 +273,8 @@ class Measured:
     peak_allocated_bytes: list[int] | None = None
     peak_rss_bytes: int | None = None  # the process's resident peak over the same steps
     peak_eval_bytes: list[int] | None = None  # per device: torch's peak over the test evaluation
+    in_steps: bool = False  # within an epoch's steps (a stop there folds their peaks in)
+    window_open: float | None = None  # perf_counter start of a timed window not yet closed
     outside_allocator_bytes: list[int] | None = None  # per device: NVML's used less torch's reserved
 
     def record_eval(self, q: dict | None, cfg: RunConfig, epoch: int) -> None:
@@ -259,7 +294,7 @@ def train(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets
     # one-cycle LR over the planned steps: stable final epochs; stepped on the host, no sync
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=b.total_steps, pct_start=0.15)
     try:
-        _epochs(cfg, env, s, b, evalsets, tick, sched, _Clock(device), m, monitor or _NO_MONITOR)
+        _epochs(cfg, env, s, b, evalsets, tick, sched, _Clock(device, s.plan.devices), m, monitor or _NO_MONITOR)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(out_of_memory(device, len(m.losses) + 1)) from exc
 
@@ -306,20 +341,21 @@ def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSe
         if n_steps <= 0:
             break
         order, offsets = b.epoch(epoch)
-        _sync(device)
+        _sync(plan.devices)
         # peak memory of the training steps alone: not setup (the full model built before sharding),
         # not the evaluation between epochs (rank 0's evaluation copy)
         _reset_peaks(plan.devices)
+        m.in_steps = True
         t_epoch = time.perf_counter()
         window_start = None
         if step >= b.warmup_steps:
             monitor.window_edge(True)
-            window_start = time.perf_counter()
+            window_start = m.window_open = time.perf_counter()
         for k in range(n_steps):
             if step == b.warmup_steps and window_start is None:
-                _sync(device)  # the window's left edge
+                _sync(plan.devices)  # the window's left edge
                 monitor.window_edge(True)
-                window_start = time.perf_counter()
+                window_start = m.window_open = time.perf_counter()
             start = clock.mark()
             x, y = b.batch(order[k], offsets)
             loss = plan.step(x, y, precision)
@@ -330,11 +366,13 @@ def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSe
             m.step_marks.append((start, clock.mark()))
             step += 1
             tick(1)
-        _sync(device)  # the window's right edge (evaluation is outside it)
+        _sync(plan.devices)  # the window's right edge (evaluation is outside it)
         t_end = time.perf_counter()
         _keep_peaks(plan.devices, m)
+        m.in_steps = False
         if window_start is not None:
             m.windows.append((window_start, t_end))
+            m.window_open = None
             monitor.window_edge(False)
         m.train_s += t_end - t_epoch
         _check_finite(env, m, step - n_steps)  # at epoch ends only: a host sync per epoch, not per step
@@ -373,18 +411,24 @@ class Gathered:
 
 def local_gather(env: DistEnv, m: Measured, clock: _Clock, monitor: Monitor, warmup: int,
                  devices: list[torch.device] | None = None) -> Gathered:
-    """This rank's measurements alone (a run stopped early: no collectives). The timed window is
-    the sum of the timed steps, the window of an epoch cut short having no right edge."""
-    step_s = clock.durations_s(m.step_marks)
-    try:  # the losses of the steps whose time could be read (the device may be in error)
-        losses = torch.stack(m.losses[: len(step_s)]).double().cpu().tolist() if step_s else []
+    """This rank's measurements alone (a run stopped early: no collectives, no blocking wait on the
+    device). The timed window is the sum of the timed steps, the window of an epoch cut short having
+    no right edge; the energy counters close it where the signal came."""
+    step_s = clock.completed_s(m.step_marks)
+    try:  # the losses of the steps whose time could be read
+        losses = clock.read_losses(m.losses, m.step_marks, len(step_s))
     except Exception:
         losses = []
-    try:  # the epoch cut short: its steps' peak so far
-        _keep_peaks(devices or [], m)
-    except Exception:
-        pass
-    info = _rank_info(env, monitor, m.windows or [(0.0, float("inf"))], step_s[warmup:], m)
+    if m.in_steps:  # stopped within an epoch's steps: their peak so far (not an evaluation's)
+        try:
+            _keep_peaks(devices or [], m)
+        except Exception:
+            pass
+    windows = list(m.windows)
+    if m.window_open is not None:
+        windows.append((m.window_open, time.perf_counter()))
+        monitor.window_edge(False)
+    info = _rank_info(env, monitor, windows or [(0.0, float("inf"))], step_s[warmup:], m)
     return Gathered(step_s, 0.0, losses, [info])
 
 
@@ -445,10 +489,11 @@ def summarise(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, m: Measured, g
     train_flops = 3 * s.forward_flops_per_sample  # backward ~ 2x forward
     dev_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None
     settings = math_settings()
-    peak, peak_source = peak_tflops(dev_name, cfg.precision, cfg.peak_tflops, settings)
+    peak, peak_source = peak_tflops(dev_name, cfg.precision, cfg.peak_tflops, settings, s.cudnn_flop_share)
     achieved = train_flops * samples_per_s
     flops = Flops(train_flops, s.forward_flops_per_sample, achieved / 1e12, peak, peak_source,
-                  achieved / (peak * 1e12 * cfg.devices) if peak else None, settings)
+                  achieved / (peak * 1e12 * cfg.devices) if peak else None, settings,
+                  s.cudnn_flop_share if env.is_main else None)
     quality_ = Quality(test_q, m.val_f1, cfg.target_f1, m.time_to_target_s, m.epochs_to_target)
     timing = Timing(setup_s, m.train_s, m.eval_s, len(m.step_marks), b.steps_per_epoch)
     return RunSummary(s.plan.info, throughput, utilization(g.ranks, timed_samples, b.steps_per_epoch * cfg.global_batch_size),
@@ -512,7 +557,7 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
             after = "the profiled steps"
             profiled = profile(cfg, env, s, b) if cfg.profile else None  # after everything measured
             after = "the gather of every rank's measurements"
-            g = gather(env, s.plan, m, _Clock(env.device), monitor, b.warmup_steps)
+            g = gather(env, s.plan, m, _Clock(env.device, s.plan.devices), monitor, b.warmup_steps)
         except Exception:
             # a signal stops every rank; a rank blocked in a collective may see its peer's exit
             # ("Connection reset by peer") before its own handler runs: that failure is the stop
@@ -520,7 +565,7 @@ def execute(cfg: RunConfig, env: DistEnv, data: Dataset, *, progress: Callable |
             raise
     except (Interrupted, Diverged) as exc:
         # what this rank measured, without collectives: the peers may be gone
-        g = local_gather(env, m, _Clock(env.device), monitor, b.warmup_steps, s.plan.devices)
+        g = local_gather(env, m, _Clock(env.device, s.plan.devices), monitor, b.warmup_steps, s.plan.devices)
         summary = summarise(cfg, env, s, b, m, g, None, time.perf_counter() - t_setup)
         summary.memory = memory_record(cfg, env, data, summary, m) if env.is_main else None
         if isinstance(exc, Interrupted):
@@ -575,7 +620,7 @@ def profile(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches) -> dict | None:
         s.optimizer.zero_grad(set_to_none=True)
 
     path = trace_path(cfg.out_dir, cfg.run_id, env.rank)
-    run_profiled(cfg.profile_steps, env.device, one_step, path)
+    run_profiled(cfg.profile_steps, s.plan.devices, one_step, path)
     steps = control.gather_objects(read_trace(path), env)
     if not env.is_main:
         return None

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -110,14 +111,30 @@ def multi_gpu_cells(n: int) -> list[Cell]:
     ]
 
 
+def visible_gpus() -> list[int]:
+    """NVML's indices of the GPUs this process may use: CUDA_VISIBLE_DEVICES (integer indices) where it
+    is set, which NVML does not heed, else every GPU NVML sees."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None and all(x.strip().isdigit() for x in listed.split(",") if x.strip()):
+        return [int(x) for x in listed.split(",") if x.strip()]
+    if listed is not None:  # UUIDs or MIG names: CUDA's own count, NVML's first GPU for the name
+        import torch
+
+        return list(range(torch.cuda.device_count()))
+    return list(range(pynvml.nvmlDeviceGetCount()))
+
+
 def card() -> dict:
     """Name, memory and count of the GPUs, from NVML: asking CUDA would give this process a context
     (hundreds of MiB) that every cell would then share the card with."""
     import pynvml
 
-    pynvml.nvmlInit()
-    n = pynvml.nvmlDeviceGetCount()
-    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    visible = visible_gpus()
+    n = len(visible)
+    h = pynvml.nvmlDeviceGetHandleByIndex(visible[0])
     name = pynvml.nvmlDeviceGetName(h)
     name = name.decode() if isinstance(name, bytes) else name
     mem = pynvml.nvmlDeviceGetMemoryInfo(h)
@@ -148,13 +165,25 @@ def run_cell(cell: Cell, out: Path, timeout_s: float, device: str = "cuda") -> d
         argv += ["--out", str(runs if cell.argv[0] == "run" else out / "comm")]
     env = {**os.environ, **cell.env}
     t = time.perf_counter()
+    # a session of its own, so a timeout takes down torchrun's workers too (they hold the GPU)
+    proc = subprocess.Popen([sys.executable, "-m", "bench", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=env, start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, "-m", "bench", *argv], capture_output=True, text=True, cwd=ROOT,
-                              env=env, timeout=timeout_s)
-        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        code, stdout, stderr = None, (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) \
-            else (exc.stdout or ""), f"timed out after {timeout_s:.0f} s"
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=20)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        stdout, stderr = proc.communicate()
+        code, stderr = None, f"{stderr}\ntimed out after {timeout_s:.0f} s"
     lines = stdout.strip().splitlines()
     path = lines[-1] if lines and lines[-1].endswith(".json") and Path(lines[-1]).exists() else None
     return {"name": cell.name, "argv": argv, "env": cell.env, "exit": code, "seconds": time.perf_counter() - t,

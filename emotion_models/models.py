@@ -61,10 +61,15 @@ class BlockModel(nn.Module):
         Counted on a copy on the meta device: shapes only, so a 2-billion-parameter model costs
         no memory and no time, whatever device (or sharding, or compilation) this model is in.
         """
+        return [total for total, _ in self.block_flop_kinds(batch_size)]
+
+    def block_flop_kinds(self, batch_size: int = 2) -> list[tuple[int, int]]:
+        """Per block, (forward FLOPs, of which cuDNN's: convolutions and recurrent layers). The
+        split decides which peak an fp32 run is held to: cuDNN may run in TF32 where matmuls do not."""
         from torch.utils.flop_counter import FlopCounterMode
 
         if next(self.parameters()).device.type != "meta":
-            return rebuild(self, device="meta").block_flops(batch_size)
+            return rebuild(self, device="meta").block_flop_kinds(batch_size)
         costs = []
         x = self.example_input(batch_size, "meta")
         with torch.no_grad():
@@ -79,7 +84,9 @@ class BlockModel(nn.Module):
                 finally:
                     for m in rnns:
                         del m.forward
-                costs.append(counter.get_total_flops() + sum(rnn_flops))
+                conv = sum(n for op, n in counter.get_flop_counts().get("Global", {}).items()
+                           if "convolution" in str(op))
+                costs.append((counter.get_total_flops() + sum(rnn_flops), conv + sum(rnn_flops)))
         return costs
 
     def stage_boundaries(self, n: int) -> list[tuple[int, int]]:

@@ -1,4 +1,5 @@
-"""A pytest plugin (pyproject's addopts: -p parallel_when_possible): the suite runs in two test
+"""A pytest plugin for this project's own suite (pyproject's addopts: -p bench._pytest_parallel; not
+an entry point, so no other project's pytest loads it): the suite runs in two test
 processes through pytest-xdist where that is installed, and in one where it is not. The GPU
 machine has no pytest-xdist, and `-n 2` written into addopts made `python -m pytest -m gpu` fail
 there before collecting anything. Two processes keep 2 cores busy: most tests wait on a
