@@ -80,11 +80,11 @@ def launch(cfg: RunConfig, t0: float, status: Callable[[str], None], argv: tuple
             try:
                 rc = proc.wait()
             except BaseException as exc:  # Ctrl-C or SIGTERM: the workers write what they measured, then go
-                _kill_group(proc, GRACE_S)
+                kill_group(proc, GRACE_S)
                 if isinstance(exc, Interrupted) and not (result or Path(cfg.out_dir) / f"{cfg.run_id}.json").exists():
                     exc.log_path = _keep_log(cfg, log_path.read_text(errors="replace"))
                 raise
-        _kill_group(proc)  # nothing of the run may outlive it
+        kill_group(proc)  # nothing of the run may outlive it
         log_text = log_path.read_text(errors="replace")
         if rc == 0:
             if (result or Path(cfg.out_dir) / f"{cfg.run_id}.json").exists():
@@ -145,7 +145,7 @@ def stop_process(proc: subprocess.Popen, first: int, grace_s: float) -> None:
     proc.wait()
 
 
-def _kill_group(proc: subprocess.Popen, grace_s: float = 5) -> None:
+def kill_group(proc: subprocess.Popen, grace_s: float = 5) -> None:
     """SIGTERM to torchrun and every worker, SIGKILL after grace_s: nothing of a run outlives it."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:

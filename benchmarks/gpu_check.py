@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -172,16 +171,9 @@ def run_cell(cell: Cell, out: Path, timeout_s: float, device: str = "cuda") -> d
         stdout, stderr = proc.communicate(timeout=timeout_s)
         code = proc.returncode
     except subprocess.TimeoutExpired:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=20)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        from bench.launch import kill_group
+
+        kill_group(proc, 20)  # SIGTERM to the group, SIGKILL after 20 s
         stdout, stderr = proc.communicate()
         code, stderr = None, f"{stderr}\ntimed out after {timeout_s:.0f} s"
     lines = stdout.strip().splitlines()
