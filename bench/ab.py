@@ -14,11 +14,22 @@ side measured just before.
 
 Per cell and metric the verdict rests on the K paired ratios head/base: a 95 % paired t interval
 on their logarithms (back-transformed), so machine drift, which moves both sides of a pair, cancels.
-Regression when the whole interval lies beyond --max-regression (5 %) in the bad direction,
-improvement likewise in the good one, otherwise no change, with the interval shown. Throughput
-and weak-scaling efficiency (both from each visit's fastest step, see JUDGED), step time p50 and
-peak memory are judged; macro-F1 is compared exactly (the runs are deterministic): a regression
-when head's is below the lowest of base's by more than base's own spread.
+The verdicts are those of an equivalence test (two one-sided tests) against --max-regression (5 %):
+
+    regression    the whole interval lies beyond the threshold in the bad direction
+    improvement   the whole interval lies beyond it in the good direction
+    no change     the whole interval lies within +-threshold
+    inconclusive  otherwise: the run could not tell; it says the smallest change it could have seen
+
+The sequential rule: the gate looks at the pairs --budget-s plans; while a judged metric is
+inconclusive it measures more pairs, up to --max-budget-s, and looks once more. Two looks at
+most, each at the 95 % interval: each of the claims above is wrong at most 2.5 % of the time at a
+look (one-sided), so at most 5 % over both (Bonferroni), whatever the true change; no other look
+is taken. A rule that looked after every pair at 95 % would claim more often than it says
+(tests/test_ab.py measures both on a simulated measurer). Throughput and weak-scaling efficiency
+(both from each visit's fastest step, see JUDGED), step time p50 and peak memory are judged;
+macro-F1 is compared exactly (the runs are deterministic): a regression when head's is below the
+lowest of base's by more than base's own spread.
 """
 from __future__ import annotations
 
@@ -216,6 +227,10 @@ def _label(cfg: dict) -> str:
                        cfg["batch_size"] // cfg["devices"]})
 
 
+LOOKS = 2  # the planned look and, while a judged metric is inconclusive, one at --max-budget-s
+CLAIM_ERROR = 0.05  # at most this often is a claim wrong over all looks (one-sided, Bonferroni)
+
+
 def interval(ratios: list[float]) -> tuple[float, float, float]:
     """Geometric mean of paired ratios and its 95 % paired t interval (on log ratios)."""
     logs = [math.log(r) for r in ratios]
@@ -228,18 +243,55 @@ def interval(ratios: list[float]) -> tuple[float, float, float]:
 class Verdict:
     cell: str
     metric: str
-    verdict: str  # regression | improvement | no change | not measured
+    verdict: str  # regression | improvement | no change | inconclusive | not measured
     ratio: float | None = None  # head / base, geometric mean over pairs
     low: float | None = None
     high: float | None = None
     note: str = ""
+    pairs: int = 0  # the pairs the interval rests on
+    log_sd: float | None = None  # standard deviation of the log ratios (for the pairs still needed)
+
+    @property
+    def smallest_visible(self) -> float | None:
+        """The smallest change this run could have seen: the interval's half-width, relative."""
+        if self.low is None or self.high is None or self.low <= 0:
+            return None
+        return math.sqrt(self.high / self.low) - 1
 
     def text(self) -> str:
         if self.ratio is None:
             return f"– ({self.note})" if self.note else "–"
         if self.metric == "macro_f1":
             return f"{self.note} {self.verdict}"
-        return f"{(self.ratio - 1) * 100:+.1f}% [{(self.low - 1) * 100:+.1f}, {(self.high - 1) * 100:+.1f}] {self.verdict}"
+        shown = f"{(self.ratio - 1) * 100:+.1f}% [{(self.low - 1) * 100:+.1f}, {(self.high - 1) * 100:+.1f}] {self.verdict}"
+        if self.verdict == "inconclusive":
+            shown += f", smallest change this run could see: {self.smallest_visible * 100:.1f} %"
+        return shown
+
+
+def rule(low: float, high: float, better: int, max_regression: float) -> str:
+    """The equivalence test's verdict of one interval of head / base."""
+    up, down = high < 1 - max_regression, low > 1 + max_regression  # wholly below / above the threshold
+    if up or down:
+        return "regression" if (up if better > 0 else down) else "improvement"
+    if low > 1 - max_regression and high < 1 + max_regression:
+        return "no change"
+    return "inconclusive"
+
+
+def pairs_needed(v: Verdict, max_regression: float) -> int | None:
+    """About how many pairs in all would decide an inconclusive verdict at its present mean and spread:
+    the interval's half-width must shrink below the distance from the mean to the threshold. None
+    where the mean sits at the threshold (no number of pairs is enough) or the spread is unknown."""
+    if v.ratio is None or not v.log_sd or v.ratio <= 0:
+        return None
+    distance = abs(abs(math.log(v.ratio)) - math.log(1 + max_regression))
+    if distance < 1e-3:
+        return None
+    n = max(v.pairs, 2)
+    for _ in range(20):  # t's quantile shrinks as n grows: iterate to a fixed point
+        n = max(2, math.ceil((t975(n - 1) * v.log_sd / distance) ** 2))
+    return n
 
 
 def judge(pairs: list[tuple[dict, dict]], max_regression: float) -> list[Verdict]:
@@ -255,11 +307,10 @@ def judge(pairs: list[tuple[dict, dict]], max_regression: float) -> list[Verdict
             if len(values) < 2:
                 out.append(Verdict(cell, name, "not measured", note="fewer than 2 pairs measured it"))
                 continue
-            ratio, low, high = interval([y / x for x, y in values])
-            worse = high < 1 - max_regression if better > 0 else low > 1 + max_regression
-            improved = low > 1 + max_regression if better > 0 else high < 1 - max_regression
-            out.append(Verdict(cell, name, "regression" if worse else "improvement" if improved else "no change",
-                               ratio, low, high))
+            ratios = [y / x for x, y in values]
+            ratio, low, high = interval(ratios)
+            out.append(Verdict(cell, name, rule(low, high, better, max_regression), ratio, low, high,
+                               pairs=len(ratios), log_sd=statistics.stdev([math.log(r) for r in ratios])))
         out.append(_f1(cell, [(b[cell]["macro_f1"], h[cell]["macro_f1"]) for b, h in pairs]))
     return out
 
@@ -286,10 +337,21 @@ class ABOutcome:
     pairs: int
     seconds: float
     verdicts: list[Verdict]
+    looks: list[int] = field(default_factory=list)  # the pairs at each look
+    more_s: float | None = None  # inconclusive: about how many more seconds the rule would need
+    fingerprint: dict = field(default_factory=dict)  # the machine's, recorded with every gate
 
     @property
     def regressed(self) -> bool:
         return any(v.verdict == "regression" for v in self.verdicts)
+
+    @property
+    def inconclusive(self) -> bool:
+        return any(v.verdict == "inconclusive" for v in self.verdicts)
+
+    @property
+    def verdict(self) -> str:
+        return "regression" if self.regressed else "inconclusive" if self.inconclusive else "no change"
 
 
 def order(pairs: int) -> list[str]:
@@ -306,10 +368,49 @@ def order(pairs: int) -> list[str]:
 PAIRS_PER_JOB = 2
 
 
+def undecided(verdicts: list[Verdict]) -> bool:
+    return any(v.verdict == "inconclusive" for v in verdicts if v.metric in JUDGED)
+
+
+def extra_pairs(k: int, elapsed_s: float, max_budget_s: float) -> int:
+    """The pairs the second look adds: as many as --max-budget-s has room for at the pace so far."""
+    if k == 0 or max_budget_s <= elapsed_s:
+        return 0
+    return int((max_budget_s - elapsed_s) // (elapsed_s / k))
+
+
+def sequential(measure: Callable[[], tuple[dict, dict]], planned: Callable[[int], int], more: Callable[[int], int],
+               max_regression: float, extendable: bool = True) -> tuple[list[Verdict], list[int], list]:
+    """The gate's sequential rule, apart from any job: measure pairs until planned(1) pairs (asked
+    after the first), look; while a judged metric is inconclusive and the rule has a look left, add
+    more(k) pairs and look again. Returns the last look's verdicts, the pairs at each look, the pairs."""
+    measured: list[tuple[dict, dict]] = []
+    looks: list[int] = []
+    target = None
+    while True:
+        if target is not None and len(measured) >= target:
+            looks.append(len(measured))
+            if not (extendable and len(looks) < LOOKS and undecided(judge(measured, max_regression))):
+                break
+            extra = more(len(measured))
+            if extra < 1:
+                break
+            target += extra
+            continue
+        measured.append(measure())
+        if target is None:
+            target = planned(len(measured))
+    return judge(measured, max_regression), looks, measured
+
+
 def run_ab(base_rev: str, head_rev: str | None, *, cells: str, pairs: int | None, budget_s: float,
            max_regression: float, base_env: dict, head_env: dict, say: Callable[[str], None] = lambda _: None,
-           tick: Callable[[str], None] = lambda _: None, timeout_s: float = 600) -> ABOutcome:
-    """Measure base and head alternately and judge the paired ratios."""
+           tick: Callable[[str], None] = lambda _: None, timeout_s: float = 600,
+           max_budget_s: float | None = None) -> ABOutcome:
+    """Measure base and head alternately and judge the paired ratios: a look at the planned pairs
+    and, while a judged metric is inconclusive, one more after the pairs --max-budget-s leaves room
+    for (none with --pairs)."""
+    from .envinfo import fingerprint
     from .stops import signals_raise
 
     t0 = time.perf_counter()
@@ -335,32 +436,51 @@ def run_ab(base_rev: str, head_rev: str | None, *, cells: str, pairs: int | None
                 job.wait_ready(timeout_s)
             return time.perf_counter() - t
 
-        rounds: dict[str, list[dict]] = {"base": [], "head": []}
-        k, target, start_s = 0, pairs, 0.0
+        k, start_s, t_pair = 0, 0.0, 0.0
+
+        def measure() -> tuple[dict, dict]:
+            """One pair: every cell on both sides, in A B / B A order; jobs anew every PAIRS_PER_JOB."""
+            nonlocal k, start_s, t_pair
+            if k % PAIRS_PER_JOB == 0:
+                start_s = fresh_jobs()
+            t_pair = time.perf_counter()
+            current = {"base": {}, "head": {}}
+            for j, c in enumerate(todo):  # A B, then B A for the next cell, and so on
+                for name in (("base", "head") if (k + j) % 2 == 0 else ("head", "base")):
+                    tick(f"pair {k + 1} {name}")
+                    current[name][_label(c)] = visit_metrics(c, jobs[name].run(c, timeout_s))
+            for name in sides:
+                with_efficiency(todo, current[name])
+            k += 1
+            return current["base"], current["head"]
+
+        def planned(done: int) -> int:
+            """After the first pair: the pairs --budget-s holds at its pace, at least 3 (or --pairs)."""
+            if pairs is not None:
+                return pairs
+            per_pair = time.perf_counter() - t_pair + start_s / PAIRS_PER_JOB
+            target = max(3, int(budget_s // per_pair))
+            say(f"a pair takes {per_pair:.0f} s with its share of fresh jobs: {target} pairs fit --budget-s {budget_s:.0f}")
+            return target
+
+        def more(done: int) -> int:
+            n = extra_pairs(done, time.perf_counter() - t0, max_budget_s) if max_budget_s is not None else 0
+            if n:
+                say(f"inconclusive at {done} pairs: {n} more fit --max-budget-s {max_budget_s:.0f}, then the "
+                    "second and last look")
+            return n
+
         try:
-            while target is None or k < target:
-                if k % PAIRS_PER_JOB == 0:
-                    start_s = fresh_jobs()
-                t_pair = time.perf_counter()
-                current = {"base": {}, "head": {}}
-                for j, c in enumerate(todo):  # A B, then B A for the next cell, and so on
-                    for name in (("base", "head") if (k + j) % 2 == 0 else ("head", "base")):
-                        tick(f"pair {k + 1} {name}")
-                        current[name][_label(c)] = visit_metrics(c, jobs[name].run(c, timeout_s))
-                for name in sides:
-                    with_efficiency(todo, current[name])
-                    rounds[name].append(current[name])
-                k += 1
-                if target is None:  # sized to the budget by the first pair and job start, at least 3
-                    per_pair = time.perf_counter() - t_pair + start_s / PAIRS_PER_JOB
-                    target = max(3, int(budget_s // per_pair))
-                    say(f"a pair takes {per_pair:.0f} s with its share of fresh jobs: {target} pairs fit "
-                        f"--budget-s {budget_s:.0f}")
+            verdicts, looks, measured = sequential(measure, planned, more, max_regression,
+                                                   extendable=pairs is None and max_budget_s is not None)
         finally:
             for job in jobs.values():
                 job.close()
-        verdicts = judge(list(zip(rounds["base"], rounds["head"])), max_regression)
-    return ABOutcome(sides["base"], sides["head"], k, time.perf_counter() - t0, verdicts)
+    seconds = time.perf_counter() - t0
+    n = len(measured)
+    needed = [pairs_needed(v, max_regression) for v in verdicts if v.verdict == "inconclusive" and v.metric in JUDGED]
+    more_s = max(0.0, (max(needed) - n) * seconds / n) if needed and None not in needed and n else None
+    return ABOutcome(sides["base"], sides["head"], n, seconds, verdicts, looks, more_s, fingerprint())
 
 
 def table(outcome: ABOutcome) -> tuple[list[str], list[list[str]]]:
@@ -379,4 +499,30 @@ def parse_env(items: list[str] | None, flag: str) -> dict[str, str]:
         if not sep or not key.strip():
             raise ABError(f"{flag} {item!r}: use KEY=VALUE")
         out[key.strip()] = value
+    return out
+
+
+def write_json(outcome: ABOutcome, max_regression: float, path: str) -> Path:
+    """One gate's verdicts as one JSON file, atomically (bench history reads a folder of them)."""
+    from datetime import datetime, timezone
+
+    from emotion_models.atomic import atomic_write_text
+
+    def commit(side: Side) -> str | None:
+        got = subprocess.run(["git", "rev-parse", "HEAD" if side.rev == "working tree" else side.rev], cwd=side.root
+                             if side.rev == "working tree" else REPO, capture_output=True, text=True)
+        return got.stdout.strip() or None if got.returncode == 0 else None
+
+    record = {"kind": "gate", "schema": 1, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "base": {"rev": outcome.base.rev, "commit": commit(outcome.base), "env": outcome.base.env},
+              "head": {"rev": outcome.head.rev, "commit": commit(outcome.head), "env": outcome.head.env},
+              "pairs": outcome.pairs, "looks": outcome.looks, "seconds": outcome.seconds,
+              "max_regression": max_regression, "verdict": outcome.verdict, "more_s": outcome.more_s,
+              "fingerprint": outcome.fingerprint,
+              "verdicts": [{"cell": v.cell, "metric": v.metric, "verdict": v.verdict, "ratio": v.ratio, "low": v.low,
+                            "high": v.high, "smallest_visible": v.smallest_visible, "pairs": v.pairs, "note": v.note}
+                           for v in outcome.verdicts]}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(record, indent=1) + "\n")
     return out

@@ -531,8 +531,14 @@ def ab(
     head: Optional[str] = typer.Argument(None, help="Git revision of the head code (default: this working tree)."),
     cells: str = typer.Option("gate", help="The cells: a sweep preset or TOML file (gate: single and ddp x2, 40 timed steps)."),
     pairs: Optional[int] = typer.Option(None, help="Base/head pairs (default: as many as --budget-s allows, at least 3)."),
-    budget_s: float = typer.Option(270.0, help="Seconds the pairs may take when --pairs is not given."),
-    max_regression: str = typer.Option("5%", help="A change counts when its whole 95 % interval lies beyond this."),
+    budget_s: float = typer.Option(270.0, help="Seconds the planned pairs may take when --pairs is not given (the first look)."),
+    max_budget_s: float = typer.Option(540.0, help="Seconds in all while a judged metric is inconclusive: more pairs, "
+                                                   "then the second and last look (not with --pairs)."),
+    max_regression: str = typer.Option("5%", help="The threshold: regression or improvement when the whole 95 % interval "
+                                                  "lies beyond it, no change when it lies within +-it, else inconclusive."),
+    inconclusive: str = typer.Option("fail", help="What an inconclusive gate exits with: fail (3) or ok (0)."),
+    json_out: Optional[str] = typer.Option(None, "--json-out", help="Also write the verdicts as one JSON file here "
+                                                                   "(bench history reads a folder of them)."),
     base_env: Optional[list[str]] = typer.Option(None, help="KEY=VALUE set for the base side only (repeatable)."),
     head_env: Optional[list[str]] = typer.Option(None, help="KEY=VALUE set for the head side only (repeatable)."),
     fmt: str = typer.Option("text", "--format", help="text (terminal table) or md (markdown, for a PR comment)."),
@@ -551,6 +557,12 @@ def ab(
             raise ValueError(f"--budget-s {budget_s}: give a positive number of seconds")
         if fmt not in ("text", "md"):
             raise ValueError("--format: use text or md")
+        if inconclusive not in ("ok", "fail"):
+            raise ValueError(f"--inconclusive {inconclusive}: use ok or fail")
+        if max_budget_s < budget_s:
+            raise ValueError(f"--max-budget-s {max_budget_s:g} is below --budget-s {budget_s:g}")
+        if json_out is not None and not json_out.strip():
+            raise ValueError("--json-out is empty: give a file path, e.g. results/gates/gate.json")
         envs = parse_env(base_env, "--base-env"), parse_env(head_env, "--head-env")
         preset = PRESET_DIR / f"{cells}.toml"
         cells_path = str(preset if preset.exists() else Path(cells).resolve())
@@ -562,19 +574,39 @@ def ab(
         bar = bars(2 * pairs if pairs else 2, "ab: pairs")
         try:
             outcome = run_ab(base, head, cells=cells_path, pairs=pairs, budget_s=budget_s, max_regression=threshold,
-                             base_env=envs[0], head_env=envs[1], say=info, tick=lambda _: bar(1))
+                             base_env=envs[0], head_env=envs[1], say=info, tick=lambda _: bar(1),
+                             max_budget_s=max_budget_s)
         except ABError as exc:
             _fail(str(exc))
     header, rows = table(outcome)
+    fp = outcome.fingerprint
+    looks = " and ".join(str(n) for n in outcome.looks)
     summary = (f"base {outcome.base.rev}{' ' + str(outcome.base.env) if outcome.base.env else ''} vs head "
                f"{outcome.head.rev}{' ' + str(outcome.head.env) if outcome.head.env else ''}: {outcome.pairs} pairs "
-               f"(A B B A ...) in {outcome.seconds:.0f} s; ratios head/base, geometric mean and 95 % paired t interval; "
-               f"a change counts when the whole interval lies beyond {threshold * 100:g} %; macro-F1 exact "
-               f"(deterministic runs) against base's spread")
+               f"(A B B A ...) in {outcome.seconds:.0f} s, looked at after {looks}; ratios head/base, geometric mean "
+               f"and 95 % paired t interval; regression or improvement when the whole interval lies beyond "
+               f"{threshold * 100:g} %, no change when it lies within +-{threshold * 100:g} %, else inconclusive (at most "
+               f"two looks: each claim wrong at most 5 % of the time); macro-F1 exact (deterministic runs) against "
+               f"base's spread; machine {fp.get('cpu_model')}, {fp.get('cpu_cores_logical')} cores "
+               f"(hardware_id {fp.get('hardware_id')})")
     _verdict_table(header, rows, summary, fmt, "bench ab",
-                   lambda r: "red" if any("regression" in x for x in r) else None)
+                   lambda r: "red" if any("regression" in x for x in r) else
+                   "yellow" if any("inconclusive" in x for x in r) else None)
+    if json_out:
+        from .ab import write_json
+
+        try:
+            write_json(outcome, threshold, json_out)
+        except OSError as exc:
+            _fail(f"--json-out {json_out}: cannot write there ({exc.strerror or exc})")
     if outcome.regressed:
         raise Exit(1)
+    if outcome.inconclusive:
+        more = (f"about {outcome.more_s:.0f} s more would decide it (--max-budget-s)" if outcome.more_s is not None
+                else "no number of pairs would decide it at this spread (a change sitting at the threshold)")
+        error(f"INCONCLUSIVE: the gate could not tell whether head changed; {more}")
+        if inconclusive == "fail":
+            raise Exit(3)
 
 
 # ------------------------------------------------------------------------------------------ env, list
