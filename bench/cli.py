@@ -609,6 +609,52 @@ def ab(
             raise Exit(3)
 
 
+# ------------------------------------------------------------------------------------------ history
+
+@app.command("history")
+def history_cmd(
+    dirs: list[str] = typer.Argument(..., help="Folders (or files) of gate files: bench ab --json-out, .ci/run's results/gates/."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Comma-separated: throughput, step_time, efficiency, memory (default: all)."),
+    cells: Optional[str] = typer.Option(None, "--cells", help="Comma-separated cell labels, as the gate prints them (default: all)."),
+    repo: Optional[str] = typer.Option(None, "--repo", help="The git repository whose commit order orders the gates (default: this checkout's, if any)."),
+    max_regression: str = typer.Option("5%", help="A step into the newest segment worse than this fails (exit 1)."),
+    out: str = typer.Option("reports/history", "--out", callback=_nonempty_out,
+                            help="Folder for history.md, history.html, history.csv and one plot per metric."),
+):
+    """The gate's figures over commits: a trend per cell and metric, its change points, and exit 1 when
+    the newest segment stepped worse than the threshold."""
+    from rich.table import Table
+
+    from .ab import REPO
+    from .compare import parse_fraction
+    from .history import HistoryError, history, rows, write
+
+    try:
+        threshold = parse_fraction(max_regression)
+        where = Path(repo) if repo else (REPO if (REPO / ".git").exists() else None)
+        if where is not None and not where.exists():
+            raise HistoryError(f"--repo {repo}: no such folder")
+        series, skipped = history(dirs, metrics=_csv(metric), cells=_csv(cells), repo=where)
+    except ValueError as exc:
+        _fail(str(exc))
+    header, table_rows = rows(series, threshold)
+    t = Table(title=f"bench history: {sum(len(s.points) for s in series)} gates' points, threshold {threshold * 100:g} %")
+    for h in header:
+        t.add_column(h)
+    for r in table_rows:
+        t.add_row(*[escape(x) for x in r], style="red" if r[-1].startswith("regression") else None)
+    console.print(t)
+    for f, why in skipped:
+        info(f"skipped {f}: {why}")
+    try:
+        written = write(series, skipped, out, threshold)
+    except OSError as exc:
+        _fail(f"--out {out}: cannot write there ({exc.strerror or exc}): choose a writable folder")
+    info(f"history: {', '.join(str(p) for p in written[:3])}, {len(written) - 3} plot(s)")
+    if any(s.newest_regression(threshold) for s in series):
+        raise Exit(1)
+
+
 # ------------------------------------------------------------------------------------------ env, list
 
 @app.command("env")

@@ -84,15 +84,15 @@ _STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border
           "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}")
 
 
-def write(out: Path, title: str, intro: list[str], sections: list[Section]) -> None:
-    """out/report.md and a self-contained out/report.html (figures embedded)."""
+def write(out: Path, title: str, intro: list[str], sections: list[Section], stem: str = "report") -> None:
+    """out/<stem>.md and a self-contained out/<stem>.html (figures embedded)."""
     md = [f"# {title}", "", *intro, ""]
     body = []
     for s in sections:
         md += [f"## {s.title}", "", "\n\n".join(to_md(b) for b in s.blocks), ""]
         body.append(f"<h2>{html.escape(s.title)}</h2>" + "".join(to_html(b) for b in s.blocks))
-    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(out / f"{stem}.md", "\n".join(md) + "\n")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro[0])}</p>"
             f"{''.join(body)}</body></html>")
-    atomic_write_text(out / "report.html", page)
+    atomic_write_text(out / f"{stem}.html", page)
