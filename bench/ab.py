@@ -22,7 +22,8 @@ The verdicts are those of an equivalence test (two one-sided tests) against --ma
     inconclusive  otherwise: the run could not tell; it says the smallest change it could have seen
 
 The sequential rule: the gate looks at the pairs --budget-s plans; while a judged metric is
-inconclusive it measures more pairs, up to --max-budget-s, and looks once more. Two looks at
+inconclusive and none is a regression (which decides the gate) it measures more pairs, up to
+--max-budget-s, and looks once more. Two looks at
 most, each at the 95 % interval: each of the claims above is wrong at most 2.5 % of the time at a
 look (one-sided), so at most 5 % over both (Bonferroni), whatever the true change; no other look
 is taken. A rule that looked after every pair at 95 % would claim more often than it says
@@ -369,7 +370,11 @@ PAIRS_PER_JOB = 2
 
 
 def undecided(verdicts: list[Verdict]) -> bool:
-    return any(v.verdict == "inconclusive" for v in verdicts if v.metric in JUDGED)
+    """More pairs would change the gate's outcome: no regression established yet, and a judged metric
+    inconclusive. (Once one metric is a regression the gate fails whatever the others say.)"""
+    judged = [v for v in verdicts if v.metric in JUDGED or v.metric == "macro_f1"]
+    return (not any(v.verdict == "regression" for v in judged)
+            and any(v.verdict == "inconclusive" for v in judged if v.metric in JUDGED))
 
 
 def extra_pairs(k: int, elapsed_s: float, max_budget_s: float) -> int:

@@ -189,6 +189,17 @@ def test_the_sequential_rule_decides_a_10_percent_effect_under_5_percent_noise()
     assert verdict == "regression" and looks == [8]
 
 
+def test_a_regression_ends_the_gate_even_while_another_metric_is_inconclusive():
+    from bench.ab import Verdict, undecided
+
+    noisy = Verdict("c", "efficiency", "inconclusive", 1.0, 0.9, 1.1)
+    assert undecided([Verdict("c", "throughput", "no change", 1.0, 0.99, 1.01), noisy])
+    assert not undecided([Verdict("c", "throughput", "regression", 0.9, 0.88, 0.92), noisy])
+    assert not undecided([Verdict("c", "throughput", "no change", 1.0, 0.99, 1.01)])
+    # an F1 regression decides the gate too
+    assert not undecided([Verdict("c", "macro_f1", "regression", 0.9, note="0.4 vs 0.5"), noisy])
+
+
 def test_the_pairs_an_inconclusive_verdict_would_need():
     from bench.ab import Verdict, pairs_needed
 
