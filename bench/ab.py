@@ -119,7 +119,7 @@ def job_env(side: Side, threads: int) -> dict[str, str]:
 
     THP_MEM_ALLOC_ENABLE=1: torch's CPU allocator aligns tensors of 2 MiB and more to 2 MiB and asks
     for transparent huge pages (this kernel gives them on madvise only). Without it a job's speed
-    depends on where its tensors landed: measured here (benchmarks/gate_jobs.py, 6 fresh jobs x 3
+    depends on where its tensors landed: measured (tools/studies/gate_jobs.py, 6 fresh jobs x 3
     visits per cell, two runs), job means spread 7-8 % (single) and 4-8 % (ddp), with it 1.6-2.3 %,
     and visits within a job about 3 % instead of 5-10 %. Both sides alike; a user's own setting or
     a side's --base-env/--head-env wins."""
@@ -216,16 +216,11 @@ def visit_metrics(cfg: dict, measured: dict) -> dict[str, float]:
 
 def with_efficiency(cells: list[dict], round_: dict[str, dict]) -> None:
     """Each multi-device cell's efficiency against the single cell of the same side and round."""
-    single = next((round_[_label(c)] for c in cells if c["devices"] == 1), None)
+    single = next((round_[cell_label(c, from_config=True)] for c in cells if c["devices"] == 1), None)
     for c in cells:
         if c["devices"] > 1 and single and single["throughput"]:
-            m = round_[_label(c)]
+            m = round_[cell_label(c, from_config=True)]
             m["efficiency"] = m["throughput"] / (c["devices"] * single["throughput"])
-
-
-def _label(cfg: dict) -> str:
-    return cell_label({**cfg, "batch_per_device": cfg["batch_size"] if cfg["scaling"] == "weak" else
-                       cfg["batch_size"] // cfg["devices"]})
 
 
 LOOKS = 2  # the planned look and, while a judged metric is inconclusive, one at --max-budget-s
@@ -361,9 +356,9 @@ def order(pairs: int) -> list[str]:
 
 
 # Both sides' jobs are started anew every this many pairs. A job keeps its processes, and with
-# them a speed of its own (cause not pinned down): in two CI runs of the same code against the
-# same base, head's job ran 5-10 % faster than base's in one and 17-19 % slower in the next, and
-# each time the pairs agreed with each other, so both gates reported a change that was not there.
+# them a speed of its own (cause not pinned down): with the same code on both sides, head's job
+# can run 5-10 % faster than base's in one gate and 17-19 % slower in the next, its pairs agreeing
+# with each other each time, so a gate on one pair of jobs reports a change that is not there.
 # Pairs measured by one pair of jobs share that speed; fresh jobs sample it anew, so the interval
 # over pairs carries it instead of hiding it.
 PAIRS_PER_JOB = 2
@@ -427,65 +422,91 @@ def run_ab(base_rev: str, head_rev: str | None, *, cells: str, pairs: int | None
             tempfile.TemporaryDirectory(prefix="emotion-bench-ab-") as tmp:
         sides = {"base": Side("base", base_rev, base_root, base_env),
                  "head": Side("head", head_rev or "working tree", head_root, head_env)}
-        jobs: dict[str, Job] = {}
-
-        def fresh_jobs() -> float:
-            """Both sides' jobs started anew; seconds it took."""
-            t = time.perf_counter()
-            for job in jobs.values():
-                job.close()
-            jobs.clear()
-            for name, side in sides.items():
-                jobs[name] = Job(side, world, threads, todo[0], Path(tmp, f"{name}-{k}"))
-            for job in jobs.values():
-                job.wait_ready(timeout_s)
-            return time.perf_counter() - t
-
-        k, start_s, t_pair = 0, 0.0, 0.0
-
-        def measure() -> tuple[dict, dict]:
-            """One pair: every cell on both sides, in A B / B A order; jobs anew every PAIRS_PER_JOB."""
-            nonlocal k, start_s, t_pair
-            if k % PAIRS_PER_JOB == 0:
-                start_s = fresh_jobs()
-            t_pair = time.perf_counter()
-            current = {"base": {}, "head": {}}
-            for j, c in enumerate(todo):  # A B, then B A for the next cell, and so on
-                for name in (("base", "head") if (k + j) % 2 == 0 else ("head", "base")):
-                    tick(f"pair {k + 1} {name}")
-                    current[name][_label(c)] = visit_metrics(c, jobs[name].run(c, timeout_s))
-            for name in sides:
-                with_efficiency(todo, current[name])
-            k += 1
-            return current["base"], current["head"]
-
-        def planned(done: int) -> int:
-            """After the first pair: the pairs --budget-s holds at its pace, at least 3 (or --pairs)."""
-            if pairs is not None:
-                return pairs
-            per_pair = time.perf_counter() - t_pair + start_s / PAIRS_PER_JOB
-            target = max(3, int(budget_s // per_pair))
-            say(f"a pair takes {per_pair:.0f} s with its share of fresh jobs: {target} pairs fit --budget-s {budget_s:.0f}")
-            return target
-
-        def more(done: int) -> int:
-            n = extra_pairs(done, time.perf_counter() - t0, max_budget_s) if max_budget_s is not None else 0
-            if n:
-                say(f"inconclusive at {done} pairs: {n} more fit --max-budget-s {max_budget_s:.0f}, then the "
-                    "second and last look")
-            return n
-
+        gate = _Pairs(sides, todo, world, threads, tmp, pairs=pairs, budget_s=budget_s, max_budget_s=max_budget_s,
+                      t0=t0, timeout_s=timeout_s, say=say, tick=tick)
         try:
-            verdicts, looks, measured = sequential(measure, planned, more, max_regression,
+            verdicts, looks, measured = sequential(gate.measure, gate.planned, gate.more, max_regression,
                                                    extendable=pairs is None and max_budget_s is not None)
         finally:
-            for job in jobs.values():
-                job.close()
+            gate.close()
     seconds = time.perf_counter() - t0
     n = len(measured)
     needed = [pairs_needed(v, max_regression) for v in verdicts if v.verdict == "inconclusive" and v.metric in JUDGED]
     more_s = max(0.0, (max(needed) - n) * seconds / n) if needed and None not in needed and n else None
     return ABOutcome(sides["base"], sides["head"], n, seconds, verdicts, looks, more_s, fingerprint())
+
+
+@dataclass
+class _Pairs:
+    """run_ab's measuring, as `sequential` calls it: both sides' jobs (anew every PAIRS_PER_JOB
+    pairs), one pair at a time on them, and the pace that says how many pairs the budgets hold."""
+
+    sides: dict[str, Side]
+    todo: list[dict]  # the cells, single first
+    world: int
+    threads: int
+    tmp: str  # the folder the jobs' folders go in
+    pairs: int | None  # --pairs
+    budget_s: float
+    max_budget_s: float | None
+    t0: float  # when the gate began
+    timeout_s: float
+    say: Callable[[str], None]
+    tick: Callable[[str], None]
+    jobs: dict[str, Job] = field(default_factory=dict)
+    k: int = 0  # pairs measured so far
+    start_s: float = 0.0  # seconds the latest fresh jobs took to start
+    t_pair: float = 0.0  # when the latest pair began
+
+    def close(self) -> None:
+        for job in self.jobs.values():
+            job.close()
+        self.jobs.clear()
+
+    def fresh_jobs(self) -> float:
+        """Both sides' jobs started anew; seconds it took."""
+        t = time.perf_counter()
+        self.close()
+        for name, side in self.sides.items():
+            self.jobs[name] = Job(side, self.world, self.threads, self.todo[0], Path(self.tmp, f"{name}-{self.k}"))
+        for job in self.jobs.values():
+            job.wait_ready(self.timeout_s)
+        return time.perf_counter() - t
+
+    def measure(self) -> tuple[dict, dict]:
+        """One pair: every cell on both sides, in A B / B A order; jobs anew every PAIRS_PER_JOB."""
+        if self.k % PAIRS_PER_JOB == 0:
+            self.start_s = self.fresh_jobs()
+        self.t_pair = time.perf_counter()
+        current = {"base": {}, "head": {}}
+        for j, c in enumerate(self.todo):  # A B, then B A for the next cell, and so on
+            for name in (("base", "head") if (self.k + j) % 2 == 0 else ("head", "base")):
+                self.tick(f"pair {self.k + 1} {name}")
+                measured = self.jobs[name].run(c, self.timeout_s)
+                current[name][cell_label(c, from_config=True)] = visit_metrics(c, measured)
+        for name in self.sides:
+            with_efficiency(self.todo, current[name])
+        self.k += 1
+        return current["base"], current["head"]
+
+    def planned(self, done: int) -> int:
+        """After the first pair: the pairs --budget-s holds at its pace, at least 3 (or --pairs)."""
+        if self.pairs is not None:
+            return self.pairs
+        per_pair = time.perf_counter() - self.t_pair + self.start_s / PAIRS_PER_JOB
+        target = max(3, int(self.budget_s // per_pair))
+        self.say(f"a pair takes {per_pair:.0f} s with its share of fresh jobs: {target} pairs fit "
+                 f"--budget-s {self.budget_s:.0f}")
+        return target
+
+    def more(self, done: int) -> int:
+        """The pairs a second look adds (0: none), as extra_pairs reckons them."""
+        n = (extra_pairs(done, time.perf_counter() - self.t0, self.max_budget_s)
+             if self.max_budget_s is not None else 0)
+        if n:
+            self.say(f"inconclusive at {done} pairs: {n} more fit --max-budget-s {self.max_budget_s:.0f}, then the "
+                     "second and last look")
+        return n
 
 
 def table(outcome: ABOutcome) -> tuple[list[str], list[list[str]]]:

@@ -18,14 +18,16 @@ sys.path[0] = os.environ["EMOTION_BENCH_AB_ROOT"]  # the side's code, not this f
 
 
 def _load_data_fn():
+    """The side's load_data: a side at a revision older than bench/lifecycle.py has it in bench.runner."""
     try:
-        from bench.lifecycle import load_data  # since the run lifecycle module
+        from bench.lifecycle import load_data
     except ImportError:
-        from bench.runner import load_data  # before it
+        from bench.runner import load_data
     return load_data
 
 
 def _install_faults(env) -> None:
+    """The side's planted faults: a side at a revision older than bench/faults.py has them in bench.runner."""
     try:
         from bench.faults import install
 

@@ -14,14 +14,27 @@ def cell_key(cfg) -> str:
     return f"{cfg.model}-{cfg.strategy}-{cfg.devices}x-{cfg.precision}-{comp}-{cfg.scaling}-b{cfg.batch_size}-r{cfg.repeat}"
 
 
-def cell_label(c, *, batch: bool = True) -> str:
+def cell_label(c, *, batch: bool = True, from_config: bool = False, short: bool = False) -> str:
     """'cnn ddp 2x fp32 compiled b32': how tables, plots and verdicts name a cell (a frame row or mapping).
 
     batch=False where cells are matched regardless of their batch (the hardware comparison).
+    from_config=True where c is a RunConfig or its dict (the gate's cells), which has no batch per
+    device: it follows from batch_size, scaling and devices.
+    short=True: 'ddp x2', the strategy and device count alone, where everything else is the same
+    throughout (a benchmark's own figures).
     """
     g = _getter(c)
+    if short:
+        return f"{g('strategy')} x{g('devices')}"
     text = f"{g('model')} {g('strategy')} {g('devices')}x {g('precision')}{' compiled' if g('compile') else ''}"
-    return text + (f" b{g('batch_per_device')}" if batch else "")
+    if not batch:
+        return text
+    return text + f" b{_config_batch_per_device(g) if from_config else g('batch_per_device')}"
+
+
+def _config_batch_per_device(g) -> int:
+    """A RunConfig's batch per device: batch_size under weak scaling, its share of it under strong."""
+    return g("batch_size") if g("scaling") == "weak" else g("batch_size") // g("devices")
 
 
 def series_label(c) -> str:

@@ -188,3 +188,24 @@ def load(path: str) -> dict:
     if data.get("kind") != "comm":
         raise ValueError(f"{p}: not a bench comm result")
     return data
+
+
+def table(result: dict, device_type: str) -> tuple[str, list[str], list[list[str]], str]:
+    """`bench comm`'s table, (title, header, rows, note): time, algbw and busbw of every collective
+    and size; the note says how busbw comes from algbw."""
+    title = f"bench comm: {result['config']['devices']} x {device_type} ({result['config']['backend']})"
+    note = ("algbw = S / t; busbw = algbw x 2(n-1)/n all-reduce, x (n-1)/n all-gather/reduce-scatter, x 1 "
+            "broadcast, send/recv (nccl-tests)")
+    header = ["collective", "size S", "time (us)", "algbw (GB/s)", "busbw (GB/s)"]
+    rows = [[kind, f"{r['bytes']:,}", f"{r['time_us']:.1f}", f"{r['algbw_GBps']:.3f}", f"{r['busbw_GBps']:.3f}"]
+            for kind, points in result["ops"].items() for r in points]
+    return title, header, rows, note
+
+
+def fit_lines(result: dict) -> list[str]:
+    """Each collective's fit in words: latency alpha and bus bandwidth."""
+    lines = []
+    for kind, f in result["fit"].items():
+        bw = f"{f['busbw_GBps']:.2f} GB/s" if f["busbw_GBps"] else "n/a"
+        lines.append(f"fit {kind}: latency alpha {f['alpha_us']:.1f} us, bus bandwidth {bw}")
+    return lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from . import trust
 from .cells import cell_label
 from .frame import CELL, GATES, Metric, aggregate, frame
 
@@ -80,7 +81,8 @@ def compare(baseline: list[dict], current: list[dict], *, max_regression: float 
         verdict = ("regression" if any(x.worse for x in gated)
                    else "improvement" if any(x.better for x in gated) else "within noise")
         note = "" if br["repeats"] > 1 else "noise-blind: the baseline has no repeats, so no spread to judge noise by"
-        out.append(CellVerdict(cell_label(br), verdict, changes, note))
+        flags = [f"{side} flagged: {r['flags']}" for side, r in (("baseline", br), ("current", cmap[key])) if r.get("flags")]
+        out.append(CellVerdict(cell_label(br), verdict, changes, trust.joined([note, *flags])))
     for key, cr in cmap.items():
         if key not in bmap:
             out.append(CellVerdict(cell_label(cr), "new", note="in the current results only"))

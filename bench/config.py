@@ -2,7 +2,7 @@
 
 Each field is a setting declared once, with its default, its help text (unit included) and, for
 the settings `bench run` exposes, its flag: the CLI derives its options from these fields
-(bench/cli.py: `config_options`), so a default or a help text is never written twice.
+(bench/commands/common.py: `config_options`), so a default or a help text is never written twice.
 """
 from __future__ import annotations
 

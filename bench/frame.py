@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import trust
+
 if TYPE_CHECKING:  # imported where used: a run's summary table reads METRICS, not pandas (0.36 s)
     import pandas as pd
 
@@ -102,6 +104,9 @@ def _row(r: dict) -> dict:
         "busy_kind": "GPU (NVML)" if u.get("gpu_busy_percent_mean") is not None else "CPU",
         "confusion": (q.get("test") or {}).get("confusion_matrix"),
         "breakdown": r.get("breakdown"),
+        "threads": c.get("threads"), "steps": (r.get("timing") or {}).get("steps"),
+        "cuda": e.get("cuda"), "commit": (e.get("git") or {}).get("commit"), "created": r.get("created_utc"),
+        "flags": trust.joined(trust.result_flags(r)),  # "; "-joined, in words
     }
     row.update({m.column: m.read(r) for m in METRICS.values() if m.read})
     return row
@@ -142,9 +147,13 @@ def with_efficiency(df: pd.DataFrame) -> pd.DataFrame:
         # one single-device run varies by up to 17 % (measured), more than slow drifts between
         # cells, so pairing repeats made the efficiency noisier, not steadier
         base = match.samples_per_s.median()
-        df.at[i, "efficiency"] = row.samples_per_s / (row.devices * base)
+        df.at[i, "efficiency"] = efficiency = row.samples_per_s / (row.devices * base)
         df.at[i, "baseline"] = (f"single {row.precision}{' compiled' if row.compile else ''} 1x "
                                 f"b{want} ({base:.1f} samples/s, median of {len(match)})")
+        if row.strategy != "single":
+            b = match.iloc[0]
+            extra = trust.baseline_flags(row.threads, b.threads, efficiency) + [trust.steps_flag(row.steps, b.steps)]
+            df.at[i, "flags"] = trust.joined([row["flags"], *extra])
     return df
 
 
@@ -164,7 +173,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
                     "busy_kind": g.busy_kind.iloc[0], "source": g.source.iloc[0], "target_f1": g.target_f1.iloc[0],
                     "confusion": g.loc[g.macro_f1.idxmax(), "confusion"] if g.macro_f1.notna().any() else None,
                     "breakdown": next((b for b in g.breakdown if b), None),
-                    "run_ids": ",".join(g.run_id)})
+                    "run_ids": ",".join(g.run_id),
+                    "cuda": g.cuda.iloc[0], "commit": g.commit.iloc[0], "created": max((t for t in g.created if isinstance(t, str)), default=None)})
         for m in METRICS:
             vals = g[m].dropna()
             med = float(vals.median()) if len(vals) else float("nan")
@@ -172,5 +182,6 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_min"] = float(vals.min()) if len(vals) else float("nan")
             row[f"{m}_max"] = float(vals.max()) if len(vals) else float("nan")
             row[f"{m}_spread"] = (float(vals.max() - vals.min()) / abs(med)) if len(vals) > 1 and med else float("nan")
+        row["flags"] = trust.joined([*g["flags"], trust.spread_flag(row["samples_per_s_spread"])])
         out.append(row)
     return pd.DataFrame(out)

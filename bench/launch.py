@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,7 +19,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import NoReturn
 
 from emotion_models.atomic import atomic_write_text
 
@@ -39,6 +42,13 @@ class Launched:
     error: str | None = None  # the failing rank and why
     failed_rank: int | None = None  # the rank whose failure ended the run, where one is known
     log_path: Path | None = None  # the worker log, kept beside the result when the run failed
+
+
+def run_id(what: str, devices: int, device_type: str) -> str:
+    """A launch's name: its UTC start (names sort by time), what runs, on how many of which device,
+    and 4 random hex digits, so that two launches of the same thing in one second differ."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{what}-{devices}x{device_type}-{secrets.token_hex(2)}"
 
 
 def torchrun_command(cfg: RunConfig, argv: tuple[str, ...] = ("run",)) -> list[str]:
@@ -78,7 +88,7 @@ def launch(cfg: RunConfig, t0: float, status: Callable[[str], None], argv: tuple
             proc = subprocess.Popen(torchrun_command(cfg, argv), env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             try:
-                rc = proc.wait()
+                rc = _wait_relaying(proc, log_path, status)
             except BaseException as exc:  # Ctrl-C or SIGTERM: the workers write what they measured, then go
                 kill_group(proc, GRACE_S)
                 if isinstance(exc, Interrupted) and not (result or Path(cfg.out_dir) / f"{cfg.run_id}.json").exists():
@@ -99,6 +109,27 @@ def launch(cfg: RunConfig, t0: float, status: Callable[[str], None], argv: tuple
             except Exception as exc:  # the analysis must never cost the failed result
                 message, rank = f"torchrun exited with code {rc}; its failure report could not be read ({exc})", None
     return Launched(ok=False, error=message, failed_rank=rank, log_path=_keep_log(cfg, log_text))
+
+
+EPOCH_LINE = re.compile(r"epoch \d+/\d+: step \d+/\d+.*")  # ui.Ticker.epoch's line, from rank 0's worker
+
+
+def _wait_relaying(proc: subprocess.Popen, log_path: Path, status: Callable[[str], None]) -> int:
+    """Wait for torchrun, passing rank 0's one line per epoch on to the user as it comes: the
+    workers' output goes to the log, and a long run would otherwise say nothing until its end."""
+    pending = ""
+    with open(log_path, errors="replace") as log:
+        while True:
+            rc = proc.poll()
+            pending += log.read()
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                m = EPOCH_LINE.search(line)
+                if m:
+                    status(m.group(0))
+            if rc is not None:
+                return rc
+            time.sleep(0.1)  # a launch ends within 0.1 s of its workers
 
 
 def _keep_log(cfg: RunConfig, log_text: str) -> Path:
@@ -125,6 +156,15 @@ def report_error(rank: int, message: str) -> bool:
         return False
     atomic_write_text(Path(launch_dir, f"error-rank{rank}.json"), json.dumps({"rank": rank, "error": message}))
     return True
+
+
+def worker_exit(code: int) -> NoReturn:
+    """Leave a torchrun worker with this exit code, without interpreter finalisation: gloo's C++
+    threads can still hold work objects with tensors, and freeing those while Python shuts down
+    takes the GIL and aborts the process (SIGABRT) now and then, after the result was written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 GRACE_S = 20  # after SIGTERM, the workers' time to write what they measured before SIGKILL

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -25,14 +24,13 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from emotion_models.audio import FeatureConfig
 from emotion_models.dataset import Dataset, load_folder, load_synthetic
 from emotion_models.models import check_model, feature_kind
 
-from . import control, faults, launch, stops
+from . import control, faults, launch, stops, trust
 from .config import ConfigError, RunConfig
 from .distenv import DistEnv, init_env, resolve_device_type, set_threads, thread_count
 from .envinfo import fingerprint
@@ -46,9 +44,9 @@ from .strategies import check_strategy
 class Outcome:
     """How a run ended, for the caller to render."""
 
-    status: str  # ok | failed | interrupted | diverged
+    status: str  # ok | failed | interrupted | diverged | refused (bad input: nothing started, no file)
     code: int  # exit code: 0 ok, 1 failed or diverged, 2 bad input (nothing trained), 130/143 interrupted
-    path: Path | None  # the result file; None where rank 0 on another node wrote it
+    path: Path | None  # the result file; None where refused, or where rank 0 on another node wrote it
     error: str | None = None  # the one line users see
     notes: list[str] = field(default_factory=list)  # warnings for the user: oversubscribed cores, few steps, ...
 
@@ -69,9 +67,8 @@ def _no_progress():
 
 
 def new_run_id(cfg: RunConfig, device_type: str) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     prec = cfg.precision + ("-compiled" if cfg.compile else "")
-    return f"{stamp}-{cfg.strategy}-{cfg.model}-{prec}-{cfg.devices}x{device_type}-{secrets.token_hex(2)}"
+    return launch.run_id(f"{cfg.strategy}-{cfg.model}-{prec}", cfg.devices, device_type)
 
 
 def load_data(cfg: RunConfig, progress: Callable | None = None, say: Callable[[str], None] = _silent) -> Dataset:
@@ -177,28 +174,14 @@ def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_pr
     device_type = "cuda" if cfg.device == "cuda" else "cpu"
     # a dry run for GPUs on a machine without any: planned as on CUDA, not checked against a GPU
     planning = dry_run and cfg.device == "cuda" and not _cuda_available()
-    unfit = None  # a dry run that would be refused for memory still says what rank 0 would hold
     try:
         cfg.validate()
         device_type = "cuda" if planning else resolve_device_type(cfg)
-        spec = check_strategy(cfg, device_type)
-        check_model(cfg.model, cfg.model_size)  # unknown names fail here, before data work
-        if planning:
-            estimate = memory_estimate(cfg, device_type)
-        else:
-            try:
-                estimate = check_fits(cfg, device_type)  # a model that cannot fit is refused before it allocates
-            except ConfigError as exc:
-                if not dry_run:
-                    raise
-                unfit, estimate = str(exc), memory_estimate(cfg, device_type)
-        check_out_dir(cfg.out_dir)
+        spec, estimate, unfit = _preflight(cfg, device_type, planning=planning, dry_run=dry_run)
     except ValueError as exc:  # ConfigError included
-        if dry_run:
-            return Outcome("failed", 2, None, str(exc))
-        # a combination that cannot run is still a recorded cell: failed, with the reason
-        return _failed(cfg.replace(run_id=cfg.run_id or new_run_id(cfg, device_type)), str(exc), 2,
-                       device_type=device_type, t0=t0)
+        # refused before anything started: nothing was measured, so there is no result to keep (a
+        # file would only be listed by the next report); a sweep records the refusal in its manifest
+        return Outcome("refused", 2, None, str(exc))
     if cfg.run_id is None:
         cfg = cfg.replace(run_id=new_run_id(cfg, device_type))
     if own_process and not spec.multiprocess and not dry_run:
@@ -208,28 +191,60 @@ def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_pr
     cfg = cfg.replace(threads=threads, threads_source=source)
     notes = _oversubscribed(device_type, local, threads)
     if dry_run:
-        if planning:
-            say("no CUDA on this machine: planned for CUDA GPUs; the estimate is not checked against a GPU's memory")
-        if unfit is None:
-            say(f"would run {cfg.run_id}: {local} process(es) on this node x {threads} thread(s) ({source}); "
-                f"memory {estimate.text()}")
-        if spec.multiprocess and cfg.devices > 1:
-            # rank 0 of the run, built here on the meta device under a fake process group: the code a
-            # 64-GPU job would run, before any GPU is asked for
-            from . import rehearse
-
-            try:
-                say(rehearse.text(cfg, rehearse.rehearse(cfg, 0, device_type)))
-            except Exception as exc:
-                return Outcome("failed", 1, None, f"the rehearsal of rank 0 failed: {_describe(exc)}", notes)
-        if unfit is not None:
-            return Outcome("failed", 2, None, unfit, notes)
-        return Outcome("ok", 0, None, None, notes)
+        return _dry_run(cfg, spec, device_type, planning=planning, estimate=estimate, unfit=unfit,
+                        local=local, threads=threads, source=source, notes=notes, say=say)
     if device_type == "cpu" and spec.multiprocess:
         say(f"no CUDA here: --gpus {cfg.devices} runs {cfg.devices} CPU worker processes with gloo "
             f"(device_type cpu, {local} on this node)")
     for note in notes:
         say(f"warning: {note}")
+    return _load_and_train(cfg, spec, device_type, t0, notes=notes, say=say, progress=progress)
+
+
+def _preflight(cfg: RunConfig, device_type: str, *, planning: bool, dry_run: bool) -> tuple:
+    """The checks after validation, before any data work: (strategy spec, memory estimate, unfit).
+    unfit: why a dry run would be refused for memory (it still says what rank 0 would hold), else None."""
+    unfit = None
+    spec = check_strategy(cfg, device_type)
+    check_model(cfg.model, cfg.model_size)  # unknown names fail here, before data work
+    if planning:
+        estimate = memory_estimate(cfg, device_type)
+    else:
+        try:
+            estimate = check_fits(cfg, device_type)  # a model that cannot fit is refused before it allocates
+        except ConfigError as exc:
+            if not dry_run:
+                raise
+            unfit, estimate = str(exc), memory_estimate(cfg, device_type)
+    check_out_dir(cfg.out_dir)
+    return spec, estimate, unfit
+
+
+def _dry_run(cfg: RunConfig, spec, device_type: str, *, planning: bool, estimate, unfit: str | None, local: int,
+             threads: int, source: str, notes: list[str], say: Callable[[str], None]) -> Outcome:
+    """Say what would run, rehearse rank 0 of a multi-process run, and stop."""
+    if planning:
+        say("no CUDA on this machine: planned for CUDA GPUs; the estimate is not checked against a GPU's memory")
+    if unfit is None:
+        say(f"would run {cfg.run_id}: {local} process(es) on this node x {threads} thread(s) ({source}); "
+            f"memory {estimate.text()}")
+    if spec.multiprocess and cfg.devices > 1:
+        # rank 0 of the run, built here on the meta device under a fake process group: the code a
+        # 64-GPU job would run, before any GPU is asked for
+        from . import rehearse
+
+        try:
+            say(rehearse.text(cfg, rehearse.rehearse(cfg, 0, device_type)))
+        except Exception as exc:
+            return Outcome("failed", 1, None, f"the rehearsal of rank 0 failed: {_describe(exc)}", notes)
+    if unfit is not None:
+        return Outcome("failed", 2, None, unfit, notes)
+    return Outcome("ok", 0, None, None, notes)
+
+
+def _load_and_train(cfg: RunConfig, spec, device_type: str, t0: float, *, notes: list[str],
+                    say: Callable[[str], None], progress) -> Outcome:
+    """Load the data and train, here or through torchrun; a failure on the way is still a recorded cell."""
     data = None
     try:
         with stops.signals_raise(), progress() as bars:
@@ -253,24 +268,15 @@ def run(cfg: RunConfig, *, say: Callable[[str], None] = _silent, progress=_no_pr
 
 
 def _oversubscribed(device_type: str, local: int, threads: int) -> list[str]:
-    cores = os.cpu_count() or 1
-    if device_type == "cpu" and local * threads > cores:
-        return [f"{local} process(es) x {threads} thread(s) share this machine's {cores} cores: throughput and "
-                "efficiency are not those of as many devices (use fewer --gpus or --threads)"]
-    return []
-
-
-MIN_STEPS = 10  # fewer timed steps than this make an unstable figure
+    flag = trust.oversubscribed(device_type, local, threads, os.cpu_count() or 1)
+    return [flag] if flag else []
 
 
 def _few_steps(outcome: Outcome) -> list[str]:
     if outcome.status != "ok" or outcome.path is None or not outcome.path.exists():
         return []
-    steps = json.loads(outcome.path.read_text())["throughput"].get("measured_steps", MIN_STEPS)
-    if steps >= MIN_STEPS:
-        return []
-    return [f"only {steps} step(s) in the timed window: too few for a stable figure (raise --epochs or --max-steps, "
-            "or lower --warmup-steps)"]
+    flag = trust.few_steps(json.loads(outcome.path.read_text())["throughput"].get("measured_steps"))
+    return [flag] if flag else []
 
 
 def _interrupted(cfg: RunConfig, exc: stops.Interrupted, device_type: str, t0: float,
@@ -429,42 +435,66 @@ def worker_main(cli_cfg: RunConfig) -> int:
 
         with stops.signals_raise():
             data = load_data(cfg)
-            summary = execute(cfg, env, data)
+            summary = execute(cfg, env, data, progress=_epoch_lines)
         if env.is_main:
             print(_write(cfg, status="ok", error=None, device_type=device_type, world_size=env.world_size,
                          backend=env.backend, summary=summary, t0=t0, data=data))
         _leave_together(env)
         return 0
     except stops.Stopped as stop:  # no collectives on the way out: the peers may be gone
-        if rank == 0:
-            _write(cfg, status=stop.status, error=str(stop), device_type=device_type, world_size=world,
-                   backend="nccl" if device_type == "cuda" else "gloo", summary=stop.summary, t0=t0, data=data)
-            return stop.exit_code
-        # every rank decides divergence together (train._check_finite) and rank 0 reports it: a
-        # non-zero exit here would make torchrun stop rank 0 while it writes the result (seen: the
-        # diverged result lost to "rank 1 died (exit code 1) without reporting an error")
-        return 0 if stop.status == "diverged" else stop.exit_code
+        return _worker_stopped(cfg, stop, rank, world, device_type, t0, data)
     except stops.Interrupted as exc:  # before training: nothing measured
         if rank == 0:
             _write(cfg, status="interrupted", error=f"interrupted by {exc.name} before training started",
                    device_type=device_type, world_size=world, backend=None, summary=None, t0=t0, data=data)
         return exc.exit_code
     except Exception as exc:
-        message = _describe(exc)
-        if launch.report_error(rank, message):
-            traceback.print_exc()  # into the worker log kept beside the failed result, not on the console
-        elif rank == 0:
-            _failed(cfg, f"rank {rank}: {message}", 1, device_type=device_type, t0=t0, world_size=world, data=data)
-        print(f"error: rank {rank}: {message}", file=sys.stderr)
-        return 1
+        return _worker_failed(cfg, exc, rank, world, device_type, t0, data)
     finally:
-        import torch.distributed as dist
+        _destroy_process_group()
 
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
+
+def _epoch_lines(total: int, description: str = ""):
+    """A torchrun worker's progress: no bar (its output is the launcher's log), one plain line per
+    epoch on rank 0, which the launcher passes on (launch._wait_relaying)."""
+    from .ui import Ticker
+
+    return Ticker(lambda n=1: None, plain=True)
+
+
+def _worker_stopped(cfg: RunConfig, stop: stops.Stopped, rank: int, world: int, device_type: str, t0: float,
+                    data: Dataset | None) -> int:
+    """A worker stopped in training (interrupted or diverged): rank 0 writes what was measured."""
+    if rank == 0:
+        _write(cfg, status=stop.status, error=str(stop), device_type=device_type, world_size=world,
+               backend="nccl" if device_type == "cuda" else "gloo", summary=stop.summary, t0=t0, data=data)
+        return stop.exit_code
+    # every rank decides divergence together (train._check_finite) and rank 0 reports it: a
+    # non-zero exit here would make torchrun stop rank 0 while it writes the result, and the
+    # diverged result would be lost to "rank 1 died (exit code 1) without reporting an error"
+    return 0 if stop.status == "diverged" else stop.exit_code
+
+
+def _worker_failed(cfg: RunConfig, exc: Exception, rank: int, world: int, device_type: str, t0: float,
+                   data: Dataset | None) -> int:
+    """A worker's failure: told to the launcher, or where none listens (a user's own torchrun) written by rank 0."""
+    message = _describe(exc)
+    if launch.report_error(rank, message):
+        traceback.print_exc()  # into the worker log kept beside the failed result, not on the console
+    elif rank == 0:
+        _failed(cfg, f"rank {rank}: {message}", 1, device_type=device_type, t0=t0, world_size=world, data=data)
+    print(f"error: rank {rank}: {message}", file=sys.stderr)
+    return 1
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
 
 
 def _leave_together(env: DistEnv) -> None:
@@ -474,15 +504,7 @@ def _leave_together(env: DistEnv) -> None:
 
 
 def worker_exit(cfg: RunConfig) -> None:
-    """Run this process as a torchrun worker and leave without interpreter finalisation.
-
-    gloo's C++ threads can still hold work objects with tensors (FSDP2 keeps some), and freeing
-    those while Python shuts down takes the GIL and aborts the process (SIGABRT, "terminate called
-    without an active exception") now and then, which failed whole runs after their result was
-    already written.
-    """
-    code = worker_main(cfg)  # result written, peers met at a barrier, process group destroyed
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """Run this process as a torchrun worker and leave without interpreter finalisation
+    (launch.worker_exit says why)."""
+    launch.worker_exit(worker_main(cfg))  # result written, peers met at a barrier, process group destroyed
 

@@ -135,7 +135,9 @@ class Monitor:
         return out
 
     def _sample(self) -> dict:
-        s = {"t": time.perf_counter(), "cpu_percent": psutil.cpu_percent(None), "rss_bytes": self.proc.memory_info().rss}
+        s = {"t": time.perf_counter(), "cpu_percent": psutil.cpu_percent(None), "rss_bytes": self.proc.memory_info().rss,
+             "load_1m": psutil.getloadavg()[0],
+             "steal_percent": getattr(psutil.cpu_times_percent(None), "steal", None)}  # other guests' share of a VM
         busy, used, power = [], [], []
         for pynvml, h in self.nvml:
             try:
@@ -150,7 +152,8 @@ class Monitor:
         return s
 
     def _run(self) -> None:
-        psutil.cpu_percent(None)  # the first call only starts the interval
+        psutil.cpu_percent(None)  # the first calls only start the intervals
+        psutil.cpu_times_percent(None)
         while not self._stop.wait(self.interval_s):
             self.samples.append(self._sample())
 
@@ -200,6 +203,8 @@ class Monitor:
             "samples_in_windows": len(in_windows),  # 0: the means above are over the whole training
             "sample_interval_s": self.interval_s,
             "cpu_percent_mean": mean([s["cpu_percent"] for s in inside]),
+            "load_avg_1m_mean": mean([s.get("load_1m") for s in inside]),
+            "cpu_steal_percent_mean": mean([s.get("steal_percent") for s in inside]),
             "process_rss_peak_bytes": max(rss) if rss else None,
             "gpu_busy_percent_mean": mean([d["gpu_busy_percent_mean"] for d in per_device]),
             "gpu_mem_used_peak_bytes": max((d["gpu_mem_used_peak_bytes"] or 0 for d in per_device), default=0) or None,

@@ -40,6 +40,7 @@ import functools
 import math
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 from emotion_models.models import build_model
 
@@ -274,3 +275,71 @@ def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
                     "wait_ms": p["wait_ms"],
                     "repeats": len(measured)})
     return out
+
+
+# ------------------------------------------------------------------------------------- bench predict's tables
+
+def measured_cells(results: list[dict]) -> dict[tuple, float]:
+    """Median throughput of every ok weak-scaling cell, by (model, size, strategy, precision, batch,
+    devices, nodes)."""
+    seen: dict[tuple, list[float]] = {}
+    for r in results:
+        c = r["config"]
+        if r["status"] == "ok" and c.get("scaling", "weak") == "weak":
+            key = (c["model"], c.get("model_size", "base"), c["strategy"], c["precision"], c["batch_size_per_device"],
+                   c["devices"], c.get("nodes", 1))
+            seen.setdefault(key, []).append(r["throughput"]["samples_per_s"])
+    return {k: statistics.median(v) for k, v in seen.items()}
+
+
+def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[int], per_node: int, intra: Link,
+                     inter: Link | None, measured: dict[tuple, float] | None = None) -> tuple[str, list[str], list[list[str]]]:
+    """(title, header, rows) of every input, strategy and device count N; an overlap, contention or
+    wait that no run measured says so. Where a cell was measured at N, its throughput and efficiency
+    are the measured ones (said in the note); a pipeline past one stage per block says why it stops."""
+    rows = []
+    for inp in inputs:
+        for s in strategies:
+            for n in counts:
+                cell = f"{inp.model} {s} {inp.precision} b{inp.batch}"
+                if s == "pipeline" and n > inp.blocks:
+                    rows.append([cell, str(n), "", "–", "–", "–", "", "", "",
+                                 f"stops: {inp.model} has {inp.blocks} blocks, at most one pipeline stage each"])
+                    continue
+                nodes = max(1, -(-n // per_node))
+                p = predict(inp, s, n, nodes, intra, inter)
+                thr, eff, note = p["samples_per_s"], p["efficiency"], "predicted"
+                got = (measured or {}).get((inp.model, inp.model_size, s, inp.precision, inp.batch, n, nodes))
+                if got is not None:
+                    thr, eff = got, got / (n * inp.single_throughput)
+                    note = f"measured (predicted {p['samples_per_s']:.1f} samples/s)"
+                rows.append([cell, str(n), str(nodes), f"{p['step_ms']:.1f}", f"{thr:.1f}", f"{eff:.2f}",
+                             f"{p['overlap']:.2f}" + ("" if inp.overlap and s in inp.overlap else " (none measured)"),
+                             f"{p['contention']:.2f}" + ("" if inp.contention_measured(n // nodes) else " (none measured)"),
+                             "" if s == "pipeline" or n < 2 else
+                             f"{p['wait_ms']:.1f}" + ("" if (inp.wait or {}).get(s) else " (none measured)"), note])
+    header = ["cell", "devices", "nodes", "step (ms)", "throughput (samples/s)", "efficiency", "overlap o",
+              "contention c_n", "wait W (ms/step)", "note"]
+    title = (f"predicted: intra-node {intra.source} ({intra.busbw_GBps:.1f} GB/s, {intra.alpha_us:.0f} us); "
+             f"inter-node {inter.source}")
+    return title, header, rows
+
+
+def check_table(checked: list[dict]) -> tuple[str, list[str], list[list[str]]]:
+    """(title, header, rows) of check()'s cells: measured against predicted throughput."""
+    header = ["cell", "devices", "measured (samples/s)", "predicted (samples/s)", "error", "contention c_n",
+              "wait W (ms/step)"]
+    rows = [[f"{c['model']} {c['strategy']} {c['precision']} b{c['batch']}", str(c["devices"]),
+             f"{c['measured']:.1f}", f"{c['predicted']:.1f}", f"{c['error'] * 100:+.1f}%", f"{c['contention']:.2f}",
+             "" if c["strategy"] == "pipeline" else f"{c['wait_ms']:.1f}"]
+            for c in checked]
+    return "predicted against measured (the same links)", header, rows
+
+
+def write_markdown(path: Path, *tables: tuple[str, list[str], list[list[str]]]) -> None:
+    """predict.md: the tables' headers and rows, one markdown table after another."""
+    from emotion_models.atomic import atomic_write_text
+
+    from .report import md_table
+
+    atomic_write_text(path, "\n\n".join(md_table(header, rows) for _, header, rows in tables) + "\n")

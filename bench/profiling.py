@@ -122,48 +122,55 @@ def read_trace(path: Path, step: str = STEP, optimizer: str = OPTIMIZER) -> list
     if not step_ranges:
         return []
     main = step_ranges[0]["tid"]
+    opt_launched = _optimizer_launches(events, main, optimizer)
+    return [_step_trace(st, events, main, optimizer, opt_launched) for st in step_ranges]
+
+
+def _optimizer_launches(events: list[dict], main: int, optimizer: str) -> set:
+    """What the optimiser launched: the correlation ids of CUDA runtime and driver calls on the
+    training thread inside its ranges."""
     opt_ranges = [(e["ts"], e["ts"] + e["dur"]) for e in events
                   if _named(e["name"], optimizer) and e.get("cat") in ("user_annotation", None)]
-    # what the optimiser launched: the correlation ids of CUDA runtime and driver calls inside its range
-    opt_launched = {e["args"]["correlation"] for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
-                    and "correlation" in e.get("args", {}) and e["tid"] == main
-                    and any(a <= e["ts"] < b for a, b in opt_ranges)}
-    out = []
-    for st in step_ranges:
-        s, e = st["ts"], st["ts"] + st["dur"]
-        # what starts inside the step, clipped to it: a gloo thread can note a collective's end a
-        # little after the training thread, woken by it, has moved on
-        inside = [x for x in events if s <= x["ts"] < e]
-        rel = lambda x: (x["ts"] - s, min(x["ts"] + x["dur"], e) - s)  # noqa: E731
-        step_trace = StepTrace(duration=st["dur"])
-        launches: list[tuple[float, str, int]] = []  # (start, kind, bytes) of each c10d op
-        gpu = any(x.get("cat") == "kernel" for x in inside)
-        for x in inside:
-            cat, name = x.get("cat"), x["name"]
-            from_optimizer = x.get("args", {}).get("correlation") in opt_launched
-            if _named(name, optimizer) and cat in ("user_annotation", None):
-                if not gpu:  # on a CPU the range is the work
-                    step_trace.optimizer.append(rel(x))
-            elif cat == "cpu_op" and name.startswith("c10d::"):
-                # any thread: on CUDA, DDP's reducer launches its all-reduce from autograd's thread
-                kind = _kind(name[6:], _C10D)
-                if kind:
-                    launches.append((x["ts"], kind, _bytes(x)))
-            elif cat == "cpu_op" and x["tid"] == main:
-                if not gpu:
-                    step_trace.compute.append(rel(x))
-            elif name.startswith("gloo:") and _GLOO.get(re.sub(r"[^a-z_]", "", name[5:].lower())):
-                step_trace.collectives.append(Collective(_GLOO[re.sub(r"[^a-z_]", "", name[5:].lower())], *rel(x)))
-            elif cat == "kernel" and "nccl" in name.lower():
-                step_trace.collectives.append(Collective(_kind(name, _NCCL) or "all_reduce", *rel(x)))
-            elif cat in ("kernel", "gpu_memcpy", "gpu_memset") and from_optimizer:
+    return {e["args"]["correlation"] for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
+            and "correlation" in e.get("args", {}) and e["tid"] == main
+            and any(a <= e["ts"] < b for a, b in opt_ranges)}
+
+
+def _step_trace(st: dict, events: list[dict], main: int, optimizer: str, opt_launched: set) -> StepTrace:
+    """One step's timeline from the events of the trace that start inside the step range `st`."""
+    s, e = st["ts"], st["ts"] + st["dur"]
+    # what starts inside the step, clipped to it: a gloo thread can note a collective's end a
+    # little after the training thread, woken by it, has moved on
+    inside = [x for x in events if s <= x["ts"] < e]
+    rel = lambda x: (x["ts"] - s, min(x["ts"] + x["dur"], e) - s)  # noqa: E731
+    step_trace = StepTrace(duration=st["dur"])
+    launches: list[tuple[float, str, int]] = []  # (start, kind, bytes) of each c10d op
+    gpu = any(x.get("cat") == "kernel" for x in inside)
+    for x in inside:
+        cat, name = x.get("cat"), x["name"]
+        from_optimizer = x.get("args", {}).get("correlation") in opt_launched
+        if _named(name, optimizer) and cat in ("user_annotation", None):
+            if not gpu:  # on a CPU the range is the work
                 step_trace.optimizer.append(rel(x))
-            elif cat == "kernel":
+        elif cat == "cpu_op" and name.startswith("c10d::"):
+            # any thread: on CUDA, DDP's reducer launches its all-reduce from autograd's thread
+            kind = _kind(name[6:], _C10D)
+            if kind:
+                launches.append((x["ts"], kind, _bytes(x)))
+        elif cat == "cpu_op" and x["tid"] == main:
+            if not gpu:
                 step_trace.compute.append(rel(x))
-            elif cat in ("gpu_memcpy", "gpu_memset"):
-                step_trace.memcpy.append(rel(x))
-            elif cat in ("cuda_runtime", "cuda_driver"):
-                step_trace.runtime.append(rel(x))
-        _label(step_trace.collectives, sorted(launches))
-        out.append(step_trace)
-    return out
+        elif name.startswith("gloo:") and _GLOO.get(re.sub(r"[^a-z_]", "", name[5:].lower())):
+            step_trace.collectives.append(Collective(_GLOO[re.sub(r"[^a-z_]", "", name[5:].lower())], *rel(x)))
+        elif cat == "kernel" and "nccl" in name.lower():
+            step_trace.collectives.append(Collective(_kind(name, _NCCL) or "all_reduce", *rel(x)))
+        elif cat in ("kernel", "gpu_memcpy", "gpu_memset") and from_optimizer:
+            step_trace.optimizer.append(rel(x))
+        elif cat == "kernel":
+            step_trace.compute.append(rel(x))
+        elif cat in ("gpu_memcpy", "gpu_memset"):
+            step_trace.memcpy.append(rel(x))
+        elif cat in ("cuda_runtime", "cuda_driver"):
+            step_trace.runtime.append(rel(x))
+    _label(step_trace.collectives, sorted(launches))
+    return step_trace

@@ -1,8 +1,8 @@
-"""Classification quality from a confusion matrix (counted with torch.bincount; we derive the rest).
+"""Classification quality from a confusion matrix, counted with torch.bincount, every figure derived here.
 
-torchmetrics did the counting until it cost 2.2 s of CPU per evaluating process (its package
-import pulls in scipy.signal), a third of a tiny run; tests/test_run.py checks every figure
-here against scikit-learn (test_metrics_match_sklearn)."""
+Counted by hand, not by a metrics library: importing torchmetrics pulls in scipy.signal and costs
+2.2 s of CPU in every evaluating process, a third of a tiny run. tests/test_run.py checks every
+figure here against scikit-learn (test_metrics_match_sklearn)."""
 from __future__ import annotations
 
 import torch

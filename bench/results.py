@@ -31,11 +31,11 @@ THROUGHPUT_KEYS = ("samples_per_s", "samples_per_s_per_device", "step_time_ms_p5
 TEST_KEYS = ("accuracy", "macro_f1", "uar", "per_class", "confusion_matrix")
 
 
-NOT_RESULTS = {"sweep.json"}
+NOT_RESULTS = {"sweep.json"}  # JSON files that live beside results but are not results
 # ok: finished, every figure measured; failed: did not finish (error says why); interrupted: SIGINT
 # or SIGTERM, what was measured until then; diverged: the loss stopped being finite, likewise;
 # skipped: a sweep cell that cannot run on this machine (in the sweep's manifest, with the reason)
-STATUSES = ("ok", "failed", "interrupted", "diverged", "skipped")  # JSON files that live beside results but are not results
+STATUSES = ("ok", "failed", "interrupted", "diverged", "skipped")
 
 
 # ---------------------------------------------------------------------------- the typed run summary
@@ -87,6 +87,8 @@ class Utilization:
     gpu_energy_j_per_epoch: float | None  # gpu_energy_j per timed sample x samples in an epoch
     gpu_energy_j_per_sample: float | None = None
     samples_in_windows: int | None = None  # of num_samples, inside the timed windows (0: none fell there)
+    load_avg_1m_mean: float | None = None  # the machine's 1-minute load average (runnable threads), psutil
+    cpu_steal_percent_mean: float | None = None  # CPU time a hypervisor gave to other guests, % (Linux VMs)
 
 
 @dataclass
@@ -104,7 +106,7 @@ class Flops:
 
 @dataclass
 class Quality:
-    test: dict | None  # bench.metrics.quality() of the test split
+    test: dict | None  # bench.quality.quality() of the test split
     val_macro_f1_by_epoch: list[float]
     target_f1: float | None
     time_to_target_s: float | None

@@ -48,8 +48,8 @@ def signals_raise():
 
     Only the first signal raises. Later ones are ignored while the run writes what it measured:
     a torchrun worker gets SIGTERM twice (the launcher signals the process group, and torchrun
-    forwards its own), and a second raise in the middle of writing the result lost the
-    measurements (seen in CI). The launcher's SIGKILL after its grace period still bounds it all.
+    forwards its own), and a second raise in the middle of writing the result would lose the
+    measurements. The launcher's SIGKILL after its grace period still bounds it all.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -80,8 +80,8 @@ def raise_if_signalled() -> None:
 
     For a failure that a signal caused indirectly: a rank blocked in a collective sees its peer,
     stopped by the same signal, go away ("Connection reset by peer") and fails before its own
-    handler has run (seen in CI: the measured steps were lost). Entering this function gives a
-    pending handler its turn (CPython runs them at the next function call); if it ran earlier,
-    its signal is on record."""
+    handler has run, and would record a failure without its measured steps. Entering this function
+    gives a pending handler its turn (CPython runs them at the next function call); if it ran
+    earlier, its signal is on record."""
     if _FIRED:
         raise Interrupted(_FIRED[0])

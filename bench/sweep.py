@@ -192,12 +192,14 @@ def write_manifest(out_dir: str, cells: list[Cell], states: dict[str, dict]) -> 
 
 
 def skipped_cells(folder: str) -> list[tuple[str, str]]:
-    """(cell key, reason) of every cell a sweep in folder skipped; none if it holds no sweep."""
+    """(cell key, reason) of every cell a sweep in folder did not run: skipped here, or refused by
+    bench run before it started (no result file says so); none if it holds no sweep."""
     manifest = Path(folder) / MANIFEST
     if not manifest.exists():
         return []
-    return [(c["key"], c.get("reason", "")) for c in json.loads(manifest.read_text())["cells"]
-            if c.get("state") == "skipped"]
+    cells = json.loads(manifest.read_text())["cells"]
+    return ([(c["key"], c.get("reason", "")) for c in cells if c.get("state") == "skipped"]
+            + [(c["key"], f"refused: {c.get('error', '')}") for c in cells if c.get("state") == "refused"])
 
 
 def done(out_dir: str, key: str) -> bool:
@@ -261,9 +263,10 @@ def run_sweep(spec: SweepSpec, out: str, *, device_type: str, resume: bool = Fal
             outcome = run(c.cfg, own_process=True)  # nothing of the cell before carries over
             if outcome.status == "ok":
                 states[c.key] = {"state": "done", "result": f"{c.key}.json"}
-            else:  # recorded as such by the run; the sweep goes on, unless a signal stopped it
+            else:  # recorded as such by the run (a refused cell only here); the sweep goes on, unless a signal stopped it
                 failed += 1
-                states[c.key] = {"state": outcome.status, "result": f"{c.key}.json", "error": outcome.error}
+                states[c.key] = {"state": outcome.status, "result": outcome.path and f"{c.key}.json",
+                                 "error": outcome.error}
                 bar.note(f"{outcome.status} {c.key}: {outcome.error}")
             write_manifest(out, cells, states)
             bar.advance()
@@ -271,6 +274,40 @@ def run_sweep(spec: SweepSpec, out: str, *, device_type: str, resume: bool = Fal
                 interrupted = outcome
                 break
     return SweepOutcome(cells, len(todo) - failed, failed, len(skipped), resumed, interrupted)
+
+
+def summary_rows(out_dir: str, cells: list[Cell]) -> list[list[str]]:
+    """The sweep's cells as its closing table shows them: state from the manifest, and for cells with a
+    result its throughput (samples/s), weak-scaling efficiency against its single cell, test macro-F1;
+    the note is a skip reason or an error."""
+    from .frame import frame
+    from .results import load_result
+
+    states = {c["key"]: c for c in json.loads((Path(out_dir) / MANIFEST).read_text())["cells"]}
+    results = {}
+    for c in cells:
+        path = Path(out_dir) / f"{c.key}.json"
+        if states.get(c.key, {}).get("result") and path.exists():
+            try:
+                results[c.key] = load_result(path)
+            except (OSError, ValueError):  # not a result after all: the table leaves its figures blank
+                pass
+    df = frame(list(results.values())).set_index("run_id") if results else None
+    rows = []
+    for c in cells:
+        st = states.get(c.key, {"state": "pending"})
+        note = st.get("reason") or st.get("error") or ""
+        figures = ["", "", ""]
+        if c.key in results and df is not None:
+            row = df.loc[results[c.key]["run_id"]]
+            figures = [_figure(row.get("samples_per_s"), ".1f"), _figure(row.get("efficiency"), ".2f"),
+                       _figure(row.get("macro_f1"), ".3f")]
+        rows.append([c.key, st["state"], *figures, note])
+    return rows
+
+
+def _figure(value, spec: str) -> str:
+    return "" if value is None or value != value else f"{value:{spec}}"  # NaN: not measured
 
 
 class _NoBar:

@@ -28,10 +28,10 @@ from .config import ConfigError, RunConfig
 from .distenv import DistEnv
 from .envinfo import math_settings, peak_tflops
 from .memory import EVAL_BATCH, out_of_memory
-from .metrics import quality
 from .monitor import Monitor, peak_rss_bytes, reset_peak_rss
 from .precision import Precision
 from .profiling import OPTIMIZER, read_trace, run_profiled, trace_path
+from .quality import quality
 from .breakdown import breakdown
 from .results import Flops, Quality, RankUsage, RunSummary, Throughput, Timing, Utilization
 from . import control, stops
@@ -336,6 +336,8 @@ def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSe
             sched, clock: _Clock, m: Measured, monitor) -> None:
     device, plan, precision, opt = env.device, s.plan, s.precision, s.optimizer
     step = 0
+    report = getattr(tick, "epoch", None)  # a ui.Ticker: one line per epoch where output is not a terminal
+    t_first = time.perf_counter()
     for epoch in range(cfg.epochs):
         n_steps = min(b.steps_per_epoch, b.total_steps - step)
         if n_steps <= 0:
@@ -376,10 +378,20 @@ def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSe
             monitor.window_edge(False)
         m.train_s += t_end - t_epoch
         _check_finite(env, m, step - n_steps)  # at epoch ends only: a host sync per epoch, not per step
+        if report is not None:  # outside the window: the loss read here costs no timed step a sync
+            report(epoch, cfg.epochs, step, b.total_steps, _last_loss(env, plan, m), n_steps * cfg.global_batch_size / (t_end - t_epoch),
+                   time.perf_counter() - t_first)
         if cfg.eval_each_epoch or step >= b.total_steps or epoch == cfg.epochs - 1:
             m.record_eval(evaluate(plan, precision, evalsets.val), cfg, epoch)
             control.barrier(env)  # no rank starts timing the next epoch while rank 0 evaluates
             m.eval_s += time.perf_counter() - t_end
+
+
+def _last_loss(env: DistEnv, plan, m: Measured) -> float | None:
+    """The epoch's last training loss, where this rank computes it (a pipeline's last stage does)."""
+    if not m.losses or plan.loss_rank not in (None, env.rank):
+        return None
+    return float(m.losses[-1].item())
 
 
 def _check_finite(env: DistEnv, m: Measured, first: int) -> None:

@@ -9,6 +9,7 @@ Every clip's intensity is drawn per clip, as CREMA-D's LO/MD/HI levels, so class
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ SIZES: dict[str, float] = {"tiny": 0.01, "small": 0.1, "medium": 0.25, "full": 1
 
 @dataclass(frozen=True)
 class Prosody:
-    """Changes relative to neutral (DESIGN: issue 2's table)."""
+    """Changes relative to neutral: rough values from the speech-emotion literature."""
 
     f0_st: float  # mean F0 shift, semitones
     range_x: float  # F0 range factor
@@ -127,27 +128,52 @@ def _resonance(freqs: np.ndarray, formants: np.ndarray, bandwidths: np.ndarray) 
     return h.prod(axis=2)
 
 
+_BLOCK = 80  # F0 is computed per 5 ms block (about one period), then held per sample
+
+
+class _Syllables(NamedTuple):
+    voiced: np.ndarray  # voicing envelope per sample, 0 in pauses
+    accent: np.ndarray  # pitch accent per F0 block
+    syl_index: np.ndarray  # each sample's syllable, -1 in pauses
+    onsets: list[int]  # first sample of each syllable
+    count: int  # number of syllables, at least 1
+
+
+def _lerp(k: float, neutral: float, value: float) -> float:
+    """A prosody value at intensity k: neutral at 0, the emotion's value at 1."""
+    return neutral + k * (value - neutral)
+
+
 def render(clip: SynthClip) -> np.ndarray:
-    """The clip's waveform at 16 kHz, float32 in [-1, 1]."""
-    # Longer than 60 lines on purpose: one recipe read top to bottom (syllables -> F0 -> glottal
-    # source -> formants and tilt -> noise), every stage drawing from one seeded generator in a
-    # fixed order. Helpers would thread that generator and a dozen arrays through their arguments,
-    # and any reordering of draws would silently change the dataset (and its cache key would not).
+    """The clip's waveform at 16 kHz, float32 in [-1, 1].
+
+    One recipe (syllables -> F0 -> glottal source -> formants and tilt -> noise), every stage
+    drawing from one seeded generator: the stages must run, and draw, in exactly this order, as
+    any reordering of draws would silently change the dataset (and its cache key would not).
+    """
     rng = np.random.default_rng(clip.seed)
     p = PROSODY[clip.label]
     sp = clip.speaker
-    sr = SAMPLE_RATE
     # intensity of the emotion for this clip: 0.35 (barely) .. 1.15 (strong)
     k = rng.uniform(0.35, 1.15)
-    lerp = lambda neutral, value: neutral + k * (value - neutral)  # noqa: E731
-
     duration = rng.uniform(1.6, 3.6)
-    n = int(duration * sr)
-    block = 80  # F0 is computed per 5 ms block (about one period), then held per sample
-    nb = n // block + 1
-    tb = np.arange(nb) * block / sr
-    rate = sp.rate_sps * lerp(1.0, p.rate_x) * rng.uniform(0.9, 1.1)
-    # syllable boundaries with pauses in between
+    n = int(duration * SAMPLE_RATE)
+    nb = n // _BLOCK + 1
+    rate = sp.rate_sps * _lerp(k, 1.0, p.rate_x) * rng.uniform(0.9, 1.1)
+    syl = _syllables(rng, p, k, rate, n, nb)
+    f0 = _f0_track(rng, p, sp, k, duration, syl.accent, n, nb)
+    source = _glottal_source(rng, p, sp, k, f0, syl.voiced, syl.onsets, n)
+    speech = _shape_spectrum(rng, p, sp, k, source, syl.syl_index, syl.count, n)
+
+    speech *= 10 ** (_lerp(k, 0.0, p.level_db) / 20) / (np.abs(speech).max() + 1e-9)
+    noise_db = rng.uniform(-38, -24)  # background noise relative to neutral speech peak
+    y = speech + rng.standard_normal(n, dtype=np.float32) * 10 ** (noise_db / 20)
+    return (y / (np.abs(y).max() + 1e-9) * 0.9).astype(np.float32)
+
+
+def _syllables(rng: np.random.Generator, p: Prosody, k: float, rate: float, n: int, nb: int) -> _Syllables:
+    """Syllable boundaries with pauses in between, and each syllable's pitch accent."""
+    sr = SAMPLE_RATE
     voiced = np.zeros(n)
     accent = np.zeros(nb)
     syl_index = np.full(n, -1)
@@ -159,7 +185,7 @@ def render(clip: SynthClip) -> np.ndarray:
         a, b = int(pos), int(min(pos + syl, n))
         ramp = np.sin(np.linspace(0, np.pi, b - a)) ** 0.6
         voiced[a:b] = ramp
-        ab, bb = a // block, max(b // block, a // block + 1)
+        ab, bb = a // _BLOCK, max(b // _BLOCK, a // _BLOCK + 1)
         phase = np.linspace(0, 1, bb - ab)
         accent[ab:bb] = {
             "accents-abrupt": np.exp(-6 * phase),
@@ -167,14 +193,18 @@ def render(clip: SynthClip) -> np.ndarray:
         }.get(p.contour, np.sin(np.pi * phase)) * rng.uniform(0.3, 1.0)
         syl_index[a:b] = s
         onsets.append(a)
-        gap = sr / rate * rng.uniform(0.1, 0.45) * lerp(1.0, p.pause_x)
+        gap = sr / rate * rng.uniform(0.1, 0.45) * _lerp(k, 1.0, p.pause_x)
         pos = b + gap
         s += 1
-    n_syl = max(s, 1)
+    return _Syllables(voiced, accent, syl_index, onsets, max(s, 1))
 
-    # F0 contour (semitones around the speaker's base)
+
+def _f0_track(rng: np.random.Generator, p: Prosody, sp: Speaker, k: float, duration: float,
+              accent: np.ndarray, n: int, nb: int) -> np.ndarray:
+    """F0 per sample (Hz): a contour in semitones around the speaker's base, jittered per block."""
+    tb = np.arange(nb) * _BLOCK / SAMPLE_RATE
     x = tb / duration
-    range_st = 2.0 * lerp(1.0, p.range_x)
+    range_st = 2.0 * _lerp(k, 1.0, p.range_x)
     contour = {
         "fall": 1.0 - 2.0 * x,
         "fall-steep": 1.5 - 3.5 * x,
@@ -183,46 +213,50 @@ def render(clip: SynthClip) -> np.ndarray:
         "fall-ends": 0.6 - 0.8 * x - 2.5 * np.clip((x - 0.75) / 0.25, 0, 1) ** 2,
         "final-rise": -0.3 * x + 4.0 * np.clip((x - 0.7) / 0.3, 0, 1) ** 2,
     }[p.contour]
-    st = lerp(0.0, p.f0_st) + range_st * (contour + 1.2 * accent) + rng.normal(0, 0.7)
+    st = _lerp(k, 0.0, p.f0_st) + range_st * (contour + 1.2 * accent) + rng.normal(0, 0.7)
     if p.tremor_hz:
         st = st + k * 0.5 * np.sin(2 * np.pi * p.tremor_hz * tb + rng.uniform(0, 2 * np.pi))
-    jitter = lerp(0.7, p.jitter_pct) / 100.0
-    f0 = np.repeat(sp.f0_hz * 2 ** (st / 12) * (1 + jitter * rng.normal(0, 1, nb)), block)[:n]
+    jitter = _lerp(k, 0.7, p.jitter_pct) / 100.0
+    return np.repeat(sp.f0_hz * 2 ** (st / 12) * (1 + jitter * rng.normal(0, 1, nb)), _BLOCK)[:n]
 
-    # glottal pulses: one per F0 period, amplitude shimmer and creaky (irregular) periods
+
+def _glottal_source(rng: np.random.Generator, p: Prosody, sp: Speaker, k: float, f0: np.ndarray,
+                    voiced: np.ndarray, onsets: list[int], n: int) -> np.ndarray:
+    """Glottal pulses, one per F0 period, with shimmer, creaky periods, breath and onset bursts."""
+    sr = SAMPLE_RATE
     phase = np.cumsum(f0 / sr)
     pulse_at = np.flatnonzero(np.diff(np.floor(phase), prepend=0.0) > 0)
     amp = 1 + 0.08 * rng.normal(size=pulse_at.size)
-    creak = lerp(0.0, p.creak)
+    creak = _lerp(k, 0.0, p.creak)
     if creak > 0:
         irregular = rng.random(pulse_at.size) < creak
         amp[irregular] *= rng.uniform(0.1, 0.5, irregular.sum())
     source = np.zeros(n)
     source[pulse_at] = amp
     source *= voiced
-    breath = sp.breath + lerp(0.0, p.breath)
+    breath = sp.breath + _lerp(k, 0.0, p.breath)
     source += rng.standard_normal(n, dtype=np.float32) * (0.02 + 0.25 * breath) * voiced
     # fricative bursts at syllable onsets
     for a in onsets:
         m = min(int(0.03 * sr), n - a)
         source[a : a + m] += rng.normal(0, 0.15, m) * np.linspace(1, 0, m)
+    return source
 
-    # spectral shaping per STFT frame: formants of each syllable's vowel, then tilt
+
+def _shape_spectrum(rng: np.random.Generator, p: Prosody, sp: Speaker, k: float, source: np.ndarray,
+                    syl_index: np.ndarray, n_syl: int, n: int) -> np.ndarray:
+    """Spectral shaping per STFT frame: formants of each syllable's vowel, then tilt."""
+    sr = SAMPLE_RATE
     frames = 1 + n // HOP
     vowel_of_syl = rng.integers(0, len(VOWELS), n_syl)
     frame_syl = syl_index[np.minimum(np.arange(frames) * HOP, n - 1)]
     formants = VOWELS[vowel_of_syl] * sp.formant_x
-    formants[:, 0] *= lerp(1.0, p.f1_x)
+    formants[:, 0] *= _lerp(k, 1.0, p.f1_x)
     freqs = np.fft.rfftfreq(N_FFT, 1 / sr)
     env = _resonance(freqs, formants, BANDWIDTHS)[np.maximum(frame_syl, 0)]  # one per syllable
-    tilt = -12.0 + lerp(0.0, p.tilt_db)  # dB per octave above 200 Hz
+    tilt = -12.0 + _lerp(k, 0.0, p.tilt_db)  # dB per octave above 200 Hz
     env *= (np.maximum(freqs, 200.0) / 200.0) ** (tilt / 6.02)
     window = torch.hann_window(N_FFT)
     spec = torch.stft(torch.from_numpy(source.astype(np.float32)), N_FFT, HOP, window=window, return_complex=True)
     spec = spec * torch.from_numpy(env.T[:, : spec.shape[1]].astype(np.float32))
-    speech = torch.istft(spec, N_FFT, HOP, window=window, length=n).numpy()
-
-    speech *= 10 ** (lerp(0.0, p.level_db) / 20) / (np.abs(speech).max() + 1e-9)
-    noise_db = rng.uniform(-38, -24)  # background noise relative to neutral speech peak
-    y = speech + rng.standard_normal(n, dtype=np.float32) * 10 ** (noise_db / 20)
-    return (y / (np.abs(y).max() + 1e-9) * 0.9).astype(np.float32)
+    return torch.istft(spec, N_FFT, HOP, window=window, length=n).numpy()

@@ -86,9 +86,9 @@ def test_efficiency_divides_by_the_same_side_and_round_single():
                                    "step_ms_sorted": [80.0, 85.0], "peak_bytes": None})
     assert single["throughput"] == pytest.approx(16 / 0.064) and single["memory"] == 3.0
     assert ddp["throughput"] == pytest.approx(32 / 0.080) and ddp["memory"] is None  # global batch 2 x 16
-    from bench.ab import _label
+    from bench.cells import cell_label
 
-    round_ = {_label(cells[0]): single, _label(cells[1]): ddp}
+    round_ = {cell_label(cells[0], from_config=True): single, cell_label(cells[1], from_config=True): ddp}
     with_efficiency(cells, round_)
     assert ddp["efficiency"] == pytest.approx((32 / 0.080) / (2 * 16 / 0.064))  # 0.8
     assert single["efficiency"] is None

@@ -321,17 +321,52 @@ def test_predict_command_shows_where_contention_was_measured(tmp_path, capsys):
                         "--out", tmp_path / "rep"], capsys)
     assert code == 0, out
     md = (tmp_path / "rep" / "predict.md").read_text()
-    row = {line.split("|")[2].strip(): line for line in md.splitlines() if line.startswith("| cnn ddp")}
+    predicted, compared_table = md.split("\n\n")[:2]  # the prediction table, then the check against measured
+    row = {line.split("|")[2].strip(): line for line in predicted.splitlines() if line.startswith("| cnn ddp")}
     assert "| 1.20 |" in row["2"] and "1.00 (none measured)" in row["4"], md
     # W: rank 1's 4.0 ms measured at 2, carried to 4 by E[max of 4] / E[max of 2] = 1.8245
-    assert row["2"].rstrip().endswith("| 4.0 |") and row["4"].rstrip().endswith("| 7.3 |"), md
-    compared = [line for line in md.splitlines() if "| 492.0 |" in line]
+    assert "| 4.0 | measured (predicted " in row["2"] and row["4"].rstrip().endswith("| 7.3 | predicted |"), md
+    # at 2 devices ddp was measured: its throughput and efficiency are the measured 492 / (2 x 320)
+    assert "| 492.0 | 0.77 |" in row["2"], md
+    compared = [line for line in compared_table.splitlines() if "| 492.0 |" in line]
     assert len(compared) == 1 and compared[0].rstrip().endswith("| 1.20 | 4.0 |"), md
     code, out = invoke(["predict", write_all(tmp_path / "plain", runs[:2]), "--gpus", "2", "--strategies",
                         "ddp,pipeline", "--link", "pcie4", "--out", tmp_path / "rep2"], capsys)
     md = (tmp_path / "rep2" / "predict.md").read_text()
     assert code == 0 and "| 0.0 (none measured) |" in md and "| cnn pipeline fp32 b32 | 2 | 1 |" in md, md
-    assert [line for line in md.splitlines() if "pipeline" in line][0].rstrip().endswith("|  |"), md
+    assert [line for line in md.splitlines() if "pipeline" in line][0].rstrip().endswith("|  | predicted |"), md
+
+
+def test_predict_takes_the_link_measured_beside_the_results_or_says_what_it_assumed(tmp_path, capsys, monkeypatch):
+    """Without --link: a bench comm result in the folder is the link; without one, CPU results are
+    predicted on the slowest preset and the line says so (never an H100's NVLink); nothing is
+    written without --out, in the working directory least of all."""
+    import json
+
+    from conftest import invoke
+    from test_sweep_report import write_all
+
+    monkeypatch.chdir(tmp_path)
+    runs = [fixture_result(strategy=s, devices=n, thr=thr, repeat=i)
+            for i, (s, n, thr) in enumerate((("single", 1, 320.0), ("ddp", 2, 492.0)))]
+    src = write_all(tmp_path / "runs", runs)
+    code, out = invoke(["predict", src, "--gpus", "2,8", "--strategies", "ddp,pipeline"], capsys)
+    assert code == 0, out
+    assert "assumed the 100gbe preset (100 Gb Ethernet" in out and "no preset describes CPU workers" in out
+    assert "NVLink" not in out and "H100" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no predict.md or .png here
+    comm = {"schema": 1, "kind": "comm", "run_id": "20261201-000000-comm-2xcpu-abcd", "status": "ok",
+            "config": {"devices": 2, "device_type": "cpu", "backend": "gloo", "nodes": 1},
+            "fit": {"all_reduce": {"busbw_GBps": 1.3, "alpha_us": 740.0}}, "ops": {}}
+    (src / "comm").mkdir()
+    (src / "comm" / f"{comm['run_id']}.comm.json").write_text(json.dumps(comm))
+    code, out = invoke(["predict", src, "--gpus", "2,8", "--strategies", "ddp,pipeline", "--out", tmp_path / "rep"],
+                       capsys)
+    assert code == 0 and "link: measured beside the results: bench comm 20261201-000000-comm-2xcpu-abcd" in out, out
+    assert "assumed" not in out
+    md = (tmp_path / "rep" / "predict.md").read_text()
+    pipe8 = next(line for line in md.splitlines() if line.startswith("| cnn pipeline fp32 b32 | 8 |"))
+    assert "stops: cnn has" in pipe8 and "blocks, at most one pipeline stage each" in pipe8, md
 
 
 # ------------------------------------------------------------------------------------------ real runs

@@ -31,8 +31,8 @@ def tables():
 
 def test_main_tables_every_cell_by_hand():
     t = tables()
-    assert list(t) == ["cnn · ddp · Test CPU (2 cores)", "cnn · single · Test CPU (2 cores)",
-                       "cnn · single · compiled · Test CPU (2 cores)", "lstm · ddp · Test CPU (2 cores)"]
+    assert list(t) == ["cnn · single · Test CPU (2 cores)", "cnn · single · compiled · Test CPU (2 cores)",
+                       "cnn · ddp · Test CPU (2 cores)", "lstm · ddp · Test CPU (2 cores)"]  # single first
     header, rows, note = t["cnn · ddp · Test CPU (2 cores)"]
     assert header == ["devices", "batch per device (samples)", "throughput fp32 (samples/s)",
                       "throughput bf16 (samples/s)", "speedup bf16/fp32 (x)", "weak-scaling fp32", "weak-scaling bf16",
@@ -63,14 +63,14 @@ def test_main_tables_every_cell_by_hand():
 def test_results_table_every_column_by_hand():
     header, rows = results_table(aggregate(frame(matrix())))
     assert header == ["cell", "repeats", "throughput (samples/s)", "per device (samples/s)", "step p50 (ms)",
-                      "efficiency", "macro-F1", "UAR", "busy (%)", "peak memory (MiB)", "energy/epoch (J)"]
+                      "efficiency", "macro-F1", "UAR", "busy (%)", "peak memory (MiB)", "energy/epoch (J)", "flags"]
     by_cell = {r[0]: r for r in rows}
-    assert list(by_cell) == ["cnn ddp 2x bf16 b32", "cnn ddp 2x fp32 b32", "cnn single 1x bf16 b32",
-                             "cnn single 1x fp32 b32"]
+    assert list(by_cell) == ["cnn single 1x bf16 b32", "cnn single 1x fp32 b32", "cnn ddp 2x bf16 b32",
+                             "cnn ddp 2x fp32 b32"]
     # step p50 of the fixture: 1000 x 64 samples / throughput, median 1000 x 64 / 180 = 355.6 ms;
     # memory 1e9 bytes = 953.7 MiB; CPU busy 90 %; no energy measured
     assert by_cell["cnn ddp 2x fp32 b32"] == ["cnn ddp 2x fp32 b32", "3", "180.0 ±2%", "90.0", "355.6", "0.90",
-                                             "0.780 (0.780–0.780, n=3)", "0.780", "90 CPU", "954", "–"]
+                                             "0.780 (0.780–0.780, n=3)", "0.780", "90 CPU", "954", "–", "–"]
     assert by_cell["cnn single 1x fp32 b32"][2:6] == ["100.0 ±2%", "100.0", "320.0", "1.00"]
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.metrics import quality
+from bench.quality import quality
 from bench.monitor import Monitor
 from bench.results import load_result, validate
 from conftest import bench, probe
@@ -22,8 +22,15 @@ def _result(proc):
 
 
 def test_tiny_run_writes_a_valid_result(tmp_path):
-    r = _result(bench("run", *TINY, "--out", tmp_path, "--target-f1", "0.01"))
+    proc = bench("run", *TINY, "--out", tmp_path, "--target-f1", "0.01")
+    r = _result(proc)
     validate(r)
+    # output to a pipe, not a terminal: no bar, one plain line per epoch, its loss the result's own
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    steps = r["timing"]["steps"]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"], proc.stdout
+    assert f"step {steps}/{steps}, loss {r['losses'][-1]:.4f}, " in epochs[-1] and "samples/s" in epochs[-1]
+    assert "s left" in epochs[0] and "s elapsed" in epochs[-1] and "\x1b" not in proc.stdout
     assert r["status"] == "ok" and r["error"] is None
     c, t, q = r["config"], r["throughput"], r["quality"]
     assert (c["strategy"], c["device_type"], c["devices"], c["global_batch_size"]) == ("single", "cpu", 1, 16)
@@ -35,6 +42,7 @@ def test_tiny_run_writes_a_valid_result(tmp_path):
     assert q["time_to_target_s"] is not None and q["epochs_to_target"] == 1
     assert r["flops"]["train_flops_per_sample"] > 0 and r["flops"]["mfu"] is None  # no CPU peak known
     assert r["utilization"]["gpu_busy_percent_mean"] is None and r["utilization"]["process_rss_peak_bytes"] > 0
+    assert r["utilization"]["load_avg_1m_mean"] >= 0  # the machine's load, sampled with the rest
     assert r["env"]["torch"].startswith("2.11") and r["env"]["cpu_cores_logical"] >= 1
     # the memory estimate beside what was measured (on a CPU, the peak RSS of the training steps)
     mem = r["memory"]
@@ -70,13 +78,13 @@ def test_failed_run_writes_failed_result(tmp_path):
     assert r["status"] == "failed" and "injected fault" in r["error"]
 
 
-def test_bad_flag_combination_is_one_line_and_recorded(tmp_path):
+def test_bad_flag_combination_is_one_line_and_leaves_no_file(tmp_path):
     proc = bench("run", *TINY, "--precision", "fp16", "--device", "cpu", "--out", tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "fp16 needs CUDA" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    r = load_result(proc.stdout.strip().splitlines()[-1])
-    assert r["status"] == "failed" and "fp16" in r["error"]
+    # refused before anything started: no result file for the next report to list, no path printed
+    assert proc.stdout.strip() == "" and not list(tmp_path.iterdir())
 
 
 def test_unknown_model_and_missing_dataset(tmp_path):
@@ -142,6 +150,11 @@ def test_env_command():
     fp = json.loads(proc.stdout)
     assert proc.returncode == 0 and fp["torch"].startswith("2.11") and "git" in fp
     assert fp["gpu_count"] == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    # without --json: a table in words, no Python reprs (a dict's braces, None)
+    table = bench("env", env={"COLUMNS": "100"})
+    assert table.returncode == 0 and "{" not in table.stdout and "None" not in table.stdout, table.stdout
+    assert fp["torch"] in table.stdout and "git commit" in table.stdout and "RAM" in table.stdout
+    assert (fp["git"]["commit"] or "unknown")[:12] in table.stdout.replace("\n", "")
 
 
 @pytest.mark.gpu

@@ -35,6 +35,9 @@ def test_multiprocess_strategy_end_to_end(tmp_path, strategy, extra):
                  env={"EMOTION_BENCH_PROBE": str(probes)})
     r = _ok(proc)
     assert "2 CPU worker processes with gloo" in proc.stdout
+    # rank 0's line per epoch, relayed by the launcher from the workers' log as it comes
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("epoch ")] == \
+        ["epoch 1/2", "epoch 2/2"], proc.stdout
     c = r["config"]
     assert (c["strategy"], c["devices"], c["world_size"], c["backend"], c["device_type"]) == (strategy, 2, 2, "gloo", "cpu")
     assert c["global_batch_size"] == 16 and c["batch_size_per_device"] == 8
@@ -115,10 +118,10 @@ def test_impossible_combinations_fail_before_starting(tmp_path):
         with pytest.raises(ConfigError, match=text):
             cfg.validate()
             check_strategy(cfg, "cpu")
-    # and through the CLI: one line, exit 2, a failed result recorded
+    # and through the CLI: one line, exit 2, no result file
     proc = bench("run", *TINY, "--strategy", "pipeline", "--gpus", "6", "--out", tmp_path)
     assert proc.returncode == 2 and "at most 5 stages" in proc.stderr and "Traceback" not in proc.stderr
-    assert load_result(proc.stdout.strip().splitlines()[-1])["status"] == "failed"
+    assert not list(tmp_path.iterdir())
 
 
 def _parity_exact(model: str, cells: tuple[str, ...]) -> None:

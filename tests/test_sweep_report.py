@@ -110,7 +110,7 @@ def test_sweep_resumes_after_being_killed_mid_cell(tmp_path):
     proc.wait()
     done_before = sorted(p.name for p in out.glob("cnn-*.json"))
     assert len(done_before) < 3
-    resumed = bench(*args[3:], "--resume")
+    resumed = bench(*args[3:], "--resume", env={"COLUMNS": "200"})
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(done_before)} already done" in resumed.stdout
     files = sorted(out.glob("cnn-*.json"))
@@ -119,16 +119,44 @@ def test_sweep_resumes_after_being_killed_mid_cell(tmp_path):
     assert not list(out.glob(".*.tmp"))
     states = {c["key"]: c["state"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
     assert set(states.values()) == {"done"}
+    # the closing table: every cell, resumed ones included, with its throughput from its own file
+    rows = {line.split("│")[1].strip(): line for line in resumed.stdout.splitlines() if line.startswith("│ cnn-")}
+    assert set(rows) == set(states), resumed.stdout
+    for key, line in rows.items():
+        thr = load_result(out / f"{key}.json")["throughput"]["samples_per_s"]
+        assert f"{thr:.1f}" in line and "│ done" in line, line
 
 
 def test_failed_cell_is_recorded_and_sweep_goes_on(tmp_path):
     # two cells, both failing: single (a process of its own) first, then pipeline x2 (launched)
     proc = bench("sweep", "--strategies", "single,pipeline", "--gpus", "2", "--size", "tiny", "--epochs", "1",
-                 "--batch-size", "8", "--device", "cpu", "--out", tmp_path, env={"EMOTION_BENCH_FAULT": "raise:0:2"})
+                 "--batch-size", "8", "--device", "cpu", "--out", tmp_path,
+                 env={"EMOTION_BENCH_FAULT": "raise:0:2", "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     results = {r["config"]["strategy"]: r for r in map(load_result, tmp_path.glob("cnn-*.json"))}
     assert set(results) == {"single", "pipeline"} and all(r["status"] == "failed" for r in results.values())
     assert all("injected fault" in r["error"] for r in results.values()), results
+    table = [line for line in proc.stdout.splitlines() if line.startswith("│ cnn-")]
+    assert len(table) == 2 and all("failed" in line and "injected fault" in line for line in table), proc.stdout
+
+
+def test_a_cell_refused_at_run_time_is_in_the_manifest_only(tmp_path, monkeypatch):
+    """A refused run writes no result file; the sweep keeps the refusal, with its reason, in sweep.json."""
+    from bench import lifecycle
+    from bench.sweep import run_sweep
+
+    def refuse(cfg, **_):
+        if cfg.strategy == "ddp":
+            return lifecycle.Outcome("refused", 2, None, "ddp: refused for this test")
+        return lifecycle.Outcome("ok", 0, tmp_path / "single.json")  # the sweep reads only the outcome
+
+    monkeypatch.setattr(lifecycle, "run", refuse)
+    done = run_sweep(SweepSpec(strategies=["single", "ddp"], gpus=[1]), str(tmp_path), device_type="cpu")
+    assert (done.ran, done.failed) == (1, 1)
+    cells = {c["key"]: c for c in json.loads((tmp_path / "sweep.json").read_text())["cells"]}
+    refused = [c for c in cells.values() if c.get("state") == "refused"]
+    assert len(refused) == 1 and refused[0]["error"] == "ddp: refused for this test" and refused[0]["result"] is None
+    assert not (tmp_path / f"{refused[0]['key']}.json").exists()
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -165,6 +193,12 @@ def test_report_writes_files_and_plots(tmp_path):
     import pandas as pd
 
     assert len(pd.read_csv(rep / "results.csv")) == 12
+    # one file mode for everything the report writes (the atomic writes' temp files start 0600);
+    # the oracle: the mode a plain open() gives under this process's umask
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in rep.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_hardware_comparison_of_two_folders(tmp_path):

@@ -74,7 +74,7 @@ def test_a_model_that_cannot_fit_is_refused_before_it_allocates(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip()
     assert len(line.splitlines()) == 1 and "does not fit: estimated" in line and "--strategy fsdp" in line
-    assert load_result(proc.stdout.strip().splitlines()[-1])["status"] == "failed"
+    assert not list(tmp_path.iterdir())  # refused before it started: no result file
 
 
 def test_out_of_memory_is_a_failed_result_with_the_step(tmp_path):
@@ -134,3 +134,14 @@ def test_the_activation_count_is_cached_per_model_code(tmp_path, monkeypatch):
         file.write_text(bad)  # unreadable, negative, a bool, not a list, empty, not a dict: counted afresh
         monkeypatch.setattr(memory, "_measure_activation_bytes", lambda *a: [456])
         assert acts("cnn", "small", 8, "fp32") == (456,)
+
+
+def test_bench_list_fits_80_columns_and_names_its_units():
+    proc = bench("list", env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    assert "…" not in proc.stdout  # nothing cut short: columns wrap instead
+    assert "params (M)" in proc.stdout and "forward (GFLOP)" in proc.stdout
+    row = next(line for line in lines if line.startswith("│ cnn") and "MiB" in line)
+    assert " 0.00 " not in row  # a small model's memory is in MiB, not 0.00 GiB

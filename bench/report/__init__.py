@@ -11,6 +11,7 @@ import pandas as pd
 from emotion_models.atomic import atomic_write_text
 
 from ..frame import aggregate, frame
+from ..verdict import environment, verdicts
 from .plots import FIGURES, plot_all
 from .render import Bullets, Figure, Para, Section, Table, md_table, write
 from .tables import hardware_comparison, main_tables, results_table, where_time_went
@@ -18,8 +19,16 @@ from .tables import hardware_comparison, main_tables, results_table, where_time_
 __all__ = ["main_tables", "md_table", "write_report"]
 
 
-def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped) -> list[Section]:
-    sections = [Section(title, [Table(header, rows), Para(note)]) for title, header, rows, note in main_tables(agg)]
+def _verdict_section(agg: pd.DataFrame, skipped, include_flagged: bool) -> Section:
+    blocks = []
+    for v in verdicts(agg, include_flagged=include_flagged, skipped=skipped):
+        blocks += [Para(f"{v.title}: {v.lines[0]}"), Bullets(v.lines[1:])] if len(v.lines) > 1 else [Para(f"{v.title}: {v.lines[0]}")]
+    return Section("verdict", blocks or [Para("no cell finished: no verdict")])
+
+
+def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped, include_flagged: bool = False) -> list[Section]:
+    sections = [_verdict_section(agg, skipped, include_flagged)]
+    sections += [Section(title, [Table(header, rows), Para(note)]) for title, header, rows, note in main_tables(agg)]
     if not agg.empty:
         sections.append(Section("every cell", [Table(*results_table(agg))]))
     went = where_time_went(agg) if not agg.empty else []
@@ -40,9 +49,10 @@ def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped) -> list[Section
 
 
 def write_report(results: list[dict], bad: list[tuple[str, str]], out: str | Path, skipped: list[tuple[str, str]],
-                 predict_link=None) -> dict:
-    """report.md, report.html, results.csv and the PNG figures in out; with predict_link, bench
-    predict's efficiency curves for that link beside the measured points."""
+                 predict_link=None, include_flagged: bool = False) -> dict:
+    """report.md, report.html, results.csv and the PNG figures in out, the verdict first; with
+    predict_link, bench predict's efficiency curves for that link beside the measured points;
+    include_flagged: cells with trust flags may win the verdict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     df = frame(results)
@@ -50,17 +60,18 @@ def write_report(results: list[dict], bad: list[tuple[str, str]], out: str | Pat
     csv_df = df.drop(columns=[c for c in ("confusion", "breakdown") if c in df])
     atomic_write_text(out / "results.csv", csv_df.to_csv(index=False))
     plots = plot_all(agg, out) if not agg.empty else {}
-    sections = _sections(df, agg, bad, skipped)
+    sections = _sections(df, agg, bad, skipped, include_flagged)
     figures = [Figure(name, plots.get(name), caption) for name, (_, caption) in FIGURES.items()]
     if predict_link is not None:
         figures.append(Figure("prediction", _prediction(results, df, predict_link, out),
                               f"bench predict's efficiency (dashed) with {predict_link.source}; measured cells as points."))
     sections.append(Section("plots", figures))
     machines = ", ".join(sorted(set(df.machine))) if not df.empty else "none"
-    intro = [f"{len(df)} result files, {len(agg)} cells, machines: {machines}.",
-             "Throughput is global samples/s over the timed window (warmup and evaluation excluded); cells with "
-             "repeats show the median and ±half the relative range."]
-    write(out, "emotion-bench report", intro, sections)
+    about = Section("these results", [Para(f"{len(df)} result files, {len(agg)} cells, machines: {machines}."), Para(
+        "Throughput is global samples/s over the timed window (warmup and evaluation excluded); cells with "
+        "repeats show the median and ±half the relative range.")])
+    # the header says where the figures come from; the verdict comes right after it
+    write(out, "emotion-bench report", [environment(agg) + "."], sections[:1] + [about] + sections[1:])
     return {"frame": df, "cells": agg, "plots": {k: v for k, v in plots.items() if v}, "dir": out}
 
 

@@ -97,8 +97,9 @@ def pareto(ok: pd.DataFrame):
         return None
     fig, ax = _axes()
     ax.scatter(pf.samples_per_s, pf.macro_f1, s=25)
-    for r in pf.itertuples():
-        ax.annotate(f"{r.strategy} {r.devices}x {r.precision}", (r.samples_per_s, r.macro_f1), fontsize=6)
+    for r in pf.itertuples():  # labels beside their markers, not on them
+        ax.annotate(f"{r.strategy} {r.devices}x {r.precision}", (r.samples_per_s, r.macro_f1), fontsize=8,
+                    xytext=(5, 4), textcoords="offset points")
     best, pts = -1.0, []
     for r in pf.sort_values("samples_per_s", ascending=False).itertuples():
         if r.macro_f1 > best:
@@ -116,12 +117,17 @@ def utilization(ok: pd.DataFrame):
     """Busy % and peak memory per cell."""
     fig, (a1, a2) = _plt().subplots(1, 2, figsize=(10, 4.5))
     labels = [cell_label(r, batch=False) for r in ok.itertuples()]
-    a1.barh(labels, ok.busy_percent.fillna(0))
+    busy = a1.barh(labels, ok.busy_percent.fillna(0))
+    a1.bar_label(busy, fmt="%.0f %%", fontsize=7, padding=2)
     a1.set_xlabel(f"busy (%, {', '.join(sorted(set(ok.busy_kind)))}; NVML: share of time a kernel ran)")
-    a2.barh(labels, ok.peak_mem_mib.fillna(0))
+    a1.set_title("how busy the devices were")
+    mem = a2.barh(labels, ok.peak_mem_mib.fillna(0))
+    a2.bar_label(mem, fmt="%.0f MiB", fontsize=7, padding=2)
     a2.set_xlabel("peak memory (MiB; GPU allocated, else process RSS)")
+    a2.set_title("peak memory per device")
     for a in (a1, a2):
-        a.tick_params(axis="y", labelsize=7)
+        a.tick_params(axis="y", labelsize=8)
+        a.margins(x=0.25)  # room for the values at the bars' ends
     return fig
 
 
@@ -131,8 +137,11 @@ def energy(ok: pd.DataFrame):
     if en.empty:
         return None
     fig, ax = _axes()
-    ax.barh([cell_label(r, batch=False) for r in en.itertuples()], en.gpu_energy_j_per_epoch)
+    bars = ax.barh([cell_label(r, batch=False) for r in en.itertuples()], en.gpu_energy_j_per_epoch)
+    ax.bar_label(bars, fmt="%.0f J", fontsize=7, padding=2)
+    ax.margins(x=0.2)
     ax.set_xlabel(f"GPU {METRICS['gpu_energy_j_per_epoch'].header()}")
+    ax.set_title("GPU energy per epoch")
     return fig
 
 
@@ -144,10 +153,13 @@ def confusion(ok: pd.DataFrame):
     r = best.iloc[0]
     fig, ax = _axes((6, 5))
     cm = r.confusion
-    ax.imshow(cm, cmap="Blues")
+    image = ax.imshow(cm, cmap="Blues")
+    top = max(max(row) for row in cm) or 1
     for i in range(len(cm)):
-        for j in range(len(cm)):
-            ax.text(j, i, str(cm[i][j]), ha="center", va="center", fontsize=7)
+        for j in range(len(cm)):  # white on the dark half of the colour map, black on the light half
+            ax.text(j, i, str(cm[i][j]), ha="center", va="center", fontsize=8,
+                    color="white" if cm[i][j] > top / 2 else "black")
+    fig.colorbar(image, ax=ax, label="test clips")
     ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
     ax.set_yticks(range(len(CLASSES)), CLASSES)
     ax.set_xlabel("predicted")

@@ -61,7 +61,7 @@ def to_md(block) -> str:
     if isinstance(block, Bullets):
         return "\n".join(f"- {block.prefix + ' ' if block.prefix else ''}{i}" for i in block.items)
     if block.path is None:
-        return f"- {block.name}: not measured in these results"
+        return f"- {block.name.replace('_', ' ')}: not measured in these results"
     return f"![{block.name}]({block.path.name})\n\n{block.caption}"
 
 
@@ -74,14 +74,16 @@ def to_html(block) -> str:
         pre = f"<b>{html.escape(block.prefix)}</b> " if block.prefix else ""
         return "<ul>" + "".join(f"<li>{pre}{html.escape(i)}</li>" for i in block.items) + "</ul>"
     if block.path is None:
-        return f"<p>{block.name}: not measured in these results</p>"
+        return f"<p>{html.escape(block.name.replace('_', ' '))}: not measured in these results</p>"
     b64 = base64.b64encode(block.path.read_bytes()).decode()
     return (f"<figure><img src='data:image/png;base64,{b64}' alt='{block.name}'>"
             f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
 
 
 _STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:13px}"
-          "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}")
+          "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}"
+          "th{background:#f2f2f2}tr:nth-child(even) td{background:#fafafa}"
+          "td:first-child,th:first-child{text-align:left}p.intro{color:#444}h2{margin-top:1.6em}")
 
 
 def write(out: Path, title: str, intro: list[str], sections: list[Section], stem: str = "report") -> None:
@@ -93,6 +95,7 @@ def write(out: Path, title: str, intro: list[str], sections: list[Section], stem
         body.append(f"<h2>{html.escape(s.title)}</h2>" + "".join(to_html(b) for b in s.blocks))
     atomic_write_text(out / f"{stem}.md", "\n".join(md) + "\n")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro[0])}</p>"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            + "".join(f"<p class='intro'>{html.escape(line)}</p>" for line in intro) +
             f"{''.join(body)}</body></html>")
     atomic_write_text(out / f"{stem}.html", page)

@@ -40,7 +40,9 @@ def main_tables(agg: pd.DataFrame) -> list[tuple[str, list[str], list[list[str]]
     if agg.empty:
         return tables
     thr, t2t = METRICS["samples_per_s"], METRICS["time_to_target_s"]
-    for (machine, model, strategy, comp), g in agg.groupby(["machine", "model", "strategy", "compile"], sort=True):
+    groups = sorted(agg.groupby(["machine", "model", "strategy", "compile"], sort=True),
+                    key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "single", kv[0][2], kv[0][3]))  # single first
+    for (machine, model, strategy, comp), g in groups:
         precs = [p for p in PRECISIONS if p in set(g.precision)]
         others = [p for p in precs if p != "fp32"]
         header = ["devices", "batch per device (samples)"]
@@ -77,14 +79,25 @@ CELL_COLUMNS = ("samples_per_s", "samples_per_s_per_device", "step_time_ms_p50",
 
 
 def results_table(agg: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    header = ["cell", "repeats"] + [METRICS[c].header() for c in CELL_COLUMNS]
+    """Every cell, single first, with the trust flags its figures carry (bench/trust.py)."""
+    header = ["cell", "repeats"] + [METRICS[c].header() for c in CELL_COLUMNS] + ["flags"]
     special = {"samples_per_s": fmt_throughput, "macro_f1": fmt_f1,
                "busy_percent": lambda r: f"{fmt(r.busy_percent, '.0f')} {r.busy_kind}"}
     rows = []
-    for r in agg.itertuples():
+    for r in single_first(agg).itertuples():
         rows.append([cell_label(r), str(r.repeats)]
-                    + [special[c](r) if c in special else fmt(getattr(r, c), METRICS[c].spec) for c in CELL_COLUMNS])
+                    + [special[c](r) if c in special else fmt(getattr(r, c), METRICS[c].spec) for c in CELL_COLUMNS]
+                    + [r.flags or "–"])
     return header, rows
+
+
+def single_first(agg: pd.DataFrame) -> pd.DataFrame:
+    """Cells in reading order: per machine and model, the single baseline first, then by strategy and devices."""
+    if agg.empty:
+        return agg
+    key = agg.strategy != "single"
+    return agg.assign(_later=key).sort_values(["machine", "model", "_later", "strategy", "devices", "precision"],
+                                              kind="stable").drop(columns="_later")
 
 
 def hardware_comparison(agg: pd.DataFrame, df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str], list[str]] | None:

@@ -4,10 +4,16 @@
 runs. Precision and compile are applied around them in one fixed order (bench/train.py):
 build (seeded, identical on every rank) -> move to device -> compile each block in place ->
 strategy wraps -> optimiser over plan.parameters.
+
+Each strategy is a module of this package named after it ('-' as '_'), whose `@register(...)`
+is its one registration, its listing order included. Modules are found by listing the package
+and imported only when asked for: get_strategy imports the named strategy's module alone.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,25 +75,34 @@ class StrategySpec:
     needs_cuda: bool  # cannot run on CPU at all
     summary: str
     check: Callable[[RunConfig, str], None] | None = None  # raises ConfigError before anything starts
+    order: int = 0  # its place where strategies are listed, lowest first
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
-_MODULES = ("single", "dp", "ddp", "fsdp", "pipeline", "model_parallel", "independent")
 
 
-def register(name: str, *, multiprocess: bool, needs_cuda: bool = False, summary: str, check=None):
+def register(name: str, *, order: int, multiprocess: bool, needs_cuda: bool = False, summary: str, check=None):
+    """Register a strategy function under its name (its module is the name with '_' for '-').
+    order: its place where strategies are listed (all_strategies, `bench list`), lowest first."""
+
     def deco(fn):
-        STRATEGIES[name] = StrategySpec(name, fn, multiprocess, needs_cuda, summary, check)
+        STRATEGIES[name] = StrategySpec(name, fn, multiprocess, needs_cuda, summary, check, order)
         return fn
 
     return deco
+
+
+@functools.lru_cache(maxsize=1)
+def _modules() -> tuple[str, ...]:
+    """The strategy modules of this package (listed, not imported): every module that is not private."""
+    return tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.ispkg and not m.name.startswith("_"))
 
 
 def get_strategy(name: str) -> StrategySpec:
     # only the named strategy's module (each is named after its strategy): importing pipelining
     # costs every worker of every other strategy 0.6 s of CPU
     module = name.replace("-", "_")
-    if name not in STRATEGIES and module in _MODULES:
+    if name not in STRATEGIES and module in _modules():
         importlib.import_module(f"{__name__}.{module}")
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}: choose one of {', '.join(all_strategies())}")
@@ -95,9 +110,10 @@ def get_strategy(name: str) -> StrategySpec:
 
 
 def all_strategies() -> dict[str, StrategySpec]:
-    for mod in _MODULES:
+    """Every strategy of the package by name, in their registered order."""
+    for mod in _modules():
         importlib.import_module(f"{__name__}.{mod}")
-    return {mod.replace("_", "-"): STRATEGIES[mod.replace("_", "-")] for mod in _MODULES}  # in _MODULES' order
+    return dict(sorted(STRATEGIES.items(), key=lambda item: (item[1].order, item[0])))
 
 
 def check_strategy(cfg: RunConfig, device_type: str) -> StrategySpec:

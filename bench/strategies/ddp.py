@@ -13,7 +13,7 @@ def _check(cfg, device_type):
         raise ConfigError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); drop it on CPU")
 
 
-@register("ddp", multiprocess=True, check=_check,
+@register("ddp", order=30, multiprocess=True, check=_check,
           summary="DistributedDataParallel, DistributedSampler; NCCL on GPU, gloo on CPU")
 def ddp(model, env, cfg) -> Plan:
     # init_sync broadcasts rank 0's parameters; a rehearsal's fake group (bench.rehearse) carries no

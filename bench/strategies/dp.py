@@ -26,9 +26,9 @@ class CastInReplica(nn.Module):
     DataParallel runs every replica's forward in a thread of its own and enters autocast there
     again without a dtype (torch/nn/parallel/parallel_apply.py: `torch.amp.autocast(device_type,
     enabled=autocast_enabled)`). The autocast dtype is per thread and a new thread's is the
-    default, fp16 on CUDA: under bf16 the replicas computed in fp16, with no GradScaler. One GPU
-    runs no threads, so one GPU cannot show it. Logits leave in fp32, as cross-entropy under
-    autocast computes them.
+    default, fp16 on CUDA: without this wrapper the replicas of a bf16 run would compute in fp16,
+    with no GradScaler. One GPU runs no threads, so one GPU cannot show it. Logits leave in fp32,
+    as cross-entropy under autocast computes them.
     """
 
     def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype):
@@ -41,7 +41,7 @@ class CastInReplica(nn.Module):
             return self.module(x).float()
 
 
-@register("dp", multiprocess=False, needs_cuda=True, check=_check,
+@register("dp", order=20, multiprocess=False, needs_cuda=True, check=_check,
           summary="torch.nn.DataParallel: one process, batch scattered over N GPUs")
 def dp(model, env, cfg) -> Plan:
     dtype = DTYPES.get(cfg.precision)

@@ -13,7 +13,8 @@ from . import Plan, register
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@register("fsdp", multiprocess=True, summary="FSDP2 fully_shard per block then the root; MixedPrecisionPolicy for bf16/fp16")
+@register("fsdp", order=40, multiprocess=True,
+          summary="FSDP2 fully_shard per block then the root; MixedPrecisionPolicy for bf16/fp16")
 def fsdp(model, env, cfg) -> Plan:
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     dtype = _DTYPES.get(cfg.precision)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from . import Plan, register
 
 
-@register("independent", multiprocess=True,
+@register("independent", order=70, multiprocess=True,
           summary="N replicas side by side, no gradient sync: ddp's compute-only bound (contention, not training)")
 def independent(model, env, cfg) -> Plan:
     return Plan(model=model, input_device=env.device, eval_module=lambda: model if env.is_main else None)

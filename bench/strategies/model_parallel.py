@@ -27,7 +27,7 @@ def _check(cfg, device_type):
                           f"{torch.cuda.device_count()} GPU(s)")
 
 
-@register("model-parallel", multiprocess=False, needs_cuda=True, check=_check,
+@register("model-parallel", order=60, multiprocess=False, needs_cuda=True, check=_check,
           summary="naive split: stage i on GPU i, activations moved, no micro-batches")
 def model_parallel(model, env, cfg) -> Plan:
     devices = [torch.device("cuda", i) for i in range(cfg.devices)]

@@ -36,7 +36,7 @@ class _Contiguous(torch.nn.Module):
         return tuple(t.contiguous() for t in x) if isinstance(x, tuple) else x.contiguous()
 
 
-@register("pipeline", multiprocess=True, check=_check,
+@register("pipeline", order=50, multiprocess=True, check=_check,
           summary="torch.distributed.pipelining, one stage per rank from model.stages(N), --schedule gpipe|1f1b")
 def pipeline(model, env, cfg) -> Plan:
     n, rank = env.world_size, env.rank

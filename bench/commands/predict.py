@@ -1,0 +1,101 @@
+"""`bench predict`: step time, throughput and efficiency at N devices, from measured results and links."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..ui import console, info, table
+from .common import fail, load_or_fail, nonempty_out, parse_link, split_csv
+
+
+def predict(
+    results_dir: str = typer.Argument(..., help="Result folder with single runs (and, for overlap and wait, profiled "
+                                                "runs; for contention, independent runs)."),
+    devices: str = typer.Option("1,2,4,8,16,64", "--gpus", "--devices", help="Comma-separated device counts N."),
+    per_node: int = typer.Option(8, help="Devices per node: N above it spans nodes (data parallel through --inter-link)."),
+    strategies: str = typer.Option("ddp,fsdp,pipeline", help="Comma-separated strategies to predict."),
+    link: Optional[str] = typer.Option(None, help="Intra-node link: a preset (nvlink4, pcie4, pcie5, ib-ndr, 100gbe) or a "
+                                                  "bench comm result (file or folder). Default: a bench comm result "
+                                                  "under RESULTS_DIR; GPU results without one assume nvlink4 and say so."),
+    inter_link: str = typer.Option("ib-ndr", help="Inter-node link: a preset or a bench comm result."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for predict.md and predict.png (default: tables "
+                                                          "on the console only).", callback=nonempty_out),
+):
+    """Predict step time, throughput and efficiency at N devices from measured results and link figures."""
+    from ..predict import check, check_table, inputs_from, measured_cells, prediction_table, write_markdown
+
+    intra, inter, counts, kinds = _options(devices, per_node, strategies, link, inter_link)
+    results, _ = load_or_fail([results_dir])
+    inputs = inputs_from(results)
+    if not inputs:
+        fail(f"no ok single-device result under {results_dir}: predict needs the single run's step time")
+    if intra is None:
+        intra = _link_beside(results_dir, results)
+    predicted = prediction_table(inputs, kinds, counts, per_node, intra, inter, measured_cells(results))
+    console.print(table(*predicted, justify="right"))
+    checked = check(results, intra, inter)
+    measured = check_table(checked)
+    if measured[2]:
+        console.print(table(*measured, justify="right"))
+    if out is None:
+        info("predict: tables only (pass --out DIR for predict.md and predict.png)")
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_markdown(Path(out) / "predict.md", predicted, measured)
+    from ..report.plots import prediction
+
+    prediction(inputs, kinds, counts, per_node, intra, inter, checked, Path(out) / "predict.png")
+    info(f"predict: {Path(out) / 'predict.md'}, {Path(out) / 'predict.png'}")
+
+
+def _link_beside(results_dir: str, results: list[dict]):
+    """The intra-node link when --link is not given: the newest bench comm result under the results'
+    folder on the same kind of device; else a preset, said in one line with why it may differ from
+    the hardware measured: nvlink4 for GPU results, 100gbe for CPU results (the slowest preset; none
+    describes CPU workers, and an H100's link would flatter them by two orders of magnitude)."""
+    from ..comm import load
+    from ..predict import Link
+
+    kinds = {r["config"].get("device_type") for r in results if r["status"] == "ok"}
+    found = []
+    for path in sorted(Path(results_dir).rglob("*.comm.json")):
+        try:
+            comm = load(str(path))
+        except (OSError, ValueError):
+            continue
+        if comm["config"].get("device_type") in kinds:
+            found.append(comm)
+    if found:
+        chosen = Link.measured(max(found, key=lambda c: c["run_id"]))  # run ids start with their UTC time
+        info(f"link: measured beside the results: {chosen.source}")
+        return chosen
+    if "cpu" in kinds:
+        assumed = Link.named("100gbe")
+        info(f"link: no bench comm result under {results_dir}; assumed the 100gbe preset ({assumed.source}) for CPU "
+             "results, though no preset describes CPU workers: take the communication terms as a shape, not a "
+             f"figure, or run `bench comm --gpus 2 --device cpu --out {Path(results_dir) / 'comm'}` first")
+        return assumed
+    gpus = sorted({g["name"] for r in results for g in (r.get("env") or {}).get("gpus") or []}) or ["unknown GPUs"]
+    assumed = Link.named("nvlink4")
+    info(f"link: no bench comm result under {results_dir}; assumed the nvlink4 preset ({assumed.source}) for "
+         f"results measured on {', '.join(gpus)}, which may have another link: pass --link, or run bench comm "
+         "on these GPUs")
+    return assumed
+
+
+def _options(devices: str, per_node: int, strategies: str, link: str, inter_link: str):
+    """(intra-node link, inter-node link, device counts, strategies); exit 2 on a bad option."""
+    try:
+        intra, inter = parse_link(link), parse_link(inter_link)
+        counts = split_csv(devices, int) or []
+        if not counts or min(counts) < 1 or per_node < 1:
+            raise ValueError("--gpus: give device counts of 1 or more, and --per-node 1 or more")
+        kinds = split_csv(strategies) or []
+        bad = set(kinds) - {"ddp", "fsdp", "pipeline"}
+        if bad:
+            raise ValueError(f"--strategies: no model for {sorted(bad)}; use ddp, fsdp, pipeline")
+    except ValueError as exc:
+        fail(str(exc))
+    return intra, inter, counts, kinds

@@ -1,0 +1,57 @@
+"""`bench report`: tables, scaling plots and a hardware comparison from result files."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..ui import console, error, info, table
+from .common import fail, load_or_fail, nonempty_out, parse_link
+
+
+def report(
+    dirs: list[str] = typer.Argument(..., help="Result folders (or files); folders from two machines are compared side by side."),
+    out: str = typer.Option("reports", "--out", callback=nonempty_out,
+                            help="Folder for report.md, report.html, results.csv and the PNG plots."),
+    predict_link: Optional[str] = typer.Option(None, "--predict", help="Add bench predict's curves for this link (a "
+                                                                       "preset or a bench comm result) to the report."),
+    include_flagged: bool = typer.Option(False, "--include-flagged", help="Let cells whose figures carry a trust flag "
+                                         "(oversubscribed, unlike baseline, efficiency above 1, ...) win the verdict."),
+):
+    """Tables (DeepLearningExamples style), scaling plots and a hardware comparison from result files."""
+    from ..report import main_tables, write_report
+    from ..sweep import skipped_cells
+
+    results, bad = load_or_fail(dirs)
+    if not results:
+        fail(f"no result files under {', '.join(dirs)}" + (f" ({len(bad)} unreadable JSON files)" if bad else ""))
+    try:
+        link = parse_link(predict_link)
+        skipped = [s for d in dirs for s in skipped_cells(d)]
+        rep = write_report(results, bad, out, skipped, predict_link=link, include_flagged=include_flagged)
+    except ValueError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"--out {out}: cannot write the report there ({exc.strerror or exc}): choose a writable folder")
+    show_verdicts(rep["cells"], skipped, include_flagged)
+    for title, header, rows, note in main_tables(rep["cells"]):
+        console.print(table(title, header, rows, caption=note, justify="right"))
+    for p, why in bad:
+        error(f"not a result file: {p}: {why}")
+    info(f"report: {Path(out) / 'report.md'}, {Path(out) / 'report.html'}, {Path(out) / 'results.csv'}, "
+         f"{len(rep['plots'])} plots")
+
+
+def show_verdicts(agg, skipped, include_flagged: bool = False) -> None:
+    """The verdict per machine and model, on the console: the winner's line, then why the others lost."""
+    from ..verdict import environment, verdicts
+
+    if agg is None or agg.empty:
+        info("no cell finished: no verdict")
+        return
+    info(environment(agg))
+    for v in verdicts(agg, include_flagged=include_flagged, skipped=skipped):
+        info(f"{v.title}: {v.lines[0]}")
+        for line in v.lines[1:]:
+            info(f"  {line}")

@@ -1,0 +1,78 @@
+"""`bench sweep`: a matrix of cells, one after another, with --resume."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ..config import RunConfig
+from ..ui import console, error, info, sweep_bar, table
+from .common import Exit, config_options, fail, nonempty_out, split_csv
+
+
+@config_options(("epochs", "size", "batch_size", "model_size", "dataset", "device"), preset_default="the preset's")
+def sweep(
+    strategies: Optional[str] = typer.Option(None, help="Comma-separated strategies, e.g. single,ddp,fsdp,pipeline."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", "--devices", help="Comma-separated device counts, e.g. 1,2,4."),
+    precision: Optional[str] = typer.Option(None, help="Comma-separated precisions, e.g. fp32,bf16."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated models (default: cnn)."),
+    compile: Optional[str] = typer.Option(None, "--compile", help="Comma-separated off,on (default: off)."),
+    repeat: Optional[int] = typer.Option(None, help="Repeats per cell; seeds differ per repeat (seed + repeat index)."),
+    config: Optional[str] = typer.Option(None, "--config", help="A sweep TOML file or a preset: smoke, cpu, gpu-node."),
+    out: str = typer.Option("results/sweep", help="Folder for the cells' result files and sweep.json.", callback=nonempty_out),
+    resume: bool = typer.Option(False, "--resume", help="Skip cells whose result in --out is ok (or diverged); rerun "
+                                                        "failed and interrupted ones."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and why some are skipped; run nothing."),
+    **settings,
+):
+    """Run a matrix of cells one after another; cells that cannot run here are skipped with a reason."""
+    from ..distenv import resolve_device_type
+    from ..sweep import SweepSpec, load_spec, on_off, run_sweep
+
+    try:
+        spec = load_spec(config) if config else SweepSpec(strategies=["single"], gpus=[1])
+        for name, value in (("strategies", split_csv(strategies)), ("gpus", split_csv(gpus, int)),
+                            ("precision", split_csv(precision)), ("models", split_csv(models)),
+                            ("compile", split_csv(compile, on_off)), ("repeat", repeat)):
+            if value is not None:
+                setattr(spec, name, value)
+        spec.run.update({k: v for k, v in settings.items() if v is not None})
+        spec.check()
+        device_type = resolve_device_type(RunConfig(**spec.run))
+    except ValueError as exc:  # ConfigError included
+        fail(str(exc))
+    if dry_run:
+        from ..sweep import expand
+
+        for c in expand(spec, device_type, out):
+            info(f"{'skip' if c.skip_reason else 'run '} {c.key}" + (f": {c.skip_reason}" if c.skip_reason else ""))
+        return
+    try:
+        done = run_sweep(spec, out, device_type=device_type, resume=resume, say=info, progress=sweep_bar)
+    except OSError as exc:
+        fail(f"--out {out}: cannot write there ({exc.strerror or exc}): choose a writable folder")
+    if done.interrupted is not None:
+        error(f"sweep interrupted ({done.interrupted.error}); bench sweep ... --resume carries on")
+        raise Exit(done.interrupted.code)
+    from ..sweep import summary_rows
+
+    console.print(table(f"sweep: {len(done.cells)} cells", SUMMARY_HEADER, summary_rows(out, done.cells), plain=True))
+    _verdict(out)
+    info(f"sweep done: {done.ran} ran, {done.failed} failed or stopped, {done.skipped} skipped; results in {out}")
+    info(f"next: bench report {out} --out reports/")
+
+
+SUMMARY_HEADER = [("cell", {"no_wrap": True}), "state", ("samples/s", {"justify": "right"}), ("efficiency", {"justify": "right"}),
+                  ("macro-F1", {"justify": "right"}), "note"]
+
+
+def _verdict(out: str) -> None:
+    """The sweep's verdict, as its report will open with it."""
+    from ..frame import aggregate, frame
+    from ..results import load_results
+    from ..sweep import skipped_cells
+    from .report import show_verdicts
+
+    results, _ = load_results([out])
+    df = frame(results) if results else None
+    show_verdicts(aggregate(df) if df is not None and not df.empty else None, skipped_cells(out))
