@@ -6,7 +6,7 @@
 reduce-scatter through the link figures), the contention of independent replicas (c_n) and the
 slowest rank's wait (W). With the communication term alone it over-predicted fsdp x2 on this
 2-core machine by about a quarter; this script shows why. It measures, with predict_cpu.py's
-settings (1 thread per worker, profiled after the timed window), single x1, fsdp x1 (FSDP2's
+settings (benchmarks/common.py) (1 thread per worker, profiled after the timed window), single x1, fsdp x1 (FSDP2's
 hooks, DTensor optimiser and copies without any communication) and fsdp x2, and prints per step,
 from rank 0's trace:
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.breakdown import intersect, merge, subtract, total
 from bench.predict import Link, inputs_from, predict, t_all_reduce, t_gather
 from bench.profiling import read_trace, trace_path
-from predict_cpu import arguments, base_config, measure_links, out_folder, run_cell  # beside this script
+from common import arguments, base_config, measure_links, out_folder, run_cell  # benchmarks/common.py
 
 
 def per_step(path: Path, comm: dict) -> dict[str, float]:

@@ -1,10 +1,11 @@
 """Every CUDA path, run and checked: the acceptance test of the code no CPU can run.
 
-    python benchmarks/gpu_check.py --out DIR [--budget-s 420] [--only NAME,...] [--list]
+    python -m benchmarks.gpu_check --out DIR [--budget-s 420] [--only NAME,...] [--list]
 
 One command from the repository root on a machine with one GPU or more; it needs torch,
 torchaudio, typer, rich, pandas, matplotlib, psutil and nvidia-ml-py, not soundfile, soxr or the
-package installed (the data is the synthetic set). It runs, in order of what they tell:
+package installed (the data is the synthetic set): `python -m` puts the repository root on the
+path. Where the package is installed, `python benchmarks/gpu_check.py` works too. It runs, in order of what they tell:
 
 - on one GPU: the CNN under single fp32, bf16 and fp16 (GradScaler); ddp x1 fp32 and fp16 and
   fsdp x1 bf16 and fp16 (ShardedGradScaler), whose control messages go over NCCL; SIGINT in the
@@ -37,7 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the package need not be installed on the GPU machine
+try:
+    import bench.config  # noqa: F401  (the package's modules are imported where used)
+except ImportError:
+    sys.exit("gpu_check: the bench package is not importable here; run it from the repository root as "
+             "`python -m benchmarks.gpu_check --out DIR` (no install needed), or pip install -e . first")
 
 CNN = ["--size", "small", "--epochs", "3", "--batch-size", "64"]
 ENC = ["--size", "small", "--epochs", "1", "--max-steps", "40", "--warmup-steps", "10", "--batch-size", "16"]

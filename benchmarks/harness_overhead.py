@@ -4,7 +4,7 @@
 
 Both sides train the same model (same init), batch size, data and thread count; they run in
 alternating rounds so machine noise hits both alike. Prints the median ratio harness / plain
-(issue 3 target: >= 0.97).
+(target: >= 0.97, the harness may cost at most 3 % against a loop written by hand).
 """
 from __future__ import annotations
 

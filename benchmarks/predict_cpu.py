@@ -8,70 +8,28 @@ own cost without communication; bench predict starts fsdp from it), 2 independen
 by side (the contention factor: what 2 workers lose to sharing 2 cores, no communication) and
 ddp, fsdp and pipeline at 2 workers (profiled after the timed window, for the overlap o and wait W),
 then predicts each multi-worker cell from those inputs, the model's sizes and the measured links,
-and prints predicted against measured throughput with the error. Issue 10's bar: each within
-15 %. Each row also shows the prediction without the independent runs (c = 1) and without the
+and prints predicted against measured throughput with the error. The bar: each within 15 %, the
+error a user choosing a machine by the prediction can live with. Each row also shows the prediction without the independent runs (c = 1) and without the
 slowest rank's wait W, from the same measurements; --no-contention leaves the independent runs out
 of the run altogether; --from DIR measures nothing and reports on what an earlier --keep DIR kept
-(the runs the README quotes are under results/predict_cpu/). Three rounds by default: one round of a cell can be 15 % off the other two
+(the runs docs/measurements/ quotes are under results/predict_cpu/). Three rounds by default: one round of a cell can be 15 % off the other two
 on this shared machine, and a median of three is not moved by one.
 
-The cells' settings, the run of one cell and the link measurement are shared with
-fsdp_cpu_cost.py.
+The cells' settings, the run of one cell and the link measurement are in benchmarks/common.py,
+shared with fsdp_cpu_cost.py.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+from bench.cells import cell_label
 from bench.comm import load
-from bench.config import RunConfig
-from bench.lifecycle import run
 from bench.predict import Link, check, slowest_rank_wait_s
 from bench.results import load_result
-
-
-def arguments(doc: str, *, reports_kept: bool = False) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--model", default="cnn")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of every cell; each figure is their median")
-    ap.add_argument("--no-contention", action="store_true", help="leave the independent runs out (c = 1)")
-    ap.add_argument("--keep", metavar="DIR", help="keep the results (comm/, runs/) in DIR instead of a temporary folder")
-    if reports_kept:
-        ap.add_argument("--from", dest="source", metavar="DIR",
-                        help="measure nothing: report on the results an earlier --keep DIR kept")
-    return ap.parse_args()
-
-
-def base_config(args: argparse.Namespace, out_dir: str) -> RunConfig:
-    """1 thread per worker, 5 warm-up steps, no evaluation between epochs."""
-    return RunConfig(model=args.model, batch_size=args.batch_size, epochs=100, max_steps=args.steps + 5,
-                     warmup_steps=5, threads=1, eval_each_epoch=False, device="cpu", out_dir=out_dir)
-
-
-def run_cell(base: RunConfig, strategy: str, devices: int, seed: int, profile: bool) -> dict:
-    """One cell's result; the script stops on a cell that did not run."""
-    outcome = run(base.replace(strategy=strategy, devices=devices, seed=seed, profile=profile))
-    if outcome.status != "ok":
-        sys.exit(f"{strategy} x{devices}: {outcome.error}")
-    return load_result(outcome.path)
-
-
-def measure_links(out_dir: str) -> dict:
-    """A bench comm result of 2 CPU workers, up to 8 MiB."""
-    subprocess.run([sys.executable, "-m", "bench", "comm", "--gpus", "2", "--device", "cpu", "--max-bytes", "8M",
-                    "--out", out_dir], check=True, capture_output=True)
-    return load(out_dir)
-
-
-def _cell(r: dict) -> str:
-    return f"{r['config']['strategy']} x{r['config']['devices']}"
+from common import arguments, base_config, measure_links, out_folder, run_cell  # benchmarks/common.py
 
 
 def per_cell(results: list[dict], value) -> dict[str, list[float]]:
@@ -80,7 +38,7 @@ def per_cell(results: list[dict], value) -> dict[str, list[float]]:
     for r in results:
         v = value(r)
         if v is not None:
-            seen.setdefault(_cell(r), []).append(v)
+            seen.setdefault(cell_label(r["config"], short=True), []).append(v)
     return seen
 
 
@@ -96,11 +54,6 @@ def rank_skew_ms(r: dict) -> float | None:
     if len(own) < 2 or None in own:
         return None
     return r["throughput"]["step_time_ms_p50"] - statistics.mean(own)
-
-
-def out_folder(args: argparse.Namespace):
-    """--keep DIR, or a temporary folder removed at the end."""
-    return contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()
 
 
 def measure(args: argparse.Namespace, out: str) -> tuple[Link, list[dict]]:
@@ -130,16 +83,16 @@ def profile_figures(results: list[dict]) -> None:
     cpu = per_cell(results, lambda r: r["utilization"]["cpu_percent_mean"])
     print("CPU use (% of the machine, min to max over rounds): "
           + ", ".join(f"{cell} {pct(v)}" for cell, v in cpu.items()))
-    one = {r["config"]["seed"]: r for r in results if _cell(r) == "fsdp x1" and r.get("breakdown")}
+    one = {r["config"]["seed"]: r for r in results if cell_label(r["config"], short=True) == "fsdp x1" and r.get("breakdown")}
     grow = []
     for r in results:
         b = r.get("breakdown")
-        if _cell(r) == "fsdp x2" and b and b.get("slowest_rank") is not None and r["config"]["seed"] in one:
+        if cell_label(r["config"], short=True) == "fsdp x2" and b and b.get("slowest_rank") is not None and r["config"]["seed"] in one:
             slowest = next(x for x in b["per_rank"] if x["rank"] == b["slowest_rank"])
             base = one[r["config"]["seed"]]["breakdown"]["per_rank"][0]["parts_ms"]["compute"]
             grow.append(f"{(slowest['parts_ms']['compute'] / base - 1) * 100:+.0f} %")
     print("fsdp x2's slowest rank's profiled compute over fsdp x1's, per round: " + (", ".join(grow) or "n/a"))
-    pipe = [r["breakdown"]["per_rank"] for r in results if _cell(r) == "pipeline x2" and r.get("breakdown")]
+    pipe = [r["breakdown"]["per_rank"] for r in results if cell_label(r["config"], short=True) == "pipeline x2" and r.get("breakdown")]
     if pipe:
         total = [sum(x["parts_ms"]["compute"] for x in ranks) for ranks in pipe]
         print("pipeline x2 (profiled, ms per step, min to max over rounds): stage 0 compute "
@@ -182,12 +135,12 @@ def main() -> None:
                     lambda r: None if (w := slowest_rank_wait_s(r)) is None else w * 1000))
     print("where each measured multi-worker step went (profiled, ms per step, medians over rounds):")
     for cell in ("ddp x2", "fsdp x2", "pipeline x2"):
-        parts = [r["breakdown"]["parts_ms"] for r in results if r.get("breakdown") and _cell(r) == cell]
+        parts = [r["breakdown"]["parts_ms"] for r in results if r.get("breakdown") and cell_label(r["config"], short=True) == cell]
         if parts:
             print(f"  {cell}: " + ", ".join(f"{k} {statistics.median(p[k] for p in parts):.1f}" for k in parts[0]))
     profile_figures(results)
     worst = max(abs(c["error"]) for c in rows)
-    print(f"largest error {worst * 100:.1f} % (issue 10's bar: 15 %)")
+    print(f"largest error {worst * 100:.1f} % (the bar: 15 %)")
 
 
 if __name__ == "__main__":

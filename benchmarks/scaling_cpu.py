@@ -3,7 +3,7 @@
     python benchmarks/scaling_cpu.py [--model cnn] [--strategies ddp,fsdp,pipeline] [--gpus 2]
 
 Same per-device batch (weak scaling), same data, one process per "device" through torchrun
-with gloo. efficiency = throughput(N) / (N x throughput(single)). Issue 4 target for the
+with gloo. efficiency = throughput(N) / (N x throughput(single)). The target for the
 default CNN with ddp on 2 cores: >= 0.85. Alternates rounds so noise hits every cell alike.
 """
 from __future__ import annotations

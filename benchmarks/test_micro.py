@@ -12,8 +12,6 @@ Each benchmark also checks its result against a reference: the extractor against
 MelSpectrogram / MFCC (benchmarked beside it in the same group, so the table shows the ratio),
 a training step by the loss it lowers on the batch it trains on.
 """
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +21,7 @@ from emotion_models import FeatureConfig, build_model
 from emotion_models.audio import FeatureExtractor
 from emotion_models.models import MODELS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_audio_quality import torchaudio_reference  # noqa: E402
+from test_audio_quality import torchaudio_reference  # tests/ is on the path (pyproject: pythonpath)
 
 
 @pytest.fixture(autouse=True)

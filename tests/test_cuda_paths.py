@@ -673,7 +673,9 @@ def test_gpu_checks_pass_a_sound_result_and_fail_each_broken_figure():
     assert not invariants.sharding_saves_memory(sharded, single).ok
 
 
-def test_gpu_check_refuses_in_one_line_without_cuda(tmp_path):
+@pytest.mark.parametrize("how", [["-m", "benchmarks.gpu_check"], ["benchmarks/gpu_check.py"]], ids=["module", "script"])
+def test_gpu_check_refuses_in_one_line_without_cuda(tmp_path, how):
+    """Both ways of starting it (the GPU machine uses -m: no installed package there)."""
     import subprocess
     import sys
 
@@ -681,7 +683,7 @@ def test_gpu_check_refuses_in_one_line_without_cuda(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: gpu_check would run")
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, *how, "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "no CUDA GPU on this machine" in proc.stderr and not list(tmp_path.iterdir())

@@ -1,7 +1,7 @@
 """How strong are the tests? Mutation testing (mutmut) over the modules whose tests are fast.
 
     pip install mutmut   # 3.x; not a project dependency: this is not part of CI
-    python benchmarks/mutation_score.py [--only labels,splits] [--keep]
+    python tools/mutation_score.py [--only labels,splits] [--keep]
 
 For each module below, a copy of the checkout (tracked and untracked files, as git lists them)
 gets a [tool.mutmut] section naming that module and the tests that exercise it in process;
@@ -36,7 +36,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                ["tests/test_splits.py", "tests/test_oracles.py", "-k", "split or unknown or deterministic or disjoint"]),
     "scan": ("emotion_models/scan.py",
              ["tests/test_scan.py", "tests/test_oracles.py", "-k", "scan_reports or original or scan_gives or scan_in"]),
-    "metrics": ("bench/metrics.py", ["tests/test_run.py", "-k", "metrics_match"]),
+    "quality": ("bench/quality.py", ["tests/test_run.py", "-k", "metrics_match"]),
     "compare": ("bench/compare.py",
                 ["tests/test_sweep_report.py", "tests/test_oracles.py", "-k", "compare and not ci_runs"]),
     "report tables": ("bench/report/tables.py",

@@ -1,6 +1,6 @@
 """Does a change keep behaviour? The same commands on a base revision and on the working tree.
 
-    python benchmarks/same_behaviour.py BASE [--quick]
+    python tools/same_behaviour.py BASE [--quick]
 
 Checks out BASE into a temporary git worktree, then runs, with each side's code and the same
 seeds: `bench run`, `bench run --strategy ddp --gpus 2` and `bench sweep --config smoke`; and

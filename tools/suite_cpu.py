@@ -1,6 +1,6 @@
 """Where the default test suite spends its CPU: a pytest plugin, not part of CI.
 
-    PYTHONPATH=benchmarks python -m pytest -q -p suite_cpu [--suite-cpu-top 25]
+    PYTHONPATH=tools python -m pytest -q -p suite_cpu [--suite-cpu-top 25]
 
 The suite is CPU-bound on 2 cores (most tests start `bench` processes), so wall time per test
 says little under pytest-xdist: a test that waits looks as long as one that computes. Around

@@ -2,7 +2,7 @@
 visits of each gate cell per job, with torch's default CPU allocator and with
 THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for tensors of 2 MiB and more), jobs alternating.
 
-    python benchmarks/gate_jobs.py [--jobs 6] [--visits 3]
+    python tools/studies/gate_jobs.py [--jobs 6] [--visits 3]
 
 Prints, per allocator setting and cell, the spread (standard deviation of log throughput of the
 fastest step, in %) of the job means and of the visits within a job, and the mean throughput.
@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.ab import REPO, Job, Side, _label, gate_cells, visit_metrics  # noqa: E402
+from bench.ab import REPO, Job, Side, gate_cells, visit_metrics
+from bench.cells import cell_label
 
 SETTINGS = {"default": {"THP_MEM_ALLOC_ENABLE": "0"}, "thp": {"THP_MEM_ALLOC_ENABLE": "1"}}
 
@@ -43,7 +41,7 @@ def main() -> None:
                     visits: dict[str, list[float]] = {}
                     for _ in range(args.visits):
                         for c in cells:
-                            visits.setdefault(_label(c), []).append(visit_metrics(c, job.run(c, 300))["throughput"])
+                            visits.setdefault(cell_label(c, from_config=True), []).append(visit_metrics(c, job.run(c, 300))["throughput"])
                 finally:
                     job.close()
                 measured[name].append(visits)

@@ -1,6 +1,6 @@
 """How often a SIGTERM in a ddp run's timed window keeps the measured steps, with the CPU loaded.
 
-    python benchmarks/sigterm_race.py [--runs 30] [--load 3]
+    python tools/studies/sigterm_race.py [--runs 30] [--load 3]
 
 Each run: `bench run --strategy ddp --gpus 2` on CPU, SIGTERM to the launcher once rank 0 reaches
 step 6 (the `mark` fault hook), beside --load busy-loop processes. Counts the results that are
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def one_run(out: Path) -> dict:
