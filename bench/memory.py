@@ -103,23 +103,27 @@ class Estimate:
 @functools.lru_cache(maxsize=64)
 def _shape(model: str, size: str) -> tuple[int, int, tuple[int, ...]]:
     """(parameters, parameters of the largest block, parameters per block), counted once per code."""
-    per_block = tuple(model_stats(model, size)["params_per_block"])
+    per_block = tuple(_cached("params", model, size, 1, "fp32", _measure_params,
+                              lambda v: isinstance(v, list) and bool(v) and all(_count(x) for x in v)))
     return sum(per_block), max(per_block), per_block
 
 
 @functools.lru_cache(maxsize=64)
 def model_stats(model: str, size: str) -> dict:
-    """Parameters per block and forward FLOPs per 3 s sample, from a meta-device build, kept in the
-    cache folder like the activation counts (building and counting the largest encoders takes seconds)."""
-    return _cached("stats", model, size, 1, "fp32", _measure_stats,
-                   lambda v: isinstance(v, dict) and isinstance(v.get("params_per_block"), list)
-                   and all(_count(x) for x in v["params_per_block"]) and _count(v.get("forward_flops")))
+    """Parameters per block and forward FLOPs per 3 s sample (`bench list`), kept in the cache folder
+    like the activation counts: counting the largest encoders' FLOPs takes seconds. A run's estimate
+    reads the parameters alone (_shape), never the FLOPs."""
+    flops = _cached("flops", model, size, 1, "fp32", _measure_flops, _count)
+    return {"params_per_block": list(_shape(model, size)[2]), "forward_flops": flops}
 
 
-def _measure_stats(model: str, size: str, batch: int, precision: str) -> dict:
+def _measure_params(model: str, size: str, batch: int, precision: str) -> list[int]:
     m = build_model(model, size=size, device="meta")
-    return {"params_per_block": [sum(p.numel() for p in b.parameters()) for b in m.blocks],
-            "forward_flops": int(sum(m.block_flops(batch)))}
+    return [sum(p.numel() for p in b.parameters()) for b in m.blocks]
+
+
+def _measure_flops(model: str, size: str, batch: int, precision: str) -> int:
+    return int(sum(build_model(model, size=size, device="meta").block_flops(batch)))
 
 
 @functools.lru_cache(maxsize=1)
