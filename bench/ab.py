@@ -336,6 +336,8 @@ class ABOutcome:
     looks: list[int] = field(default_factory=list)  # the pairs at each look
     more_s: float | None = None  # inconclusive: about how many more seconds the rule would need
     fingerprint: dict = field(default_factory=dict)  # the machine's, recorded with every gate
+    first_look: list[Verdict] = field(default_factory=list)  # the first look's verdicts, where a second was taken
+    measured: list = field(default_factory=list)  # [(base metrics, head metrics)] per pair, cell -> metric -> value
 
     @property
     def regressed(self) -> bool:
@@ -433,7 +435,8 @@ def run_ab(base_rev: str, head_rev: str | None, *, cells: str, pairs: int | None
     n = len(measured)
     needed = [pairs_needed(v, max_regression) for v in verdicts if v.verdict == "inconclusive" and v.metric in JUDGED]
     more_s = max(0.0, (max(needed) - n) * seconds / n) if needed and None not in needed and n else None
-    return ABOutcome(sides["base"], sides["head"], n, seconds, verdicts, looks, more_s, fingerprint())
+    first = judge(measured[:looks[0]], max_regression) if len(looks) > 1 else []  # what the rule saw at look 1
+    return ABOutcome(sides["base"], sides["head"], n, seconds, verdicts, looks, more_s, fingerprint(), first, measured)
 
 
 @dataclass
@@ -528,6 +531,11 @@ def parse_env(items: list[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
+def _verdict_json(v: Verdict) -> dict:
+    return {"cell": v.cell, "metric": v.metric, "verdict": v.verdict, "ratio": v.ratio, "low": v.low, "high": v.high,
+            "smallest_visible": v.smallest_visible, "pairs": v.pairs, "note": v.note}
+
+
 def write_json(outcome: ABOutcome, max_regression: float, path: str) -> Path:
     """One gate's verdicts as one JSON file, atomically (bench history reads a folder of them)."""
     from datetime import datetime, timezone
@@ -545,9 +553,10 @@ def write_json(outcome: ABOutcome, max_regression: float, path: str) -> Path:
               "pairs": outcome.pairs, "looks": outcome.looks, "seconds": outcome.seconds,
               "max_regression": max_regression, "verdict": outcome.verdict, "more_s": outcome.more_s,
               "fingerprint": outcome.fingerprint,
-              "verdicts": [{"cell": v.cell, "metric": v.metric, "verdict": v.verdict, "ratio": v.ratio, "low": v.low,
-                            "high": v.high, "smallest_visible": v.smallest_visible, "pairs": v.pairs, "note": v.note}
-                           for v in outcome.verdicts]}
+              "verdicts": [_verdict_json(v) for v in outcome.verdicts],
+              # why a second look was taken, and every pair's figures, so a rule can be studied offline
+              "first_look": [_verdict_json(v) for v in outcome.first_look],
+              "pair_metrics": [{"base": b, "head": h} for b, h in outcome.measured]}
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(record, indent=1) + "\n")

@@ -102,10 +102,15 @@ def test_a_gate_file_bench_ab_writes_is_read_back(tmp_path):
     outcome = ABOutcome(Side("base", "HEAD", tmp_path), Side("head", "working tree", tmp_path), 12, 200.0,
                         [Verdict("cnn single 1x fp32 b16", "throughput", "no change", 0.99, 0.97, 1.01, pairs=12),
                          Verdict("cnn single 1x fp32 b16", "macro_f1", "no change", 1.0, note="0.2 vs 0.2")],
-                        [12], None, {"cpu_model": "Test CPU", "hardware_id": "hw"})
+                        [8, 12], None, {"cpu_model": "Test CPU", "hardware_id": "hw"},
+                        [Verdict("cnn single 1x fp32 b16", "throughput", "inconclusive", 0.97, 0.93, 1.01, pairs=8)],
+                        [({"cnn single 1x fp32 b16": {"throughput": 100.0}}, {"cnn single 1x fp32 b16": {"throughput": 99.0}})])
     path = write_json(outcome, 0.05, str(tmp_path / "g" / "gate.json"))
     record = json.loads(path.read_text())
-    assert record["kind"] == "gate" and record["fingerprint"]["hardware_id"] == "hw" and record["looks"] == [12]
+    assert record["kind"] == "gate" and record["fingerprint"]["hardware_id"] == "hw" and record["looks"] == [8, 12]
+    # why the second look was taken, and each pair's figures for a study of the rule
+    assert [(v["metric"], v["verdict"], v["pairs"]) for v in record["first_look"]] == [("throughput", "inconclusive", 8)]
+    assert record["pair_metrics"][0]["head"]["cnn single 1x fp32 b16"]["throughput"] == 99.0
     (s,) = build(load_gates([str(tmp_path / "g")])[0])
     assert (s.cell, s.metric, s.points[0].ratio, s.points[0].pairs) == ("cnn single 1x fp32 b16", "throughput", 0.99, 12)
     find_changes(s)  # one point: no change points, no error
