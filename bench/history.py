@@ -46,6 +46,12 @@ class Point:
     pairs: int
     verdict: str
     source: str  # the gate file
+    machine: str | None = None  # the gate machine's hardware id
+
+    @property
+    def flagged(self) -> bool:
+        """Weak evidence: the gate could not tell."""
+        return self.verdict == "inconclusive"
 
     @property
     def log_se(self) -> float | None:
@@ -74,6 +80,14 @@ class Series:
     @property
     def better(self) -> int:
         return JUDGED[self.metric][1] if self.metric in JUDGED else +1
+
+    @property
+    def flags(self) -> str:
+        """Why this series' points may not mean what they seem (bench/trust.py), in words."""
+        from . import trust
+
+        return trust.joined([trust.machines_differ([p.machine for p in self.points]),
+                             trust.inconclusive_gates([p.verdict for p in self.points])])
 
     def newest_regression(self, threshold: float) -> Change | None:
         """The change into the newest segment, where it made the metric worse by more than threshold."""
@@ -136,7 +150,7 @@ def build(gates: list[dict], *, metrics: list[str] | None = None, cells: list[st
             s = by.setdefault((v["cell"], v["metric"]), Series(v["cell"], v["metric"]))
             s.points.append(Point((g.get("head") or {}).get("commit"), g.get("created_utc", ""), v["ratio"],
                                   v.get("low"), v.get("high"), int(v.get("pairs") or 0), v.get("verdict", ""),
-                                  g["_source"]))
+                                  g["_source"], (g.get("fingerprint") or {}).get("hardware_id")))
     return [by[k] for k in sorted(by)]
 
 
@@ -191,21 +205,23 @@ def history(dirs: list[str], *, metrics: list[str] | None = None, cells: list[st
 
 
 def short(commit: str | None) -> str:
-    return commit[:9] if commit else "?"
+    return commit[:7] if commit else "?"
 
 
 def rows(series: list[Series], threshold: float) -> tuple[list[str], list[list[str]]]:
-    header = ["cell", "metric", "gates", "newest head/base (95 % CI)", "change points (commits: step)", "verdict"]
+    header = ["cell", "metric", "gates", "newest head/base (95 % CI)", "change points (commit: step)", "verdict",
+              "flags"]
     out = []
     for s in series:
         p = s.points[-1]
         newest = (f"{(p.ratio - 1) * 100:+.1f}% [{(p.low - 1) * 100:+.1f}, {(p.high - 1) * 100:+.1f}]"
                   if p.low is not None and p.high is not None else f"{(p.ratio - 1) * 100:+.1f}%")
-        changes = "; ".join(f"{short(c.before)}..{short(c.after)}: {c.step * 100:+.1f} %" for c in s.changes) or "none"
+        changes = "; ".join(f"at {short(c.after)} (after {short(c.before)}): {c.step * 100:+.1f}%"
+                            for c in s.changes) or "none"
         worse = s.newest_regression(threshold)
         verdict = (f"regression since {short(worse.after)}" if worse else
                    "too few points" if len(s.points) < 4 or not s.sigma else "no regression in the newest segment")
-        out.append([s.cell, s.metric, str(len(s.points)), newest, changes, verdict])
+        out.append([s.cell, s.metric, str(len(s.points)), newest, changes, verdict, s.flags or "–"])
     return header, out
 
 
@@ -228,6 +244,12 @@ def plot(series: list[Series], metric: str, threshold: float, path: Path) -> Pat
         line = ax.errorbar(x, y, yerr=[lo, hi], marker="o", ms=3, capsize=2, label=s.cell)
         for c in s.changes:
             ax.axvline(c.index - 0.5, color=line[0].get_color(), ls="--", lw=0.8)
+        weak = [(i, v) for i, (v, p) in enumerate(zip(y, s.points)) if p.flagged]
+        if weak:
+            ax.scatter([i for i, _ in weak], [v for _, v in weak], s=90, facecolors="none", edgecolors="red",
+                       linewidths=1.0, zorder=3)
+    if any(p.flagged for s in chosen for p in s.points):
+        ax.scatter([], [], s=90, facecolors="none", edgecolors="red", label="ringed: inconclusive gate")
     for t in (-threshold, threshold):
         ax.axhline(t * 100, color="grey", lw=0.6, ls=":")
     ax.axhline(0, color="black", lw=0.5)
@@ -270,7 +292,8 @@ def write(series: list[Series], skipped: list[tuple[str, str]], out: str, thresh
     render(folder, "bench history", [f"{sum(len(s.points) for s in series)} points in {len(series)} series; "
                                      f"threshold {threshold * 100:g} %"], sections, stem="history")
     flat = [{"cell": s.cell, "metric": s.metric, "commit": p.commit, "created_utc": p.created, "ratio": p.ratio,
-             "low": p.low, "high": p.high, "pairs": p.pairs, "verdict": p.verdict, "source": p.source}
+             "low": p.low, "high": p.high, "pairs": p.pairs, "verdict": p.verdict, "machine": p.machine,
+             "source": p.source}
             for s in series for p in s.points]
     atomic_write_text(folder / "history.csv", pd.DataFrame(flat).to_csv(index=False))
     return [folder / "history.md", folder / "history.html", folder / "history.csv"] + [f.path for f in figures if f.path]

@@ -44,6 +44,8 @@ from pathlib import Path
 
 from emotion_models.models import build_model
 
+from . import trust
+
 # named links: (bus bandwidth GB/s, hop latency µs, source). Bandwidths are the data sheets'
 # per-direction figures x 0.8 (nccl-tests reach 70-90 % of them); latencies are typical
 # small-message figures, assumptions rather than measurements: measure yours with bench comm.
@@ -112,6 +114,7 @@ class Inputs:
     one_device: dict | None = None  # strategy -> its step time (s) measured at one device, when it was
     contention: dict | None = None  # devices per node n -> c_n, from independent runs at n
     wait: dict | None = None  # strategy -> {devices N0 (any node count): W_N0 in seconds per step}, profiled runs
+    flags: str = ""  # the single runs' trust flags (bench/trust.py): every prediction from them carries them
 
     def contention_at(self, per_node: int) -> float:
         """c_n: 1 at one device per node, and where no independent run at n was measured."""
@@ -201,7 +204,8 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
                           {s: statistics.median(v) for s, v in g["overlap"].items()},
                           {s: statistics.median(v) for s, v in g["one"].items()},
                           {n: statistics.median(v) / t1 for n, v in g["independent"].items()},
-                          {s: {n: statistics.median(v) for n, v in by_n.items()} for s, by_n in g["wait"].items()}))
+                          {s: {n: statistics.median(v) for n, v in by_n.items()} for s, by_n in g["wait"].items()},
+                          trust.joined(f for r in g["single"] for f in trust.result_flags(r))))
     return out
 
 
@@ -256,6 +260,7 @@ def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
     """Predicted against measured for every ok multi-device cell that has its single baseline."""
     by_key = {(i.model, i.model_size, i.precision, i.batch): i for i in inputs_from(results)}
     rows: dict[tuple, list[float]] = {}
+    flags: dict[tuple, list[str]] = {}
     for r in results:
         c = r["config"]
         if (r["status"] != "ok" or c["strategy"] not in ("ddp", "fsdp", "pipeline") or c["devices"] < 2
@@ -263,7 +268,9 @@ def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
             continue
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
         if key in by_key:
-            rows.setdefault((key, c["strategy"], c["devices"], c.get("nodes", 1)), []).append(r["throughput"]["samples_per_s"])
+            cell = (key, c["strategy"], c["devices"], c.get("nodes", 1))
+            rows.setdefault(cell, []).append(r["throughput"]["samples_per_s"])
+            flags.setdefault(cell, []).extend(trust.result_flags(r))
     out = []
     for (key, strategy, n, nodes), measured in rows.items():
         inp = by_key[key]
@@ -272,8 +279,9 @@ def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
         out.append({"model": inp.model, "precision": inp.precision, "batch": inp.batch, "strategy": strategy,
                     "devices": n, "nodes": nodes, "predicted": p["samples_per_s"], "measured": m,
                     "error": p["samples_per_s"] / m - 1, "overlap": p["overlap"], "contention": p["contention"],
-                    "wait_ms": p["wait_ms"],
-                    "repeats": len(measured)})
+                    "wait_ms": p["wait_ms"], "repeats": len(measured),
+                    "flags": trust.joined([*flags[(key, strategy, n, nodes)],
+                                           *(f"single baseline: {f}" for f in trust.split(inp.flags))])})
     return out
 
 
@@ -317,7 +325,9 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
                              f"{p['overlap']:.2f}" + ("" if inp.overlap and s in inp.overlap else " (none measured)"),
                              f"{p['contention']:.2f}" + ("" if inp.contention_measured(n // nodes) else " (none measured)"),
                              "" if s == "pipeline" or n < 2 else
-                             f"{p['wait_ms']:.1f}" + ("" if (inp.wait or {}).get(s) else " (none measured)"), note])
+                             f"{p['wait_ms']:.1f}" + ("" if (inp.wait or {}).get(s) else " (none measured)"),
+                             # a prediction rests on its single runs: their flags travel with every row
+                             note + (f"; single baseline flagged: {inp.flags}" if inp.flags else "")])
     header = ["cell", "devices", "nodes", "step (ms)", "throughput (samples/s)", "efficiency", "overlap o",
               "contention c_n", "wait W (ms/step)", "note"]
     title = (f"predicted: intra-node {intra.source} ({intra.busbw_GBps:.1f} GB/s, {intra.alpha_us:.0f} us); "
@@ -328,10 +338,10 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
 def check_table(checked: list[dict]) -> tuple[str, list[str], list[list[str]]]:
     """(title, header, rows) of check()'s cells: measured against predicted throughput."""
     header = ["cell", "devices", "measured (samples/s)", "predicted (samples/s)", "error", "contention c_n",
-              "wait W (ms/step)"]
+              "wait W (ms/step)", "flags"]
     rows = [[f"{c['model']} {c['strategy']} {c['precision']} b{c['batch']}", str(c["devices"]),
              f"{c['measured']:.1f}", f"{c['predicted']:.1f}", f"{c['error'] * 100:+.1f}%", f"{c['contention']:.2f}",
-             "" if c["strategy"] == "pipeline" else f"{c['wait_ms']:.1f}"]
+             "" if c["strategy"] == "pipeline" else f"{c['wait_ms']:.1f}", c.get("flags") or "–"]
             for c in checked]
     return "predicted against measured (the same links)", header, rows
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from emotion_models.atomic import atomic_write_text
 
-from .cells import cell_key
+from .cells import cell_key, cell_label
 from .config import ConfigError, RunConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -276,10 +276,17 @@ def run_sweep(spec: SweepSpec, out: str, *, device_type: str, resume: bool = Fal
     return SweepOutcome(cells, len(todo) - failed, failed, len(skipped), resumed, interrupted)
 
 
-def summary_rows(out_dir: str, cells: list[Cell]) -> list[list[str]]:
-    """The sweep's cells as its closing table shows them: state from the manifest, and for cells with a
+def cell_name(c: Cell) -> str:
+    """A cell as the closing table names it: its label, and its repeat past the first (the file is
+    <key>.json); spaces, so a narrow console wraps it instead of cutting it."""
+    return cell_label(c.cfg, from_config=True) + (f" r{c.cfg.repeat}" if c.cfg.repeat else "")
+
+
+def closing(out_dir: str, cells: list[Cell]):
+    """The sweep's end, from one reading of its results: (the closing table's rows, the frame of the
+    cells' results or None). A row is the cell, its state from the manifest, and for a cell with a
     result its throughput (samples/s), weak-scaling efficiency against its single cell, test macro-F1;
-    the note is a skip reason or an error."""
+    the note is a skip reason or an error. The frame is what the sweep's verdict judges."""
     from .frame import frame
     from .results import load_result
 
@@ -292,18 +299,19 @@ def summary_rows(out_dir: str, cells: list[Cell]) -> list[list[str]]:
                 results[c.key] = load_result(path)
             except (OSError, ValueError):  # not a result after all: the table leaves its figures blank
                 pass
-    df = frame(list(results.values())).set_index("run_id") if results else None
+    df = frame(list(results.values())) if results else None
+    indexed = df.set_index("run_id") if df is not None else None
     rows = []
     for c in cells:
         st = states.get(c.key, {"state": "pending"})
         note = st.get("reason") or st.get("error") or ""
         figures = ["", "", ""]
-        if c.key in results and df is not None:
-            row = df.loc[results[c.key]["run_id"]]
+        if c.key in results and indexed is not None:
+            row = indexed.loc[results[c.key]["run_id"]]
             figures = [_figure(row.get("samples_per_s"), ".1f"), _figure(row.get("efficiency"), ".2f"),
                        _figure(row.get("macro_f1"), ".3f")]
-        rows.append([c.key, st["state"], *figures, note])
-    return rows
+        rows.append([cell_name(c), st["state"], *figures, note])
+    return rows, df
 
 
 def _figure(value, spec: str) -> str:

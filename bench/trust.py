@@ -88,6 +88,22 @@ def steps_flag(cell_steps, base_steps) -> str | None:
             "same epochs): its F1 is not single's at equal training")
 
 
+def machines_differ(ids: list[str | None]) -> str | None:
+    """Gates (or results) from more than one machine in one series: a step may be the machine's."""
+    seen = sorted({i for i in ids if i})
+    if len(seen) < 2:
+        return None
+    return (f"{len(seen)} machines ({', '.join(seen)}): a step between them may be the machine, not the commit "
+            "(pass bench history one machine's gate folder)")
+
+
+def inconclusive_gates(verdicts: list[str]) -> str | None:
+    k = sum(v == "inconclusive" for v in verdicts)
+    if not k:
+        return None
+    return f"{k} of {len(verdicts)} gate(s) inconclusive: their points rest on intervals wider than the threshold"
+
+
 SEP = "; "  # no flag's text holds it
 
 

@@ -8,17 +8,19 @@ import pytest
 
 from bench.ab import t975
 from bench.history import build, find_changes, history, load_gates
-from conftest import invoke
+from conftest import bench, invoke
 
 SIGMA = 0.03  # a point's noise (log ratio): gate intervals about +-6.5 % at 10 pairs
 
 
-def _gate(folder, i, ratio, *, commit=None, created=None, cell="cnn single 1x fp32 b16", sigma=SIGMA, pairs=10):
+def _gate(folder, i, ratio, *, commit=None, created=None, cell="cnn single 1x fp32 b16", sigma=SIGMA, pairs=10,
+          machine="hwA", verdict="no change"):
     half = t975(pairs - 1) * sigma
     record = {"kind": "gate", "schema": 1, "created_utc": created or f"2026-12-01T00:{i // 60:02d}:{i % 60:02d}+00:00",
               "base": {"rev": "base", "commit": "b" * 40}, "head": {"rev": "working tree", "commit": commit},
-              "pairs": pairs, "looks": [pairs], "verdict": "no change", "max_regression": 0.05,
-              "verdicts": [{"cell": cell, "metric": "throughput", "verdict": "no change", "ratio": ratio,
+              "pairs": pairs, "looks": [pairs], "verdict": verdict, "max_regression": 0.05,
+              "fingerprint": {"hardware_id": machine},
+              "verdicts": [{"cell": cell, "metric": "throughput", "verdict": verdict, "ratio": ratio,
                             "low": ratio * math.exp(-half), "high": ratio * math.exp(half), "pairs": pairs},
                            {"cell": cell, "metric": "macro_f1", "verdict": "no change", "ratio": 1.0}]}
     path = folder / f"gate-{i:03d}.json"
@@ -81,6 +83,11 @@ def test_the_command_fails_on_a_newest_step_worse_than_the_threshold(tmp_path, c
     _series(tmp_path / "flat", 100)
     code, out = invoke(["history", str(tmp_path / "step"), "--out", str(tmp_path / "rep")], capsys)
     assert code == 1 and "regression" in out, out
+    assert "| at 0000000 (after 0000000): -" in (tmp_path / "rep" / "history.md").read_text()  # synthetic commits
+    narrow = bench("history", tmp_path / "step", "--out", tmp_path / "rep3", env={"COLUMNS": "80"})
+    drawn = [line for line in narrow.stdout.splitlines() if line[:1] in "┏┃┡│└"]  # the table (paths are lines)
+    assert narrow.returncode == 1 and drawn and max(map(len, drawn)) <= 80, narrow.stdout
+    assert "…" not in narrow.stdout and "regression" in narrow.stdout
     for name in ("history.md", "history.html", "history.csv", "history_throughput.png"):
         assert (tmp_path / "rep" / name).exists(), name
     assert "regression since" in (tmp_path / "rep" / "history.md").read_text()
@@ -115,3 +122,26 @@ def test_a_gate_file_bench_ab_writes_is_read_back(tmp_path):
     assert (s.cell, s.metric, s.points[0].ratio, s.points[0].pairs) == ("cnn single 1x fp32 b16", "throughput", 0.99, 12)
     find_changes(s)  # one point: no change points, no error
     assert s.changes == []
+
+
+def test_a_series_over_two_machines_or_with_inconclusive_gates_says_so(tmp_path):
+    from bench.history import rows
+
+    one = tmp_path / "one"
+    one.mkdir()
+    for i in range(5):
+        _gate(one, i, 1.0, commit=f"{i:040x}")
+    ((s,), _) = history([str(one)])
+    assert s.flags == "" and rows([s], 0.05)[1][0][-1] == "–"
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i in range(5):
+        _gate(mixed, i, 1.0, commit=f"{i:040x}", machine="hwA" if i < 3 else "hwB",
+              verdict="inconclusive" if i == 4 else "no change", sigma=0.05 if i == 4 else SIGMA)
+    ((s,), _) = history([str(mixed)])
+    header, table = rows([s], 0.05)
+    assert header[-1] == "flags"
+    assert table[0][-1] == ("2 machines (hwA, hwB): a step between them may be the machine, not the commit "
+                            "(pass bench history one machine's gate folder); 1 of 5 gate(s) inconclusive: "
+                            "their points rest on intervals wider than the threshold")
+    assert [p.machine for p in s.points] == ["hwA", "hwA", "hwA", "hwB", "hwB"]

@@ -120,11 +120,14 @@ def test_sweep_resumes_after_being_killed_mid_cell(tmp_path):
     states = {c["key"]: c["state"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
     assert set(states.values()) == {"done"}
     # the closing table: every cell, resumed ones included, with its throughput from its own file
-    rows = {line.split("│")[1].strip(): line for line in resumed.stdout.splitlines() if line.startswith("│ cnn-")}
-    assert set(rows) == set(states), resumed.stdout
-    for key, line in rows.items():
-        thr = load_result(out / f"{key}.json")["throughput"]["samples_per_s"]
-        assert f"{thr:.1f}" in line and "│ done" in line, line
+    rows = {line.split("│")[1].strip(): line for line in resumed.stdout.splitlines() if line.startswith("│ cnn ")}
+    assert len(rows) == len(states), resumed.stdout
+    for key in states:
+        r = load_result(out / f"{key}.json")
+        c = r["config"]
+        line = rows[f"cnn {c['strategy']} {c['devices']}x fp32 b{c['batch_size_per_device']}"
+                    + (f" r{c['repeat']}" if c["repeat"] else "")]
+        assert f"{r['throughput']['samples_per_s']:.1f}" in line and "│ done" in line, line
 
 
 def test_failed_cell_is_recorded_and_sweep_goes_on(tmp_path):
@@ -136,7 +139,7 @@ def test_failed_cell_is_recorded_and_sweep_goes_on(tmp_path):
     results = {r["config"]["strategy"]: r for r in map(load_result, tmp_path.glob("cnn-*.json"))}
     assert set(results) == {"single", "pipeline"} and all(r["status"] == "failed" for r in results.values())
     assert all("injected fault" in r["error"] for r in results.values()), results
-    table = [line for line in proc.stdout.splitlines() if line.startswith("│ cnn-")]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("│ cnn ")]
     assert len(table) == 2 and all("failed" in line and "injected fault" in line for line in table), proc.stdout
 
 
@@ -283,3 +286,25 @@ def test_a_sweep_cell_inherits_nothing_of_the_process_before_it(tmp_path):
     (result,) = [load_result(p) for p in tmp_path.glob("cnn-*.json")]
     peak = result["utilization"]["per_rank"][0]["peak_rss_bytes"]
     assert result["status"] == "ok" and 0 < peak < 1.5 * 2**30, peak
+
+
+def test_the_sweeps_closing_table_fits_80_columns():
+    """The longest cells a sweep names, a long error note: every line within 80 columns, nothing cut."""
+    import io
+
+    from rich.console import Console
+
+    from bench.commands.sweep import SUMMARY_HEADER
+    from bench.ui import table
+
+    rows = [["wav2vec2 pipeline 8x bf16 compiled b32 r2", "failed", "1234.5", "0.91", "0.812",
+             "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)"],
+            ["conformer fsdp 4x fp16 b16", "skipped", "", "", "", "fp16 needs a GPU (GradScaler): run on CUDA"],
+            ["cnn single 1x fp32 b32", "done", "119.3", "", "0.800", ""]]
+    buf = io.StringIO()
+    Console(file=buf, width=80, color_system=None).print(table("sweep: 3 cells", SUMMARY_HEADER, rows, plain=True))
+    lines = buf.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80, buf.getvalue()
+    assert "…" not in buf.getvalue() and "1234.5" in buf.getvalue() and "0.812" in buf.getvalue()
+    shown = set(buf.getvalue().replace("│", " ").split())  # wrapped, not cut: every word is there
+    assert all(set(r[0].split() + r[-1].split()) <= shown for r in rows), buf.getvalue()

@@ -105,3 +105,45 @@ def test_compare_carries_each_sides_flags_into_its_note():
     notes = {v.cell: v.note for v in compare(base, cur)}
     assert notes["cnn ddp 2x fp32 b32"].startswith("current flagged: oversubscribed: 2 process(es) x 4 thread(s)")
     assert "baseline flagged" not in notes["cnn ddp 2x fp32 b32"] and notes["cnn single 1x fp32 b32"] == ""
+
+
+def test_plots_ring_flagged_points_and_name_them_on_bars():
+    """The flagged cells (worked out above: ddp 2x, fsdp 2x, independent 2x, ddp 4x) are ringed on the
+    point plots, at their own coordinates, and named on the bar charts; the others are not."""
+    import numpy as np
+
+    from bench.report.plots import FLAGGED, scaling, utilization
+
+    agg = aggregate(frame(flagged_matrix()))
+    ok = agg[agg.samples_per_s.notna()]
+    fig = scaling(ok)
+    ax = fig.axes[0]
+    assert FLAGGED in [t.get_text() for t in ax.get_legend().get_texts()]
+    rings = [c for c in ax.collections if c.get_label() == FLAGGED]
+    (ring,) = rings
+    want = {(2, 195.0), (2, 190.0), (2, 210.0), (4, 300.0)}
+    assert {(int(x), round(float(y), 1)) for x, y in np.asarray(ring.get_offsets())} == want
+    labels = [t.get_text() for t in utilization(ok).axes[0].get_yticklabels()]
+    assert sorted(lab for lab in labels if lab.endswith("(flagged)")) == sorted(
+        ["cnn ddp 2x fp32 (flagged)", "cnn fsdp 2x fp32 (flagged)", "cnn independent 2x fp32 (flagged)",
+         "cnn ddp 4x fp32 (flagged)"])
+    assert "cnn single 1x fp32" in labels and "cnn pipeline 2x fp32" in labels
+
+
+def test_predict_carries_the_measured_cells_and_the_baselines_flags():
+    from bench.predict import Link, check, check_table, inputs_from, prediction_table
+
+    link = Link.named("100gbe")
+    busy = cell("single", 1, 100.0, repeats=3)
+    for r in busy:
+        r["utilization"]["load_avg_1m_mean"] = 9.0  # 9 runnable on 4 cores, the run's own explain 1
+    results = busy + cell("ddp", 2, 195.0, threads=4)  # oversubscribed, as above
+    (row,) = check(results, link, None)
+    assert row["flags"].startswith("oversubscribed: 2 process(es) x 4 thread(s) share 4 cores")
+    assert "single baseline: busy machine: load average 9.0 on 4 cores" in row["flags"]
+    _, header, rows = check_table([row])
+    assert header[-1] == "flags" and rows[0][-1] == row["flags"]
+    _, header, rows = prediction_table(inputs_from(results), ["ddp"], [2, 4], 8, link, Link.named("ib-ndr"))
+    assert all("single baseline flagged: busy machine: load average 9.0" in r[-1] for r in rows)
+    quiet = check(cell("single", 1, 100.0, repeats=3) + cell("ddp", 2, 190.0), link, None)
+    assert quiet[0]["flags"] == ""

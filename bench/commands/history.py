@@ -33,10 +33,16 @@ def history_cmd(
         series, skipped = history(dirs, metrics=split_csv(metric), cells=split_csv(cells), repo=where)
     except ValueError as exc:
         fail(str(exc))
-    header, table_rows = rows(series, threshold)
+    _, table_rows = rows(series, threshold)
+    # 80 columns: cell and metric in one wrapped column, the flags as lines below
     console.print(table(f"bench history: {sum(len(s.points) for s in series)} gates' points, threshold "
-                        f"{threshold * 100:g} %", header, table_rows, plain=True,
+                        f"{threshold * 100:g} %", ["series", "gates", "newest head/base (95 % CI)",
+                                                   "change points (commit: step)", "verdict"],
+                        [[f"{r[0]}: {r[1]}", *r[2:6]] for r in table_rows], plain=True,
                         style=lambda r: "red" if r[-1].startswith("regression") else None))
+    for r in table_rows:
+        if r[6] != "–":
+            info(f"flagged, {r[0]}: {r[1]}: {r[6]}")
     for f, why in skipped:
         info(f"skipped {f}: {why}")
     try:

@@ -54,25 +54,19 @@ def sweep(
     if done.interrupted is not None:
         error(f"sweep interrupted ({done.interrupted.error}); bench sweep ... --resume carries on")
         raise Exit(done.interrupted.code)
-    from ..sweep import summary_rows
+    from ..frame import aggregate
+    from ..sweep import closing, skipped_cells
+    from .report import show_verdicts
 
-    console.print(table(f"sweep: {len(done.cells)} cells", SUMMARY_HEADER, summary_rows(out, done.cells), plain=True))
-    _verdict(out)
+    rows, df = closing(out, done.cells)  # the results read once, for the table and the verdict
+    console.print(table(f"sweep: {len(done.cells)} cells (results: {out}/<cell key>.json)", SUMMARY_HEADER, rows,
+                        plain=True))
+    show_verdicts(aggregate(df) if df is not None and not df.empty else None, skipped_cells(out))
     info(f"sweep done: {done.ran} ran, {done.failed} failed or stopped, {done.skipped} skipped; results in {out}")
     info(f"next: bench report {out} --out reports/")
 
 
-SUMMARY_HEADER = [("cell", {"no_wrap": True}), "state", ("samples/s", {"justify": "right"}), ("efficiency", {"justify": "right"}),
-                  ("macro-F1", {"justify": "right"}), "note"]
-
-
-def _verdict(out: str) -> None:
-    """The sweep's verdict, as its report will open with it."""
-    from ..frame import aggregate, frame
-    from ..results import load_results
-    from ..sweep import skipped_cells
-    from .report import show_verdicts
-
-    results, _ = load_results([out])
-    df = frame(results) if results else None
-    show_verdicts(aggregate(df) if df is not None and not df.empty else None, skipped_cells(out))
+# fits 80 columns: the cell's label and the note wrap, the figures do not
+SUMMARY_HEADER = ["cell", "state", ("samples/s", {"justify": "right", "no_wrap": True}),
+                  ("efficiency", {"justify": "right", "no_wrap": True}), ("macro-F1", {"justify": "right", "no_wrap": True}),
+                  "note"]

@@ -26,6 +26,27 @@ def _axes(size=(7, 4.5)):
     return _plt().subplots(figsize=size)
 
 
+FLAGGED = "ringed: flagged (the table's flags column says why)"
+
+
+def _flagged(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows that carry a trust flag (bench/trust.py). df["flags"], never df.flags: pandas' own."""
+    return df[df["flags"].fillna("").astype(str).str.len() > 0] if "flags" in df.columns else df.iloc[0:0]
+
+
+def _ring(ax, df: pd.DataFrame, x: str, y: str) -> None:
+    """A red ring around each flagged point, and one legend entry for them all."""
+    fl = _flagged(df)
+    if not fl.empty:
+        ax.scatter(fl[x], fl[y], s=180, facecolors="none", edgecolors="red", linewidths=1.3, zorder=4, label=FLAGGED)
+
+
+def _bar_labels(df: pd.DataFrame) -> list[str]:
+    """Cell labels for a bar chart, a flagged cell's marked in words."""
+    marked = set(_flagged(df).index)
+    return [cell_label(r, batch=False) + (" (flagged)" if i in marked else "") for i, r in zip(df.index, df.itertuples())]
+
+
 def scaling(ok: pd.DataFrame):
     """Throughput against devices, with the ideal linear line from each single-device cell."""
     fig, ax = _axes()
@@ -39,6 +60,7 @@ def scaling(ok: pd.DataFrame):
         top = max(ok.devices.max(), 2)
         ax.plot([1, top], [base, base * top], "k--", lw=0.8, alpha=0.5)
     ax.plot([], [], "k--", lw=0.8, label="ideal linear (from single)")
+    _ring(ax, ok, "devices", "samples_per_s")
     ax.set_xticks(sorted(set(ok.devices)))
     ax.set_xlabel("devices")
     ax.set_ylabel(METRICS["samples_per_s"].header())
@@ -57,6 +79,7 @@ def efficiency(ok: pd.DataFrame):
         g = g.sort_values("devices")
         ax.plot(g.devices, g.efficiency, marker="o", label=f"{series_label(g.iloc[0])} ({key[-1]})")
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    _ring(ax, eff, "devices", "efficiency")
     ax.set_xticks(sorted(set(eff.devices)))
     ax.set_xlabel("devices")
     ax.set_ylabel("scaling efficiency (throughput / (N x single))")
@@ -106,6 +129,7 @@ def pareto(ok: pd.DataFrame):
             best = r.macro_f1
             pts.append((r.samples_per_s, r.macro_f1))
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "r-", lw=1, label="Pareto front (fast and still learning)")
+    _ring(ax, pf, "samples_per_s", "macro_f1")
     ax.set_xlabel(METRICS["samples_per_s"].header())
     ax.set_ylabel("test macro-F1")
     ax.set_title("throughput against test macro-F1")
@@ -116,7 +140,7 @@ def pareto(ok: pd.DataFrame):
 def utilization(ok: pd.DataFrame):
     """Busy % and peak memory per cell."""
     fig, (a1, a2) = _plt().subplots(1, 2, figsize=(10, 4.5))
-    labels = [cell_label(r, batch=False) for r in ok.itertuples()]
+    labels = _bar_labels(ok)
     busy = a1.barh(labels, ok.busy_percent.fillna(0))
     a1.bar_label(busy, fmt="%.0f %%", fontsize=7, padding=2)
     a1.set_xlabel(f"busy (%, {', '.join(sorted(set(ok.busy_kind)))}; NVML: share of time a kernel ran)")
@@ -137,7 +161,7 @@ def energy(ok: pd.DataFrame):
     if en.empty:
         return None
     fig, ax = _axes()
-    bars = ax.barh([cell_label(r, batch=False) for r in en.itertuples()], en.gpu_energy_j_per_epoch)
+    bars = ax.barh(_bar_labels(en), en.gpu_energy_j_per_epoch)
     ax.bar_label(bars, fmt="%.0f J", fontsize=7, padding=2)
     ax.margins(x=0.2)
     ax.set_xlabel(f"GPU {METRICS['gpu_energy_j_per_epoch'].header()}")
@@ -164,7 +188,9 @@ def confusion(ok: pd.DataFrame):
     ax.set_yticks(range(len(CLASSES)), CLASSES)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"best cell: {cell_label(r, batch=False)}, macro-F1 {r.macro_f1:.3f} (test clips)")
+    flags = r.get("flags")
+    marked = " (flagged)" if isinstance(flags, str) and flags else ""
+    ax.set_title(f"best cell: {cell_label(r, batch=False)}{marked}, macro-F1 {r.macro_f1:.3f} (test clips)")
     return fig
 
 
@@ -184,9 +210,10 @@ def breakdown(ok: pd.DataFrame):
     a1.set_xlabel("devices")
     a1.set_ylabel("scaling efficiency")
     a1.set_title("efficiency")
+    _ring(a1, eff, "devices", "efficiency")
     if not eff.empty:
         a1.legend(fontsize=7)
-    labels = [cell_label(r, batch=False) for r in prof.itertuples()]
+    labels = _bar_labels(prof)
     left = [0.0] * len(prof)
     for part in PARTS:
         ms = [b["parts_ms"][part] for b in prof.breakdown]
@@ -235,6 +262,7 @@ def prediction(inputs, strategies, counts, per_node, intra, inter, checked, path
     from ..predict import predict
 
     fig, ax = _axes()
+    flagged: list[tuple[float, float]] = []
     for inp in inputs:
         for s in strategies:
             ns = [n for n in sorted(set(counts)) if not (s == "pipeline" and n > inp.blocks)]
@@ -244,6 +272,11 @@ def prediction(inputs, strategies, counts, per_node, intra, inter, checked, path
             if pts:
                 ax.plot([c["devices"] for c in pts], [c["measured"] / (c["devices"] * inp.single_throughput) for c in pts],
                         "o", color=line.get_color(), label=f"{inp.model} {s} {inp.precision} (measured)")
+                flagged.extend((c["devices"], c["measured"] / (c["devices"] * inp.single_throughput)) for c in pts
+                               if c.get("flags"))
+    if flagged:
+        ax.scatter([x for x, _ in flagged], [y for _, y in flagged], s=180, facecolors="none", edgecolors="red",
+                   linewidths=1.3, zorder=4, label="ringed: flagged (the check table's flags column says why)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"devices ({per_node} per node)")
     ax.set_ylabel("weak-scaling efficiency")
