@@ -1,5 +1,10 @@
 """The report's verdict and the trust flags its figures carry, on result files written here, each
 expectation worked out by hand from the numbers the test sets."""
+import shutil
+from pathlib import Path
+
+import pytest
+
 from bench.frame import aggregate, frame
 from bench.report import write_report
 from bench.verdict import verdicts
@@ -147,3 +152,24 @@ def test_predict_carries_the_measured_cells_and_the_baselines_flags():
     assert all("single baseline flagged: busy machine: load average 9.0" in r[-1] for r in rows)
     quiet = check(cell("single", 1, 100.0, repeats=3) + cell("ddp", 2, 190.0), link, None)
     assert quiet[0]["flags"] == ""
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("pdftotext")),
+                    reason="headless Chromium and pdftotext absent (apt-get install chromium poppler-utils)")
+def test_the_rendered_report_opens_with_the_verdict(tmp_path):
+    """Chromium renders report.html; the page's text in reading order (its printed PDF) has the
+    verdict right after the title and the environment line. A page that opened elsewhere fails."""
+    import subprocess
+    import sys
+
+    write_report(flagged_matrix(), [], tmp_path, [])
+    tool = [sys.executable, "tools/report_screenshot.py", str(tmp_path)]
+    got = subprocess.run(tool, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert got.returncode == 0 and "verdict first: yes" in got.stdout, got.stdout + got.stderr
+    assert (tmp_path / "report-screenshot.png").stat().st_size > 10_000
+    # the oracle can fail: a stylesheet that puts the verdict last is caught as rendered
+    html = (tmp_path / "report.html").read_text()
+    (tmp_path / "report.html").write_text(html.replace("<body>", "<body style='display:flex;flex-direction:"
+                                                                 "column-reverse'>", 1))
+    got = subprocess.run(tool, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert got.returncode == 1 and "verdict first: NO" in got.stdout, got.stdout + got.stderr

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from emotion_models.models import rebuild
 
@@ -16,6 +13,11 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @register("fsdp", order=40, multiprocess=True,
           summary="FSDP2 fully_shard per block then the root; MixedPrecisionPolicy for bf16/fp16")
 def fsdp(model, env, cfg) -> Plan:
+    # imported here, not at the top: commands that only name the strategies (bench list) skip their cost
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     dtype = _DTYPES.get(cfg.precision)
     # FSDP2 casts parameters itself (param_dtype) and reduces gradients in fp32; no autocast on top

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from emotion_models.models import build_model, rebuild
 
@@ -11,7 +10,14 @@ from .. import control
 from ..config import ConfigError
 from . import Plan, register
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+def _schedule_class(name: str):
+    """torch.distributed.pipelining's schedule (imported here, not at the top: bench list and every
+    command that only names the strategies would pay half a second for it)."""
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+
+    return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[name]
 
 
 def num_microbatches(cfg) -> int:
@@ -45,9 +51,11 @@ def pipeline(model, env, cfg) -> Plan:
     stage_module = model.stages(n)[rank]
     if rank < n - 1:
         stage_module.append(_Contiguous())  # gloo sends only contiguous tensors; no parameters, no state keys
+    from torch.distributed.pipelining import PipelineStage
+
     stage = PipelineStage(stage_module, rank, n, env.device)
     m = num_microbatches(cfg)
-    schedule = SCHEDULES[cfg.schedule](stage, n_microbatches=m, loss_fn=F.cross_entropy)  # grads averaged over m
+    schedule = _schedule_class(cfg.schedule)(stage, n_microbatches=m, loss_fn=F.cross_entropy)  # grads averaged over m
 
     zero = torch.zeros((), device=env.device)
 
