@@ -329,7 +329,7 @@ def test_predict_command_shows_where_contention_was_measured(tmp_path, capsys):
     # at 2 devices ddp was measured: its throughput and efficiency are the measured 492 / (2 x 320)
     assert "| 492.0 | 0.77 |" in row["2"], md
     compared = [line for line in compared_table.splitlines() if "| 492.0 |" in line]
-    assert len(compared) == 1 and compared[0].rstrip().endswith("| 1.20 | 4.0 |"), md
+    assert len(compared) == 1 and compared[0].rstrip().endswith("| 1.20 | 4.0 | – |"), md
     code, out = invoke(["predict", write_all(tmp_path / "plain", runs[:2]), "--gpus", "2", "--strategies",
                         "ddp,pipeline", "--link", "pcie4", "--out", tmp_path / "rep2"], capsys)
     md = (tmp_path / "rep2" / "predict.md").read_text()
