@@ -9,9 +9,34 @@ def _getter(c):
 
 
 def cell_key(cfg) -> str:
-    """'cnn-ddp-2x-fp32-eager-weak-b32-r0': a sweep cell's run_id and result file name."""
+    """'cnn-ddp-2x-fp32-eager-weak-b32-r0': a sweep cell's run_id and result file name (memory and
+    accumulation settings added where they are not the default: '-ga2', '-acfull', '-offload')."""
     comp = "compiled" if cfg.compile else "eager"
-    return f"{cfg.model}-{cfg.strategy}-{cfg.devices}x-{cfg.precision}-{comp}-{cfg.scaling}-b{cfg.batch_size}-r{cfg.repeat}"
+    extra = "".join(f"-{part}" for part in _settings(_getter(cfg), key=True))
+    return (f"{cfg.model}-{cfg.strategy}-{cfg.devices}x-{cfg.precision}-{comp}-{cfg.scaling}-b{cfg.batch_size}{extra}"
+            f"-r{cfg.repeat}")
+
+
+def _settings(g, key: bool = False) -> list[str]:
+    """The settings beyond strategy, devices, precision, compile and batch that make a cell, where
+    not the default: accumulation, activation checkpointing, FSDP2's offload and resharding. A frame
+    row names them ac / reshard, a RunConfig ac / reshard_after_forward."""
+    def get(name, default):
+        return _get(g, name, default)
+
+    parts = []
+    k = int(get("grad_accum", 1))
+    if k > 1:
+        parts.append(f"ga{k}")
+    ac = get("ac", "none")
+    if ac != "none":
+        parts.append(f"ac{ac}" if key else f"ac-{ac}")
+    if get("offload", False):
+        parts.append("offload")
+    reshard = get("reshard", None) or get("reshard_after_forward", "auto")
+    if reshard != "auto":
+        parts.append(f"reshard{reshard}" if key else f"reshard-{reshard}")
+    return parts
 
 
 def cell_label(c, *, batch: bool = True, from_config: bool = False, short: bool = False) -> str:
@@ -27,14 +52,25 @@ def cell_label(c, *, batch: bool = True, from_config: bool = False, short: bool 
     if short:
         return f"{g('strategy')} x{g('devices')}"
     text = f"{g('model')} {g('strategy')} {g('devices')}x {g('precision')}{' compiled' if g('compile') else ''}"
+    extra = "".join(f" {part}" for part in _settings(g))
     if not batch:
-        return text
-    return text + f" b{_config_batch_per_device(g) if from_config else g('batch_per_device')}"
+        return text + extra
+    return text + f" b{_config_batch_per_device(g) if from_config else g('batch_per_device')}" + extra
 
 
 def _config_batch_per_device(g) -> int:
     """A RunConfig's batch per device: batch_size under weak scaling, its share of it under strong."""
-    return g("batch_size") if g("scaling") == "weak" else g("batch_size") // g("devices")
+    k = int(_get(g, "grad_accum", 1))
+    return g("batch_size") if g("scaling") == "weak" else g("batch_size") // (g("devices") * k)
+
+
+def _get(g, name: str, default):
+    """A setting a cell may lack (a result from before it existed, a NaN in a frame): the default."""
+    try:
+        v = g(name)
+    except (AttributeError, KeyError):
+        return default
+    return default if v is None or v != v else v
 
 
 def series_label(c) -> str:

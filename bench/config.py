@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCALINGS = ("weak", "strong")
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
+MULTI_STAGE = ("interleaved-1f1b", "zero-bubble")  # --stages-per-rank V stages on each rank, looped
+AC_MODES = ("none", "full", "selective")
+RESHARD = ("auto", "true", "false")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -51,9 +54,22 @@ class RunConfig:
     target_f1: float | None = setting(None, "Val macro-F1 to reach; its training time (s) is recorded.")
     lr: float = setting(2e-3, "AdamW learning rate.")
     dropout: float = setting(0.1, "Model dropout probability.")
-    schedule: str = setting("1f1b", "Pipeline schedule: gpipe or 1f1b.")
+    schedule: str = setting("1f1b", "Pipeline schedule: gpipe, 1f1b, interleaved-1f1b or zero-bubble (torch's "
+                                    "interleaved zero bubble); the last two hold --stages-per-rank stages per rank.")
+    stages_per_rank: int = setting(2, "Pipeline stages (virtual stages) per rank with --schedule interleaved-1f1b "
+                                      "or zero-bubble: the model is cut into --gpus x V stages.")
     microbatches: int | None = setting(None, "Pipeline micro-batches per step (default: 2 x stages).")
     sync_bn: bool = setting(False, "ddp: synchronise BatchNorm statistics across ranks.", flag="--sync-bn")
+    grad_accum: int = setting(1, "Micro-steps per optimiser step (gradient accumulation), gradients synchronised on "
+                                 "the last only: global batch = devices x --batch-size x K (weak scaling).")
+    ac: str = setting("none", "Activation checkpointing: none, full (every block recomputed in backward) or "
+                              "selective (every other block).")
+    reshard_after_forward: str = setting("auto", "fsdp: true frees each block's gathered parameters after its "
+                                                 "forward (ZeRO-3), false keeps them to backward (ZeRO-2-like); "
+                                                 "auto: FSDP2's default (true for blocks, false for the root).")
+    offload: bool = setting(False, "fsdp: parameters, gradients and optimiser state on the host (FSDP2's "
+                                   "CPUOffloadPolicy, optimiser step on the CPU); CUDA only.",
+                            flag="--offload/--no-offload")
     nodes: int = setting(1, "Machines taking part (torchrun --nnodes); run the same command on each.", flag="--nnodes")
     node_rank: int = setting(0, "This machine's index, 0 .. nnodes-1.")
     rdzv_endpoint: str | None = setting(None, "HOST:PORT of the rendezvous (multi-node), the same on every node.")
@@ -80,7 +96,8 @@ class RunConfig:
 
     @property
     def global_batch_size(self) -> int:
-        return self.batch_size * self.devices if self.scaling == "weak" else self.batch_size
+        """Samples per optimiser step over all devices (K micro-batches each, with --grad-accum K)."""
+        return self.batch_size * self.devices * self.grad_accum if self.scaling == "weak" else self.batch_size
 
     def validate(self) -> None:
         """Checks that need no hardware; strategy-specific checks live with the strategies."""
@@ -90,6 +107,18 @@ class RunConfig:
             raise ConfigError(f"--scaling {self.scaling} is not one of {', '.join(SCALINGS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule {self.schedule} is not one of {', '.join(SCHEDULES)}")
+        if self.ac not in AC_MODES:
+            raise ConfigError(f"--ac {self.ac} is not one of {', '.join(AC_MODES)}")
+        if self.reshard_after_forward not in RESHARD:
+            raise ConfigError(f"--reshard-after-forward {self.reshard_after_forward} is not one of {', '.join(RESHARD)}")
+        if self.stages_per_rank < 1:
+            raise ConfigError(f"--stages-per-rank must be at least 1 (got {self.stages_per_rank})")
+        if self.grad_accum < 1:
+            raise ConfigError(f"--grad-accum must be at least 1 (got {self.grad_accum}): 1 is no accumulation")
+        if self.offload and self.strategy != "fsdp":
+            raise ConfigError(f"--offload is FSDP2's CPUOffloadPolicy: use it with --strategy fsdp, not {self.strategy}")
+        if self.reshard_after_forward != "auto" and self.strategy != "fsdp":
+            raise ConfigError(f"--reshard-after-forward applies to --strategy fsdp, not {self.strategy}")
         if self.device not in DEVICES:
             raise ConfigError(f"--device {self.device} is not one of {', '.join(DEVICES)}")
         for name in ("devices", "nodes", "batch_size", "epochs"):
@@ -115,9 +144,10 @@ class RunConfig:
                               "give the total device count, a multiple of the node count")
         if self.nodes > 1 and not self.rdzv_endpoint:
             raise ConfigError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
-        if self.scaling == "strong" and self.batch_size % self.devices:
-            raise ConfigError(f"strong scaling splits --batch-size {self.batch_size} over {self.devices} devices: "
-                              "use a multiple of the device count")
+        if self.scaling == "strong" and self.batch_size % (self.devices * self.grad_accum):
+            over = f"{self.devices} devices" + (f" x {self.grad_accum} micro-steps" if self.grad_accum > 1 else "")
+            what = "the device count" if self.grad_accum == 1 else f"{self.devices * self.grad_accum} (devices x --grad-accum)"
+            raise ConfigError(f"strong scaling splits --batch-size {self.batch_size} over {over}: use a multiple of {what}")
         if self.dataset != "synthetic" and not os.path.exists(self.dataset):
             raise ConfigError(f"--dataset {self.dataset}: no such folder; pass 'synthetic' or a folder of WAV files")
 

@@ -75,7 +75,7 @@ GATES: dict[str, Metric] = {m.gate: m for m in METRICS.values() if m.gate}
 
 # what makes two runs the same cell (repeats aggregate over it)
 CELL = ["hardware_id", "strategy", "model", "model_size", "precision", "compile", "devices", "scaling",
-        "batch_per_device", "dataset", "size", "epochs"]
+        "batch_per_device", "grad_accum", "ac", "offload", "reshard", "dataset", "size", "epochs"]
 # what a cell shares with the `single` run that is its efficiency's baseline
 BASELINE_MATCH = ["hardware_id", "model", "model_size", "precision", "compile", "dataset", "size", "epochs"]
 
@@ -99,6 +99,9 @@ def _row(r: dict) -> dict:
         "devices": int(c["devices"]), "device_type": c["device_type"], "nodes": c.get("nodes", 1),
         "scaling": c.get("scaling", "weak"), "batch_per_device": int(c["batch_size_per_device"]),
         "global_batch": int(c["global_batch_size"]), "seed": c.get("seed"), "repeat": c.get("repeat", 0),
+        # the memory and accumulation settings (results before them ran with these defaults)
+        "grad_accum": int(c.get("grad_accum") or 1), "ac": c.get("ac") or "none", "offload": bool(c.get("offload")),
+        "reshard": c.get("reshard_after_forward") or "auto",
         "dataset": str(c["dataset"]), "size": str(c.get("size")), "epochs": int(c["epochs"]),
         "target_f1": q.get("target_f1"),
         "busy_kind": "GPU (NVML)" if u.get("gpu_busy_percent_mean") is not None else "CPU",

@@ -37,7 +37,7 @@ from .envinfo import fingerprint
 from .memory import check_fits
 from .memory import estimate as memory_estimate
 from .results import RunSummary, build_result, write_result
-from .strategies import check_strategy
+from .strategies import check_strategy, parallelism
 
 
 @dataclass
@@ -87,9 +87,11 @@ def config_record(cfg: RunConfig, device_type: str, world_size: int, backend: st
         "world_size": world_size,
         "backend": backend,
         "global_batch_size": cfg.global_batch_size,
-        "batch_size_per_device": cfg.global_batch_size // cfg.devices if cfg.devices > 0 else None,
+        # a micro-batch's samples per device (with --grad-accum K, K of them make an optimiser step)
+        "batch_size_per_device": cfg.global_batch_size // (cfg.devices * cfg.grad_accum) if cfg.devices > 0 else None,
         "num_microbatches": None,
         "schedule": cfg.schedule if cfg.strategy == "pipeline" else None,
+        "parallelism": parallelism(cfg),  # the degrees, the mesh's shape, each rank's coordinates on it
     })
     rec.update(plan_info or {})
     return rec

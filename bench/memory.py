@@ -45,7 +45,7 @@ from emotion_models.atomic import atomic_write_text
 from emotion_models.dataset import default_cache_dir
 from emotion_models.models import build_model
 
-from .config import ConfigError, RunConfig
+from .config import MULTI_STAGE, ConfigError, RunConfig
 
 GiB = 2**30
 
@@ -221,6 +221,53 @@ def _measure_activation_bytes(model: str, size: str, batch: int, precision: str)
     return per_block
 
 
+@functools.lru_cache(maxsize=64)
+def input_bytes_per_block(model: str, size: str, batch: int, precision: str) -> tuple[int, ...]:
+    """Bytes of each block's input at this batch: what a checkpointed block keeps for backward."""
+    n = _cached("inputs", model, size, batch, precision, _measure_input_bytes,
+                lambda v: isinstance(v, list) and bool(v) and all(_count(x) for x in v))
+    return tuple(n)
+
+
+def _measure_input_bytes(model: str, size: str, batch: int, precision: str) -> list[int]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_leaves
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    sizes: list[int] = []
+    with FakeTensorMode():
+        m = build_model(model, size=size)
+        hooks = [b.register_forward_pre_hook(lambda mod, args: sizes.append(
+            sum(t.numel() * t.element_size() for t in tree_leaves(args) if isinstance(t, torch.Tensor))))
+            for b in m.blocks]
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            m(torch.randn(batch, m.n_features, m.frames))
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def checkpointed(cfg: RunConfig) -> set[int]:
+    """The blocks --ac wraps (bench/train.py checkpoint_blocks): every one, every other, or none."""
+    every = {"none": 0, "full": 1, "selective": 2}[cfg.ac]
+    return set(range(0, len(_shape(cfg.model, cfg.model_size)[2]), every)) if every else set()
+
+
+def activations(cfg: RunConfig, micro: int, first: int = 0, end: int | None = None) -> tuple[int, int]:
+    """(bytes one micro-batch keeps for backward in blocks [first, end), the recompute peak on top):
+    without --ac, every block's saved tensors and no recompute; a checkpointed block keeps only its
+    input, and backward recomputes one checkpointed block at a time, so the largest of their saved
+    tensors comes on top once."""
+    saved = activation_bytes_per_block(cfg.model, cfg.model_size, micro, cfg.precision)
+    end = len(saved) if end is None else end
+    wrapped = checkpointed(cfg) & set(range(first, end))
+    if not wrapped:
+        return sum(saved[first:end]), 0
+    inputs = input_bytes_per_block(cfg.model, cfg.model_size, micro, cfg.precision)
+    kept = sum(inputs[i] if i in wrapped else saved[i] for i in range(first, end))
+    return kept, max(saved[i] for i in wrapped)
+
+
 def _measure_eval_bytes(model: str, size: str, batch: int, precision: str) -> int:
     """The peak of live tensors in one evaluation forward of a zoo model at this batch."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -283,7 +330,11 @@ def static_bytes(cfg: RunConfig) -> tuple[int, int, str]:
         return 16 * max(sum(per_block[a:b]) for a, b in _stages(cfg)), 0, "stage"
     if cfg.strategy == "fsdp":
         param_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
-        return 16 * params // cfg.devices, largest_block * (2 * param_bytes + 4), "unsharded block"
+        # --offload: the shards, their gradients and AdamW's state live on the host
+        sharded = 0 if cfg.offload else 16 * params // cfg.devices
+        if cfg.reshard_after_forward == "false":  # every block stays gathered from its forward to its backward
+            return sharded, params * param_bytes + largest_block * 4, "unsharded parameters kept for backward"
+        return sharded, largest_block * (2 * param_bytes + 4), "unsharded block"
     if cfg.strategy == "ddp":
         return 16 * params, 4 * params, "gradient buckets"
     return 16 * params, 0, "nothing else"
@@ -324,9 +375,9 @@ def estimate(cfg: RunConfig, device_type: str = "cpu", splits: tuple[int, int] |
     if cfg.strategy in ("pipeline", "model-parallel"):
         return _staged(cfg, per_block, split_bytes, evaluation, outside)
     weights, extra, note = static_bytes(cfg)
-    micro = max(cfg.global_batch_size // cfg.devices, 1)
-    acts = activation_bytes(cfg.model, cfg.model_size, micro, cfg.precision)
-    return Estimate(weights, extra, acts, note, micro, split_bytes, 4 * params, evaluation, outside)
+    micro = max(cfg.global_batch_size // (cfg.devices * cfg.grad_accum), 1)  # one micro-batch is live at a time
+    kept, recompute = activations(cfg, micro)
+    return Estimate(weights, extra, kept + recompute, note, micro, split_bytes, 4 * params, evaluation, outside)
 
 
 def _staged(cfg: RunConfig, per_block, split_bytes: int, evaluation: int, outside: int) -> Estimate:
@@ -337,8 +388,9 @@ def _staged(cfg: RunConfig, per_block, split_bytes: int, evaluation: int, outsid
     n = cfg.devices
     m = _microbatches(cfg)
     micro = cfg.global_batch_size if cfg.strategy == "model-parallel" else cfg.global_batch_size // m
-    acts_per_block = activation_bytes_per_block(cfg.model, cfg.model_size, micro, cfg.precision)
     best = None
+    if cfg.strategy == "pipeline" and cfg.schedule in MULTI_STAGE:
+        return _interleaved(cfg, per_block, micro, split_bytes, evaluation, outside)
     for s, (a, b) in enumerate(_stages(cfg)):
         if cfg.strategy == "model-parallel":
             in_flight = 1
@@ -351,8 +403,33 @@ def _staged(cfg: RunConfig, per_block, split_bytes: int, evaluation: int, outsid
         # pickled bytes, on the GPU under NCCL), and rank 0 assembles and runs the full model
         setup = 4 * params if pipeline or s == 0 else 0
         gathered = 4 * params if pipeline else 0
-        est = Estimate(16 * sum(per_block[a:b]), 0, sum(acts_per_block[a:b]) * in_flight, "stage", micro,
+        kept, recompute = activations(cfg, micro, a, b)
+        est = Estimate(16 * sum(per_block[a:b]), 0, kept * in_flight + recompute, "stage", micro,
                        split_bytes if on_first else 0, setup, gathered + (evaluation if s == 0 else 0), outside, s)
+        if best is None or est.total_bytes > best.total_bytes:
+            best = est
+    return best
+
+
+def _interleaved(cfg: RunConfig, per_block, micro: int, split_bytes: int, evaluation: int, outside: int) -> Estimate:
+    """Interleaved schedules: rank r holds stages r, r + n, ... of n x V; its warm-up runs about
+    n - r + (V - 1) n forwards before its first backward (Megatron's interleaved 1F1B), spread over
+    its V stages, so each of its stages holds up to min(m, that / V + 1) micro-batches. An upper
+    bound for zero bubble, whose weight-gradient steps free activations later."""
+    n, v, m = cfg.devices, cfg.stages_per_rank, _microbatches(cfg)
+    bounds = build_model(cfg.model, size=cfg.model_size, device="meta").stage_boundaries(n * v)
+    params = sum(per_block)
+    best = None
+    for r in range(n):
+        warm = n - r + (v - 1) * n
+        in_flight = min(m, -(-warm // v) + 1)
+        kept, recompute = 0, 0
+        for s in range(r, n * v, n):
+            k, rc = activations(cfg, micro, *bounds[s])
+            kept, recompute = kept + k, max(recompute, rc)
+        weights = 16 * sum(sum(per_block[a:b]) for a, b in (bounds[s] for s in range(r, n * v, n)))
+        est = Estimate(weights, 0, kept * in_flight + recompute, "stages", micro, split_bytes, 4 * params,
+                       4 * params + (evaluation if r == 0 else 0), outside, r)
         if best is None or est.total_bytes > best.total_bytes:
             best = est
     return best

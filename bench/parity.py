@@ -14,7 +14,7 @@ import torch
 
 from emotion_models.models import build_model
 
-from .config import RunConfig
+from .config import SCHEDULES, RunConfig
 from .lifecycle import run
 from .results import load_result
 
@@ -52,11 +52,13 @@ def has_batchnorm(model: str) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in build_model(model, device="meta").modules())
 
 
-def tolerance(strategy: str, devices: int, model: str, precision: str, sync_bn: bool) -> tuple[float, float, str]:
-    """(loss tolerance, parameter tolerance, basis) of one cell."""
+def tolerance(strategy: str, devices: int, model: str, precision: str, sync_bn: bool,
+              grad_accum: int = 1) -> tuple[float, float, str]:
+    """(loss tolerance, parameter tolerance, basis) of one cell. --grad-accum splits each rank's batch
+    into micro-batches, so BatchNorm sees a micro-batch's statistics, as with a split over ranks."""
     bases = []
     splits_bn_batch = strategy in ("ddp", "fsdp", "pipeline") and not (strategy == "ddp" and sync_bn)
-    if has_batchnorm(model) and splits_bn_batch and (devices > 1 or strategy == "pipeline"):
+    if has_batchnorm(model) and ((splits_bn_batch and (devices > 1 or strategy == "pipeline")) or grad_accum > 1):
         bases.append("batchnorm")
     if precision != "fp32":
         bases.append("bf16")
@@ -86,7 +88,10 @@ def _param_dev(a: dict, b: dict) -> float:
 
 
 def _configs(strategies: list[str], devices: int, model: str, model_size: str, precision: str, steps: int,
-             batch_size: int, size: str, sync_bn: bool, compile_backend: str | None, device: str, out_dir: str):
+             batch_size: int, size: str, sync_bn: bool, compile_backend: str | None, device: str, out_dir: str,
+             grad_accum: int = 1, ac: str = "none"):
+    """(single's config, [(cell, config)]): every cell trains the same global batch per optimiser step;
+    --grad-accum and --ac apply to the cells, never to the single reference, which trains plainly."""
     base = RunConfig(model=model, model_size=model_size, precision=precision, batch_size=batch_size,
                      scaling="strong", epochs=1000, max_steps=steps, warmup_steps=0, dropout=0.0, size=size,
                      eval_each_epoch=False, device=device, out_dir=out_dir, compile=compile_backend is not None,
@@ -95,7 +100,7 @@ def _configs(strategies: list[str], devices: int, model: str, model_size: str, p
     for cell in strategies:
         strategy, _, schedule = cell.partition(":")
         cells.append((cell, base.replace(strategy=strategy, devices=devices, schedule=schedule or "1f1b",
-                                         sync_bn=sync_bn and strategy == "ddp")))
+                                         sync_bn=sync_bn and strategy == "ddp", grad_accum=grad_accum, ac=ac)))
     return base, cells
 
 
@@ -115,9 +120,12 @@ def check_parity(*, strategies: list[str], steps: int, **settings) -> None:
     from emotion_models.models import check_model
 
     check_model(base.model, base.model_size)
-    for _, cfg in cells:
-        if cfg.schedule not in ("gpipe", "1f1b"):
-            raise ValueError(f"--strategies: pipeline:{cfg.schedule}: the schedule is gpipe or 1f1b")
+    for cell, cfg in cells:
+        if cfg.strategy == "pipeline" and cfg.grad_accum > 1:
+            raise ValueError(f"--strategies {cell} with --grad-accum {cfg.grad_accum}: a pipeline accumulates over "
+                             "its micro-batches; compare it without --grad-accum")
+        if cfg.schedule not in SCHEDULES:
+            raise ValueError(f"--strategies: pipeline:{cfg.schedule}: the schedule is one of {', '.join(SCHEDULES)}")
         cfg.validate()
 
 
@@ -130,18 +138,19 @@ def _run(cfg: RunConfig) -> str:
 
 
 def run_parity(*, strategies: list[str], devices: int, model: str, model_size: str, precision: str, steps: int,
-               batch_size: int, size: str, sync_bn: bool, compile_backend: str | None, device: str) -> list[ParityRow]:
+               batch_size: int, size: str, sync_bn: bool, compile_backend: str | None, device: str,
+               grad_accum: int = 1, ac: str = "none") -> list[ParityRow]:
     """One row per strategy cell, each compared with a `single` run of the same settings."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="emotion-bench-parity-") as tmp:
         base, cells = _configs(strategies, devices, model, model_size, precision, steps, batch_size, size, sync_bn,
-                               compile_backend, device, tmp)
+                               compile_backend, device, tmp, grad_accum, ac)
         ref_params = str(Path(tmp, "single.pt"))
         ref = load_result(_run(base.replace(strategy="single", devices=1, save_params=ref_params)))
         for cell, cfg in cells:
             cfg = cfg.replace(save_params=str(Path(tmp, f"{cell}.pt")))
             strategy = cfg.strategy
-            lt, pt, basis = tolerance(strategy, devices, model, precision, cfg.sync_bn)
+            lt, pt, basis = tolerance(strategy, devices, model, precision, cfg.sync_bn, cfg.grad_accum)
             try:
                 res = load_result(_run(cfg))
                 rows.append(ParityRow(cell, _loss_dev(res["losses"], ref["losses"]),

@@ -19,6 +19,13 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
                                                                             A one micro-batch's activations
     throughput = N b / t; efficiency = throughput / (N x single throughput)
 
+    --grad-accum K      K micro-steps of t1' each, communication once (DDP, FSDP's reduce-scatter; FSDP2
+                        still all-gathers every micro-step): ddp t = K t1' + W + (1-o) k T_ar(S/k); fsdp
+                        t = K t1' + W + (1-o) L [2K T_ag(S_p/L) + T_rs(S/L)]; throughput = N b K / t
+    --ac full|selective t1 x r, r the measured single step with that --ac over t1 where a single run
+                        has it, else one more forward: r = 4/3 (full; a forward is about a third of a
+                        training step), 7/6 (selective, every other block)
+
 Across nodes every data-parallel collective goes through the slower link (B and alpha of the
 inter-node link). o, the share of communication hidden behind compute, is measured from a
 profiled run's breakdown of that strategy (overlapped / (overlapped + exposed)); without one it is
@@ -114,6 +121,7 @@ class Inputs:
     one_device: dict | None = None  # strategy -> its step time (s) measured at one device, when it was
     contention: dict | None = None  # devices per node n -> c_n, from independent runs at n
     wait: dict | None = None  # strategy -> {devices N0 (any node count): W_N0 in seconds per step}, profiled runs
+    recompute: dict | None = None  # --ac mode -> a single run's step time with it over t1, where one was measured
     flags: str = ""  # the single runs' trust flags (bench/trust.py): every prediction from them carries them
 
     def contention_at(self, per_node: int) -> float:
@@ -175,8 +183,12 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
         g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}, "independent": {},
                                      "wait": {}})
-        if c["strategy"] == "single":
-            g["single"].append(r)
+        if c["strategy"] == "single" and (c.get("ac") or "none") != "none":
+            g.setdefault("ac", {}).setdefault(c["ac"], []).append(r["throughput"]["step_time_ms_p50"] / 1000
+                                                               / max(int(c.get("grad_accum") or 1), 1))
+        elif c["strategy"] == "single":
+            if int(c.get("grad_accum") or 1) == 1:  # the baseline: one micro-step per optimiser step
+                g["single"].append(r)
         elif c["strategy"] == "independent":
             per_node = c["devices"] // c.get("nodes", 1)
             g["independent"].setdefault(per_node, []).append(r["throughput"]["step_time_ms_p50"] / 1000)
@@ -205,6 +217,7 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
                           {s: statistics.median(v) for s, v in g["one"].items()},
                           {n: statistics.median(v) / t1 for n, v in g["independent"].items()},
                           {s: {n: statistics.median(v) for n, v in by_n.items()} for s, by_n in g["wait"].items()},
+                          {mode: statistics.median(v) / t1 for mode, v in g.get("ac", {}).items()},
                           trust.joined(f for r in g["single"] for f in trust.result_flags(r))))
     return out
 
@@ -225,24 +238,36 @@ def _boundary_bytes(inp: Inputs, stages: int, micro_batch: int) -> float:
     return max((sizes[c - 1] for c in cuts), default=0)
 
 
-def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, inter: Link | None) -> dict:
+RECOMPUTE = {"none": 1.0, "full": 4 / 3, "selective": 7 / 6}  # --ac's step over t1 where none was measured
+
+
+def recompute_factor(inp: Inputs, ac: str) -> tuple[float, bool]:
+    """(a step with --ac over one without, whether a single run measured it)."""
+    measured = (inp.recompute or {}).get(ac)
+    return (measured, True) if measured is not None and ac != "none" else (RECOMPUTE[ac], ac == "none")
+
+
+def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, inter: Link | None, *,
+            grad_accum: int = 1, ac: str = "none") -> dict:
     """Predicted step time (s), throughput (samples/s) and efficiency of one cell."""
+    if strategy == "pipeline" and grad_accum > 1:
+        raise ValueError("pipeline with --grad-accum: the schedule's micro-batches are its accumulation")
     link = inter if nodes > 1 and inter is not None else intra
     grad_bytes = 4 * inp.params
     overlap = (inp.overlap or {}).get(strategy, 0.0)
-    t1, n = (inp.one_device or {}).get(strategy, inp.single_step_s), devices
+    t1, n, K = (inp.one_device or {}).get(strategy, inp.single_step_s), devices, grad_accum
     contention = inp.contention_at(max(1, n // max(nodes, 1)))
-    t1 *= contention
+    t1 *= contention * recompute_factor(inp, ac)[0]
     wait = inp.wait_at(strategy, n) if strategy in ("ddp", "fsdp") else 0.0
     if strategy == "single" or n == 1:
-        step = t1
+        step = K * t1
     elif strategy == "ddp":
         k = max(1, math.ceil(grad_bytes / BUCKET_BYTES))
-        step = t1 + wait + (1 - overlap) * k * t_all_reduce(grad_bytes / k, n, link)
+        step = K * t1 + wait + (1 - overlap) * k * t_all_reduce(grad_bytes / k, n, link)
     elif strategy == "fsdp":
         param_bytes = (2 if inp.precision in ("bf16", "fp16") else 4) * inp.params
-        per_block = 2 * t_gather(param_bytes / inp.blocks, n, link) + t_gather(grad_bytes / inp.blocks, n, link)
-        step = t1 + wait + (1 - overlap) * inp.blocks * per_block
+        per_block = 2 * K * t_gather(param_bytes / inp.blocks, n, link) + t_gather(grad_bytes / inp.blocks, n, link)
+        step = K * t1 + wait + (1 - overlap) * inp.blocks * per_block
     elif strategy == "pipeline":
         m = inp.microbatches or 2 * n
         mb = max(1, n * inp.batch // m)
@@ -250,7 +275,7 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
         step = t1 * (m + n - 1) / m + 2 * (m + n - 2) * (link.alpha_us * 1e-6 + act / (link.busbw_GBps * 1e9))
     else:
         raise ValueError(f"no model for strategy {strategy!r}: predict ddp, fsdp or pipeline")
-    throughput = n * inp.batch / step
+    throughput = n * inp.batch * K / step
     return {"step_ms": step * 1000, "samples_per_s": throughput,
             "efficiency": throughput / (n * inp.single_throughput), "overlap": overlap, "contention": contention,
             "wait_ms": wait * 1000}
@@ -268,32 +293,34 @@ def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
             continue
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
         if key in by_key:
-            cell = (key, c["strategy"], c["devices"], c.get("nodes", 1))
+            cell = (key, c["strategy"], c["devices"], c.get("nodes", 1), int(c.get("grad_accum") or 1),
+                    c.get("ac") or "none")
             rows.setdefault(cell, []).append(r["throughput"]["samples_per_s"])
             flags.setdefault(cell, []).extend(trust.result_flags(r))
     out = []
-    for (key, strategy, n, nodes), measured in rows.items():
+    for (key, strategy, n, nodes, k, ac), measured in rows.items():
         inp = by_key[key]
-        p = predict(inp, strategy, n, nodes, intra, inter)
+        p = predict(inp, strategy, n, nodes, intra, inter, grad_accum=k, ac=ac)
         m = statistics.median(measured)
         out.append({"model": inp.model, "precision": inp.precision, "batch": inp.batch, "strategy": strategy,
-                    "devices": n, "nodes": nodes, "predicted": p["samples_per_s"], "measured": m,
+                    "devices": n, "nodes": nodes, "grad_accum": k, "ac": ac, "predicted": p["samples_per_s"], "measured": m,
                     "error": p["samples_per_s"] / m - 1, "overlap": p["overlap"], "contention": p["contention"],
                     "wait_ms": p["wait_ms"], "repeats": len(measured),
-                    "flags": trust.joined([*flags[(key, strategy, n, nodes)],
+                    "flags": trust.joined([*flags[(key, strategy, n, nodes, k, ac)],
                                            *(f"single baseline: {f}" for f in trust.split(inp.flags))])})
     return out
 
 
 # ------------------------------------------------------------------------------------- bench predict's tables
 
-def measured_cells(results: list[dict]) -> dict[tuple, float]:
-    """Median throughput of every ok weak-scaling cell, by (model, size, strategy, precision, batch,
-    devices, nodes)."""
+def measured_cells(results: list[dict], grad_accum: int = 1, ac: str = "none") -> dict[tuple, float]:
+    """Median throughput of every ok weak-scaling cell at this --grad-accum and --ac, by (model, size,
+    strategy, precision, batch, devices, nodes)."""
     seen: dict[tuple, list[float]] = {}
     for r in results:
         c = r["config"]
-        if r["status"] == "ok" and c.get("scaling", "weak") == "weak":
+        if (r["status"] == "ok" and c.get("scaling", "weak") == "weak" and int(c.get("grad_accum") or 1) == grad_accum
+                and (c.get("ac") or "none") == ac):
             key = (c["model"], c.get("model_size", "base"), c["strategy"], c["precision"], c["batch_size_per_device"],
                    c["devices"], c.get("nodes", 1))
             seen.setdefault(key, []).append(r["throughput"]["samples_per_s"])
@@ -301,7 +328,8 @@ def measured_cells(results: list[dict]) -> dict[tuple, float]:
 
 
 def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[int], per_node: int, intra: Link,
-                     inter: Link | None, measured: dict[tuple, float] | None = None) -> tuple[str, list[str], list[list[str]]]:
+                     inter: Link | None, measured: dict[tuple, float] | None = None, *, grad_accum: int = 1,
+                     ac: str = "none") -> tuple[str, list[str], list[list[str]]]:
     """(title, header, rows) of every input, strategy and device count N; an overlap, contention or
     wait that no run measured says so. Where a cell was measured at N, its throughput and efficiency
     are the measured ones (said in the note); a pipeline past one stage per block says why it stops."""
@@ -314,8 +342,12 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
                     rows.append([cell, str(n), "", "–", "–", "–", "", "", "",
                                  f"stops: {inp.model} has {inp.blocks} blocks, at most one pipeline stage each"])
                     continue
+                if s == "pipeline" and grad_accum > 1:
+                    rows.append([cell, str(n), "", "–", "–", "–", "", "", "",
+                                 "stops: a pipeline accumulates over its micro-batches, not --grad-accum"])
+                    continue
                 nodes = max(1, -(-n // per_node))
-                p = predict(inp, s, n, nodes, intra, inter)
+                p = predict(inp, s, n, nodes, intra, inter, grad_accum=grad_accum, ac=ac)
                 thr, eff, note = p["samples_per_s"], p["efficiency"], "predicted"
                 got = (measured or {}).get((inp.model, inp.model_size, s, inp.precision, inp.batch, n, nodes))
                 if got is not None:
@@ -327,11 +359,14 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
                              "" if s == "pipeline" or n < 2 else
                              f"{p['wait_ms']:.1f}" + ("" if (inp.wait or {}).get(s) else " (none measured)"),
                              # a prediction rests on its single runs: their flags travel with every row
-                             note + (f"; single baseline flagged: {inp.flags}" if inp.flags else "")])
+                             note + (f"; single baseline flagged: {inp.flags}" if inp.flags else "")
+                             + ("" if recompute_factor(inp, ac)[1] else
+                                f"; --ac {ac}: one more forward assumed (x{RECOMPUTE[ac]:.2f}), no single run measured it")])
     header = ["cell", "devices", "nodes", "step (ms)", "throughput (samples/s)", "efficiency", "overlap o",
               "contention c_n", "wait W (ms/step)", "note"]
     title = (f"predicted: intra-node {intra.source} ({intra.busbw_GBps:.1f} GB/s, {intra.alpha_us:.0f} us); "
-             f"inter-node {inter.source}")
+             f"inter-node {inter.source}" + (f"; --grad-accum {grad_accum}" if grad_accum > 1 else "")
+             + (f"; --ac {ac}" if ac != "none" else ""))
     return title, header, rows
 
 
@@ -339,7 +374,9 @@ def check_table(checked: list[dict]) -> tuple[str, list[str], list[list[str]]]:
     """(title, header, rows) of check()'s cells: measured against predicted throughput."""
     header = ["cell", "devices", "measured (samples/s)", "predicted (samples/s)", "error", "contention c_n",
               "wait W (ms/step)", "flags"]
-    rows = [[f"{c['model']} {c['strategy']} {c['precision']} b{c['batch']}", str(c["devices"]),
+    rows = [[f"{c['model']} {c['strategy']} {c['precision']} b{c['batch']}"
+             + (f" ga{c['grad_accum']}" if c.get("grad_accum", 1) > 1 else "")
+             + (f" ac-{c['ac']}" if c.get("ac", "none") != "none" else ""), str(c["devices"]),
              f"{c['measured']:.1f}", f"{c['predicted']:.1f}", f"{c['error'] * 100:+.1f}%", f"{c['contention']:.2f}",
              "" if c["strategy"] == "pipeline" else f"{c['wait_ms']:.1f}", c.get("flags") or "–"]
             for c in checked]

@@ -33,8 +33,9 @@ class Rehearsal:
     device: str  # the device a real run of this rank would use
     params_local: int  # parameters this rank holds: its shards, its stage, or all of them
     params_total: int
-    stage_blocks: tuple[int, int] | None = None  # pipeline: [start, end) blocks of this rank's stage
+    stage_blocks: tuple[int, int] | None = None  # pipeline: [start, end) blocks of this rank's (first) stage
     shards: list[tuple[int, int]] = field(default_factory=list)  # per optimised parameter: (global, local)
+    stages: tuple[tuple[int, tuple[int, int]], ...] = ()  # pipeline: every stage it holds, (index, [start, end))
 
     @property
     def weights_bytes(self) -> int:
@@ -82,12 +83,14 @@ def rehearse(cfg: RunConfig, rank: int = 0, device_type: str = "cpu") -> Rehears
         for p in plan.parameters:
             local = p.to_local() if hasattr(p, "to_local") else p
             shards.append((p.numel(), local.numel()))
-        stage = None
-        if cfg.strategy == "pipeline":
-            stage = tuple(model.stage_boundaries(env.world_size)[env.rank])
+        stage, held = None, ()
+        if cfg.strategy == "pipeline":  # the stages the strategy gave this rank (interleaved: several)
+            bounds = plan.info["stage_blocks"]
+            held = tuple((s, tuple(bounds[s])) for s in plan.info["rank_stages"][str(env.rank)])
+            stage = held[0][1]
         return Rehearsal(env.rank, env.world_size, env.local_rank, env.local_world_size, rank // per_node,
                          str(local_device(device_type, env.local_rank)), sum(loc for _, loc in shards), total,
-                         stage, shards)
+                         stage, shards, held)
     finally:
         dist.destroy_process_group()
 
@@ -97,9 +100,9 @@ def estimated_weights_bytes(cfg: RunConfig, r: Rehearsal) -> int:
     the busiest device's otherwise (every rank's, for ddp; rank 0's shard, the largest, for fsdp)."""
     from . import memory
 
-    if r.stage_blocks is not None:
+    if r.stages:
         per_block = memory._shape(cfg.model, cfg.model_size)[2]
-        return 16 * sum(per_block[r.stage_blocks[0]:r.stage_blocks[1]])
+        return 16 * sum(sum(per_block[a:b]) for _, (a, b) in r.stages)
     return memory.static_bytes(cfg)[0]
 
 
@@ -109,9 +112,9 @@ def text(cfg: RunConfig, r: Rehearsal) -> str:
     where = f"rank {r.rank} of {r.world_size} (node {r.node}, local rank {r.local_rank}, {r.device})"
     holds = f"{r.params_local / 1e6:,.1f} M of {r.params_total / 1e6:,.1f} M parameters"
     source = "its replica"
-    if r.stage_blocks is not None:
-        holds += f" (stage {r.rank}: blocks {r.stage_blocks[0]}-{r.stage_blocks[1] - 1})"
-        source = "its stage"
+    if r.stages:
+        holds += " (" + ", ".join(f"stage {s}: blocks {a}-{b - 1}" for s, (a, b) in r.stages) + ")"
+        source = "its stage" if len(r.stages) == 1 else "its stages"
     elif r.params_local < r.params_total:
         source = "its shards"
     return (f"rehearsed as {where} with torch's fake process group on the meta device: {holds}; params + grads + "

@@ -142,6 +142,7 @@ def setup(cfg: RunConfig, env: DistEnv, data: Dataset) -> Setup:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:
         compile_blocks(model, cfg.compile_backend)
+    checkpoint_blocks(model, cfg.ac)  # after compile, before the strategy wraps (docs/design.md)
     plan = spec.fn(model, env, cfg)
     precision = Precision(cfg.precision, env.device, autocast=plan.autocast, scaler_factory=plan.grad_scaler)
     opt = precision.optimizer(plan.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -163,6 +164,56 @@ def compile_blocks(model, backend: str) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, need)
     for block in model.blocks:
         block.compile(backend=backend)
+
+
+AC_EVERY = {"none": 0, "full": 1, "selective": 2}  # --ac: every how many blocks one is checkpointed
+
+
+def checkpoint_blocks(model, mode: str) -> list[int]:
+    """Activation checkpointing: the chosen blocks wrapped in torch's checkpoint_wrapper (non-reentrant,
+    RNG state preserved, so dropout recomputes the same masks): in forward a wrapped block keeps only
+    its input, and backward runs its forward again. full: every block; selective: every other block
+    (0, 2, 4, ...), torchtitan's layer-wise selective AC at frequency 2. The wrapper's state-dict
+    hooks drop its prefix, so checkpoints, parity and evaluation copies see the block's own keys.
+    Returns the indices wrapped."""
+    every = AC_EVERY[mode]
+    if not every:
+        return []
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    chosen = list(range(0, len(model.blocks), every))
+    for i in chosen:
+        model.blocks[i] = checkpoint_wrapper(model.blocks[i])
+    return chosen
+
+
+class _Scaled:
+    """A Precision whose backward scales the loss by 1/K: K micro-batches' gradients add up to the
+    mean over the whole batch, as one backward of it would give."""
+
+    def __init__(self, precision: Precision, scale: float):
+        self._precision, self._scale = precision, scale
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._precision.backward(loss * self._scale)
+
+    def __getattr__(self, name):
+        return getattr(self._precision, name)
+
+
+def accumulate(plan: Plan, x: torch.Tensor, y: torch.Tensor, precision: Precision, k: int) -> torch.Tensor:
+    """One optimiser step's forward and backward over this rank's batch: in k micro-batches with
+    --grad-accum k (each loss scaled by 1/k; gradients synchronised on the last micro-batch only,
+    plan.sync), else at once. Returns the batch's mean loss."""
+    if k == 1:
+        return plan.step(x, y, precision)
+    scaled = _Scaled(precision, 1.0 / k)
+    total = None
+    for i, (xi, yi) in enumerate(zip(x.chunk(k), y.chunk(k))):
+        with plan.sync(i == k - 1):
+            loss = plan.step(xi, yi, scaled).detach()
+        total = loss if total is None else total + loss
+    return total / k
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -204,6 +255,9 @@ def plan_batches(cfg: RunConfig, env: DistEnv, plan: Plan, data: Dataset) -> Bat
     if global_batch % data_ranks:
         raise ConfigError(f"global batch {global_batch} does not split over {data_ranks} ranks")
     local_batch = global_batch // data_ranks
+    if local_batch % cfg.grad_accum:
+        raise ConfigError(f"each rank's batch of {local_batch} does not split into --grad-accum {cfg.grad_accum} "
+                          "equal micro-batches: change --batch-size or --grad-accum")
     sampler = DistributedSampler(range(x.shape[0]), num_replicas=data_ranks, rank=env.rank if plan.shard_batch else 0,
                                  shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(sampler) // local_batch
@@ -360,7 +414,7 @@ def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSe
                 window_start = m.window_open = time.perf_counter()
             start = clock.mark()
             x, y = b.batch(order[k], offsets)
-            loss = plan.step(x, y, precision)
+            loss = accumulate(plan, x, y, precision, cfg.grad_accum)
             precision.step(opt)
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -626,7 +680,7 @@ def profile(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches) -> dict | None:
 
     def one_step(k: int) -> None:
         x, y = b.batch(order[k % b.steps_per_epoch], offsets)
-        s.plan.step(x, y, s.precision)
+        accumulate(s.plan, x, y, s.precision, cfg.grad_accum)
         with torch.profiler.record_function(OPTIMIZER):
             s.precision.step(s.optimizer)
         s.optimizer.zero_grad(set_to_none=True)

@@ -254,6 +254,28 @@ def test_predict_by_hand_for_every_strategy_and_node_count():
         predict(inp, "dp", 2, 1, link, inter)
 
 
+def test_predict_accumulation_and_checkpointing_by_hand():
+    """--grad-accum K: K micro-steps of compute, the gradients communicated once (DDP) or reduce-
+    scattered once while FSDP2 gathers every micro-step; --ac: one more forward where no single run
+    measured it (4/3 full, 7/6 selective), the measured ratio where one did. Ring all-reduce over N:
+    2(N-1) hops of alpha and 2(N-1)/N of the bytes over B; a gather 1(N-1) and (N-1)/N."""
+    link = Link(10.0, 5.0, "in")  # 10 GB/s, 5 us a hop
+    inp = Inputs("cnn", "base", "fp32", 32, single_step_s=0.1, single_throughput=320.0, params=1_000_000, blocks=4)
+    ar = 2 * 3 * 5e-6 + 2 * 3 / 4 * 4e6 / 10e9  # 4 MB of fp32 gradients, one bucket, 4 ranks
+    ddp = predict(inp, "ddp", 4, 1, link, None, grad_accum=3)
+    assert ddp["step_ms"] == pytest.approx(1000 * (3 * 0.1 + ar))
+    assert ddp["samples_per_s"] == pytest.approx(4 * 32 * 3 / (3 * 0.1 + ar))
+    gather = 3 * 5e-6 + 3 / 4 * 1e6 / 10e9  # a block's 1 MB of fp32 parameters (or gradients) over 4 ranks
+    fsdp = predict(inp, "fsdp", 4, 1, link, None, grad_accum=2)
+    assert fsdp["step_ms"] == pytest.approx(1000 * (2 * 0.1 + 4 * (2 * 2 * gather + gather)))
+    assert predict(inp, "ddp", 4, 1, link, None, ac="full")["step_ms"] == pytest.approx(1000 * (0.1 * 4 / 3 + ar))
+    assert predict(inp, "ddp", 4, 1, link, None, ac="selective")["step_ms"] == pytest.approx(1000 * (0.1 * 7 / 6 + ar))
+    measured = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 1_000_000, 4, recompute={"full": 1.25})
+    assert predict(measured, "ddp", 4, 1, link, None, ac="full")["step_ms"] == pytest.approx(1000 * (0.125 + ar))
+    with pytest.raises(ValueError, match="micro-batches are its accumulation"):
+        predict(inp, "pipeline", 2, 1, link, None, grad_accum=2)
+
+
 def _activation_bytes_at_cuts(model: str, stages: int, micro_batch: int) -> int:
     """The largest fp32 output of a block that ends a stage, by running the model's blocks on the meta
     device (shapes only: a real forward here would be slower, and mutmut forks the test process)."""

@@ -396,13 +396,19 @@ def test_every_run_setting_rule_has_its_own_line():
         (dict(microbatches=-1), "--microbatches must be at least 1 (got -1)"),
         (dict(timeout_s=0.0), "--timeout-s must be a positive number of seconds (got 0.0)"),
         (dict(timeout_s=float("nan")), "--timeout-s must be a positive number of seconds (got nan)"),
+        (dict(grad_accum=0), "--grad-accum must be at least 1 (got 0): 1 is no accumulation"),
+        (dict(stages_per_rank=0), "--stages-per-rank must be at least 1 (got 0)"),
+        (dict(ac="x"), "--ac x is not one of none, full, selective"),
+        (dict(reshard_after_forward="x"), "--reshard-after-forward x is not one of auto, true, false"),
+        (dict(offload=True), "--offload is FSDP2's CPUOffloadPolicy: use it with --strategy fsdp, not single"),
+        (dict(reshard_after_forward="false"), "--reshard-after-forward applies to --strategy fsdp, not single"),
     ]
     for bad, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):
             RunConfig(**{**ok, **bad}).validate()
     # and the what-to-do half of the lines that have one
     for bad, message in ((dict(scaling="x"), "is not one of weak, strong"),
-                         (dict(schedule="x"), "is not one of gpipe, 1f1b"),
+                         (dict(schedule="x"), "is not one of gpipe, 1f1b, interleaved-1f1b, zero-bubble"),
                          (dict(device="x"), "is not one of auto, cpu, cuda"),
                          (dict(devices=3, nodes=2, rdzv_endpoint="h:1"),
                           "give the total device count, a multiple of the node count"),
@@ -413,10 +419,13 @@ def test_every_run_setting_rule_has_its_own_line():
             RunConfig(**{**ok, **bad}).validate()
     for fine in (dict(), dict(warmup_steps=0), dict(devices=4, nodes=2, rdzv_endpoint="h:1"),
                  dict(devices=2, scaling="strong"), dict(profile=False, profile_steps=0),
-                 dict(profile=True, profile_steps=1), dict(threads=1, max_steps=1, microbatches=1, timeout_s=0.5)):
+                 dict(profile=True, profile_steps=1), dict(threads=1, max_steps=1, microbatches=1, timeout_s=0.5),
+                 dict(grad_accum=4, ac="selective"), dict(strategy="fsdp", offload=True, reshard_after_forward="false")):
         RunConfig(**{**ok, **fine}).validate()
     assert RunConfig(batch_size=8, devices=4).global_batch_size == 32
     assert RunConfig(batch_size=8, devices=4, scaling="strong").global_batch_size == 8
+    assert RunConfig(batch_size=8, devices=4, grad_accum=3).global_batch_size == 96  # N x batch x K
+    assert RunConfig(batch_size=24, devices=4, grad_accum=3, scaling="strong").global_batch_size == 24
 
 
 def test_settings_are_declared_once_with_flag_help_and_default(capsys):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.config import RunConfig
-from bench.rehearse import rehearse
+from bench.rehearse import rehearse, text
 
 
 def _chunk_rows(rows: int, world: int, rank: int) -> int:
@@ -94,3 +94,19 @@ def test_the_dry_run_of_64_gpus_states_what_rank_0_holds_from_its_shards(capsys)
     assert "rehearsed as rank 0 of 64 (node 0, local rank 0, cuda:0)" in text
     assert "33.7 M of 2,159.3 M parameters" in text and "0.50 GiB from its shards, 0.50 GiB by the estimate" in text
     assert not torch.distributed.is_initialized()  # the rehearsal's group is gone
+
+
+def test_an_interleaved_pipeline_rank_holds_its_looped_stages():
+    """--schedule interleaved-1f1b --stages-per-rank 2 on 4 ranks: 8 stages, rank r holding stages r
+    and r + 4 (torch's looped placement), each its blocks of the model's 8-way cut."""
+    from emotion_models.models import build_model
+
+    meta = build_model("wav2vec2-base", device="meta")
+    bounds = meta.stage_boundaries(8)
+    per_block = [sum(p.numel() for p in b.parameters()) for b in meta.blocks]
+    cfg = RunConfig(strategy="pipeline", devices=4, model="wav2vec2-base", batch_size=4, schedule="interleaved-1f1b",
+                    stages_per_rank=2)
+    r = rehearse(cfg, 1)
+    assert r.stages == ((1, bounds[1]), (5, bounds[5]))
+    assert r.params_local == sum(per_block[bounds[1][0]:bounds[1][1]]) + sum(per_block[bounds[5][0]:bounds[5][1]])
+    assert "stage 1: blocks" in text(cfg, r) and "stage 5: blocks" in text(cfg, r)

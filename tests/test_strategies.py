@@ -112,6 +112,13 @@ def test_impossible_combinations_fail_before_starting(tmp_path):
         (dict(strategy="pipeline", devices=2, precision="fp16"), "fp16 needs CUDA"),
         (dict(strategy="ddp", devices=3, nodes=2, rdzv_endpoint="127.0.0.1:1"), "does not divide"),
         (dict(strategy="ddp", devices=2, nodes=2), "needs --rdzv-endpoint"),
+        (dict(strategy="pipeline", devices=2, grad_accum=2), "raise --microbatches"),
+        (dict(strategy="ddp", devices=2, offload=True), "use it with --strategy fsdp"),
+        (dict(strategy="fsdp", devices=2, offload=True), "on CPU they live on the host already"),
+        (dict(strategy="ddp", devices=2, reshard_after_forward="false"), "applies to --strategy fsdp"),
+        (dict(strategy="ddp", devices=2, ac="some"), "--ac some is not one of none, full, selective"),
+        (dict(strategy="ddp", devices=2, grad_accum=0), "--grad-accum must be at least 1"),
+        (dict(strategy="ddp", devices=2, scaling="strong", grad_accum=3), "use a multiple of 6"),
     ]
     for kwargs, text in cases:
         cfg = RunConfig(model_size="small", batch_size=8, **kwargs)
@@ -137,14 +144,48 @@ def _parity_exact(model: str, cells: tuple[str, ...]) -> None:
 def test_parity_exact_for_batch_independent_models():
     """No BatchNorm: each strategy computes the same mathematics as single. The default run checks
     one model and one pipeline schedule (each cell is a 2-process launch, the single reference one
-    more); -m slow runs every cell, both schedules included, for lstm and wav2vec2."""
-    _parity_exact("wav2vec2-base", ("ddp", "fsdp", "pipeline:1f1b"))
+    more; interleaved-1f1b cuts it into 2 x 2 stages); -m slow runs every cell and schedule for lstm and
+    wav2vec2."""
+    _parity_exact("wav2vec2-base", ("ddp", "fsdp", "pipeline:1f1b", "pipeline:interleaved-1f1b"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["lstm", "wav2vec2-base"])
 def test_parity_exact_every_strategy(model):
-    _parity_exact(model, ("ddp", "fsdp", "pipeline:gpipe", "pipeline:1f1b"))
+    _parity_exact(model, ("ddp", "fsdp", "pipeline:gpipe", "pipeline:1f1b", "pipeline:interleaved-1f1b",
+                          "pipeline:zero-bubble"))
+
+
+def test_accumulation_and_checkpointing_train_singles_model_and_sync_once(tmp_path):
+    """ddp and fsdp with --grad-accum 2 --ac full against plain single, the same global batch: the
+    same mathematics (transformer: no BatchNorm; dropout off; the recompute replays the RNG), so the
+    exact basis. And the accumulation holds gradients back: the reductions torch starts up to the
+    first optimiser step (DDP buckets handed to the comm hook, FSDP2 group reduces, counted by the
+    probe) are as many with 2 micro-steps as with 1."""
+    proc = bench("parity", "--gpus", "2", "--model", "transformer", "--model-size", "small", "--steps", "3",
+                 "--batch-size", "8", "--strategies", "ddp,fsdp", "--grad-accum", "2", "--ac", "full", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--grad-accum 2, --ac full" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("│ ")]
+    for cell in ("ddp", "fsdp"):
+        assert any(r.split("│")[1].strip() == cell and "exact" in r and "ok" in r for r in rows), proc.stdout
+    counts = {}
+    for strategy, k in (("ddp", 2), ("fsdp", 1), ("fsdp", 2)):
+        folder = tmp_path / f"{strategy}{k}"
+        folder.mkdir()
+        got = bench("run", *TINY, "--strategy", strategy, "--gpus", "2", "--grad-accum", str(k), "--max-steps", "1",
+                    "--epochs", "1", "--warmup-steps", "0", "--out", folder, env={"EMOTION_BENCH_PROBE": str(folder)})
+        assert got.returncode == 0, got.stdout + got.stderr
+        counts[strategy, k] = probe(folder, 0)["reductions"]
+        (result,) = [load_result(f) for f in folder.glob("*.json") if not f.name.startswith("probe")]
+        assert result["config"]["grad_accum"] == k and result["config"]["batch_size_per_device"] == 8
+        assert result["config"]["global_batch_size"] == 2 * 8 * k
+    # the cnn's gradients fit one of DDP's 25 MiB buckets: one all-reduce a step, however many micro-steps
+    from emotion_models.models import build_model
+
+    assert 4 * sum(p.numel() for p in build_model("cnn", size="small", device="meta").parameters()) < 25 * 2**20
+    assert counts["ddp", 2]["ddp_buckets"] == 1, counts
+    assert counts["fsdp", 2]["fsdp_reduces"] == counts["fsdp", 1]["fsdp_reduces"] >= 1, counts
 
 
 def test_parity_batchnorm_tolerance(tmp_path):
@@ -153,6 +194,8 @@ def test_parity_batchnorm_tolerance(tmp_path):
     assert tolerance("ddp", 2, "cnn", "fp32", False)[2] == "batchnorm"
     assert tolerance("ddp", 2, "lstm", "fp32", False)[2] == "exact"
     assert tolerance("fsdp", 2, "lstm", "bf16", False)[2] == "bf16"
+    assert tolerance("fsdp", 2, "lstm", "fp32", False, grad_accum=2)[2] == "exact"
+    assert tolerance("ddp", 2, "cnn", "fp32", True, grad_accum=2)[2] == "batchnorm"  # micro-batch statistics
     assert not ParityRow("x", BASES["exact"][0] * 2, 0.0, *BASES["exact"][:2], "exact").ok
     proc = bench("parity", "--gpus", "2", "--model", "cnn", "--strategies", "ddp", "--steps", "4", "--device", "cpu")
     assert proc.returncode == 0 and "batchnorm" in proc.stdout, proc.stdout + proc.stderr
@@ -333,3 +376,19 @@ gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
 def test_multi_gpu_strategies(tmp_path, strategy):
     r = _ok(bench("run", "--strategy", strategy, "--gpus", "2", *TINY, "--device", "cuda", "--out", tmp_path))
     assert r["config"]["device_type"] == "cuda"
+
+
+def test_every_preset_is_a_mesh_of_degrees_with_each_ranks_coordinates():
+    from bench.config import RunConfig
+    from bench.strategies import parallelism
+
+    fsdp = parallelism(RunConfig(strategy="fsdp", devices=4))
+    assert fsdp["degrees"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "tp": 1}
+    assert fsdp["mesh_shape"] == [4] and fsdp["mesh_dims"] == ["dp_shard"]
+    assert [fsdp["rank_coords"][str(r)]["dp_shard"] for r in range(4)] == [0, 1, 2, 3]
+    assert parallelism(RunConfig(strategy="ddp", devices=2))["degrees"]["dp_replicate"] == 2
+    assert parallelism(RunConfig(strategy="pipeline", devices=3))["mesh_dims"] == ["pp"]
+    single = parallelism(RunConfig())
+    assert single["mesh_shape"] == [] and single["rank_coords"] == {"0": {}}
+    independent = parallelism(RunConfig(strategy="independent", devices=2))
+    assert independent["mesh_shape"] == [] and independent["replicas"] == 2

@@ -20,6 +20,10 @@ def predict(
                                                   "bench comm result (file or folder). Default: a bench comm result "
                                                   "under RESULTS_DIR; GPU results without one assume nvlink4 and say so."),
     inter_link: str = typer.Option("ib-ndr", help="Inter-node link: a preset or a bench comm result."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Predict with K micro-steps per optimiser step "
+                                                           "(communication once per K)."),
+    ac: str = typer.Option("none", "--ac", help="Predict with activation checkpointing: none, full, selective "
+                                                "(a measured single run with it, else one more forward)."),
     out: Optional[str] = typer.Option(None, "--out", help="Folder for predict.md and predict.png (default: tables "
                                                           "on the console only).", callback=nonempty_out),
 ):
@@ -27,13 +31,20 @@ def predict(
     from ..predict import check, check_table, inputs_from, measured_cells, prediction_table, write_markdown
 
     intra, inter, counts, kinds = _options(devices, per_node, strategies, link, inter_link)
+    if grad_accum < 1:
+        fail(f"--grad-accum {grad_accum}: give 1 or more micro-steps per optimiser step")
+    from ..config import AC_MODES
+
+    if ac not in AC_MODES:
+        fail(f"--ac {ac} is not one of {', '.join(AC_MODES)}")
     results, _ = load_or_fail([results_dir])
     inputs = inputs_from(results)
     if not inputs:
         fail(f"no ok single-device result under {results_dir}: predict needs the single run's step time")
     if intra is None:
         intra = _link_beside(results_dir, results)
-    predicted = prediction_table(inputs, kinds, counts, per_node, intra, inter, measured_cells(results))
+    predicted = prediction_table(inputs, kinds, counts, per_node, intra, inter, measured_cells(results, grad_accum, ac),
+                                 grad_accum=grad_accum, ac=ac)
     console.print(table(*predicted, justify="right"))
     checked = check(results, intra, inter)
     measured = check_table(checked)

@@ -268,7 +268,8 @@ def prediction(inputs, strategies, counts, per_node, intra, inter, checked, path
             ns = [n for n in sorted(set(counts)) if not (s == "pipeline" and n > inp.blocks)]
             eff = [predict(inp, s, n, max(1, -(-n // per_node)), intra, inter)["efficiency"] for n in ns]
             line, = ax.plot(ns, eff, "--", label=f"{inp.model} {s} {inp.precision} (predicted)")
-            pts = [c for c in checked if c["strategy"] == s and c["model"] == inp.model and c["precision"] == inp.precision]
+            pts = [c for c in checked if c["strategy"] == s and c["model"] == inp.model and c["precision"] == inp.precision
+                   and c.get("grad_accum", 1) == 1 and c.get("ac", "none") == "none"]  # the curves' own settings
             if pts:
                 ax.plot([c["devices"] for c in pts], [c["measured"] / (c["devices"] * inp.single_throughput) for c in pts],
                         "o", color=line.get_color(), label=f"{inp.model} {s} {inp.precision} (measured)")

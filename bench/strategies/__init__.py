@@ -1,9 +1,10 @@
 """Strategies: one small function each, registered by name, returning a Plan.
 
 `def ddp(model, env, cfg) -> Plan` wraps the model for its parallelism and says how a step
-runs. Precision and compile are applied around them in one fixed order (bench/train.py):
-build (seeded, identical on every rank) -> move to device -> compile each block in place ->
-strategy wraps -> optimiser over plan.parameters.
+runs. Precision, compile and activation checkpointing are applied around them in one fixed order
+(bench/train.py): build (seeded, identical on every rank) -> move to device -> compile each block
+in place -> --ac wraps blocks -> strategy wraps -> optimiser over plan.parameters. A strategy that
+communicates gradients says how to hold them back for --grad-accum's micro-steps (Plan.sync).
 
 Each strategy is a module of this package named after it ('-' as '_'), whose `@register(...)`
 is its one registration, its listing order included. Modules are found by listing the package
@@ -11,6 +12,7 @@ and imported only when asked for: get_strategy imports the named strategy's modu
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import pkgutil
@@ -43,6 +45,9 @@ class Plan:
     # every device this process computes on, where memory, busy % and energy are read: several for
     # dp and model-parallel, else the input device
     devices: list[torch.device] | None = None
+    # sync(last) -> a context for one micro-step of --grad-accum: gradients are synchronised on the
+    # last micro-step only (DDP's no_sync, FSDP2's set_requires_gradient_sync); default: nothing to hold
+    sync: Callable[[bool], contextlib.AbstractContextManager] = lambda last: contextlib.nullcontext()
 
     def __post_init__(self):
         if self.step is None:
@@ -114,6 +119,33 @@ def all_strategies() -> dict[str, StrategySpec]:
     for mod in _modules():
         importlib.import_module(f"{__name__}.{mod}")
     return dict(sorted(STRATEGIES.items(), key=lambda item: (item[1].order, item[0])))
+
+
+# a strategy preset's degrees on the mesh torchtitan's ParallelDims names (pp outermost, tp innermost)
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+_PRESET_DIM = {"ddp": "dp_replicate", "dp": "dp_replicate", "fsdp": "dp_shard", "pipeline": "pp",
+               "model-parallel": "pp"}
+
+
+def parallelism(cfg: RunConfig) -> dict:
+    """The run's parallelism as a mesh of degrees: each preset strategy is one dimension of N (single
+    and independent none: independent's replicas never meet). The mesh shape lists every dimension
+    of more than 1 in MESH_DIMS's order, and each rank's coordinates on it (row-major: the innermost
+    dimension's ranks are neighbours, as init_device_mesh lays them out)."""
+    degrees = dict.fromkeys(MESH_DIMS, 1)
+    dim = _PRESET_DIM.get(cfg.strategy)
+    if dim and cfg.devices > 1:
+        degrees[dim] = cfg.devices
+    shape = [(d, degrees[d]) for d in MESH_DIMS if degrees[d] > 1]
+    coords = {}  # by rank (dp, model-parallel: by device of their one process)
+    for rank in range(max(1, cfg.devices)):
+        left, at = rank, {}
+        for d, size in reversed(shape):
+            left, at[d] = divmod(left, size)
+        coords[str(rank)] = {d: at[d] for d, _ in shape}
+    return {"degrees": degrees, "mesh_shape": [size for _, size in shape], "mesh_dims": [d for d, _ in shape],
+            "rank_coords": coords, "grad_accum": cfg.grad_accum, "ac": cfg.ac,
+            "replicas": cfg.devices if cfg.strategy == "independent" else 1}
 
 
 def check_strategy(cfg: RunConfig, device_type: str) -> StrategySpec:

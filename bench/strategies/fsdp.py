@@ -1,22 +1,34 @@
 """FSDP2: fully_shard each block, then the root; parameters, gradients and optimiser state sharded."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from emotion_models.models import rebuild
 
+from ..config import ConfigError
 from . import Plan, register
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@register("fsdp", order=40, multiprocess=True,
+def _check(cfg, device_type):
+    if cfg.offload and device_type != "cuda":
+        raise ConfigError("--offload moves FSDP2's parameters, gradients and optimiser state from the GPU to the "
+                          "host; on CPU they live on the host already: drop --offload")
+
+
+RESHARD = {"auto": None, "true": True, "false": False}  # --reshard-after-forward -> fully_shard's argument
+
+
+@register("fsdp", order=40, multiprocess=True, check=_check,
           summary="FSDP2 fully_shard per block then the root; MixedPrecisionPolicy for bf16/fp16")
 def fsdp(model, env, cfg) -> Plan:
     # imported here, not at the top: commands that only name the strategies (bench list) skip their cost
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     dtype = _DTYPES.get(cfg.precision)
@@ -31,9 +43,14 @@ def fsdp(model, env, cfg) -> Plan:
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 fully_shard(module, mesh=mesh, mp_policy=bn)
+    # --offload: sharded parameters and gradients live on the host, the optimiser steps there (pinned
+    # memory for the copies); --reshard-after-forward: the blocks' (the root keeps FSDP2's choice,
+    # False, unless true is asked: it is needed first in backward anyway)
+    offload = CPUOffloadPolicy(pin_memory=True) if cfg.offload else OffloadPolicy()
+    reshard = RESHARD[cfg.reshard_after_forward]
     for block in model.blocks:  # per block first, so each block's all-gather overlaps the previous block
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
 
     def eval_module():
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -48,4 +65,14 @@ def fsdp(model, env, cfg) -> Plan:
 
         return ShardedGradScaler()
 
-    return Plan(model=model, input_device=env.device, autocast=False, eval_module=eval_module, grad_scaler=scaler)
+    @contextlib.contextmanager
+    def sync(last: bool):
+        # --grad-accum: unsharded gradients accumulate locally; the last micro-step reduce-scatters them
+        model.set_requires_gradient_sync(last)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    return Plan(model=model, input_device=env.device, autocast=False, eval_module=eval_module, grad_scaler=scaler,
+                sync=sync, info={"reshard_after_forward": cfg.reshard_after_forward, "offload": cfg.offload})

@@ -1,4 +1,6 @@
-"""Pipeline parallel (torch.distributed.pipelining): one stage per rank, micro-batches, GPipe or 1F1B."""
+"""Pipeline parallel (torch.distributed.pipelining): micro-batches through stages, one per rank (GPipe,
+1F1B) or --stages-per-rank V of them, looped (rank r holds stages r, r + N, ...: interleaved 1F1B,
+interleaved zero bubble)."""
 from __future__ import annotations
 
 import torch
@@ -7,34 +9,52 @@ import torch.nn.functional as F
 from emotion_models.models import build_model, rebuild
 
 from .. import control
-from ..config import ConfigError
+from ..config import MULTI_STAGE, ConfigError
 from . import Plan, register
-
 
 
 def _schedule_class(name: str):
     """torch.distributed.pipelining's schedule (imported here, not at the top: bench list and every
     command that only names the strategies would pay half a second for it)."""
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
+                                              ScheduleInterleavedZeroBubble)
 
-    return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[name]
+    return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
+            "zero-bubble": ScheduleInterleavedZeroBubble}[name]
 
 
 def num_microbatches(cfg) -> int:
     return cfg.microbatches or 2 * cfg.devices
 
 
+def stages_per_rank(cfg) -> int:
+    return cfg.stages_per_rank if cfg.schedule in MULTI_STAGE else 1
+
+
 def _check(cfg, device_type):
     blocks = len(build_model(cfg.model, size=cfg.model_size, device="meta").blocks)
-    if cfg.devices > blocks:
-        raise ConfigError(f"--strategy pipeline --gpus {cfg.devices}: {cfg.model} has {blocks} blocks, "
-                          f"so at most {blocks} stages")
+    v = stages_per_rank(cfg)
+    if cfg.devices * v > blocks:
+        stages = f"{cfg.devices} x {v} stages" if v > 1 else f"{cfg.devices} stages"
+        raise ConfigError(f"--strategy pipeline --gpus {cfg.devices}{f' --stages-per-rank {v}' if v > 1 else ''}: "
+                          f"{stages}, but {cfg.model} has {blocks} blocks, so at most {blocks} stages")
     m = num_microbatches(cfg)
     if cfg.global_batch_size % m:
         raise ConfigError(f"global batch {cfg.global_batch_size} does not split into {m} micro-batches: "
                           "change --microbatches or --batch-size")
+    rounds = max(1, m // cfg.devices)
+    if cfg.schedule in MULTI_STAGE and m % rounds:
+        raise ConfigError(f"--schedule {cfg.schedule}: {m} micro-batches are not a multiple of their rounds "
+                          f"({rounds} = micro-batches // ranks), as torch's schedule needs: use a multiple of "
+                          f"--gpus {cfg.devices}")
+    if cfg.schedule == "zero-bubble" and cfg.compile:
+        raise ConfigError("--schedule zero-bubble splits each backward into input and weight parts, which "
+                          "torch.compile does not support: drop --compile or use interleaved-1f1b")
     if cfg.precision == "fp16":
         raise ConfigError("--strategy pipeline supports fp32 and bf16 (no GradScaler across pipeline stages)")
+    if cfg.grad_accum > 1:
+        raise ConfigError(f"--strategy pipeline --grad-accum {cfg.grad_accum}: the schedule accumulates over its "
+                          "micro-batches already; raise --microbatches (and --batch-size) instead")
 
 
 class _Contiguous(torch.nn.Module):
@@ -43,19 +63,27 @@ class _Contiguous(torch.nn.Module):
 
 
 @register("pipeline", order=50, multiprocess=True, check=_check,
-          summary="torch.distributed.pipelining, one stage per rank from model.stages(N), --schedule gpipe|1f1b")
+          summary="torch.distributed.pipelining, stages from model.stages(N x V); --schedule gpipe, 1f1b, "
+                  "interleaved-1f1b or zero-bubble")
 def pipeline(model, env, cfg) -> Plan:
-    n, rank = env.world_size, env.rank
-    bounds = model.stage_boundaries(n)
-    first_block = bounds[rank][0]
-    stage_module = model.stages(n)[rank]
-    if rank < n - 1:
-        stage_module.append(_Contiguous())  # gloo sends only contiguous tensors; no parameters, no state keys
     from torch.distributed.pipelining import PipelineStage
 
-    stage = PipelineStage(stage_module, rank, n, env.device)
+    n, rank, v = env.world_size, env.rank, stages_per_rank(cfg)
+    total = n * v
+    bounds = model.stage_boundaries(total)
+    mine = list(range(rank, total, n))  # looped: stage s on rank s % n, so the last stage is on rank n - 1
+    modules = model.stages(total)
+    local = [modules[s] for s in mine]
+    for s, module in zip(mine, local):
+        if s < total - 1:
+            module.append(_Contiguous())  # gloo sends only contiguous tensors; no parameters, no state keys
+    stages = [PipelineStage(module, s, total, env.device) for s, module in zip(mine, local)]
     m = num_microbatches(cfg)
-    schedule = _schedule_class(cfg.schedule)(stage, n_microbatches=m, loss_fn=F.cross_entropy)  # grads averaged over m
+    kind = _schedule_class(cfg.schedule)
+    # grads averaged over m either way
+    schedule = (kind(stages, n_microbatches=m, loss_fn=F.cross_entropy) if cfg.schedule in MULTI_STAGE
+                else kind(stages[0], n_microbatches=m, loss_fn=F.cross_entropy))
+    held = torch.nn.ModuleList(local)  # what the optimiser steps: this rank's stages
 
     zero = torch.zeros((), device=env.device)
 
@@ -73,10 +101,10 @@ def pipeline(model, env, cfg) -> Plan:
         return torch.stack(losses).mean() if losses else zero
 
     def eval_module():
-        # every rank contributes its stage; rank 0 assembles the full model
-        local = {f"blocks.{first_block + int(k.split('.', 1)[0])}.{k.split('.', 1)[1]}": v.detach().cpu()
-                 for k, v in stage_module.state_dict().items()}
-        gathered = control.gather_objects(local, env)
+        # every rank contributes its stages; rank 0 assembles the full model
+        own = {f"blocks.{bounds[s][0] + int(k.split('.', 1)[0])}.{k.split('.', 1)[1]}": t.detach().cpu()
+               for s, module in zip(mine, local) for k, t in module.state_dict().items()}
+        gathered = control.gather_objects(own, env)
         if rank != 0:
             return None
         full = rebuild(model)
@@ -84,12 +112,16 @@ def pipeline(model, env, cfg) -> Plan:
         return full.to(env.device)
 
     info = {"num_microbatches": m, "schedule": cfg.schedule, "microbatch_size": cfg.global_batch_size // m,
-            "stage_blocks": [list(b) for b in bounds],
-            # idle share of each stage's time under GPipe and 1F1B alike: (p - 1) / (m + p - 1)
-            "bubble_fraction": (n - 1) / (m + n - 1)}
+            "stage_blocks": [list(b) for b in bounds], "stages_per_rank": v,
+            "rank_stages": {str(r): list(range(r, total, n)) for r in range(n)},
+            # idle share of each rank's time: (p - 1) / (m + p - 1) under GPipe and 1F1B alike, and
+            # (p - 1) / (V m + p - 1) interleaved (Megatron's count: each of V chunks is 1/V of the
+            # work); zero bubble fills the bubble with weight gradients, ideally to none: not counted
+            "bubble_fraction": (None if cfg.schedule == "zero-bubble" else (n - 1) / (v * m + n - 1))}
     # stages other than this rank's were built only for identical initialisation: free them
+    held_blocks = {i for s in mine for i in range(*bounds[s])}
     for i, block in enumerate(model.blocks):
-        if not bounds[rank][0] <= i < bounds[rank][1]:
+        if i not in held_blocks:
             block.to("meta")
-    return Plan(model=stage_module, input_device=env.device, step=step, shard_batch=False, loss_rank=n - 1,
+    return Plan(model=held, input_device=env.device, step=step, shard_batch=False, loss_rank=n - 1,
                 eval_module=eval_module, info=info)
