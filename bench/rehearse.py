@@ -113,7 +113,8 @@ def text(cfg: RunConfig, r: Rehearsal) -> str:
     holds = f"{r.params_local / 1e6:,.1f} M of {r.params_total / 1e6:,.1f} M parameters"
     source = "its replica"
     if r.stages:
-        holds += " (" + ", ".join(f"stage {s}: blocks {a}-{b - 1}" for s, (a, b) in r.stages) + ")"
+        holds += " (" + ", ".join(f"stage {s}: " + (f"blocks {a}-{b - 1}" if b - 1 > a else f"block {a}")
+                                  for s, (a, b) in r.stages) + ")"
         source = "its stage" if len(r.stages) == 1 else "its stages"
     elif r.params_local < r.params_total:
         source = "its shards"
