@@ -521,6 +521,25 @@ def table(outcome: ABOutcome) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def console_table(outcome: ABOutcome) -> tuple[list[str], list[list[str]]]:
+    """The verdicts one per row (cell, metric), for a terminal of 80 columns; `table` is the wide
+    markdown form for a PR comment."""
+    header = ["cell", "metric", "head / base (95 % CI)", "verdict"]
+    rows = []
+    for v in outcome.verdicts:
+        label = JUDGED[v.metric][0] if v.metric in JUDGED else "macro-F1 (head vs base)"
+        if v.ratio is None:
+            shown, verdict = "–", f"{v.verdict}" + (f" ({v.note})" if v.note else "")
+        elif v.metric == "macro_f1":
+            shown, verdict = v.note, v.verdict
+        else:
+            shown = f"{(v.ratio - 1) * 100:+.1f}% [{(v.low - 1) * 100:+.1f}, {(v.high - 1) * 100:+.1f}]"
+            verdict = v.verdict + (f", smallest change this run could see: {v.smallest_visible * 100:.1f} %"
+                                   if v.verdict == "inconclusive" else "")
+        rows.append([v.cell, label, shown, verdict])
+    return header, rows
+
+
 def parse_env(items: list[str] | None, flag: str) -> dict[str, str]:
     out = {}
     for item in items or []:

@@ -219,3 +219,28 @@ def test_the_gate_s_new_flags_are_checked_before_anything_runs(capsys):
                        (["--json-out", " "], "--json-out is empty")):
         code, out = invoke(["ab", "HEAD", *argv], capsys)
         assert code == 2 and text in out and "Traceback" not in out, (argv, out)
+
+
+def test_the_console_verdicts_fit_80_columns_and_keep_every_word():
+    """A row per cell and metric at 80 columns: nothing cut, the inconclusive line whole."""
+    import io
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from bench.ab import ABOutcome, Side, Verdict, console_table
+    from bench.ui import table
+
+    cell = "wav2vec2-base ddp 8x bf16 compiled b16"
+    o = ABOutcome(Side("base", "HEAD", Path(".")), Side("head", "working tree", Path(".")), 20, 500.0,
+                  [Verdict(cell, "efficiency", "inconclusive", 0.98, 0.91, 1.06, pairs=20),
+                   Verdict(cell, "memory", "regression", 1.1, 1.07, 1.12, pairs=20),
+                   Verdict(cell, "macro_f1", "no change", 1.0, note="0.8000 vs 0.8000")])
+    header, rows = console_table(o)
+    buf = io.StringIO()
+    Console(file=buf, width=80, color_system=None).print(table("bench ab", header, rows, plain=True))
+    out = buf.getvalue()
+    assert max(map(len, out.splitlines())) <= 80 and "…" not in out, out
+    shown = set(out.replace("│", " ").split())  # wrapped, never cut: every word of every cell is there
+    assert all(set(" ".join(r).split()) <= shown for r in rows), out
+    assert rows[0][3] == "inconclusive, smallest change this run could see: 7.9 %"

@@ -342,6 +342,9 @@ def test_predict_command_shows_where_contention_was_measured(tmp_path, capsys):
     code, out = invoke(["predict", src, "--gpus", "2,4", "--strategies", "ddp", "--link", "pcie4",
                         "--out", tmp_path / "rep"], capsys)
     assert code == 0, out
+    drawn = [line for line in out.splitlines() if line[:1] in "┏┃┡│└"]  # the console's two tables
+    assert drawn and max(map(len, drawn)) <= 80 and "…" not in out, out  # 80 columns, nothing cut
+    assert "contention c_n 1.00 (none measured)" in " ".join(" ".join(out.replace("│", " ").split()).split())
     md = (tmp_path / "rep" / "predict.md").read_text()
     predicted, compared_table = md.split("\n\n")[:2]  # the prediction table, then the check against measured
     row = {line.split("|")[2].strip(): line for line in predicted.splitlines() if line.startswith("| cnn ddp")}

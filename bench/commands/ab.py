@@ -28,7 +28,7 @@ def ab(
     fmt: str = typer.Option("text", "--format", help="text (terminal table) or md (markdown, for a PR comment)."),
 ):
     """Measure base and head alternately (A B B A ...) and judge paired ratios; exit 1 on a regression."""
-    from ..ab import ABError, run_ab, table
+    from ..ab import ABError, console_table, run_ab, table
 
     threshold, envs, cells_path = _options(cells, pairs, budget_s, max_budget_s, max_regression, inconclusive,
                                            json_out, base_env, head_env, fmt)
@@ -40,8 +40,8 @@ def ab(
                              max_budget_s=max_budget_s)
         except ABError as exc:
             fail(str(exc))
-    header, rows = table(outcome)
-    verdict_table(header, rows, _summary(outcome, threshold), fmt, "bench ab",
+    header, rows = table(outcome) if fmt == "md" else console_table(outcome)  # console: a row per metric, 80 columns
+    verdict_table(header, rows, _summary(outcome, threshold), fmt, "bench ab: head / base, 95 % interval",
                   lambda r: "red" if any("regression" in x for x in r) else
                   "yellow" if any("inconclusive" in x for x in r) else None)
     if json_out:

@@ -45,11 +45,15 @@ def predict(
         intra = _link_beside(results_dir, results)
     predicted = prediction_table(inputs, kinds, counts, per_node, intra, inter, measured_cells(results, grad_accum, ac),
                                  grad_accum=grad_accum, ac=ac)
-    console.print(table(*predicted, justify="right"))
+    console.print(table(*narrow(predicted, {"cell": "cell", "devices": "N", "nodes": "nodes", "step (ms)": "ms/step",
+                                            "throughput (samples/s)": "samples/s", "efficiency": "eff."}),
+                        justify="right"))
     checked = check(results, intra, inter)
     measured = check_table(checked)
     if measured[2]:
-        console.print(table(*measured, justify="right"))
+        console.print(table(*narrow(measured, {"cell": "cell", "devices": "N", "measured (samples/s)": "measured",
+                                               "predicted (samples/s)": "predicted", "error": "error"}),
+                            justify="right"))
     if out is None:
         info("predict: tables only (pass --out DIR for predict.md and predict.png)")
         return
@@ -59,6 +63,20 @@ def predict(
 
     prediction(inputs, kinds, counts, per_node, intra, inter, checked, Path(out) / "predict.png")
     info(f"predict: {Path(out) / 'predict.md'}, {Path(out) / 'predict.png'}")
+
+
+def narrow(tab: tuple[str, list[str], list[list[str]]], keep: dict[str, str]) -> tuple[str, list, list[list[str]]]:
+    """A table for 80 columns: the columns named in keep under their short headers (units in the
+    caption), the others as 'name value' in a last column that wraps; predict.md keeps them all."""
+    title, header, rows = tab
+    idx = [header.index(k) for k in keep]
+    rest = [i for i in range(len(header)) if i not in idx]
+    out = []
+    for r in rows:
+        terms = "; ".join(f"{header[i]} {r[i]}" for i in rest if r[i] not in ("", "–"))
+        out.append([r[i] for i in idx] + [terms])
+    shown = [short if short == "cell" else (short, {"no_wrap": True}) for short in keep.values()]
+    return title, [*shown, ("model terms, notes", {"justify": "left"})], out
 
 
 def _link_beside(results_dir: str, results: list[dict]):
