@@ -76,8 +76,11 @@ GATES: dict[str, Metric] = {m.gate: m for m in METRICS.values() if m.gate}
 # what makes two runs the same cell (repeats aggregate over it)
 CELL = ["hardware_id", "strategy", "model", "model_size", "precision", "compile", "devices", "scaling",
         "batch_per_device", "grad_accum", "ac", "offload", "reshard", "dataset", "size", "epochs"]
-# what a cell shares with the `single` run that is its efficiency's baseline
-BASELINE_MATCH = ["hardware_id", "model", "model_size", "precision", "compile", "dataset", "size", "epochs"]
+# what a cell shares with the `single` run that is its efficiency's baseline: its accumulation and
+# checkpointing too, so efficiency measures the parallelism alone (K micro-steps amortise the optimiser
+# step, and AC's recompute is not a cost of scaling); a cell whose single lacks them gets none
+BASELINE_MATCH = ["hardware_id", "model", "model_size", "precision", "compile", "grad_accum", "ac", "dataset", "size",
+                  "epochs"]
 
 
 def machine_label(env: dict) -> str:
@@ -151,8 +154,9 @@ def with_efficiency(df: pd.DataFrame) -> pd.DataFrame:
         # cells, so pairing repeats made the efficiency noisier, not steadier
         base = match.samples_per_s.median()
         df.at[i, "efficiency"] = efficiency = row.samples_per_s / (row.devices * base)
+        extra = (f" ga{int(row.grad_accum)}" if row.grad_accum > 1 else "") + (f" ac-{row.ac}" if row.ac != "none" else "")
         df.at[i, "baseline"] = (f"single {row.precision}{' compiled' if row.compile else ''} 1x "
-                                f"b{want} ({base:.1f} samples/s, median of {len(match)})")
+                                f"b{want}{extra} ({base:.1f} samples/s, median of {len(match)})")
         if row.strategy != "single":
             b = match.iloc[0]
             extra = trust.baseline_flags(row.threads, b.threads, efficiency) + [trust.steps_flag(row.steps, b.steps)]

@@ -185,7 +185,7 @@ def test_report_writes_files_and_plots(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rep = tmp_path / "rep"
     for name in ("report.md", "report.html", "results.csv", "scaling.png", "efficiency.png", "precision_speedup.png",
-                 "pareto.png", "utilization.png", "confusion.png"):
+                 "pareto.png", "memory_pareto.png", "utilization.png", "confusion.png"):
         path = rep / name
         assert path.exists() and path.stat().st_size > 1000, name
     assert (rep / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

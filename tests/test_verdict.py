@@ -173,3 +173,24 @@ def test_the_rendered_report_opens_with_the_verdict(tmp_path):
                                                                  "column-reverse'>", 1))
     got = subprocess.run(tool, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     assert got.returncode == 1 and "verdict first: NO" in got.stdout, got.stdout + got.stderr
+
+
+def test_an_accumulating_cells_efficiency_is_against_single_with_the_same_accumulation():
+    """K micro-steps amortise the optimiser step: against a plain single, ddp --grad-accum 2 would read
+    more than 2 devices' work. Its baseline is single --grad-accum 2; without one, no efficiency."""
+    def accumulating(runs, k):
+        for r in runs:
+            r["config"]["grad_accum"] = k
+        return runs
+
+    plain = cell("single", 1, 100.0, repeats=3)
+    ddp = accumulating(cell("ddp", 2, 230.0), 2)  # 230 / (2 x 100) = 1.15 against the plain single
+    agg = aggregate(frame(plain + ddp))
+    row = agg[agg.strategy == "ddp"].iloc[0]
+    assert row.efficiency != row.efficiency  # NaN: no single with --grad-accum 2
+    agg = aggregate(frame(plain + accumulating(cell("single", 1, 125.0, repeats=3), 2) + ddp))
+    row = agg[agg.strategy == "ddp"].iloc[0]
+    assert abs(row.efficiency - 230.0 / (2 * 125.0)) < 1e-9 and "ga2" in row.baseline
+    from bench.cells import cell_label
+
+    assert cell_label(row) == "cnn ddp 2x fp32 b32 ga2"

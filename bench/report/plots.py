@@ -137,6 +137,32 @@ def pareto(ok: pd.DataFrame):
     return fig
 
 
+def memory_pareto(ok: pd.DataFrame):
+    """Throughput against peak memory per device, every cell labelled with its memory settings
+    (--ac, --grad-accum, offload, resharding): the trade activation checkpointing and the rest buy.
+    The front: the fastest cells for their memory (up and to the left is better)."""
+    pm = ok[ok.peak_mem_mib.notna() & ok.samples_per_s.notna()]
+    if pm.empty:
+        return None
+    fig, ax = _axes()
+    ax.scatter(pm.peak_mem_mib, pm.samples_per_s, s=25)
+    for r in pm.itertuples():
+        ax.annotate(cell_label(r, batch=True).split(" ", 1)[1], (r.peak_mem_mib, r.samples_per_s), fontsize=8,
+                    xytext=(5, 4), textcoords="offset points")
+    best, pts = -1.0, []
+    for r in pm.sort_values("peak_mem_mib").itertuples():
+        if r.samples_per_s > best:
+            best = r.samples_per_s
+            pts.append((r.peak_mem_mib, r.samples_per_s))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "r-", lw=1, label="front (fastest for its memory)")
+    _ring(ax, pm, "peak_mem_mib", "samples_per_s")
+    ax.set_xlabel("peak memory per device (MiB; GPU allocated, else process RSS)")
+    ax.set_ylabel(METRICS["samples_per_s"].header())
+    ax.set_title("throughput against peak memory (the --ac, --grad-accum and FSDP trades)")
+    ax.legend(fontsize=7)
+    return fig
+
+
 def utilization(ok: pd.DataFrame):
     """Busy % and peak memory per cell."""
     fig, (a1, a2) = _plt().subplots(1, 2, figsize=(10, 4.5))
@@ -233,6 +259,8 @@ FIGURES: dict[str, tuple[Callable[[pd.DataFrame], object], str]] = {
     "efficiency": (efficiency, "Scaling efficiency against devices (weak or strong, as measured)."),
     "precision_speedup": (precision_speedup, "bf16/fp16 throughput over fp32, per strategy and device count."),
     "pareto": (pareto, "Throughput against test macro-F1: the fast cells that still learn."),
+    "memory_pareto": (memory_pareto, "Throughput against peak memory per device, each cell labelled with its "
+                                     "memory settings (--ac, --grad-accum, offload, resharding)."),
     "utilization": (utilization, "Busy % (GPU: NVML utilisation rate; CPU runs: whole-machine CPU %) and peak memory."),
     "energy": (energy, "GPU energy per epoch."),
     "confusion": (confusion, "Confusion matrix of the best cell (highest test macro-F1)."),
