@@ -337,7 +337,17 @@ def static_bytes(cfg: RunConfig) -> tuple[int, int, str]:
         return sharded, largest_block * (2 * param_bytes + 4), "unsharded block"
     if cfg.strategy == "ddp":
         return 16 * params, 4 * params, "gradient buckets"
+    if cfg.strategy == "tp":  # the layers' projections divided over the ranks, the rest whole on each
+        sharded = _tp_sharded(cfg.model, cfg.model_size)
+        return 16 * (params - sharded + sharded // cfg.devices), 0, "nothing else"
     return 16 * params, 0, "nothing else"
+
+
+@functools.lru_cache(maxsize=32)
+def _tp_sharded(model: str, size: str) -> int:
+    from .strategies.tp import sharded_params
+
+    return sharded_params(build_model(model, size=size, device="meta"))
 
 
 def split_clips(cfg: RunConfig) -> tuple[int, int]:

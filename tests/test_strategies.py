@@ -119,6 +119,9 @@ def test_impossible_combinations_fail_before_starting(tmp_path):
         (dict(strategy="ddp", devices=2, ac="some"), "--ac some is not one of none, full, selective"),
         (dict(strategy="ddp", devices=2, grad_accum=0), "--grad-accum must be at least 1"),
         (dict(strategy="ddp", devices=2, scaling="strong", grad_accum=3), "use a multiple of 6"),
+        (dict(strategy="tp", devices=2, model="transformer"), "no attention with separate q, k, v projections"),
+        (dict(strategy="tp", devices=5, model="wav2vec2-base"), "must divide by the tensor-parallel degree"),
+        (dict(strategy="pipeline", devices=2, schedule="interleaved-1f1b", stages_per_rank=3), "2 x 3 stages"),
     ]
     for kwargs, text in cases:
         cfg = RunConfig(model_size="small", batch_size=8, **kwargs)
@@ -392,3 +395,31 @@ def test_every_preset_is_a_mesh_of_degrees_with_each_ranks_coordinates():
     assert single["mesh_shape"] == [] and single["rank_coords"] == {"0": {}}
     independent = parallelism(RunConfig(strategy="independent", devices=2))
     assert independent["mesh_shape"] == [] and independent["replicas"] == 2
+
+
+def test_tensor_parallel_shards_each_layers_projections_and_trains_singles_model(tmp_path):
+    """tp x2 on wav2vec2-base: per layer, q, k, v and the first feed-forward projection (weights and
+    biases) and the attention output and second projection (weights) are split in halves, the two
+    ranks' shards adding up to the layer's own size (the oracle: the torchaudio layers of a model
+    built here); everything else is whole on each rank. And it trains single's model (exact basis)."""
+    from emotion_models.models import build_model
+
+    meta = build_model("wav2vec2-base", size="small", device="meta")
+    atts = [m for m in meta.modules() if hasattr(m, "q_proj") and hasattr(m, "out_proj")]
+    ffs = [m for m in meta.modules() if hasattr(m, "intermediate_dense")]
+    halves = sorted([p.numel() for a in atts for lin in (a.q_proj, a.k_proj, a.v_proj) for p in lin.parameters()]
+                    + [p.numel() for f in ffs for p in f.intermediate_dense.parameters()]
+                    + [lin.weight.numel() for a in atts for lin in (a.out_proj,)]
+                    + [f.output_dense.weight.numel() for f in ffs])
+    got = bench("run", "--size", "tiny", "--epochs", "1", "--max-steps", "1", "--warmup-steps", "0", "--batch-size", "4",
+                "--model", "wav2vec2-base", "--model-size", "small", "--strategy", "tp", "--gpus", "2", "--device", "cpu",
+                "--out", tmp_path, env={"EMOTION_BENCH_PROBE": str(tmp_path)})
+    assert got.returncode == 0, got.stdout + got.stderr
+    ranks = [probe(tmp_path, r)["params"] for r in (0, 1)]
+    assert [p["global"] for p in ranks[0]] == [p["global"] for p in ranks[1]]
+    split = [(a["global"], a["local"], b["local"]) for a, b in zip(*ranks) if a["local"] < a["global"]]
+    assert sorted(g for g, _, _ in split) == halves
+    assert all(x + y == g and x == g // 2 for g, x, y in split)
+    whole = sum(p["global"] for p in ranks[0]) - sum(g for g, _, _ in split)
+    assert whole == sum(p.numel() for p in meta.parameters()) - sum(halves)  # the rest replicated, whole
+    _parity_exact("wav2vec2-base", ("tp",))

@@ -124,7 +124,7 @@ def all_strategies() -> dict[str, StrategySpec]:
 # a strategy preset's degrees on the mesh torchtitan's ParallelDims names (pp outermost, tp innermost)
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 _PRESET_DIM = {"ddp": "dp_replicate", "dp": "dp_replicate", "fsdp": "dp_shard", "pipeline": "pp",
-               "model-parallel": "pp"}
+               "model-parallel": "pp", "tp": "tp"}
 
 
 def parallelism(cfg: RunConfig) -> dict:
