@@ -12,12 +12,12 @@ def cell_key(cfg) -> str:
     """'cnn-ddp-2x-fp32-eager-weak-b32-r0': a sweep cell's run_id and result file name (memory and
     accumulation settings added where they are not the default: '-ga2', '-acfull', '-offload')."""
     comp = "compiled" if cfg.compile else "eager"
-    extra = "".join(f"-{part}" for part in _settings(_getter(cfg), key=True))
+    extra = "".join(f"-{part}" for part in setting_parts(_getter(cfg), key=True))
     return (f"{cfg.model}-{cfg.strategy}-{cfg.devices}x-{cfg.precision}-{comp}-{cfg.scaling}-b{cfg.batch_size}{extra}"
             f"-r{cfg.repeat}")
 
 
-def _settings(g, key: bool = False) -> list[str]:
+def setting_parts(g, key: bool = False) -> list[str]:
     """The settings beyond strategy, devices, precision, compile and batch that make a cell, where
     not the default: accumulation, activation checkpointing, FSDP2's offload and resharding. A frame
     row names them ac / reshard, a RunConfig ac / reshard_after_forward."""
@@ -52,7 +52,7 @@ def cell_label(c, *, batch: bool = True, from_config: bool = False, short: bool 
     if short:
         return f"{g('strategy')} x{g('devices')}"
     text = f"{g('model')} {g('strategy')} {g('devices')}x {g('precision')}{' compiled' if g('compile') else ''}"
-    extra = "".join(f" {part}" for part in _settings(g))
+    extra = "".join(f" {part}" for part in setting_parts(g))
     if not batch:
         return text + extra
     return text + f" b{_config_batch_per_device(g) if from_config else g('batch_per_device')}" + extra

@@ -106,3 +106,16 @@ def test_hardware_comparison_needs_two_machines():
 def test_fmt_blanks_missing_values():
     assert fmt(None) == "–" and fmt(math.nan) == "–" and fmt(float("nan"), ".2f") == "–"
     assert fmt(1.25) == "1.2" and fmt(1.25, ".2f") == "1.25" and fmt(3, "d") == "3"
+
+
+def test_an_accumulating_cell_has_a_table_of_its_own():
+    """ddp at 2 devices, batch 32, with and without --grad-accum 2: two cells, two tables (one line
+    of devices x batch would hold only one of them)."""
+    plain = fixture_result(strategy="ddp", devices=2, thr=180.0)
+    accumulating = fixture_result(strategy="ddp", devices=2, thr=190.0, repeat=1)
+    accumulating["config"]["grad_accum"] = 2
+    accumulating["run_id"] += "-ga2"
+    tables = {title: rows for title, _, rows, _ in main_tables(aggregate(frame([plain, accumulating])))}
+    assert set(tables) == {"cnn · ddp · Test CPU (2 cores)", "cnn · ddp · ga2 · Test CPU (2 cores)"}
+    assert tables["cnn · ddp · ga2 · Test CPU (2 cores)"][0][2].startswith("190.0")
+    assert tables["cnn · ddp · Test CPU (2 cores)"][0][2].startswith("180.0")

@@ -13,7 +13,7 @@ from bench.frame import aggregate, frame
 from bench.report import main_tables
 from bench.results import load_result, write_result
 from bench.sweep import SweepSpec, expand, load_spec
-from conftest import ROOT, bench
+from conftest import ROOT, bench, invoke
 
 
 def fixture_result(*, strategy="single", devices=1, precision="fp32", thr=100.0, f1=0.8, repeat=0, batch=32,
@@ -219,7 +219,7 @@ def test_hardware_comparison_of_two_folders(tmp_path):
 
 # ------------------------------------------------------------------------------------------ compare
 
-def test_compare_flags_throughput_drop(tmp_path):
+def test_compare_flags_throughput_drop(tmp_path, capsys):
     base = write_all(tmp_path / "base", matrix())
     slow = matrix()
     for r in slow:
@@ -232,6 +232,11 @@ def test_compare_flags_throughput_drop(tmp_path):
     assert "-30.0% ✗" in line and "regression" in line
     others = [l for l in proc.stdout.splitlines() if l.startswith("| cnn single 1x fp32")]
     assert "within noise" in others[0]
+    # the console's form at 80 columns: a row per cell, its verdict whole, nothing cut
+    code, out = invoke(["compare", str(base), str(cur)], capsys)
+    drawn = [line for line in out.splitlines() if line[:1] in "┏┃┡│└"]
+    assert code == 1 and drawn and max(map(len, drawn)) <= 80 and "…" not in out, out
+    assert any(line.startswith("│ cnn ddp") and "│ regression " in line for line in drawn), out
 
 
 def test_compare_flags_f1_drop_even_when_faster():

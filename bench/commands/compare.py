@@ -46,8 +46,12 @@ def compare_cmd(
                f"{sum(v.verdict == 'improvement' for v in verdicts)} improved, "
                f"{sum(v.verdict == 'within noise' for v in verdicts)} within noise; gated on {', '.join(gates)}; "
                f"a change counts above max({threshold * 100:g}% (F1: {max_f1_drop} absolute), {noise_k:g} x baseline spread)")
+    if fmt != "md":  # 80 columns: the changes as one wrapped column, the verdict whole (markdown keeps the wide form)
+        header, rows = (["cell", ("verdict", {"no_wrap": True}), "changes (current vs baseline)", "note"],
+                        [[r[0], r[-2], "; ".join(f"{h} {v}" for h, v in zip(header[1:-2], r[1:-2]) if v not in ("", "–")),
+                          r[-1]] for r in rows])
     verdict_table(header, rows, summary, fmt, f"compare {baseline} -> {current}",
-                  lambda r: "red" if r[-2] in ("regression", "failed") else ("green" if r[-2] == "improvement" else None))
+                  lambda r: "red" if r[1] in ("regression", "failed") else ("green" if r[1] == "improvement" else None))
     for p, why in bad_b + bad_c:
         error(f"not a result file: {p}: {why}")
     if regressions:

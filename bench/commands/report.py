@@ -35,8 +35,8 @@ def report(
     except OSError as exc:
         fail(f"--out {out}: cannot write the report there ({exc.strerror or exc}): choose a writable folder")
     show_verdicts(rep["cells"], skipped, include_flagged)
-    for title, header, rows, note in main_tables(rep["cells"]):
-        console.print(table(title, header, rows, caption=note, justify="right"))
+    for title, header, rows, note in main_tables(rep["cells"]):  # at 80 columns a long word folds, never cut
+        console.print(table(title, [(h, {"overflow": "fold"}) for h in header], rows, caption=note, justify="right"))
     for p, why in bad:
         error(f"not a result file: {p}: {why}")
     info(f"report: {Path(out) / 'report.md'}, {Path(out) / 'report.html'}, {Path(out) / 'results.csv'}, "

@@ -5,7 +5,7 @@ import math
 
 import pandas as pd
 
-from ..cells import cell_label
+from ..cells import setting_parts, cell_label
 from ..frame import METRICS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -31,6 +31,9 @@ def fmt_throughput(row) -> str:
     return f"{row.samples_per_s:.1f}"
 
 
+SETTINGS = ("grad_accum", "ac", "offload", "reshard")  # a frame's memory and accumulation columns
+
+
 def main_tables(agg: pd.DataFrame) -> list[tuple[str, list[str], list[list[str]], str]]:
     """NVIDIA DeepLearningExamples-style tables: one per machine, model, strategy and compile flag.
 
@@ -40,9 +43,14 @@ def main_tables(agg: pd.DataFrame) -> list[tuple[str, list[str], list[list[str]]
     if agg.empty:
         return tables
     thr, t2t = METRICS["samples_per_s"], METRICS["time_to_target_s"]
-    groups = sorted(agg.groupby(["machine", "model", "strategy", "compile"], sort=True),
-                    key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "single", kv[0][2], kv[0][3]))  # single first
-    for (machine, model, strategy, comp), g in groups:
+    # one table per memory and accumulation setting too (--grad-accum, --ac, offload, resharding): their
+    # rows would otherwise share a devices x batch line
+    keys = ["machine", "model", "strategy", "compile"] + [k for k in SETTINGS if k in agg.columns]
+    groups = sorted(agg.groupby(keys, sort=True, dropna=False),
+                    key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "single", kv[0][2], kv[0][3], str(kv[0][4:])))
+    for key, g in groups:
+        machine, model, strategy, comp = key[:4]
+        settings = "".join(f" · {part}" for part in setting_parts(g.iloc[0].get))
         precs = [p for p in PRECISIONS if p in set(g.precision)]
         others = [p for p in precs if p != "fp32"]
         header = ["devices", "batch per device (samples)"]
@@ -66,7 +74,7 @@ def main_tables(agg: pd.DataFrame) -> list[tuple[str, list[str], list[list[str]]
                     notes.add(f"{p}: {r.baseline}")
             line += [fmt_f1(ref), fmt(ref.time_to_target_s, t2t.spec)]
             rows.append(line)
-        title = f"{model} · {strategy}{' · compiled' if comp else ''} · {machine}"
+        title = f"{model} · {strategy}{' · compiled' if comp else ''}{settings} · {machine}"
         note = ("weak-scaling = throughput / (devices x throughput of the baseline cell); baselines: "
                 + "; ".join(sorted(notes))) if notes else "no single-device baseline in these results: no efficiency"
         tables.append((title, header, rows, note))
