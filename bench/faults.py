@@ -63,37 +63,7 @@ def probe(rank: int, folder: str) -> None:
 
     handle = torch.nn.modules.module.register_module_forward_hook(forward_hook)
     orig = torch.optim.AdamW.step
-    # gradient reductions up to the first optimiser step, counted where torch starts them: each DDP
-    # bucket its comm hook is handed, each FSDP2 group reduce (foreach_reduce). --grad-accum K must
-    # not multiply them: the micro-steps before the last hold gradients back
-    reductions = {"ddp_buckets": 0, "fsdp_reduces": 0}
-    ddp_init = torch.nn.parallel.DistributedDataParallel.__init__
-
-    def counting_init(self, *a, **k):
-        ddp_init(self, *a, **k)
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-        def hook(state, bucket):
-            if not written:
-                reductions["ddp_buckets"] += 1
-            return allreduce_hook(state, bucket)
-
-        self.register_comm_hook(None, hook)
-
-    torch.nn.parallel.DistributedDataParallel.__init__ = counting_init
-    try:
-        from torch.distributed.fsdp._fully_shard import _fsdp_param_group
-
-        fsdp_reduce = _fsdp_param_group.foreach_reduce
-
-        def counting_reduce(*a, **k):
-            if not written:
-                reductions["fsdp_reduces"] += 1
-            return fsdp_reduce(*a, **k)
-
-        _fsdp_param_group.foreach_reduce = counting_reduce
-    except (ImportError, AttributeError):  # another torch's layout: the count stays 0 and says nothing
-        pass
+    reductions = _count_reductions(written)
 
     def first_step(self, *a, **k):
         if not written:
@@ -117,6 +87,43 @@ def probe(rank: int, folder: str) -> None:
         return orig(self, *a, **k)
 
     torch.optim.AdamW.step = first_step
+
+
+def _count_reductions(done: list) -> dict[str, int]:
+    """Gradient reductions until `done` is set (the probe's first optimiser step), counted where torch
+    starts them: each DDP bucket its comm hook is handed, each FSDP2 group reduce (foreach_reduce).
+    --grad-accum K must not multiply them: the micro-steps before the last hold gradients back."""
+    import torch
+
+    reductions = {"ddp_buckets": 0, "fsdp_reduces": 0}
+    ddp_init = torch.nn.parallel.DistributedDataParallel.__init__
+
+    def counting_init(self, *a, **k):
+        ddp_init(self, *a, **k)
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def hook(state, bucket):
+            if not done:
+                reductions["ddp_buckets"] += 1
+            return allreduce_hook(state, bucket)
+
+        self.register_comm_hook(None, hook)
+
+    torch.nn.parallel.DistributedDataParallel.__init__ = counting_init
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+        fsdp_reduce = _fsdp_param_group.foreach_reduce
+
+        def counting_reduce(*a, **k):
+            if not done:
+                reductions["fsdp_reduces"] += 1
+            return fsdp_reduce(*a, **k)
+
+        _fsdp_param_group.foreach_reduce = counting_reduce
+    except (ImportError, AttributeError):  # another torch's layout: the count stays 0 and says nothing
+        pass
+    return reductions
 
 
 def install(rank: int) -> None:
