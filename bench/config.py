@@ -14,7 +14,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCALINGS = ("weak", "strong")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
 MULTI_STAGE = ("interleaved-1f1b", "zero-bubble")  # --stages-per-rank V stages on each rank, looped
-AC_MODES = ("none", "full", "selective")
+AC_EVERY = {"none": 0, "full": 1, "selective": 2}  # --ac: one block in every this many is checkpointed (0: none)
+AC_MODES = tuple(AC_EVERY)
 RESHARD = ("auto", "true", "false")
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -45,7 +45,7 @@ from emotion_models.atomic import atomic_write_text
 from emotion_models.dataset import default_cache_dir
 from emotion_models.models import build_model
 
-from .config import MULTI_STAGE, ConfigError, RunConfig
+from .config import AC_EVERY, MULTI_STAGE, ConfigError, RunConfig
 
 GiB = 2**30
 
@@ -249,7 +249,7 @@ def _measure_input_bytes(model: str, size: str, batch: int, precision: str) -> l
 
 def checkpointed(cfg: RunConfig) -> set[int]:
     """The blocks --ac wraps (bench/train.py checkpoint_blocks): every one, every other, or none."""
-    every = {"none": 0, "full": 1, "selective": 2}[cfg.ac]
+    every = AC_EVERY[cfg.ac]
     return set(range(0, len(_shape(cfg.model, cfg.model_size)[2]), every)) if every else set()
 
 

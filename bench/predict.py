@@ -182,9 +182,9 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
         c = r["config"]
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
         g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}, "independent": {},
-                                     "wait": {}})
+                                     "wait": {}, "ac": {}})
         if c["strategy"] == "single" and (c.get("ac") or "none") != "none":
-            g.setdefault("ac", {}).setdefault(c["ac"], []).append(r["throughput"]["step_time_ms_p50"] / 1000
+            g["ac"].setdefault(c["ac"], []).append(r["throughput"]["step_time_ms_p50"] / 1000
                                                                / max(int(c.get("grad_accum") or 1), 1))
         elif c["strategy"] == "single":
             if int(c.get("grad_accum") or 1) == 1:  # the baseline: one micro-step per optimiser step
@@ -217,7 +217,7 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
                           {s: statistics.median(v) for s, v in g["one"].items()},
                           {n: statistics.median(v) / t1 for n, v in g["independent"].items()},
                           {s: {n: statistics.median(v) for n, v in by_n.items()} for s, by_n in g["wait"].items()},
-                          {mode: statistics.median(v) / t1 for mode, v in g.get("ac", {}).items()},
+                          {mode: statistics.median(v) / t1 for mode, v in g["ac"].items()},
                           trust.joined(f for r in g["single"] for f in trust.result_flags(r))))
     return out
 

@@ -33,9 +33,13 @@ class Rehearsal:
     device: str  # the device a real run of this rank would use
     params_local: int  # parameters this rank holds: its shards, its stage, or all of them
     params_total: int
-    stage_blocks: tuple[int, int] | None = None  # pipeline: [start, end) blocks of this rank's (first) stage
     shards: list[tuple[int, int]] = field(default_factory=list)  # per optimised parameter: (global, local)
     stages: tuple[tuple[int, tuple[int, int]], ...] = ()  # pipeline: every stage it holds, (index, [start, end))
+
+    @property
+    def stage_blocks(self) -> tuple[int, int] | None:
+        """Pipeline: [start, end) blocks of this rank's (first) stage."""
+        return self.stages[0][1] if self.stages else None
 
     @property
     def weights_bytes(self) -> int:
@@ -83,14 +87,13 @@ def rehearse(cfg: RunConfig, rank: int = 0, device_type: str = "cpu") -> Rehears
         for p in plan.parameters:
             local = p.to_local() if hasattr(p, "to_local") else p
             shards.append((p.numel(), local.numel()))
-        stage, held = None, ()
+        held = ()
         if cfg.strategy == "pipeline":  # the stages the strategy gave this rank (interleaved: several)
             bounds = plan.info["stage_blocks"]
             held = tuple((s, tuple(bounds[s])) for s in plan.info["rank_stages"][str(env.rank)])
-            stage = held[0][1]
         return Rehearsal(env.rank, env.world_size, env.local_rank, env.local_world_size, rank // per_node,
                          str(local_device(device_type, env.local_rank)), sum(loc for _, loc in shards), total,
-                         stage, shards, held)
+                         shards, held)
     finally:
         dist.destroy_process_group()
 

@@ -24,7 +24,7 @@ from emotion_models.audio import centre_offset, crop_frames
 from emotion_models.dataset import Dataset
 from emotion_models.models import build_model
 
-from .config import ConfigError, RunConfig
+from .config import AC_EVERY, ConfigError, RunConfig
 from .distenv import DistEnv
 from .envinfo import math_settings, peak_tflops
 from .memory import EVAL_BATCH, out_of_memory
@@ -164,9 +164,6 @@ def compile_blocks(model, backend: str) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, need)
     for block in model.blocks:
         block.compile(backend=backend)
-
-
-AC_EVERY = {"none": 0, "full": 1, "selective": 2}  # --ac: every how many blocks one is checkpointed
 
 
 def checkpoint_blocks(model, mode: str) -> list[int]:
@@ -388,7 +385,7 @@ def _keep_peaks(devices: list[torch.device], m: Measured) -> None:
 
 def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSets, tick: Callable,
             sched, clock: _Clock, m: Measured, monitor) -> None:
-    device, plan, precision, opt = env.device, s.plan, s.precision, s.optimizer
+    plan, precision, opt = s.plan, s.precision, s.optimizer
     step = 0
     report = getattr(tick, "epoch", None)  # a ui.Ticker: one line per epoch where output is not a terminal
     t_first = time.perf_counter()
@@ -700,5 +697,6 @@ def profile(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches) -> dict | None:
                                  ("forward_compute", "backward_compute", "backward_comm", "backward_compute_comm_overlap")}
     if "bubble_fraction" in s.plan.info:
         idle = [r["parts_share"]["idle"] for r in out["per_rank"]]
-        out["bubble"] = {"analytic": s.plan.info["bubble_fraction"], "measured_idle_share": sum(idle) / len(idle)}
+        out["bubble"] = {"analytic": s.plan.info["bubble_fraction"], "measured_idle_share": sum(idle) / len(idle),
+                         "stages_per_rank": s.plan.info.get("stages_per_rank", 1)}
     return out

@@ -462,6 +462,12 @@ def test_where_the_time_went_reads_as_written():
              efficiency=1.0, breakdown={"parts_share": {**share, "wait": 0.3}, "step_ms": 5.0, "slowest_rank": 0}),
         dict(model="cnn", strategy="fsdp", devices=2, precision="fp32", compile=False, batch_per_device=16,
              efficiency=0.7, breakdown=None),
+        dict(model="lstm", strategy="pipeline", devices=2, precision="fp32", compile=False, batch_per_device=8,
+             efficiency=0.6, breakdown={"parts_share": {**share, "wait": 0.0}, "step_ms": 10.0, "collectives": {},
+                                        "bubble": {"analytic": 0.1, "measured_idle_share": 0.2, "stages_per_rank": 2}}),
+        dict(model="lstm", strategy="pipeline", devices=2, precision="fp32", compile=False, batch_per_device=4,
+             efficiency=0.6, breakdown={"parts_share": {**share, "wait": 0.0}, "step_ms": 10.0, "collectives": {},
+                                        "bubble": {"analytic": None, "measured_idle_share": 0.05, "stages_per_rank": 2}}),
     ]
     assert where_time_went(pd.DataFrame(rows)) == [
         "cnn ddp 2x fp32 b16: efficiency 0.81; 62 % compute, 21 % exposed all_reduce at 1.2 GB/s busbw, "
@@ -469,6 +475,11 @@ def test_where_the_time_went_reads_as_written():
         "lstm pipeline 2x bf16 compiled b8: efficiency 0.50; 62 % compute, 4 % idle (pipeline bubble), "
         "5 % optimizer of a 10.0 ms step (bubble (p-1)/(m+p-1) = 0.20, measured idle 0.25)",
         "cnn single 1x fp32 b16: 62 % compute, 30 % waiting in collectives, 4 % idle, 5 % optimizer of a 5.0 ms step",
+        # interleaved: Megatron's (p-1)/(V m+p-1); zero bubble: no count to compare with
+        "lstm pipeline 2x fp32 b8: efficiency 0.60; 62 % compute, 4 % idle (pipeline bubble), "
+        "5 % optimizer of a 10.0 ms step (bubble (p-1)/(V m+p-1) = 0.10, measured idle 0.20)",
+        "lstm pipeline 2x fp32 b4: efficiency 0.60; 62 % compute, 4 % idle (pipeline bubble), "
+        "5 % optimizer of a 10.0 ms step (measured idle 0.05; zero bubble: no analytic bubble)",
     ]
 
 

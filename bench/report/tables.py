@@ -187,7 +187,11 @@ def where_time_went(agg: pd.DataFrame) -> list[str]:
         said.append(f"{share['optimizer'] * 100:.0f} % optimizer")
         eff = f"efficiency {fmt(r.efficiency, '.2f')}; " if r.strategy != "single" else ""
         bubble = b.get("bubble")
-        tail = (f" (bubble (p-1)/(m+p-1) = {bubble['analytic']:.2f}, measured idle {bubble['measured_idle_share']:.2f})"
-                if bubble else "")
+        # GPipe and 1F1B: (p-1)/(m+p-1); interleaved: (p-1)/(V m+p-1); zero bubble has no count to show
+        formula = "(p-1)/(m+p-1)" if (bubble or {}).get("stages_per_rank", 1) == 1 else "(p-1)/(V m+p-1)"
+        tail = ("" if not bubble else
+                f" (measured idle {bubble['measured_idle_share']:.2f}; zero bubble: no analytic bubble)"
+                if bubble["analytic"] is None else
+                f" (bubble {formula} = {bubble['analytic']:.2f}, measured idle {bubble['measured_idle_share']:.2f})")
         lines.append(f"{cell_label(r)}: {eff}{', '.join(said)} of a {b['step_ms']:.1f} ms step{tail}")
     return lines
