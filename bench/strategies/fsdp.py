@@ -32,6 +32,11 @@ def fsdp(model, env, cfg) -> Plan:
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     dtype = _DTYPES.get(cfg.precision)
+    # --offload: sharded parameters and gradients live on the host, the optimiser steps there (pinned
+    # memory for the copies); --reshard-after-forward: the blocks' and the root's (auto: FSDP2's own
+    # choice, True for the blocks and False for the root, which backward needs first anyway)
+    offload = CPUOffloadPolicy(pin_memory=True) if cfg.offload else OffloadPolicy()
+    reshard = RESHARD[cfg.reshard_after_forward]
     # FSDP2 casts parameters itself (param_dtype) and reduces gradients in fp32; no autocast on top
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     if dtype:
@@ -42,12 +47,8 @@ def fsdp(model, env, cfg) -> Plan:
         bn = MixedPrecisionPolicy(param_dtype=torch.float32, output_dtype=dtype)
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                fully_shard(module, mesh=mesh, mp_policy=bn)
-    # --offload: sharded parameters and gradients live on the host, the optimiser steps there (pinned
-    # memory for the copies); --reshard-after-forward: the blocks' (the root keeps FSDP2's choice,
-    # False, unless true is asked: it is needed first in backward anyway)
-    offload = CPUOffloadPolicy(pin_memory=True) if cfg.offload else OffloadPolicy()
-    reshard = RESHARD[cfg.reshard_after_forward]
+                # offloaded like every other group: the optimiser then steps every parameter on the host
+                fully_shard(module, mesh=mesh, mp_policy=bn, offload_policy=offload)
     for block in model.blocks:  # per block first, so each block's all-gather overlaps the previous block
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
