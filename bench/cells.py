@@ -10,7 +10,8 @@ def _getter(c):
 
 def cell_key(cfg) -> str:
     """'cnn-ddp-2x-fp32-eager-weak-b32-r0': a sweep cell's run_id and result file name (memory and
-    accumulation settings added where they are not the default: '-ga2', '-acfull', '-offload')."""
+    accumulation settings and mesh degrees added where they are not the default: '-tp2', '-ga2',
+    '-acfull', '-offload')."""
     comp = "compiled" if cfg.compile else "eager"
     extra = "".join(f"-{part}" for part in setting_parts(_getter(cfg), key=True))
     return (f"{cfg.model}-{cfg.strategy}-{cfg.devices}x-{cfg.precision}-{comp}-{cfg.scaling}-b{cfg.batch_size}{extra}"
@@ -19,12 +20,17 @@ def cell_key(cfg) -> str:
 
 def setting_parts(g, key: bool = False) -> list[str]:
     """The settings beyond strategy, devices, precision, compile and batch that make a cell, where
-    not the default: accumulation, activation checkpointing, FSDP2's offload and resharding. A frame
-    row names them ac / reshard, a RunConfig ac / reshard_after_forward."""
+    not the default: mesh degrees (--dp-replicate, --tp), accumulation, activation checkpointing,
+    FSDP2's offload and resharding. A frame row names them ac / reshard, a RunConfig ac /
+    reshard_after_forward."""
     def get(name, default):
         return _get(g, name, default)
 
     parts = []
+    # the mesh beside a strategy's own dimension: --dp-replicate R replicas, --tp T tensor-parallel ranks
+    for name, tag in (("dp_replicate", "rep"), ("tp", "tp")):
+        if int(get(name, 1)) > 1:
+            parts.append(f"{tag}{int(get(name, 1))}")
     k = int(get("grad_accum", 1))
     if k > 1:
         parts.append(f"ga{k}")

@@ -34,7 +34,8 @@ def setting(default, help: str, *, flag: str | None = None, aliases: tuple[str, 
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    strategy: str = setting("single", "Parallelism strategy (bench list): single, dp, ddp, fsdp, tp, pipeline, model-parallel, independent.")
+    strategy: str = setting("single", "Parallelism strategy (bench list): single, dp, ddp, fsdp, hsdp, tp, pipeline, "
+                                      "model-parallel, independent.")
     devices: int = setting(1, "Devices in the whole run; without CUDA, CPU worker processes (gloo).",
                            flag="--gpus", aliases=("--devices",))
     model: str = setting("cnn", "Model zoo name (bench list): cnn, crnn, lstm, transformer, conformer, wav2vec2-base, hubert-large, xlsr-2b, ...")
@@ -71,6 +72,11 @@ class RunConfig:
     offload: bool = setting(False, "fsdp: parameters, gradients and optimiser state on the host (FSDP2's "
                                    "CPUOffloadPolicy, optimiser step on the CPU); CUDA only.",
                             flag="--offload/--no-offload")
+    tp: int = setting(1, "Tensor-parallel degree beside data parallel: with fsdp or hsdp a 2-D mesh (FSDP2 over "
+                         "--gpus / N data-parallel ranks, tensor parallel over N); alone, --tp N = --gpus is "
+                         "--strategy tp and a smaller N is fsdp over the rest.")
+    dp_replicate: int = setting(1, "fsdp / hsdp: replicas of the sharded model (HSDP: shard within each group of "
+                                   "--gpus / R ranks, all-reduce across the R groups); hsdp's default: --nnodes.")
     nodes: int = setting(1, "Machines taking part (torchrun --nnodes); run the same command on each.", flag="--nnodes")
     node_rank: int = setting(0, "This machine's index, 0 .. nnodes-1.")
     rdzv_endpoint: str | None = setting(None, "HOST:PORT of the rendezvous (multi-node), the same on every node.")
@@ -91,6 +97,12 @@ class RunConfig:
     run_id: str | None = setting(None, "Name of the result file; derived from the cell when None.", cli=False)
     threads_source: str | None = setting(None, "What decided --threads: the flag, OMP_NUM_THREADS or the default "
                                                "(set when the run starts).", cli=False)
+
+    def __post_init__(self):
+        # --tp N without a strategy (single is the default): tensor parallel over every device, or
+        # FSDP2 over the rest of them, as torchtitan's data-parallel shard degree fills what is left
+        if self.tp > 1 and self.strategy == "single":
+            object.__setattr__(self, "strategy", "tp" if self.tp == self.devices else "fsdp")
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -116,10 +128,11 @@ class RunConfig:
             raise ConfigError(f"--stages-per-rank must be at least 1 (got {self.stages_per_rank})")
         if self.grad_accum < 1:
             raise ConfigError(f"--grad-accum must be at least 1 (got {self.grad_accum}): 1 is no accumulation")
-        if self.offload and self.strategy != "fsdp":
+        if self.offload and self.strategy not in ("fsdp", "hsdp"):
             raise ConfigError(f"--offload is FSDP2's CPUOffloadPolicy: use it with --strategy fsdp, not {self.strategy}")
-        if self.reshard_after_forward != "auto" and self.strategy != "fsdp":
+        if self.reshard_after_forward != "auto" and self.strategy not in ("fsdp", "hsdp"):
             raise ConfigError(f"--reshard-after-forward applies to --strategy fsdp, not {self.strategy}")
+        self._validate_mesh()
         if self.device not in DEVICES:
             raise ConfigError(f"--device {self.device} is not one of {', '.join(DEVICES)}")
         for name in ("devices", "nodes", "batch_size", "epochs"):
@@ -151,6 +164,22 @@ class RunConfig:
             raise ConfigError(f"strong scaling splits --batch-size {self.batch_size} over {over}: use a multiple of {what}")
         if self.dataset != "synthetic" and not os.path.exists(self.dataset):
             raise ConfigError(f"--dataset {self.dataset}: no such folder; pass 'synthetic' or a folder of WAV files")
+
+    def _validate_mesh(self) -> None:
+        for name in ("tp", "dp_replicate"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{flag_of(name)} must be at least 1 (got {getattr(self, name)}): 1 is none")
+        if self.dp_replicate > 1 and self.strategy not in ("fsdp", "hsdp"):
+            raise ConfigError(f"--dp-replicate replicates FSDP2's sharded model (HSDP): use it with --strategy fsdp or "
+                              f"hsdp, not {self.strategy}")
+        if self.tp > 1 and self.strategy not in ("fsdp", "hsdp", "tp"):
+            raise ConfigError(f"--tp {self.tp} composes with --strategy fsdp or hsdp (2-D) or is --strategy tp, not "
+                              f"{self.strategy}")
+        if self.strategy in ("fsdp", "hsdp"):
+            r = self.dp_replicate if self.dp_replicate > 1 or self.strategy == "fsdp" else self.nodes
+            if self.devices % (r * self.tp):
+                raise ConfigError(f"--gpus {self.devices} does not split into {r} replicas x {self.tp} tensor-parallel "
+                                  f"ranks: use a multiple of {r * self.tp}")
 
 
 def cli_fields() -> list[dataclasses.Field]:

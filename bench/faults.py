@@ -72,7 +72,8 @@ def probe(rank: int, folder: str) -> None:
             dynamo = sys.modules.get("torch._dynamo.utils")  # imported only where something compiled
             grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
             record = {"modules": seen, "params": [{"type": type(p).__name__, "local": int(q.numel()),
-                                                   "global": int(p.numel()), "dtype": str(q.dtype)}
+                                                   "global": int(p.numel()), "dtype": str(q.dtype),
+                                                   "shape": list(q.shape), "global_shape": list(p.shape)}
                                                   for p, q in zip(params, local)],
                       # a fixed projection of the gradients this rank steps with: equal on every rank
                       # where gradients are synchronised (ddp), not where they are not (independent)

@@ -46,6 +46,7 @@ from emotion_models.dataset import default_cache_dir
 from emotion_models.models import build_model
 
 from .config import AC_EVERY, MULTI_STAGE, ConfigError, RunConfig
+from .strategies import SHARDED, data_parallel, degrees
 
 GiB = 2**30
 
@@ -170,9 +171,11 @@ def _count(n) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def activation_bytes_per_block(model: str, size: str, batch: int, precision: str) -> tuple[int, ...]:
-    """Bytes autograd saves for backward in one forward at this batch, block by block."""
-    n = _cached("saved", model, size, batch, precision, _measure_activation_bytes,
+def activation_bytes_per_block(model: str, size: str, batch: int, precision: str, tp: int = 1) -> tuple[int, ...]:
+    """Bytes autograd saves for backward in one forward at this batch, block by block; tp: on one rank
+    of tensor parallel over tp (its shards' shapes: fewer heads and hidden units inside each layer)."""
+    kind = "saved" if tp == 1 else f"saved-tp{tp}"
+    n = _cached(kind, model, size, batch, precision, functools.partial(_measure_activation_bytes, tp=tp),
                 lambda v: isinstance(v, list) and bool(v) and all(_count(x) for x in v))
     return tuple(n)
 
@@ -188,16 +191,21 @@ def eval_activation_bytes(model: str, size: str, batch: int, precision: str) -> 
     return _cached("eval", model, size, batch, precision, _measure_eval_bytes, _count)
 
 
-def _measure_activation_bytes(model: str, size: str, batch: int, precision: str) -> list[int]:
+def _measure_activation_bytes(model: str, size: str, batch: int, precision: str, tp: int = 1) -> list[int]:
     """Per block, bytes autograd saves for backward in one forward at this batch, on fake tensors.
     A tensor belongs to the block whose forward saved it first (a block's input, saved by its first
-    layer, is the block's: it lives on that block's device)."""
+    layer, is the block's: it lives on that block's device). tp > 1: the model given one rank's
+    tensor-parallel shapes first (bench/strategies/tp.py localize)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     saved: dict[int, tuple[torch.Tensor, int]] = {}
     with FakeTensorMode():
         m = build_model(model, size=size)
+        if tp > 1:
+            from .strategies.tp import localize
+
+            localize(m, tp)
         params = {id(p) for p in m.parameters()}
         current = [0]
         hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: current.__setitem__(0, i))
@@ -258,7 +266,7 @@ def activations(cfg: RunConfig, micro: int, first: int = 0, end: int | None = No
     without --ac, every block's saved tensors and no recompute; a checkpointed block keeps only its
     input, and backward recomputes one checkpointed block at a time, so the largest of their saved
     tensors comes on top once."""
-    saved = activation_bytes_per_block(cfg.model, cfg.model_size, micro, cfg.precision)
+    saved = activation_bytes_per_block(cfg.model, cfg.model_size, micro, cfg.precision, degrees(cfg)["tp"])
     end = len(saved) if end is None else end
     wrapped = checkpointed(cfg) & set(range(first, end))
     if not wrapped:
@@ -328,18 +336,21 @@ def static_bytes(cfg: RunConfig) -> tuple[int, int, str]:
     params, largest_block, per_block = _shape(cfg.model, cfg.model_size)
     if cfg.strategy in ("pipeline", "model-parallel"):
         return 16 * max(sum(per_block[a:b]) for a, b in _stages(cfg)), 0, "stage"
-    if cfg.strategy == "fsdp":
+    tp = degrees(cfg)["tp"]
+    if tp > 1:  # the layers' projections divided over the tensor-parallel ranks, the rest whole on each
+        sharded = _tp_sharded(cfg.model, cfg.model_size)
+        local = params - sharded + sharded // tp
+        params, largest_block = local, largest_block * local // max(params, 1)
+    if cfg.strategy in SHARDED:  # FSDP2 divides by the shard degree; replicas (HSDP) hold a copy each
+        shards = degrees(cfg)["dp_shard"]
         param_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
         # --offload: the shards, their gradients and AdamW's state live on the host
-        sharded = 0 if cfg.offload else 16 * params // cfg.devices
+        sharded = 0 if cfg.offload else 16 * params // shards
         if cfg.reshard_after_forward == "false":  # every block stays gathered from its forward to its backward
             return sharded, params * param_bytes + largest_block * 4, "unsharded parameters kept for backward"
         return sharded, largest_block * (2 * param_bytes + 4), "unsharded block"
     if cfg.strategy == "ddp":
         return 16 * params, 4 * params, "gradient buckets"
-    if cfg.strategy == "tp":  # the layers' projections divided over the ranks, the rest whole on each
-        sharded = _tp_sharded(cfg.model, cfg.model_size)
-        return 16 * (params - sharded + sharded // cfg.devices), 0, "nothing else"
     return 16 * params, 0, "nothing else"
 
 
@@ -378,14 +389,15 @@ def estimate(cfg: RunConfig, device_type: str = "cpu", splits: tuple[int, int] |
     split_bytes = 4 * n_train * clip  # float32 on the device
     if device_type == "cpu":  # the whole set in float16 in every process, besides the split's copy
         split_bytes += 2 * round(n_train / 0.8) * clip
-    multiprocess = cfg.strategy in ("ddp", "fsdp", "pipeline", "independent")
+    multiprocess = cfg.strategy in ("ddp", "fsdp", "hsdp", "tp", "pipeline", "independent")
     outside = (CONTEXT_BYTES + (NCCL_BYTES if multiprocess and cfg.devices > 1 else 0)) if device_type == "cuda" else 0
-    full_copy = 4 * params if cfg.strategy in ("fsdp", "pipeline") else 0  # rank 0 assembles one to evaluate
+    full_copy = 4 * params if cfg.strategy in (*SHARDED, "tp", "pipeline") else 0  # rank 0 assembles one to evaluate
     evaluation = full_copy + eval_activation_bytes(cfg.model, cfg.model_size, min(EVAL_BATCH, n_eval), cfg.precision)
     if cfg.strategy in ("pipeline", "model-parallel"):
         return _staged(cfg, per_block, split_bytes, evaluation, outside)
     weights, extra, note = static_bytes(cfg)
-    micro = max(cfg.global_batch_size // (cfg.devices * cfg.grad_accum), 1)  # one micro-batch is live at a time
+    # one micro-batch is live at a time; a tensor-parallel group's ranks all train on the same one
+    micro = max(cfg.global_batch_size // (data_parallel(cfg) * cfg.grad_accum), 1)
     kept, recompute = activations(cfg, micro)
     return Estimate(weights, extra, kept + recompute, note, micro, split_bytes, 4 * params, evaluation, outside)
 

@@ -6,6 +6,7 @@ the per-step global-mean loss and the parameters after the last step.
 """
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +54,14 @@ def has_batchnorm(model: str) -> bool:
 
 
 def tolerance(strategy: str, devices: int, model: str, precision: str, sync_bn: bool,
-              grad_accum: int = 1) -> tuple[float, float, str]:
+              grad_accum: int = 1, tp: int = 1) -> tuple[float, float, str]:
     """(loss tolerance, parameter tolerance, basis) of one cell. --grad-accum splits each rank's batch
-    into micro-batches, so BatchNorm sees a micro-batch's statistics, as with a split over ranks."""
+    into micro-batches, so BatchNorm sees a micro-batch's statistics, as with a split over ranks; a
+    tensor-parallel group shares its batch (--tp T: devices / T data-parallel slices)."""
     bases = []
-    splits_bn_batch = strategy in ("ddp", "fsdp", "pipeline") and not (strategy == "ddp" and sync_bn)
-    if has_batchnorm(model) and ((splits_bn_batch and (devices > 1 or strategy == "pipeline")) or grad_accum > 1):
+    splits_bn_batch = strategy in ("ddp", "fsdp", "hsdp", "pipeline") and not (strategy == "ddp" and sync_bn)
+    slices = devices // tp if strategy in ("fsdp", "hsdp") else devices
+    if has_batchnorm(model) and ((splits_bn_batch and (slices > 1 or strategy == "pipeline")) or grad_accum > 1):
         bases.append("batchnorm")
     if precision != "fp32":
         bases.append("bf16")
@@ -98,8 +101,15 @@ def _configs(strategies: list[str], devices: int, model: str, model_size: str, p
                      compile_backend=compile_backend or "inductor")
     cells = []
     for cell in strategies:
-        strategy, _, schedule = cell.partition(":")
-        cells.append((cell, base.replace(strategy=strategy, devices=devices, schedule=schedule or "1f1b",
+        strategy, *rest = cell.split(":")
+        mesh = {"tp": 1, "dp_replicate": 1}  # 'fsdp:tp2', 'hsdp:rep2:tp2': mesh degrees; else a schedule
+        schedule = "1f1b"
+        for part in rest:
+            if m := re.fullmatch(r"(tp|rep)(\d+)", part):
+                mesh["tp" if m[1] == "tp" else "dp_replicate"] = int(m[2])
+            else:
+                schedule = part
+        cells.append((cell, base.replace(strategy=strategy, devices=devices, schedule=schedule, **mesh,
                                          sync_bn=sync_bn and strategy == "ddp", grad_accum=grad_accum, ac=ac)))
     return base, cells
 
@@ -150,7 +160,7 @@ def run_parity(*, strategies: list[str], devices: int, model: str, model_size: s
         for cell, cfg in cells:
             cfg = cfg.replace(save_params=str(Path(tmp, f"{cell}.pt")))
             strategy = cfg.strategy
-            lt, pt, basis = tolerance(strategy, devices, model, precision, cfg.sync_bn, cfg.grad_accum)
+            lt, pt, basis = tolerance(strategy, devices, model, precision, cfg.sync_bn, cfg.grad_accum, cfg.tp)
             try:
                 res = load_result(_run(cfg))
                 rows.append(ParityRow(cell, _loss_dev(res["losses"], ref["losses"]),

@@ -247,7 +247,7 @@ class Batches:
 
 def plan_batches(cfg: RunConfig, env: DistEnv, plan: Plan, data: Dataset) -> Batches:
     x, y = data.subset("train", env.device)
-    data_ranks = env.world_size if plan.shard_batch else 1
+    data_rank, data_ranks = plan.data_slice or ((env.rank, env.world_size) if plan.shard_batch else (0, 1))
     global_batch = cfg.global_batch_size
     if global_batch % data_ranks:
         raise ConfigError(f"global batch {global_batch} does not split over {data_ranks} ranks")
@@ -255,7 +255,7 @@ def plan_batches(cfg: RunConfig, env: DistEnv, plan: Plan, data: Dataset) -> Bat
     if local_batch % cfg.grad_accum:
         raise ConfigError(f"each rank's batch of {local_batch} does not split into --grad-accum {cfg.grad_accum} "
                           "equal micro-batches: change --batch-size or --grad-accum")
-    sampler = DistributedSampler(range(x.shape[0]), num_replicas=data_ranks, rank=env.rank if plan.shard_batch else 0,
+    sampler = DistributedSampler(range(x.shape[0]), num_replicas=data_ranks, rank=data_rank,
                                  shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch < 1:

@@ -119,7 +119,15 @@ def test_impossible_combinations_fail_before_starting(tmp_path):
         (dict(strategy="ddp", devices=2, ac="some"), "--ac some is not one of none, full, selective"),
         (dict(strategy="ddp", devices=2, grad_accum=0), "--grad-accum must be at least 1"),
         (dict(strategy="ddp", devices=2, scaling="strong", grad_accum=3), "use a multiple of 6"),
-        (dict(strategy="tp", devices=2, model="transformer"), "no attention with separate q, k, v projections"),
+        (dict(strategy="tp", devices=2, model="wavlm-base"), "packed q/k/v weight itself"),
+        (dict(strategy="tp", devices=2, model="cnn"), "no attention and feed-forward layers"),
+        (dict(strategy="fsdp", devices=16, tp=8, model="transformer"), "4 attention heads .* degree 8"),
+        (dict(strategy="ddp", devices=4, tp=2), "--tp 2 composes with --strategy fsdp or hsdp"),
+        (dict(strategy="ddp", devices=4, dp_replicate=2), "use it with --strategy fsdp or hsdp"),
+        (dict(strategy="fsdp", devices=4, tp=3, model="transformer"), "does not split into 1 replicas x 3"),
+        (dict(strategy="hsdp", devices=4, model="transformer"), "give --dp-replicate R"),
+        (dict(strategy="tp", devices=4, tp=2, model="transformer"), "use --strategy fsdp --tp"),
+        (dict(strategy="fsdp", devices=4, tp=0), "--tp must be at least 1"),
         (dict(strategy="tp", devices=5, model="wav2vec2-base"), "must divide by the tensor-parallel degree"),
         (dict(strategy="pipeline", devices=2, schedule="interleaved-1f1b", stages_per_rank=3), "2 x 3 stages"),
     ]
@@ -395,6 +403,71 @@ def test_every_preset_is_a_mesh_of_degrees_with_each_ranks_coordinates():
     assert single["mesh_shape"] == [] and single["rank_coords"] == {"0": {}}
     independent = parallelism(RunConfig(strategy="independent", devices=2))
     assert independent["mesh_shape"] == [] and independent["replicas"] == 2
+    # 2-D and HSDP: the innermost dimension's ranks are neighbours (rank = (r x S + s) x T + t)
+    two_d = parallelism(RunConfig(devices=64, tp=8))  # --tp without a strategy: fsdp over the rest
+    assert two_d["degrees"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 8, "tp": 8}
+    assert two_d["mesh_dims"] == ["dp_shard", "tp"] and two_d["rank_coords"]["11"] == {"dp_shard": 1, "tp": 3}
+    three = parallelism(RunConfig(strategy="hsdp", devices=16, nodes=2, tp=2, rdzv_endpoint="h:1"))
+    assert three["mesh_shape"] == [2, 4, 2] and three["rank_coords"]["13"] == {"dp_replicate": 1, "dp_shard": 2, "tp": 1}
+    assert RunConfig(devices=4, tp=4).strategy == "tp" and RunConfig(devices=4, tp=2).strategy == "fsdp"
+
+
+def _packed_tp_shards(model: str, n: int) -> list[tuple[list[int], list[int]]]:
+    """The oracle for the layers with nn.MultiheadAttention, from torch's own modules of a model built
+    here: (full shape, one rank's shape) of every parameter tensor parallel over n divides. The
+    packed in_proj weight (3E x E) holds q, k and v, each split by rows (heads); the output
+    projection and the second feed-forward projection by columns (their biases stay whole)."""
+    from emotion_models.models import build_model
+    from torchaudio.models.conformer import ConformerLayer
+
+    meta = build_model(model, size="small", device="meta")
+    shards = []
+    for mha in (m for m in meta.modules() if isinstance(m, torch.nn.MultiheadAttention)):
+        e = mha.embed_dim
+        shards += [([e, e], [e // n, e])] * 3 + [([e], [e // n])] * 3 + [([e, e], [e, e // n])]
+    ffns = [(m.linear1, m.linear2) for m in meta.modules() if isinstance(m, torch.nn.TransformerEncoderLayer)]
+    ffns += [(f.sequential[1], f.sequential[4]) for m in meta.modules() if isinstance(m, ConformerLayer)
+             for f in (m.ffn1, m.ffn2)]
+    for first, second in ffns:
+        h, e = first.weight.shape
+        shards += [([h, e], [h // n, e]), ([h], [h // n]), ([e, h], [e, h // n])]
+    return sorted(shards)
+
+
+@pytest.mark.parametrize("model", ["transformer", pytest.param("conformer", marks=pytest.mark.slow)])
+def test_tensor_parallel_splits_packed_attention_and_trains_singles_model(tmp_path, model):
+    """tp x2 where q, k and v share nn.MultiheadAttention's packed weight: each rank holds half of
+    every head-sharded projection, the shards add up to the layer, the rest is whole; the run trains
+    single's model (exact basis) and its evaluation loads the model's own packed keys."""
+    got = bench("run", "--size", "tiny", "--epochs", "1", "--max-steps", "1", "--warmup-steps", "0", "--batch-size", "4",
+                "--model", model, "--model-size", "small", "--strategy", "tp", "--gpus", "2", "--device", "cpu",
+                "--out", tmp_path, env={"EMOTION_BENCH_PROBE": str(tmp_path)})
+    assert got.returncode == 0, got.stdout + got.stderr
+    ranks = [probe(tmp_path, r)["params"] for r in (0, 1)]
+    split = sorted((a["global_shape"], a["shape"]) for a in ranks[0] if a["local"] < a["global"])
+    assert split == _packed_tp_shards(model, 2)
+    assert all(a["local"] + b["local"] == a["global"] for a, b in zip(*ranks) if a["local"] < a["global"])
+    r = _ok(got)
+    assert r["quality"]["test"]["num_samples"] > 0  # rank 0's full model (the model's own keys) evaluated
+    assert r["config"]["parallelism"]["degrees"]["tp"] == 2
+    _parity_exact(model, ("tp",))
+
+
+def test_two_dimensional_mesh_fsdp_over_tensor_parallel_trains_singles_model():
+    """--gpus 4 --tp 2: FSDP2 over 2 data-parallel ranks of a model tensor-parallel over 2 (4 worker
+    processes on a 2 x 2 mesh), the same mathematics as single (exact basis)."""
+    proc = bench("parity", "--gpus", "4", "--model", "transformer", "--model-size", "small", "--steps", "3",
+                 "--batch-size", "8", "--strategies", "fsdp:tp2", "--device", "cpu")
+    assert proc.returncode == 0 and "FAIL" not in proc.stdout, proc.stdout + proc.stderr
+    assert any(r.split("│")[1].strip() == "fsdp:tp2" and "exact" in r and "ok" in r
+               for r in proc.stdout.splitlines() if r.startswith("│ ")), proc.stdout
+
+
+@pytest.mark.slow
+def test_hsdp_and_three_dimensional_meshes_train_singles_model():
+    proc = bench("parity", "--gpus", "4", "--model", "transformer", "--model-size", "small", "--steps", "3",
+                 "--batch-size", "8", "--strategies", "hsdp:rep2,fsdp:rep2:tp2", "--device", "cpu")
+    assert proc.returncode == 0 and "FAIL" not in proc.stdout and proc.stdout.count("exact") >= 2, proc.stdout
 
 
 def test_tensor_parallel_shards_each_layers_projections_and_trains_singles_model(tmp_path):

@@ -36,6 +36,8 @@ class Plan:
     # parallel replaces it with its schedule.
     step: Callable | None = None
     shard_batch: bool = True  # each rank trains on its own slice of the global batch
+    # where ranks share a slice (a tensor-parallel group): (this rank's slice, slices), else None
+    data_slice: tuple[int, int] | None = None
     loss_rank: int | None = None  # None: average the loss over ranks; else the rank that computes it
     autocast: bool = True  # wrap the forward in autocast for bf16/fp16 (False: the strategy casts itself)
     grad_scaler: Callable[[], object] | None = None  # fp16: factory of the scaler to use
@@ -125,25 +127,46 @@ def all_strategies() -> dict[str, StrategySpec]:
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 _PRESET_DIM = {"ddp": "dp_replicate", "dp": "dp_replicate", "fsdp": "dp_shard", "pipeline": "pp",
                "model-parallel": "pp", "tp": "tp"}
+SHARDED = ("fsdp", "hsdp")  # FSDP2 over a data-parallel mesh of 1 or 2 dimensions, TP beside it with --tp
+
+
+def replicas(cfg: RunConfig) -> int:
+    """FSDP2's replicate degree: --dp-replicate, or for hsdp without it one replica per node."""
+    return cfg.dp_replicate if cfg.dp_replicate > 1 or cfg.strategy != "hsdp" else cfg.nodes
+
+
+def degrees(cfg: RunConfig) -> dict[str, int]:
+    """The run's degree on each mesh dimension: a preset strategy is one dimension of N (single and
+    independent none: independent's replicas never meet); fsdp and hsdp are R replicas x S shards x T
+    tensor-parallel ranks, S what --gpus leaves (torchtitan's dp_shard = -1)."""
+    d = dict.fromkeys(MESH_DIMS, 1)
+    if cfg.strategy in SHARDED:
+        r = replicas(cfg)
+        d.update(dp_replicate=r, dp_shard=max(cfg.devices // (r * cfg.tp), 1), tp=cfg.tp)
+    elif (dim := _PRESET_DIM.get(cfg.strategy)) and cfg.devices > 1:
+        d[dim] = cfg.devices
+    return d
+
+
+def data_parallel(cfg: RunConfig) -> int:
+    """Ranks that train on different samples: each tensor-parallel group and each pipeline shares its batch."""
+    d = degrees(cfg)
+    return d["dp_replicate"] * d["dp_shard"] if cfg.strategy not in ("single", "independent") else 1
 
 
 def parallelism(cfg: RunConfig) -> dict:
-    """The run's parallelism as a mesh of degrees: each preset strategy is one dimension of N (single
-    and independent none: independent's replicas never meet). The mesh shape lists every dimension
-    of more than 1 in MESH_DIMS's order, and each rank's coordinates on it (row-major: the innermost
+    """The run's parallelism as a mesh of degrees (degrees()). The mesh shape lists every dimension of
+    more than 1 in MESH_DIMS's order, and each rank's coordinates on it (row-major: the innermost
     dimension's ranks are neighbours, as init_device_mesh lays them out)."""
-    degrees = dict.fromkeys(MESH_DIMS, 1)
-    dim = _PRESET_DIM.get(cfg.strategy)
-    if dim and cfg.devices > 1:
-        degrees[dim] = cfg.devices
-    shape = [(d, degrees[d]) for d in MESH_DIMS if degrees[d] > 1]
+    d = degrees(cfg)
+    shape = [(dim, d[dim]) for dim in MESH_DIMS if d[dim] > 1]
     coords = {}  # by rank (dp, model-parallel: by device of their one process)
     for rank in range(max(1, cfg.devices)):
         left, at = rank, {}
-        for d, size in reversed(shape):
-            left, at[d] = divmod(left, size)
-        coords[str(rank)] = {d: at[d] for d, _ in shape}
-    return {"degrees": degrees, "mesh_shape": [size for _, size in shape], "mesh_dims": [d for d, _ in shape],
+        for dim, size in reversed(shape):
+            left, at[dim] = divmod(left, size)
+        coords[str(rank)] = {dim: at[dim] for dim, _ in shape}
+    return {"degrees": d, "mesh_shape": [size for _, size in shape], "mesh_dims": [dim for dim, _ in shape],
             "rank_coords": coords, "grad_accum": cfg.grad_accum, "ac": cfg.ac,
             "replicas": cfg.devices if cfg.strategy == "independent" else 1}
 

@@ -1,4 +1,10 @@
-"""FSDP2: fully_shard each block, then the root; parameters, gradients and optimiser state sharded."""
+"""FSDP2: fully_shard each block, then the root; parameters, gradients and optimiser state sharded.
+
+Its mesh has up to three dimensions (torchtitan's order, tp innermost): --dp-replicate R replicas
+(HSDP: gradients reduce-scattered within a replica's shard group, then all-reduced across the R
+groups), S shards, and with --tp T tensor parallel inside each layer (bench/strategies/tp.py), which
+is applied first; fully_shard then shards over the data-parallel dimensions only (2-D, as
+torchtitan's parallelize does). The T ranks of a tensor-parallel group train on the same samples."""
 from __future__ import annotations
 
 import contextlib
@@ -8,12 +14,16 @@ import torch
 from emotion_models.models import rebuild
 
 from ..config import ConfigError
-from . import Plan, register
+from . import Plan, degrees, register
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _check(cfg, device_type):
+    if cfg.tp > 1:
+        from .tp import check_degree
+
+        check_degree(cfg, cfg.tp, f"--tp {cfg.tp}")
     if cfg.offload and device_type != "cuda":
         raise ConfigError("--offload moves FSDP2's parameters, gradients and optimiser state from the GPU to the "
                           "host; on CPU they live on the host already: drop --offload")
@@ -27,10 +37,13 @@ RESHARD = {"auto": None, "true": True, "false": False}  # --reshard-after-forwar
 def fsdp(model, env, cfg) -> Plan:
     # imported here, not at the top: commands that only name the strategies (bench list) skip their cost
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    mesh, dp_mesh, tp_degree = _meshes(env, cfg)
+    if tp_degree > 1:
+        from .tp import parallelize
+
+        parallelize(model, mesh["tp"])
     dtype = _DTYPES.get(cfg.precision)
     # --offload: sharded parameters and gradients live on the host, the optimiser steps there (pinned
     # memory for the copies); --reshard-after-forward: the blocks' and the root's (auto: FSDP2's own
@@ -48,17 +61,19 @@ def fsdp(model, env, cfg) -> Plan:
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 # offloaded like every other group: the optimiser then steps every parameter on the host
-                fully_shard(module, mesh=mesh, mp_policy=bn, offload_policy=offload)
+                fully_shard(module, mesh=dp_mesh, mp_policy=bn, offload_policy=offload)
     for block in model.blocks:  # per block first, so each block's all-gather overlaps the previous block
-        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
 
     def eval_module():
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not env.is_main:
             return None
+        from .tp import merge_state  # --tp: SplitAttention's q, k, v packed back into the model's own keys
+
         full = rebuild(model).to(env.device)
-        full.load_state_dict(state)
+        full.load_state_dict(merge_state(state))
         return full
 
     def scaler():
@@ -76,4 +91,17 @@ def fsdp(model, env, cfg) -> Plan:
             model.set_requires_gradient_sync(True)
 
     return Plan(model=model, input_device=env.device, autocast=False, eval_module=eval_module, grad_scaler=scaler,
-                sync=sync, info={"reshard_after_forward": cfg.reshard_after_forward, "offload": cfg.offload})
+                sync=sync, data_slice=(env.rank // tp_degree, env.world_size // tp_degree),
+                info={"reshard_after_forward": cfg.reshard_after_forward, "offload": cfg.offload})
+
+
+def _meshes(env, cfg):
+    """(the whole mesh, its data-parallel part fully_shard takes, the tensor-parallel degree): only
+    dimensions of more than 1 besides the shard dimension, so plain fsdp keeps its 1-D mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    d = degrees(cfg)
+    dims = [name for name in ("dp_replicate", "dp_shard", "tp") if d[name] > 1 or name == "dp_shard"]
+    mesh = init_device_mesh(env.device.type, tuple(d[name] for name in dims), mesh_dim_names=tuple(dims))
+    dp = [name for name in dims if name != "tp"]
+    return mesh, (mesh if dims == dp else mesh[tuple(dp)] if len(dp) > 1 else mesh[dp[0]]), d["tp"]
