@@ -31,6 +31,7 @@ from emotion_models.dataset import Dataset, load_folder, load_synthetic
 from emotion_models.models import check_model, feature_kind
 
 from . import control, faults, launch, stops, trust
+from .cells import _getter, setting_parts
 from .config import ConfigError, RunConfig
 from .distenv import DistEnv, init_env, resolve_device_type, set_threads, thread_count
 from .envinfo import fingerprint
@@ -68,7 +69,8 @@ def _no_progress():
 
 def new_run_id(cfg: RunConfig, device_type: str) -> str:
     prec = cfg.precision + ("-compiled" if cfg.compile else "")
-    return launch.run_id(f"{cfg.strategy}-{cfg.model}-{prec}", cfg.devices, device_type)
+    extra = "".join(f"-{part}" for part in setting_parts(_getter(cfg), key=True))  # -tp8, -ga2, ...
+    return launch.run_id(f"{cfg.strategy}-{cfg.model}-{prec}{extra}", cfg.devices, device_type)
 
 
 def load_data(cfg: RunConfig, progress: Callable | None = None, say: Callable[[str], None] = _silent) -> Dataset:

@@ -175,7 +175,8 @@ def activation_bytes_per_block(model: str, size: str, batch: int, precision: str
     """Bytes autograd saves for backward in one forward at this batch, block by block; tp: on one rank
     of tensor parallel over tp (its shards' shapes: fewer heads and hidden units inside each layer)."""
     kind = "saved" if tp == 1 else f"saved-tp{tp}"
-    n = _cached(kind, model, size, batch, precision, functools.partial(_measure_activation_bytes, tp=tp),
+    measure = _measure_activation_bytes if tp == 1 else functools.partial(_measure_activation_bytes, tp=tp)
+    n = _cached(kind, model, size, batch, precision, measure,
                 lambda v: isinstance(v, list) and bool(v) and all(_count(x) for x in v))
     return tuple(n)
 
@@ -338,7 +339,7 @@ def static_bytes(cfg: RunConfig) -> tuple[int, int, str]:
         return 16 * max(sum(per_block[a:b]) for a, b in _stages(cfg)), 0, "stage"
     tp = degrees(cfg)["tp"]
     if tp > 1:  # the layers' projections divided over the tensor-parallel ranks, the rest whole on each
-        sharded = _tp_sharded(cfg.model, cfg.model_size)
+        sharded = tp_dims(cfg.model, cfg.model_size)[0]
         local = params - sharded + sharded // tp
         params, largest_block = local, largest_block * local // max(params, 1)
     if cfg.strategy in SHARDED:  # FSDP2 divides by the shard degree; replicas (HSDP) hold a copy each
@@ -354,11 +355,29 @@ def static_bytes(cfg: RunConfig) -> tuple[int, int, str]:
     return 16 * params, 0, "nothing else"
 
 
-@functools.lru_cache(maxsize=32)
-def _tp_sharded(model: str, size: str) -> int:
-    from .strategies.tp import sharded_params
+@functools.lru_cache(maxsize=64)
+def tp_dims(model: str, size: str) -> tuple[int, int, int]:
+    """(parameters tensor parallel divides, attention heads, feed-forward units) of the model's
+    tensor-parallel layers (bench/strategies/tp.py), zeros where it has none; counted once per code."""
+    return tuple(_cached("tp", model, size, 1, "fp32", _measure_tp,
+                         lambda v: isinstance(v, list) and len(v) == 3 and all(_count(x) for x in v)))
 
-    return sharded_params(build_model(model, size=size, device="meta"))
+
+def _measure_tp(model: str, size: str, batch: int, precision: str) -> list[int]:
+    from .strategies.tp import layers, sharded_params
+
+    m = build_model(model, size=size, device="meta")
+    found = layers(m)
+    if not found:
+        return [0, 0, 0]
+    heads = found[0].module.get_submodule(found[0].heads).num_heads
+    return [sharded_params(m), heads, found[0].hidden]
+
+
+def tp_divides(model: str, size: str, degree: int) -> bool:
+    """Whether the model's heads and feed-forward units divide over `degree` tensor-parallel ranks."""
+    _, heads, hidden = tp_dims(model, size)
+    return heads > 0 and heads % degree == 0 and hidden % degree == 0
 
 
 def split_clips(cfg: RunConfig) -> tuple[int, int]:

@@ -3,6 +3,7 @@ fake process group, on the meta device, through the run's own code (distenv.init
 torchrun environment, the strategy's wrapping). Its shards and stages are checked against
 arithmetic written here: torch.chunk's split of dim 0 (FSDP2's Shard(0)), the pipeline's blocks."""
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -75,11 +76,21 @@ def test_each_rank_trains_its_own_disjoint_slice_of_the_global_batch(world):
     first_steps = []
     for rank in range(world):
         env = DistEnv(rank, world, rank % 8, 8, torch.device("cpu"), "fake")
-        b = plan_batches(cfg, env, SimpleNamespace(shard_batch=True), data)
+        b = plan_batches(cfg, env, SimpleNamespace(shard_batch=True, data_slice=None), data)
         order, _ = b.epoch(0)
         assert b.local_batch == 4 and order.shape[1] == 4
         first_steps.append(set(order[0].tolist()))
     assert len(set().union(*first_steps)) == 4 * world  # disjoint: one global batch of 4 x N samples
+    # --tp 2: the two ranks of a tensor-parallel group (neighbours) train on the same slice of N / 2
+    cfg = RunConfig(strategy="fsdp", tp=2, devices=world, batch_size=4, epochs=1)
+    slices = []
+    for rank in range(world):
+        env = DistEnv(rank, world, rank % 8, 8, torch.device("cpu"), "fake")
+        b = plan_batches(cfg, env, SimpleNamespace(shard_batch=True, data_slice=(rank // 2, world // 2)), data)
+        slices.append(b.epoch(0)[0][0].tolist())
+        assert b.local_batch == 8
+    assert all(slices[r] == slices[r + 1] for r in range(0, world, 2))
+    assert len(set().union(*map(set, slices))) == 4 * world
 
 
 def test_the_dry_run_of_64_gpus_states_what_rank_0_holds_from_its_shards(capsys):
@@ -110,3 +121,50 @@ def test_an_interleaved_pipeline_rank_holds_its_looped_stages():
     assert r.stages == ((1, bounds[1]), (5, bounds[5]))
     assert r.params_local == sum(per_block[bounds[1][0]:bounds[1][1]]) + sum(per_block[bounds[5][0]:bounds[5][1]])
     assert "(stage 1: block 1, stage 5: block 5)" in text(cfg, r)  # these two stages hold one block each
+
+
+def test_a_rank_of_a_64_gpu_2d_mesh_holds_its_tensor_parallel_shard_of_its_fsdp_chunk():
+    """--gpus 64 --tp 8 on xlsr-2b: rank r is tensor-parallel rank r % 8 of data-parallel rank r // 8.
+    The oracle, from torchaudio's own layers of a model built here: q, k, v and the first feed-forward
+    projection split by output rows over the 8 tensor-parallel ranks, the attention output and the
+    second projection by input columns (their biases whole); FSDP2 then chunks dim 0 of what is left
+    over the 8 data-parallel ranks (torch.chunk), every other parameter too."""
+    from emotion_models.models import build_model
+
+    meta = build_model("xlsr-2b", device="meta")
+    col, row = set(), set()
+    for m in meta.modules():
+        if hasattr(m, "q_proj") and hasattr(m, "out_proj"):
+            col |= {id(p) for lin in (m.q_proj, m.k_proj, m.v_proj) for p in lin.parameters()}
+            row.add(id(m.out_proj.weight))
+        if hasattr(m, "intermediate_dense"):
+            col |= {id(p) for p in m.intermediate_dense.parameters()}
+            row.add(id(m.output_dense.weight))
+    for rank in (0, 13, 63):
+        r = rehearse(RunConfig(devices=64, tp=8, model="xlsr-2b", precision="bf16"), rank)
+        dp = rank // 8
+        expected = []
+        for p in meta.parameters():
+            shape = list(p.shape)
+            if id(p) in col:
+                shape[0] //= 8
+            elif id(p) in row:
+                shape[1] //= 8
+            expected.append(_chunk_rows(shape[0], 8, dp) * math.prod(shape[1:]))
+        assert sorted(loc for _, loc in r.shards) == sorted(expected)
+        assert r.params_total == sum(p.numel() for p in meta.parameters())
+
+
+def test_the_dry_run_of_64_gpus_with_tp_8_states_the_real_shards(capsys):
+    """The issue's command: `bench run --dry-run --gpus 64 --tp 8 --model xlsr-2b` is fsdp over 8 x
+    tensor parallel over 8, and states rank 0's memory from the shards it holds on the fake group."""
+    from conftest import invoke
+
+    code, out = invoke(["run", "--dry-run", "--gpus", "64", "--tp", "8", "--model", "xlsr-2b", "--device", "cuda"],
+                       capsys)
+    text = " ".join(out.split())
+    assert code == 0, out
+    assert "-fsdp-xlsr-2b-" in text and "-tp8" in text  # the run id names the 2-D cell
+    assert "rehearsed as rank 0 of 64" in text and "37.6 M of 2,159.3 M parameters" in text
+    held = re.search(r"AdamW ([\d.]+) GiB from its shards, ([\d.]+) GiB by the estimate", text)
+    assert held and held[1] == held[2], text

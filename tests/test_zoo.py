@@ -145,3 +145,35 @@ def test_bench_list_fits_80_columns_and_names_its_units():
     assert "params (M)" in proc.stdout and "forward (GFLOP)" in proc.stdout
     row = next(line for line in lines if line.startswith("│ cnn") and "MiB" in line)
     assert " 0.00 " not in row  # a small model's memory is in MiB, not 0.00 GiB
+
+
+def test_bench_list_shows_tensor_parallel_2d_and_ac_memory_against_arithmetic():
+    """The tp and 2-D columns and the --ac columns of `bench list --batch-size 8`, at 80 columns. The
+    oracle for xlsr-2b's tp x8 weights: (its parameters - those of the projections tensor parallel
+    divides + 1/8 of them) x 16 bytes (fp32 weights, gradients and AdamW's two moments), counted here
+    from torchaudio's own layers; full AC holds less than none for a speech encoder."""
+    from emotion_models.models import build_model
+
+    proc = bench("list", "--batch-size", "8", "--model", "cnn", "--model", "wavlm-base", "--model", "xlsr-2b",
+                 env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in proc.stdout
+    meta = build_model("xlsr-2b", device="meta")
+    split = sum(p.numel() for m in meta.modules() if hasattr(m, "q_proj") and hasattr(m, "out_proj")
+                for lin in (m.q_proj, m.k_proj, m.v_proj) for p in lin.parameters())
+    split += sum(m.out_proj.weight.numel() for m in meta.modules() if hasattr(m, "q_proj") and hasattr(m, "out_proj"))
+    split += sum(p.numel() for m in meta.modules() if hasattr(m, "intermediate_dense")
+                 for p in (*m.intermediate_dense.parameters(), m.output_dense.weight))
+    total = sum(p.numel() for p in meta.parameters())
+    tp_fp32 = 16 * (total - split + split // 8) / 2**30
+    start = next(i for i, line in enumerate(lines) if "tensor parallel: training memory" in line)
+    row = next(line for line in lines[start:] if line.startswith("│ xlsr-2b") and "base" in line)
+    assert f"{tp_fp32:.2f} /" in row.split("│")[3], (row, tp_fp32)
+    assert next(line for line in lines[start:] if line.startswith("│ cnn")) is not None  # activations table
+    act = next(line for line in lines[lines.index(next(l for l in lines if "with activations" in l)):]
+               if line.startswith("│ xlsr-2b") and "base" in line)
+    none, sel, full, tp, two_d = (float(c) for c in act.split("│")[3:8])
+    assert full < sel < none
+    wavlm = next(line for line in lines[start:] if line.startswith("│ wavlm-base") and "base" in line)
+    assert wavlm.split("│")[6].strip() == "–"  # WavLM's attention is not split: no tp column

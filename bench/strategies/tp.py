@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emotion_models.models import build_model, rebuild
+from emotion_models.models import rebuild
 
 from ..config import ConfigError
 from . import Plan, register
@@ -169,17 +169,17 @@ def localize(model: nn.Module, n: int) -> None:
 
 def check_degree(cfg, degree: int, flag: str) -> None:
     """One line where cfg's model cannot be tensor-parallel over `degree` ranks."""
-    found = layers(build_model(cfg.model, size=cfg.model_size, device="meta"))
-    if not found:
+    from ..memory import tp_dims  # counted once per code in the cache folder
+
+    _, heads, hidden = tp_dims(cfg.model, cfg.model_size)
+    if not heads:
         wavlm = cfg.model.startswith("wavlm")
         raise ConfigError(f"{flag}: {cfg.model} has " + (
             "attention that reads its packed q/k/v weight itself and gates a per-head position bias (WavLM), which "
             "tensor parallel does not split yet" if wavlm else "no attention and feed-forward layers to split")
             + "; use ddp or fsdp for it")
-    layer = found[0]
-    heads = layer.module.get_submodule(layer.heads).num_heads
-    if heads % degree or layer.hidden % degree:
-        raise ConfigError(f"{flag}: {cfg.model} ({cfg.model_size}) has {heads} attention heads and {layer.hidden} "
+    if heads % degree or hidden % degree:
+        raise ConfigError(f"{flag}: {cfg.model} ({cfg.model_size}) has {heads} attention heads and {hidden} "
                           f"feed-forward units, which must divide by the tensor-parallel degree {degree}")
 
 
