@@ -6,7 +6,6 @@ the per-step global-mean loss and the parameters after the last step.
 """
 from __future__ import annotations
 
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from emotion_models.models import build_model
 from .config import SCHEDULES, RunConfig
 from .lifecycle import run
 from .results import load_result
+from .strategies import parse_cell
 
 # Tolerances (loss, parameters), relative: per loss step |l - l_single| / |l_single|; for the
 # parameters after the last step ||p - p_single|| / ||p_single|| over all of them together.
@@ -101,15 +101,8 @@ def _configs(strategies: list[str], devices: int, model: str, model_size: str, p
                      compile_backend=compile_backend or "inductor")
     cells = []
     for cell in strategies:
-        strategy, *rest = cell.split(":")
-        mesh = {"tp": 1, "dp_replicate": 1}  # 'fsdp:tp2', 'hsdp:rep2:tp2': mesh degrees; else a schedule
-        schedule = "1f1b"
-        for part in rest:
-            if m := re.fullmatch(r"(tp|rep)(\d+)", part):
-                mesh["tp" if m[1] == "tp" else "dp_replicate"] = int(m[2])
-            else:
-                schedule = part
-        cells.append((cell, base.replace(strategy=strategy, devices=devices, schedule=schedule, **mesh,
+        strategy, mesh, schedule = parse_cell(cell)  # 'fsdp:tp2', 'hsdp:rep2:tp2', 'pipeline:gpipe'
+        cells.append((cell, base.replace(strategy=strategy, devices=devices, schedule=schedule or "1f1b", **mesh,
                                          sync_bn=sync_bn and strategy == "ddp", grad_accum=grad_accum, ac=ac)))
     return base, cells
 

@@ -17,6 +17,14 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
     fsdp      t = t1' + W_N + (1 - o) x L x [2 T_ag(S_p / L) + T_rs(S / L)]       S_p: S in the parameter dtype
     pipeline  t = t1' x (m + p - 1) / m + 2 (m + p - 2) x (alpha + A / B)  p = N stages, m micro-batches,
                                                                             A one micro-batch's activations
+    hsdp      fsdp's terms over its shard group (N / R ranks), + L x T_ar(S / (L x N/R)) across the R replicas
+    tp        t = K x [t1' x (T(1 - f) + f) + R_tp T_ar(A_tp)] + W + the data-parallel terms over N / T ranks
+              T the tensor-parallel degree (--strategy tp: N; fsdp:tpT); the T ranks of a group share
+              T b samples; f the share of forward FLOPs TP divides (counted on the meta device: the
+              model against one rank's shapes of it); R_tp the all-reduces a step (per layer one per
+              row-parallel projection forward, one per column-parallel one backward: 2 + 4 with q, k, v
+              unfused, Megatron's 2 + 2 fused them), A_tp = T b x one layer's output (bytes in the
+              compute dtype), inside the node; W from a profiled tp run, as for ddp and fsdp
     throughput = N b / t; efficiency = throughput / (N x single throughput)
 
     --grad-accum K      K micro-steps of t1' each, communication once (DDP, FSDP's reduce-scatter; FSDP2
@@ -200,7 +208,7 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
             if exposed > 0:
                 g["overlap"].setdefault(c["strategy"], []).append(b["overlapped_comm_ms"] / exposed)
             w = slowest_rank_wait_s(r)
-            if w is not None and c["strategy"] in ("ddp", "fsdp"):
+            if w is not None and c["strategy"] in ("ddp", "fsdp", "hsdp", "tp"):
                 g["wait"].setdefault(c["strategy"], {}).setdefault(c["devices"], []).append(w)
         if c["strategy"] == "pipeline":
             g["micro"] = c.get("microbatches")
@@ -247,38 +255,104 @@ def recompute_factor(inp: Inputs, ac: str) -> tuple[float, bool]:
     return (measured, True) if measured is not None and ac != "none" else (RECOMPUTE[ac], ac == "none")
 
 
+@functools.lru_cache(maxsize=32)
+def tp_profile(model: str, size: str, degree: int) -> tuple[float, int, int]:
+    """(f, the share of forward FLOPs that tensor parallel over `degree` divides; the all-reduces of
+    activations a training step makes; elements of one layer's output per sample), counted on the
+    meta device: the FLOPs of the model and of one rank's shapes of it (bench/strategies/tp.py
+    localize)."""
+    import torch
+
+    from .strategies.tp import layers, localize
+
+    full = build_model(model, size=size, device="meta")
+    total = sum(full.block_flops(2))
+    local = build_model(model, size=size, device="meta")
+    localize(local, degree)
+    f = (total - sum(local.block_flops(2))) / (total * (1 - 1 / degree))
+    found = layers(full)
+    # all-reduces a step: each row-parallel projection's output forward, each column-parallel one's
+    # input gradient backward (q, k and v are three here; Megatron fuses them into one)
+    reductions = sum(len(layer.plan) for layer in found)
+    seen: list[int] = []
+    hook = found[0].module.register_forward_hook(
+        lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).numel()))
+    with torch.no_grad():
+        full(full.example_input(1, "meta"))
+    hook.remove()
+    return f, reductions, seen[0]
+
+
 def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, inter: Link | None, *,
-            grad_accum: int = 1, ac: str = "none") -> dict:
-    """Predicted step time (s), throughput (samples/s) and efficiency of one cell."""
+            grad_accum: int = 1, ac: str = "none", tp: int = 1, replicate: int = 1) -> dict:
+    """Predicted step time (s), throughput (samples/s) and efficiency of one cell. tp: fsdp's or hsdp's
+    tensor-parallel degree (--strategy tp is tensor parallel over all devices); replicate: their
+    replicas (HSDP)."""
     if strategy == "pipeline" and grad_accum > 1:
         raise ValueError("pipeline with --grad-accum: the schedule's micro-batches are its accumulation")
     link = inter if nodes > 1 and inter is not None else intra
     grad_bytes = 4 * inp.params
     overlap = (inp.overlap or {}).get(strategy, 0.0)
     t1, n, K = (inp.one_device or {}).get(strategy, inp.single_step_s), devices, grad_accum
-    contention = inp.contention_at(max(1, n // max(nodes, 1)))
+    per_node = max(1, n // max(nodes, 1))
+    contention = inp.contention_at(per_node)
     t1 *= contention * recompute_factor(inp, ac)[0]
-    wait = inp.wait_at(strategy, n) if strategy in ("ddp", "fsdp") else 0.0
+    wait = inp.wait_at(strategy, n) if strategy in ("ddp", "fsdp", "hsdp", "tp") else 0.0
     if strategy == "single" or n == 1:
         step = K * t1
     elif strategy == "ddp":
         k = max(1, math.ceil(grad_bytes / BUCKET_BYTES))
         step = K * t1 + wait + (1 - overlap) * k * t_all_reduce(grad_bytes / k, n, link)
-    elif strategy == "fsdp":
-        param_bytes = (2 if inp.precision in ("bf16", "fp16") else 4) * inp.params
-        per_block = 2 * K * t_gather(param_bytes / inp.blocks, n, link) + t_gather(grad_bytes / inp.blocks, n, link)
-        step = K * t1 + wait + (1 - overlap) * inp.blocks * per_block
+    elif strategy in ("fsdp", "hsdp", "tp"):
+        degree = n if strategy == "tp" else tp
+        micro = _tp_micro_step(inp, t1, degree, per_node, intra, inter)
+        comm = _sharded_comm(inp, n, nodes, degree, 1 if strategy == "tp" else replicate, K, intra, inter)
+        step = K * micro + wait + (1 - overlap) * comm
     elif strategy == "pipeline":
         m = inp.microbatches or 2 * n
         mb = max(1, n * inp.batch // m)
         act = _boundary_bytes(inp, n, mb)
         step = t1 * (m + n - 1) / m + 2 * (m + n - 2) * (link.alpha_us * 1e-6 + act / (link.busbw_GBps * 1e9))
     else:
-        raise ValueError(f"no model for strategy {strategy!r}: predict ddp, fsdp or pipeline")
+        raise ValueError(f"no model for strategy {strategy!r}: predict ddp, fsdp, hsdp, tp or pipeline")
     throughput = n * inp.batch * K / step
     return {"step_ms": step * 1000, "samples_per_s": throughput,
             "efficiency": throughput / (n * inp.single_throughput), "overlap": overlap, "contention": contention,
             "wait_ms": wait * 1000}
+
+
+def _tp_micro_step(inp: Inputs, t1: float, degree: int, per_node: int, intra: Link, inter: Link | None) -> float:
+    """One micro-step of a rank of a tensor-parallel group of `degree` (t1 itself at degree 1): the
+    group shares degree x b samples, the share f of the work divides over it, the rest is every rank's
+    (degree (1 - f) + f); and each TP layer all-reduces its activations once per row-parallel
+    projection forward and once per column-parallel one backward (2 + 4 for q, k, v and FFN-in
+    unfused), inside the node, on the critical path (no async TP)."""
+    if degree < 2:
+        return t1
+    f, count, elems = tp_profile(inp.model, inp.model_size, degree)
+    act = degree * inp.batch * elems * (2 if inp.precision in ("bf16", "fp16") else 4)
+    tp_link = intra if degree <= per_node or inter is None else inter
+    return t1 * (degree * (1 - f) + f) + count * t_all_reduce(act, degree, tp_link)
+
+
+def _sharded_comm(inp: Inputs, n: int, nodes: int, degree: int, replicate: int, K: int, intra: Link,
+                  inter: Link | None) -> float:
+    """FSDP2's communication per optimiser step over the shard group (N / (degree x replicate) ranks;
+    each rank's parameters after tensor parallel): per block two all-gathers of the parameters a
+    micro-step and one reduce-scatter of the gradients; HSDP then all-reduces each shard's gradients
+    across the replicas. A group that spans nodes goes through the inter-node link."""
+    from .memory import tp_dims
+
+    shards = n // (degree * replicate)
+    split = tp_dims(inp.model, inp.model_size)[0] if degree > 1 else 0
+    local = inp.params - split + split // degree
+    param_bytes, grad_bytes = (2 if inp.precision in ("bf16", "fp16") else 4) * local, 4 * local
+    per_node = max(1, n // max(nodes, 1))
+    shard_link = intra if shards * degree <= per_node or inter is None else inter
+    replica_link = intra if nodes == 1 or inter is None else inter
+    L = inp.blocks
+    return L * (2 * K * t_gather(param_bytes / L, shards, shard_link) + t_gather(grad_bytes / L, shards, shard_link)
+                + t_all_reduce(grad_bytes / (L * max(shards, 1)), replicate, replica_link))
 
 
 def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
@@ -288,41 +362,54 @@ def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
     flags: dict[tuple, list[str]] = {}
     for r in results:
         c = r["config"]
-        if (r["status"] != "ok" or c["strategy"] not in ("ddp", "fsdp", "pipeline") or c["devices"] < 2
+        if (r["status"] != "ok" or c["strategy"] not in PREDICTED or c["devices"] < 2
                 or c.get("scaling", "weak") != "weak"):
             continue
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
         if key in by_key:
             cell = (key, c["strategy"], c["devices"], c.get("nodes", 1), int(c.get("grad_accum") or 1),
-                    c.get("ac") or "none")
+                    c.get("ac") or "none", *mesh_of(c))
             rows.setdefault(cell, []).append(r["throughput"]["samples_per_s"])
             flags.setdefault(cell, []).extend(trust.result_flags(r))
     out = []
-    for (key, strategy, n, nodes, k, ac), measured in rows.items():
+    for cell, measured in rows.items():
+        key, strategy, n, nodes, k, ac, tp, rep = cell
         inp = by_key[key]
-        p = predict(inp, strategy, n, nodes, intra, inter, grad_accum=k, ac=ac)
+        p = predict(inp, strategy, n, nodes, intra, inter, grad_accum=k, ac=ac, tp=tp, replicate=rep)
         m = statistics.median(measured)
         out.append({"model": inp.model, "precision": inp.precision, "batch": inp.batch, "strategy": strategy,
-                    "devices": n, "nodes": nodes, "grad_accum": k, "ac": ac, "predicted": p["samples_per_s"], "measured": m,
+                    "devices": n, "nodes": nodes, "grad_accum": k, "ac": ac, "tp": tp, "dp_replicate": rep,
+                    "predicted": p["samples_per_s"], "measured": m,
                     "error": p["samples_per_s"] / m - 1, "overlap": p["overlap"], "contention": p["contention"],
                     "wait_ms": p["wait_ms"], "repeats": len(measured),
-                    "flags": trust.joined([*flags[(key, strategy, n, nodes, k, ac)],
-                                           *(f"single baseline: {f}" for f in trust.split(inp.flags))])})
+                    "flags": trust.joined([*flags[cell], *(f"single baseline: {f}" for f in trust.split(inp.flags))])})
     return out
+
+
+PREDICTED = ("ddp", "fsdp", "hsdp", "tp", "pipeline")  # the strategies the model above covers
+
+
+def mesh_of(c: dict) -> tuple[int, int]:
+    """(fsdp's / hsdp's tensor-parallel degree, replicas) of a result's config (1, 1 for the others and
+    for results from before the mesh); --strategy tp's degree is its device count."""
+    d = (c.get("parallelism") or {}).get("degrees") or {}
+    if c["strategy"] not in ("fsdp", "hsdp"):
+        return 1, 1
+    return int(d.get("tp") or c.get("tp") or 1), int(d.get("dp_replicate") or c.get("dp_replicate") or 1)
 
 
 # ------------------------------------------------------------------------------------- bench predict's tables
 
 def measured_cells(results: list[dict], grad_accum: int = 1, ac: str = "none") -> dict[tuple, float]:
     """Median throughput of every ok weak-scaling cell at this --grad-accum and --ac, by (model, size,
-    strategy, precision, batch, devices, nodes)."""
+    strategy, precision, batch, devices, nodes, tensor-parallel degree, replicas)."""
     seen: dict[tuple, list[float]] = {}
     for r in results:
         c = r["config"]
         if (r["status"] == "ok" and c.get("scaling", "weak") == "weak" and int(c.get("grad_accum") or 1) == grad_accum
                 and (c.get("ac") or "none") == ac):
             key = (c["model"], c.get("model_size", "base"), c["strategy"], c["precision"], c["batch_size_per_device"],
-                   c["devices"], c.get("nodes", 1))
+                   c["devices"], c.get("nodes", 1), *mesh_of(c))
             seen.setdefault(key, []).append(r["throughput"]["samples_per_s"])
     return {k: statistics.median(v) for k, v in seen.items()}
 
@@ -333,31 +420,33 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
     """(title, header, rows) of every input, strategy and device count N; an overlap, contention or
     wait that no run measured says so. Where a cell was measured at N, its throughput and efficiency
     are the measured ones (said in the note); a pipeline past one stage per block says why it stops."""
+    from .strategies import parse_cell
+
     rows = []
     for inp in inputs:
         for s in strategies:
+            strategy, mesh, _ = parse_cell(s)  # 'fsdp:tp2', 'hsdp', 'hsdp:rep2:tp4'
             for n in counts:
                 cell = f"{inp.model} {s} {inp.precision} b{inp.batch}"
-                if s == "pipeline" and n > inp.blocks:
-                    rows.append([cell, str(n), "", "–", "–", "–", "", "", "",
-                                 f"stops: {inp.model} has {inp.blocks} blocks, at most one pipeline stage each"])
-                    continue
-                if s == "pipeline" and grad_accum > 1:
-                    rows.append([cell, str(n), "", "–", "–", "–", "", "", "",
-                                 "stops: a pipeline accumulates over its micro-batches, not --grad-accum"])
-                    continue
                 nodes = max(1, -(-n // per_node))
-                p = predict(inp, s, n, nodes, intra, inter, grad_accum=grad_accum, ac=ac)
+                tp = mesh["tp"]
+                rep = mesh["dp_replicate"] if mesh["dp_replicate"] > 1 or strategy != "hsdp" else nodes
+                stop = _stops(inp, strategy, n, tp, rep, grad_accum)
+                if stop:
+                    rows.append([cell, str(n), "", "–", "–", "–", "", "", "", f"stops: {stop}"])
+                    continue
+                p = predict(inp, strategy, n, nodes, intra, inter, grad_accum=grad_accum, ac=ac, tp=tp, replicate=rep)
                 thr, eff, note = p["samples_per_s"], p["efficiency"], "predicted"
-                got = (measured or {}).get((inp.model, inp.model_size, s, inp.precision, inp.batch, n, nodes))
+                got = (measured or {}).get((inp.model, inp.model_size, strategy, inp.precision, inp.batch, n, nodes,
+                                            *((tp, rep) if strategy in ("fsdp", "hsdp") else (1, 1))))
                 if got is not None:
                     thr, eff = got, got / (n * inp.single_throughput)
                     note = f"measured (predicted {p['samples_per_s']:.1f} samples/s)"
                 rows.append([cell, str(n), str(nodes), f"{p['step_ms']:.1f}", f"{thr:.1f}", f"{eff:.2f}",
-                             f"{p['overlap']:.2f}" + ("" if inp.overlap and s in inp.overlap else " (none measured)"),
+                             f"{p['overlap']:.2f}" + ("" if inp.overlap and strategy in inp.overlap else " (none measured)"),
                              f"{p['contention']:.2f}" + ("" if inp.contention_measured(n // nodes) else " (none measured)"),
-                             "" if s == "pipeline" or n < 2 else
-                             f"{p['wait_ms']:.1f}" + ("" if (inp.wait or {}).get(s) else " (none measured)"),
+                             "" if strategy in ("pipeline", "tp") or n < 2 else
+                             f"{p['wait_ms']:.1f}" + ("" if (inp.wait or {}).get(strategy) else " (none measured)"),
                              # a prediction rests on its single runs: their flags travel with every row
                              note + (f"; single baseline flagged: {inp.flags}" if inp.flags else "")
                              + ("" if recompute_factor(inp, ac)[1] else
@@ -370,11 +459,31 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
     return title, header, rows
 
 
+def _stops(inp: Inputs, strategy: str, n: int, tp: int, rep: int, grad_accum: int) -> str | None:
+    """Why a cell of the prediction table cannot run at n devices, else None."""
+    from .memory import tp_divides
+
+    degree = n if strategy == "tp" else tp
+    if strategy == "pipeline" and n > inp.blocks:
+        return f"{inp.model} has {inp.blocks} blocks, at most one pipeline stage each"
+    if strategy == "pipeline" and grad_accum > 1:
+        return "a pipeline accumulates over its micro-batches, not --grad-accum"
+    if strategy in ("fsdp", "hsdp") and n % (tp * rep):
+        return f"{n} devices do not split into {rep} replicas x {tp} tensor-parallel ranks"
+    if strategy == "hsdp" and rep < 2:
+        return "hsdp replicates across nodes: one node here (give hsdp:repR)"
+    if degree > 1 and not tp_divides(inp.model, inp.model_size, degree):
+        return f"{inp.model}'s heads or feed-forward units do not divide by the tensor-parallel degree {degree}"
+    return None
+
+
 def check_table(checked: list[dict]) -> tuple[str, list[str], list[list[str]]]:
     """(title, header, rows) of check()'s cells: measured against predicted throughput."""
     header = ["cell", "devices", "measured (samples/s)", "predicted (samples/s)", "error", "contention c_n",
               "wait W (ms/step)", "flags"]
     rows = [[f"{c['model']} {c['strategy']} {c['precision']} b{c['batch']}"
+             + (f" rep{c['dp_replicate']}" if c.get("dp_replicate", 1) > 1 else "")
+             + (f" tp{c['tp']}" if c.get("tp", 1) > 1 else "")
              + (f" ga{c['grad_accum']}" if c.get("grad_accum", 1) > 1 else "")
              + (f" ac-{c['ac']}" if c.get("ac", "none") != "none" else ""), str(c["devices"]),
              f"{c['measured']:.1f}", f"{c['predicted']:.1f}", f"{c['error'] * 100:+.1f}%", f"{c['contention']:.2f}",

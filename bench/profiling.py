@@ -157,7 +157,9 @@ def _step_trace(st: dict, events: list[dict], main: int, optimizer: str, opt_lau
             kind = _kind(name[6:], _C10D)
             if kind:
                 launches.append((x["ts"], kind, _bytes(x)))
-        elif cat == "cpu_op" and x["tid"] == main:
+        elif cat == "cpu_op" and x["tid"] == main and not name.startswith("_c10d_functional::wait"):
+            # (DTensor's functional collectives block the training thread in wait_tensor: that is
+            # waiting on the collective, which the gloo thread's range shows, not compute)
             if not gpu:
                 step_trace.compute.append(rel(x))
         elif name.startswith("gloo:") and _GLOO.get(re.sub(r"[^a-z_]", "", name[5:].lower())):

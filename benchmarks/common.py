@@ -21,6 +21,7 @@ def arguments(doc: str, *, reports_kept: bool = False) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--tp-model", default="transformer", help="the model of the tensor-parallel cells (predict_cpu)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every cell; each figure is their median")
     ap.add_argument("--no-contention", action="store_true", help="leave the independent runs out (c = 1)")

@@ -1,13 +1,16 @@
 """bench predict checked against measurement on this machine: 2 CPU workers (gloo), 1 thread each.
 
-    python benchmarks/predict_cpu.py [--model cnn] [--batch-size 32] [--steps 30] [--rounds 3] [--keep DIR]
+    python benchmarks/predict_cpu.py [--model cnn] [--tp-model transformer] [--batch-size 32] [--steps 30]
+                                     [--rounds 3] [--keep DIR]
     python benchmarks/predict_cpu.py --from DIR
 
 Measures the links (bench comm, 2 workers), the single run (1 thread), fsdp at one worker (FSDP2's
 own cost without communication; bench predict starts fsdp from it), 2 independent replicas side
 by side (the contention factor: what 2 workers lose to sharing 2 cores, no communication) and
-ddp, fsdp and pipeline at 2 workers (profiled after the timed window, for the overlap o and wait W),
-then predicts each multi-worker cell from those inputs, the model's sizes and the measured links,
+ddp, fsdp and pipeline at 2 workers (profiled after the timed window, for the overlap o and wait W)
+and ddp with --grad-accum 2; for --tp-model (a model with attention: cnn has none) its single run,
+its independent pair and tp x2. Then it predicts each multi-worker cell from those inputs, the
+model's sizes and the measured links,
 and prints predicted against measured throughput with the error. The bar: each within 15 %, the
 error a user choosing a machine by the prediction can live with. Each row also shows the prediction without the independent runs (c = 1) and without the
 slowest rank's wait W, from the same measurements; --no-contention leaves the independent runs out
@@ -32,19 +35,28 @@ from bench.results import load_result
 from common import arguments, base_config, measure_links, out_folder, run_cell  # benchmarks/common.py
 
 
+def _name(c: dict) -> str:
+    """'cnn ddp x2', 'cnn ddp x2 ga2': a cell of this benchmark (two models, accumulation on one)."""
+    return f"{c['model']} {cell_label(c, short=True)}" + (f" ga{c['grad_accum']}" if c.get("grad_accum", 1) > 1 else "")
+
+
 def per_cell(results: list[dict], value) -> dict[str, list[float]]:
     """value(result) of every round, per cell, in run order; None left out."""
     seen: dict[str, list[float]] = {}
     for r in results:
         v = value(r)
         if v is not None:
-            seen.setdefault(cell_label(r["config"], short=True), []).append(v)
+            seen.setdefault(_name(r["config"]), []).append(v)
     return seen
 
 
 def by_cell(results: list[dict], value) -> str:
     """value(result) per cell, median over rounds, as one line; cells where it is None left out."""
     return ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in per_cell(results, value).items())
+
+
+def _key(c: dict) -> tuple:
+    return c["model"], c["strategy"], c["devices"], c["grad_accum"]
 
 
 def rank_skew_ms(r: dict) -> float | None:
@@ -60,9 +72,12 @@ def measure(args: argparse.Namespace, out: str) -> tuple[Link, list[dict]]:
     """The links and every cell's results, rounds in order."""
     link = Link.measured(measure_links(str(Path(out, "comm"))))
     base = base_config(args, str(Path(out, "runs")))
-    cells = (("single", 1), ("fsdp", 1), ("independent", 2), ("ddp", 2), ("fsdp", 2), ("pipeline", 2))
-    return link, [run_cell(base, strategy, n, r, profile=strategy in ("ddp", "fsdp", "pipeline"))
-                  for r in range(args.rounds) for strategy, n in cells
+    tp = base.replace(model=args.tp_model)
+    cells = ((base, "single", 1), (base, "fsdp", 1), (base, "independent", 2), (base, "ddp", 2), (base, "fsdp", 2),
+             (base, "pipeline", 2), (base.replace(grad_accum=2), "ddp", 2),
+             (tp, "single", 1), (tp, "independent", 2), (tp, "tp", 2))
+    return link, [run_cell(cfg, strategy, n, r, profile=strategy in ("ddp", "fsdp", "pipeline", "tp") and cfg.grad_accum == 1)
+                  for r in range(args.rounds) for cfg, strategy, n in cells
                   if not (args.no_contention and strategy == "independent")]
 
 
@@ -111,15 +126,15 @@ def main() -> None:
             link, results = measure(args, out)
     print(f"link: {link.source}: alpha {link.alpha_us:.0f} us per hop, bus bandwidth {link.busbw_GBps:.2f} GB/s")
     rows = check(results, link, None)
-    plain = {(c["strategy"], c["devices"]): c
-             for c in check([r for r in results if r["config"]["strategy"] != "independent"], link, None)}
+    plain = {_key(c): c for c in check([r for r in results if r["config"]["strategy"] != "independent"], link, None)}
     print(f"{'cell':24} {'measured':>9} {'predicted':>9} {'error':>7} {'overlap':>7} {'contention':>10} "
           f"{'wait W (ms)':>11} {'without c':>9} {'error':>7} {'without W':>9} {'error':>7}   (samples/s)")
-    for c in sorted(rows, key=lambda c: c["strategy"]):
-        p = plain[(c["strategy"], c["devices"])]
+    for c in sorted(rows, key=lambda c: (c["model"], c["strategy"], c["grad_accum"])):
+        p = plain[_key(c)]
         samples = c["devices"] * c["batch"]
         no_w = samples / (samples / c["predicted"] - c["wait_ms"] / 1000)  # the model adds W to the step
-        print(f"{c['model']} {c['strategy']} x{c['devices']} b{c['batch']:<7} {c['measured']:9.1f} "
+        name = f"{c['model']} {c['strategy']} x{c['devices']} b{c['batch']}" + (f" ga{c['grad_accum']}" if c["grad_accum"] > 1 else "")
+        print(f"{name:24} {c['measured']:9.1f} "
               f"{c['predicted']:9.1f} {c['error'] * 100:+6.1f}% {c['overlap']:7.2f} {c['contention']:10.2f} "
               f"{c['wait_ms']:11.1f} {p['predicted']:9.1f} {p['error'] * 100:+6.1f}% "
               f"{no_w:9.1f} {(no_w / c['measured'] - 1) * 100:+6.1f}%")
@@ -131,10 +146,10 @@ def main() -> None:
     print("slowest rank's step p50 minus the ranks' own p50s (ms; medians over rounds): "
           + by_cell(results, rank_skew_ms))
     print("the slowest rank's wait inside collectives, W (profiled, in timed ms per step; medians over rounds): "
-          + by_cell([r for r in results if r["config"]["strategy"] in ("ddp", "fsdp")],
+          + by_cell([r for r in results if r["config"]["strategy"] in ("ddp", "fsdp", "tp")],
                     lambda r: None if (w := slowest_rank_wait_s(r)) is None else w * 1000))
     print("where each measured multi-worker step went (profiled, ms per step, medians over rounds):")
-    for cell in ("ddp x2", "fsdp x2", "pipeline x2"):
+    for cell in ("ddp x2", "fsdp x2", "pipeline x2", "tp x2"):
         parts = [r["breakdown"]["parts_ms"] for r in results if r.get("breakdown") and cell_label(r["config"], short=True) == cell]
         if parts:
             print(f"  {cell}: " + ", ".join(f"{k} {statistics.median(p[k] for p in parts):.1f}" for k in parts[0]))

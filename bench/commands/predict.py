@@ -15,7 +15,9 @@ def predict(
                                                 "runs; for contention, independent runs)."),
     devices: str = typer.Option("1,2,4,8,16,64", "--gpus", "--devices", help="Comma-separated device counts N."),
     per_node: int = typer.Option(8, help="Devices per node: N above it spans nodes (data parallel through --inter-link)."),
-    strategies: str = typer.Option("ddp,fsdp,pipeline", help="Comma-separated strategies to predict."),
+    strategies: str = typer.Option("ddp,fsdp,pipeline", help="Comma-separated strategies to predict: ddp, fsdp, hsdp, "
+                                                             "tp, pipeline; fsdp:tp2 is 2-D (FSDP2 over N / 2 x TP "
+                                                             "2), hsdp:rep2 two replicas (default: one per node)."),
     link: Optional[str] = typer.Option(None, help="Intra-node link: a preset (nvlink4, pcie4, pcie5, ib-ndr, 100gbe) or a "
                                                   "bench comm result (file or folder). Default: a bench comm result "
                                                   "under RESULTS_DIR; GPU results without one assume nvlink4 and say so."),
@@ -121,10 +123,15 @@ def _options(devices: str, per_node: int, strategies: str, link: str, inter_link
         counts = split_csv(devices, int) or []
         if not counts or min(counts) < 1 or per_node < 1:
             raise ValueError("--gpus: give device counts of 1 or more, and --per-node 1 or more")
+        from ..predict import PREDICTED
+        from ..strategies import parse_cell
+
         kinds = split_csv(strategies) or []
-        bad = set(kinds) - {"ddp", "fsdp", "pipeline"}
+        bad = [k for k in kinds if parse_cell(k)[0] not in PREDICTED or (parse_cell(k)[0] not in ("fsdp", "hsdp")
+                                                                         and ":" in k)]
         if bad:
-            raise ValueError(f"--strategies: no model for {sorted(bad)}; use ddp, fsdp, pipeline")
+            raise ValueError(f"--strategies: no model for {bad}; use {', '.join(PREDICTED)}, with fsdp:tpT, "
+                             "hsdp:repR or hsdp:repR:tpT for a mesh")
     except ValueError as exc:
         fail(str(exc))
     return intra, inter, counts, kinds

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import importlib
 import pkgutil
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -146,6 +147,19 @@ def degrees(cfg: RunConfig) -> dict[str, int]:
     elif (dim := _PRESET_DIM.get(cfg.strategy)) and cfg.devices > 1:
         d[dim] = cfg.devices
     return d
+
+
+def parse_cell(text: str) -> tuple[str, dict, str | None]:
+    """'fsdp:tp2' -> ('fsdp', {'tp': 2, 'dp_replicate': 1}, None); 'hsdp:rep2:tp2'; 'pipeline:gpipe' ->
+    a schedule. How bench parity and bench predict name a cell of a mesh."""
+    strategy, *rest = text.split(":")
+    mesh, schedule = {"tp": 1, "dp_replicate": 1}, None
+    for part in rest:
+        if m := re.fullmatch(r"(tp|rep)(\d+)", part):
+            mesh["tp" if m[1] == "tp" else "dp_replicate"] = int(m[2])
+        else:
+            schedule = part
+    return strategy, mesh, schedule
 
 
 def data_parallel(cfg: RunConfig) -> int:
