@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import os
 import tomllib
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from .config import ConfigError, RunConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 MANIFEST = "sweep.json"
-MATRIX_KEYS = ("strategies", "gpus", "precision", "models", "compile", "repeat")
+MATRIX_KEYS = ("strategies", "gpus", "precision", "models", "compile", "ac", "grad_accum", "repeat")
 MAX_REPEAT = 100  # more repeats than this is a typo, not a plan (each repeat reruns every cell)
 MAX_CELLS = 10_000  # a matrix larger than this would take weeks on any machine
 
@@ -36,6 +37,8 @@ class SweepSpec:
     precision: list[str] = field(default_factory=lambda: ["fp32"])
     models: list[str] = field(default_factory=lambda: ["cnn"])
     compile: list[bool] = field(default_factory=lambda: [False])
+    ac: list[str] = field(default_factory=lambda: ["none"])  # --ac settings
+    grad_accum: list[int] = field(default_factory=lambda: [1])  # --grad-accum K values
     repeat: int = 1
     run: dict = field(default_factory=dict)  # RunConfig fields shared by every cell
     # further sub-matrices ([[extra]] tables): each overrides some of strategies, gpus, precision,
@@ -46,17 +49,23 @@ class SweepSpec:
         """Names and sizes that need no hardware: one ConfigError before any cell is expanded."""
         from emotion_models.models import MODELS
 
-        from .config import PRECISIONS
-        from .strategies import get_strategy
+        from .config import AC_MODES, PRECISIONS
+        from .strategies import get_strategy, parse_cell
 
         if not 1 <= self.repeat <= MAX_REPEAT:
             raise ConfigError(f"--repeat {self.repeat}: use 1 to {MAX_REPEAT}")
         for sub in [vars(self)] + self.extra:
-            for name in ("strategies", "gpus", "precision", "models", "compile"):
+            for name in MATRIX_KEYS[:-1]:
                 if name in sub and not sub[name]:
-                    raise ConfigError(f"--{name}: empty list; give at least one value")
+                    raise ConfigError(f"--{name.replace('_', '-')}: empty list; give at least one value")
             for strategy in sub.get("strategies", []):
-                get_strategy(strategy)
+                get_strategy(parse_cell(strategy)[0])  # 'fsdp:tp2', 'hsdp:rep2', 'pipeline:gpipe' name a mesh
+            for ac in sub.get("ac", []):
+                if ac not in AC_MODES:
+                    raise ConfigError(f"--ac {ac} is not one of {', '.join(AC_MODES)}")
+            for k in sub.get("grad_accum", []):
+                if int(k) < 1:
+                    raise ConfigError(f"--grad-accum {k}: give 1 or more micro-steps per optimiser step")
             for gpus in sub.get("gpus", []):
                 if gpus < 1:
                     raise ConfigError(f"--gpus {gpus}: device counts must be at least 1")
@@ -66,9 +75,8 @@ class SweepSpec:
             for model in sub.get("models", []):
                 if model not in MODELS:
                     raise ConfigError(f"--models {model}: unknown model; bench list shows the zoo")
-        per_repeat = sum(len(m.get("strategies", self.strategies)) * len(m.get("gpus", self.gpus))
-                         * len(m.get("precision", self.precision)) * len(m.get("models", self.models))
-                         * len(m.get("compile", self.compile)) for m in [{}] + self.extra)
+        per_repeat = sum(math.prod(len(m.get(k, getattr(self, k))) for k in MATRIX_KEYS[:-1])
+                         for m in [{}] + self.extra)
         if per_repeat * self.repeat > MAX_CELLS:
             raise ConfigError(f"the matrix has {per_repeat * self.repeat} cells (more than {MAX_CELLS}): "
                               "fewer values or repeats, or several sweeps")
@@ -123,7 +131,8 @@ def load_spec(path_or_preset: str) -> SweepSpec:
         raise ConfigError(f"--config {path}: [run] has unknown fields {sorted(bad)}")
     return SweepSpec(strategies=list(raw.get("strategies", ["single"])), gpus=[int(g) for g in raw.get("gpus", [1])],
                      precision=list(raw.get("precision", ["fp32"])), models=list(raw.get("models", ["cnn"])),
-                     compile=[on_off(c) for c in raw.get("compile", ["off"])], repeat=int(raw.get("repeat", 1)),
+                     compile=[on_off(c) for c in raw.get("compile", ["off"])], ac=list(raw.get("ac", ["none"])),
+                     grad_accum=[int(k) for k in raw.get("grad_accum", [1])], repeat=int(raw.get("repeat", 1)),
                      run=run, extra=[dict(sub) for sub in raw.get("extra", [])])
 
 
@@ -163,6 +172,8 @@ def expand(spec: SweepSpec, device_type: str, out_dir: str) -> list[Cell]:
     `single` cells come first: they are the baselines of every efficiency, added where the
     matrix lacks them.
     """
+    from .strategies import parse_cell
+
     spec.check()
     base = RunConfig(**spec.run).replace(out_dir=out_dir)
     cells: dict[str, Cell] = {}
@@ -176,13 +187,15 @@ def expand(spec: SweepSpec, device_type: str, out_dir: str) -> list[Cell]:
                                                       for k, v in sub.items()}) for sub in spec.extra]
     for r in range(spec.repeat):
         for m in matrices:
-            for model, precision, comp in itertools.product(m.models, m.precision, m.compile):
-                add(r, model=model, strategy="single", devices=1, precision=precision, compile=comp)
+            for model, precision, comp, ac, k in itertools.product(m.models, m.precision, m.compile, m.ac, m.grad_accum):
+                add(r, model=model, strategy="single", devices=1, precision=precision, compile=comp, ac=ac, grad_accum=k)
         for m in matrices:
-            for model, strategy, devices, precision, comp in itertools.product(
-                    m.models, m.strategies, m.gpus, m.precision, m.compile):
+            for model, name, devices, precision, comp, ac, k in itertools.product(
+                    m.models, m.strategies, m.gpus, m.precision, m.compile, m.ac, m.grad_accum):
+                strategy, mesh, schedule = parse_cell(name)
                 if strategy != "single":  # single is one device by definition, added above
-                    add(r, model=model, strategy=strategy, devices=devices, precision=precision, compile=comp)
+                    add(r, model=model, strategy=strategy, devices=devices, precision=precision, compile=comp,
+                        ac=ac, grad_accum=int(k), **mesh, **({"schedule": schedule} if schedule else {}))
     return list(cells.values())
 
 

@@ -313,3 +313,29 @@ def test_the_sweeps_closing_table_fits_80_columns():
     assert "…" not in buf.getvalue() and "1234.5" in buf.getvalue() and "0.812" in buf.getvalue()
     shown = set(buf.getvalue().replace("│", " ").split())  # wrapped, not cut: every word is there
     assert all(set(r[0].split() + r[-1].split()) <= shown for r in rows), buf.getvalue()
+
+
+def test_sweep_axes_name_meshes_and_memory_trades(tmp_path):
+    """A sweep's strategies name a mesh as parity does ('fsdp:tp2', 'hsdp:rep2', 'pipeline:gpipe'),
+    and --ac and --grad-accum are axes: every cell gets its degrees, its settings and a single
+    baseline with the same accumulation and checkpointing (the efficiency's baseline matches them)."""
+    from bench.config import ConfigError
+
+    spec = SweepSpec(strategies=["fsdp:tp2", "hsdp:rep2", "pipeline:gpipe"], gpus=[2], models=["transformer"],
+                     ac=["none", "full"], grad_accum=[1, 2], run={"model_size": "small"})
+    cells = {c.key: c.cfg for c in expand(spec, "cpu", str(tmp_path))}
+    two_d = cells["transformer-fsdp-2x-fp32-eager-weak-b32-tp2-ga2-acfull-r0"]
+    assert (two_d.strategy, two_d.tp, two_d.dp_replicate, two_d.grad_accum, two_d.ac) == ("fsdp", 2, 1, 2, "full")
+    assert cells["transformer-hsdp-2x-fp32-eager-weak-b32-rep2-r0"].dp_replicate == 2
+    assert cells["transformer-pipeline-2x-fp32-eager-weak-b32-r0"].schedule == "gpipe"
+    singles = {(c.grad_accum, c.ac) for c in cells.values() if c.strategy == "single"}
+    assert singles == {(1, "none"), (1, "full"), (2, "none"), (2, "full")}
+    assert len(cells) == 4 + 3 * 4
+    for bad, text in ((dict(ac=["some"]), "--ac some"), (dict(grad_accum=[0]), "--grad-accum 0"),
+                      (dict(strategies=["nope:tp2"]), "unknown strategy 'nope'")):
+        with pytest.raises(ConfigError, match=text):
+            SweepSpec(**{"strategies": ["ddp"], "gpus": [2], **bad}).check()
+    toml = tmp_path / "s.toml"
+    toml.write_text('strategies = ["fsdp:tp2"]\ngpus = [2]\nmodels = ["transformer"]\nac = ["full"]\ngrad_accum = [2]\n')
+    loaded = load_spec(str(toml))
+    assert loaded.ac == ["full"] and loaded.grad_accum == [2]

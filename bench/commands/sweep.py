@@ -12,11 +12,16 @@ from .common import Exit, config_options, fail, nonempty_out, split_csv
 
 @config_options(("epochs", "size", "batch_size", "model_size", "dataset", "device"), preset_default="the preset's")
 def sweep(
-    strategies: Optional[str] = typer.Option(None, help="Comma-separated strategies, e.g. single,ddp,fsdp,pipeline."),
+    strategies: Optional[str] = typer.Option(None, help="Comma-separated strategies, e.g. single,ddp,fsdp,pipeline; "
+                                                        "fsdp:tp2 (2-D), hsdp:rep2, pipeline:gpipe name a mesh or "
+                                                        "schedule."),
     gpus: Optional[str] = typer.Option(None, "--gpus", "--devices", help="Comma-separated device counts, e.g. 1,2,4."),
     precision: Optional[str] = typer.Option(None, help="Comma-separated precisions, e.g. fp32,bf16."),
     models: Optional[str] = typer.Option(None, help="Comma-separated models (default: cnn)."),
     compile: Optional[str] = typer.Option(None, "--compile", help="Comma-separated off,on (default: off)."),
+    ac: Optional[str] = typer.Option(None, "--ac", help="Comma-separated --ac settings, e.g. none,full (default: none)."),
+    grad_accum: Optional[str] = typer.Option(None, "--grad-accum", help="Comma-separated --grad-accum K, e.g. 1,2 "
+                                                                          "(default: 1)."),
     repeat: Optional[int] = typer.Option(None, help="Repeats per cell; seeds differ per repeat (seed + repeat index)."),
     config: Optional[str] = typer.Option(None, "--config", help="A sweep TOML file or a preset: smoke, cpu, gpu-node."),
     out: str = typer.Option("results/sweep", help="Folder for the cells' result files and sweep.json.", callback=nonempty_out),
@@ -33,7 +38,8 @@ def sweep(
         spec = load_spec(config) if config else SweepSpec(strategies=["single"], gpus=[1])
         for name, value in (("strategies", split_csv(strategies)), ("gpus", split_csv(gpus, int)),
                             ("precision", split_csv(precision)), ("models", split_csv(models)),
-                            ("compile", split_csv(compile, on_off)), ("repeat", repeat)):
+                            ("compile", split_csv(compile, on_off)), ("ac", split_csv(ac)),
+                            ("grad_accum", split_csv(grad_accum, int)), ("repeat", repeat)):
             if value is not None:
                 setattr(spec, name, value)
         spec.run.update({k: v for k, v in settings.items() if v is not None})
