@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .breakdown import Collective, StepTrace
+from .breakdown import Collective, StepTrace, merge, subtract
 
 STEP = "emotion_bench.step"
 OPTIMIZER = "emotion_bench.optimizer"
@@ -145,6 +145,7 @@ def _step_trace(st: dict, events: list[dict], main: int, optimizer: str, opt_lau
     rel = lambda x: (x["ts"] - s, min(x["ts"] + x["dur"], e) - s)  # noqa: E731
     step_trace = StepTrace(duration=st["dur"])
     launches: list[tuple[float, str, int]] = []  # (start, kind, bytes) of each c10d op
+    blocked: list[tuple[float, float]] = []
     gpu = any(x.get("cat") == "kernel" for x in inside)
     for x in inside:
         cat, name = x.get("cat"), x["name"]
@@ -157,9 +158,9 @@ def _step_trace(st: dict, events: list[dict], main: int, optimizer: str, opt_lau
             kind = _kind(name[6:], _C10D)
             if kind:
                 launches.append((x["ts"], kind, _bytes(x)))
-        elif cat == "cpu_op" and x["tid"] == main and not name.startswith("_c10d_functional::wait"):
-            # (DTensor's functional collectives block the training thread in wait_tensor: that is
-            # waiting on the collective, which the gloo thread's range shows, not compute)
+        elif cat == "cpu_op" and x["tid"] == main and name.startswith("_c10d_functional::wait"):
+            blocked.append(rel(x))
+        elif cat == "cpu_op" and x["tid"] == main:
             if not gpu:
                 step_trace.compute.append(rel(x))
         elif name.startswith("gloo:") and _GLOO.get(re.sub(r"[^a-z_]", "", name[5:].lower())):
@@ -174,5 +175,9 @@ def _step_trace(st: dict, events: list[dict], main: int, optimizer: str, opt_lau
             step_trace.memcpy.append(rel(x))
         elif cat in ("cuda_runtime", "cuda_driver"):
             step_trace.runtime.append(rel(x))
+    # DTensor's functional collectives (tensor parallel) block the training thread in wait_tensor,
+    # inside the ops that called them: waiting on the collective, which the gloo thread's range
+    # shows, not compute
+    step_trace.compute = subtract(merge(step_trace.compute), merge(blocked))
     _label(step_trace.collectives, sorted(launches))
     return step_trace

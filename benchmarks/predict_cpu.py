@@ -9,7 +9,8 @@ own cost without communication; bench predict starts fsdp from it), 2 independen
 by side (the contention factor: what 2 workers lose to sharing 2 cores, no communication) and
 ddp, fsdp and pipeline at 2 workers (profiled after the timed window, for the overlap o and wait W)
 and ddp with --grad-accum 2; for --tp-model (a model with attention: cnn has none) its single run,
-its independent pair and tp x2. Then it predicts each multi-worker cell from those inputs, the
+tp at one worker (DTensor's own cost without communication, as fsdp x1 is FSDP2's), its
+independent pair and tp x2 (profiled). Then it predicts each multi-worker cell from those inputs, the
 model's sizes and the measured links,
 and prints predicted against measured throughput with the error. The bar: each within 15 %, the
 error a user choosing a machine by the prediction can live with. Each row also shows the prediction without the independent runs (c = 1) and without the
@@ -75,7 +76,7 @@ def measure(args: argparse.Namespace, out: str) -> tuple[Link, list[dict]]:
     tp = base.replace(model=args.tp_model)
     cells = ((base, "single", 1), (base, "fsdp", 1), (base, "independent", 2), (base, "ddp", 2), (base, "fsdp", 2),
              (base, "pipeline", 2), (base.replace(grad_accum=2), "ddp", 2),
-             (tp, "single", 1), (tp, "independent", 2), (tp, "tp", 2))
+             (tp, "single", 1), (tp, "tp", 1), (tp, "independent", 2), (tp, "tp", 2))
     return link, [run_cell(cfg, strategy, n, r, profile=strategy in ("ddp", "fsdp", "pipeline", "tp") and cfg.grad_accum == 1)
                   for r in range(args.rounds) for cfg, strategy, n in cells
                   if not (args.no_contention and strategy == "independent")]
