@@ -31,6 +31,8 @@ def setting_parts(g, key: bool = False) -> list[str]:
     for name, tag in (("dp_replicate", "rep"), ("tp", "tp")):
         if int(get(name, 1)) > 1:
             parts.append(f"{tag}{int(get(name, 1))}")
+    if not get("sequence_parallel", True) and (int(get("tp", 1)) > 1 or get("strategy", "") == "tp"):
+        parts.append("nosp")  # tensor parallel without sequence parallel
     k = int(get("grad_accum", 1))
     if k > 1:
         parts.append(f"ga{k}")

@@ -77,6 +77,10 @@ class RunConfig:
                          "--strategy tp and a smaller N is fsdp over the rest.")
     dp_replicate: int = setting(1, "fsdp / hsdp: replicas of the sharded model (HSDP: shard within each group of "
                                    "--gpus / R ranks, all-reduce across the R groups); hsdp's default: --nnodes.")
+    sequence_parallel: bool = setting(True, "With tensor parallel: each rank holds 1/T of the sequence for the layer "
+                                            "norms, dropouts and residuals (Megatron style; an all-gather and a "
+                                            "reduce-scatter in place of each all-reduce).",
+                                      flag="--sequence-parallel/--no-sequence-parallel")
     nodes: int = setting(1, "Machines taking part (torchrun --nnodes); run the same command on each.", flag="--nnodes")
     node_rank: int = setting(0, "This machine's index, 0 .. nnodes-1.")
     rdzv_endpoint: str | None = setting(None, "HOST:PORT of the rendezvous (multi-node), the same on every node.")

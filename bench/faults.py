@@ -39,7 +39,7 @@ def parse(spec: str) -> tuple[str, list[str]]:
 def probe(rank: int, folder: str) -> None:
     """Record what the first training step saw, an oracle independent of the harness: per module
     class the dtype of its output and of its parameters during the forward (autocast, FSDP2's
-    MixedPrecisionPolicy), per optimised parameter its type and local and global element count
+    MixedPrecisionPolicy) and every output shape it gave (sequence parallel's shards), per optimised parameter its type and local and global element count
     (FSDP2's shards), a fixed projection of its gradients (synchronised or not), and how many
     graphs torch.compile captured (dynamo's own counter). Written
     to FOLDER/probe-rank<R>.json at the first optimiser step."""
@@ -50,6 +50,7 @@ def probe(rank: int, folder: str) -> None:
     import torch
 
     seen: dict[str, dict] = {}
+    shapes: dict[str, set] = {}  # per module class, every output shape it gave (sequence parallel's shards)
     written: list = []
 
     def forward_hook(module, args, output):
@@ -60,6 +61,8 @@ def probe(rank: int, folder: str) -> None:
         if isinstance(out, torch.Tensor) and out.device.type != "meta":
             seen[name] = {"output": str(out.dtype),
                           "params": sorted({str(p.dtype) for p in module.parameters(recurse=False)})}
+            # this rank's own part (a global hook runs before a module's own, which may make it local)
+            shapes.setdefault(name, set()).add(tuple(out.to_local().shape if hasattr(out, "to_local") else out.shape))
 
     handle = torch.nn.modules.module.register_module_forward_hook(forward_hook)
     orig = torch.optim.AdamW.step
@@ -71,7 +74,8 @@ def probe(rank: int, folder: str) -> None:
             local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
             dynamo = sys.modules.get("torch._dynamo.utils")  # imported only where something compiled
             grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
-            record = {"modules": seen, "params": [{"type": type(p).__name__, "local": int(q.numel()),
+            record = {"modules": seen, "shapes": {k: sorted(map(list, v)) for k, v in shapes.items()},
+                      "params": [{"type": type(p).__name__, "local": int(q.numel()),
                                                    "global": int(p.numel()), "dtype": str(q.dtype),
                                                    "shape": list(q.shape), "global_shape": list(p.shape)}
                                                   for p, q in zip(params, local)],

@@ -171,11 +171,14 @@ def _count(n) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def activation_bytes_per_block(model: str, size: str, batch: int, precision: str, tp: int = 1) -> tuple[int, ...]:
+def activation_bytes_per_block(model: str, size: str, batch: int, precision: str, tp: int = 1,
+                               sp: bool = False) -> tuple[int, ...]:
     """Bytes autograd saves for backward in one forward at this batch, block by block; tp: on one rank
-    of tensor parallel over tp (its shards' shapes: fewer heads and hidden units inside each layer)."""
-    kind = "saved" if tp == 1 else f"saved-tp{tp}"
-    measure = _measure_activation_bytes if tp == 1 else functools.partial(_measure_activation_bytes, tp=tp)
+    of tensor parallel over tp (its shards' shapes: fewer heads and hidden units inside each layer;
+    sp: and its part of the sequence between them, sequence parallel)."""
+    sp = sp and tp > 1
+    kind = "saved" if tp == 1 else f"saved-tp{tp}" + ("-sp" if sp else "")
+    measure = _measure_activation_bytes if tp == 1 else functools.partial(_measure_activation_bytes, tp=tp, sp=sp)
     n = _cached(kind, model, size, batch, precision, measure,
                 lambda v: isinstance(v, list) and bool(v) and all(_count(x) for x in v))
     return tuple(n)
@@ -192,11 +195,12 @@ def eval_activation_bytes(model: str, size: str, batch: int, precision: str) -> 
     return _cached("eval", model, size, batch, precision, _measure_eval_bytes, _count)
 
 
-def _measure_activation_bytes(model: str, size: str, batch: int, precision: str, tp: int = 1) -> list[int]:
+def _measure_activation_bytes(model: str, size: str, batch: int, precision: str, tp: int = 1,
+                              sp: bool = False) -> list[int]:
     """Per block, bytes autograd saves for backward in one forward at this batch, on fake tensors.
     A tensor belongs to the block whose forward saved it first (a block's input, saved by its first
     layer, is the block's: it lives on that block's device). tp > 1: the model given one rank's
-    tensor-parallel shapes first (bench/strategies/tp.py localize)."""
+    tensor-parallel shapes first (bench/strategies/tp.py localize; sp: its sequence shards too)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -206,7 +210,7 @@ def _measure_activation_bytes(model: str, size: str, batch: int, precision: str,
         if tp > 1:
             from .strategies.tp import localize
 
-            localize(m, tp)
+            localize(m, tp, sp)
         params = {id(p) for p in m.parameters()}
         current = [0]
         hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: current.__setitem__(0, i))
@@ -267,7 +271,8 @@ def activations(cfg: RunConfig, micro: int, first: int = 0, end: int | None = No
     without --ac, every block's saved tensors and no recompute; a checkpointed block keeps only its
     input, and backward recomputes one checkpointed block at a time, so the largest of their saved
     tensors comes on top once."""
-    saved = activation_bytes_per_block(cfg.model, cfg.model_size, micro, cfg.precision, degrees(cfg)["tp"])
+    saved = activation_bytes_per_block(cfg.model, cfg.model_size, micro, cfg.precision, degrees(cfg)["tp"],
+                                       cfg.sequence_parallel)
     end = len(saved) if end is None else end
     wrapped = checkpointed(cfg) & set(range(first, end))
     if not wrapped:

@@ -450,7 +450,19 @@ def test_tensor_parallel_splits_packed_attention_and_trains_singles_model(tmp_pa
     r = _ok(got)
     assert r["quality"]["test"]["num_samples"] > 0  # rank 0's full model (the model's own keys) evaluated
     assert r["config"]["parallelism"]["degrees"]["tp"] == 2
-    _parity_exact(model, ("tp",))
+    _assert_sequence_shards(tmp_path, seq=1 if model == "transformer" else 0)
+    _parity_exact(model, ("tp", "tp:nosp"))
+
+
+def _assert_sequence_shards(folder, seq: int) -> None:
+    """Sequence parallel, against torch.chunk: inside the layers each rank's layer norms (sequence on dim
+    seq: conformer's layers work time-first) see its chunk of the sequence whose whole the probe saw in
+    a batch-first layer norm outside them (the head's; conformer's convolution module's)."""
+    shapes = [probe(folder, r)["shapes"]["LayerNorm"] for r in (0, 1)]
+    whole = max(s[1] for s in shapes[0])
+    for rank, seen in enumerate(shapes):
+        part = len(torch.arange(whole).chunk(2)[rank])
+        assert part < whole and any(s[seq] == part for s in seen), (rank, whole, seen)
 
 
 def test_two_dimensional_mesh_fsdp_over_tensor_parallel_trains_singles_model():
@@ -495,4 +507,5 @@ def test_tensor_parallel_shards_each_layers_projections_and_trains_singles_model
     assert all(x + y == g and x == g // 2 for g, x, y in split)
     whole = sum(p["global"] for p in ranks[0]) - sum(g for g, _, _ in split)
     assert whole == sum(p.numel() for p in meta.parameters()) - sum(halves)  # the rest replicated, whole
+    _assert_sequence_shards(tmp_path, seq=1)  # 3 s of audio: 149 frames, 75 on rank 0 and 74 on rank 1
     _parity_exact("wav2vec2-base", ("tp",))

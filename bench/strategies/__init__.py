@@ -151,12 +151,16 @@ def degrees(cfg: RunConfig) -> dict[str, int]:
 
 def parse_cell(text: str) -> tuple[str, dict, str | None]:
     """'fsdp:tp2' -> ('fsdp', {'tp': 2, 'dp_replicate': 1}, None); 'hsdp:rep2:tp2'; 'pipeline:gpipe' ->
-    a schedule. How bench parity and bench predict name a cell of a mesh."""
+    a schedule; ':nosp' tensor parallel without sequence parallel ({'sequence_parallel': False} in the
+    mesh's settings). How bench parity, sweep and predict name a cell of a mesh."""
     strategy, *rest = text.split(":")
-    mesh, schedule = {"tp": 1, "dp_replicate": 1}, None
+    mesh: dict = {"tp": 1, "dp_replicate": 1}
+    schedule = None
     for part in rest:
         if m := re.fullmatch(r"(tp|rep)(\d+)", part):
             mesh["tp" if m[1] == "tp" else "dp_replicate"] = int(m[2])
+        elif part == "nosp":
+            mesh["sequence_parallel"] = False
         else:
             schedule = part
     return strategy, mesh, schedule

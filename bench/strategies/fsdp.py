@@ -43,7 +43,7 @@ def fsdp(model, env, cfg) -> Plan:
     if tp_degree > 1:
         from .tp import parallelize
 
-        parallelize(model, mesh["tp"])
+        parallelize(model, mesh["tp"], cfg.sequence_parallel)
     dtype = _DTYPES.get(cfg.precision)
     # --offload: sharded parameters and gradients live on the host, the optimiser steps there (pinned
     # memory for the copies); --reshard-after-forward: the blocks' and the root's (auto: FSDP2's own

@@ -15,8 +15,19 @@ sharding, it is replaced by SplitAttention, the same mathematics with three proj
 weights copied from the packed one), and the full state dict packs them again (merge_state), so
 evaluation, `bench parity` and saved parameters see the model's own keys.
 
-Not yet: sequence parallel for the layer norms and dropouts, and WavLM, whose attention reads its
-packed weight itself and gates a per-head relative position bias.
+Sequence parallel (on by default with tensor parallel; --no-sequence-parallel turns it off), as
+Megatron-LM's: between the tensor-parallel regions each rank holds 1/T of the sequence, so the
+layer norms, dropouts and residual adds run on a shard and save 1/T of their activations. The
+sequence is gathered before q, k, v and before the first feed-forward projection, and each
+row-parallel output is reduce-scattered over the sequence instead of all-reduced (the same
+bytes); the layer norms' weights are replicated DTensors whose gradients DTensor reduces. The
+shard is torch.chunk's (DTensor's Shard), so a sequence need not divide by T (wav2vec2's 149
+frames of 3 s). Modules that need the whole sequence inside a layer (conformer's depthwise
+convolution) are gathered before and re-sharded after. The first layer takes its part of the
+replicated sequence, the last gathers it again for the head.
+
+Not yet: WavLM, whose attention reads its packed weight itself and gates a per-head relative
+position bias; async TP.
 """
 from __future__ import annotations
 
@@ -41,6 +52,13 @@ class Layer:
     heads: str  # path of the attention module whose num_heads the shards divide
     hidden: int  # feed-forward units
     packed: bool = False  # its attention is an nn.MultiheadAttention at `heads`, split before sharding
+    # sequence parallel: the sequence dimension of the layer's input (conformer works time-first), the
+    # layer norms on the residual stream, the module whose input q, k and v read (gathered before it),
+    # and modules that need the whole sequence, with their own sequence dimension
+    seq: int = 1
+    norms: tuple[str, ...] = ()
+    entry: str = ""
+    whole: tuple[tuple[str, int], ...] = ()
 
 
 def _ffn(prefix: str, first: str, second: str) -> dict[str, str]:
@@ -58,19 +76,24 @@ def layers(model: nn.Module) -> list[Layer]:
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoderLayer):
             found.append(Layer(m, {**{f"self_attn.{k}": v for k, v in _QKV.items()}, **_ffn("", "linear1", "linear2")},
-                               "self_attn", m.linear1.out_features, packed=True))
+                               "self_attn", m.linear1.out_features, packed=True, seq=1 if m.self_attn.batch_first else 0,
+                               norms=("norm1", "norm2"), entry="self_attn.enter"))
         elif isinstance(m, ConformerLayer):
             plan = {f"self_attn.{k}": v for k, v in _QKV.items()}
             for ffn in ("ffn1", "ffn2"):  # LayerNorm, Linear, SiLU, Dropout, Linear, Dropout
                 plan.update(_ffn(f"{ffn}.sequential.", "1", "4"))
-            found.append(Layer(m, plan, "self_attn", m.ffn1.sequential[1].out_features, packed=True))
+            found.append(Layer(m, plan, "self_attn", m.ffn1.sequential[1].out_features, packed=True, seq=0,
+                               norms=("ffn1.sequential.0", "self_attn_layer_norm", "ffn2.sequential.0",
+                                      "final_layer_norm"),
+                               entry="self_attn.enter", whole=(("conv_module", 1),)))  # batch-first inside
         else:
             att, ff = getattr(m, "attention", None), getattr(m, "feed_forward", None)
             if att is not None and ff is not None and all(hasattr(att, p) for p in _QKV) \
                     and hasattr(ff, "intermediate_dense") and hasattr(ff, "output_dense"):
                 found.append(Layer(m, {**{f"attention.{k}": v for k, v in _QKV.items()},
                                        **_ffn("feed_forward.", "intermediate_dense", "output_dense")},
-                                   "attention", ff.intermediate_dense.out_features))
+                                   "attention", ff.intermediate_dense.out_features,
+                                   norms=("layer_norm", "final_layer_norm"), entry="attention"))
     return found
 
 
@@ -92,10 +115,15 @@ class SplitAttention(nn.Module):
                 proj.weight.copy_(w[i * e:(i + 1) * e])
                 proj.bias.copy_(b[i * e:(i + 1) * e])
         self.out_proj = mha.out_proj  # whole, as it was (NonDynamicallyQuantizableLinear, a Linear)
+        self.enter = nn.Identity()  # what q, k and v read: sequence parallel gathers the sequence here, once
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None, **_):
         if key_padding_mask is not None or attn_mask is not None:
             raise NotImplementedError("SplitAttention takes no masks (the zoo's layers pass none)")
+        if query is key and key is value:  # self-attention: one input
+            query = key = value = self.enter(query)
+        else:
+            query, key, value = (self.enter(t) for t in (query, key, value))
         if not self.batch_first:  # (T, B, E) -> (B, T, E)
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         b, t = query.shape[:2]
@@ -124,18 +152,74 @@ def merge_state(state: dict) -> dict:
     return out
 
 
-def parallelize(model: nn.Module, mesh) -> int:
-    """Shard every tensor-parallel layer of model over the 1-D mesh; the layers' count."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+def parallelize(model: nn.Module, mesh, sequence: bool = False) -> int:
+    """Shard every tensor-parallel layer of model over the 1-D mesh, with sequence parallel between
+    them where `sequence`; the layers' count."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
 
     found = layers(model)
     split(found)
     for layer in found:
-        parallelize_module(layer.module, mesh, {path: ColwiseParallel() if style == COL else RowwiseParallel()
-                                                for path, style in layer.plan.items()})
+        styles = {path: ColwiseParallel() if style == COL else
+                  RowwiseParallel(output_layouts=Shard(_seq(layer, path))) if sequence else RowwiseParallel()
+                  for path, style in layer.plan.items()}
+        if sequence:  # the norms' weights become replicated DTensors, their inputs the local sequence shards
+            styles.update({norm: SequenceParallel(sequence_dim=layer.seq, use_local_output=True) for norm in layer.norms})
+        parallelize_module(layer.module, mesh, styles)
         # the local outputs hold this rank's heads: the reshape must see their count
         layer.module.get_submodule(layer.heads).num_heads //= mesh.size()
+    if sequence and found:
+        length = [0]  # the whole sequence's length, read where the first layer takes its part of it
+
+        def scatter(x: torch.Tensor, dim: int) -> torch.Tensor:  # whole -> this rank's torch.chunk of it
+            length[0] = x.shape[dim]
+            return DTensor.from_local(x, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(dim)]).to_local()
+
+        def gather(x: torch.Tensor, dim: int) -> torch.Tensor:  # this rank's chunk -> whole (all-gather)
+            shape = list(x.shape)
+            shape[dim] = length[0]  # given: a shard's own size cannot tell an uneven whole's
+            return DTensor.from_local(x.contiguous(), mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape),
+                                      stride=torch.empty(shape, device="meta").stride()
+                                      ).redistribute(mesh, [Replicate()]).to_local()
+
+        _sequence_hooks(found, scatter, gather, rows=False)
     return len(found)
+
+
+def _seq(layer: Layer, path: str) -> int:
+    """The sequence dimension at a projection: the layer's, except SplitAttention's output projection,
+    which works batch-first inside a time-first layer (conformer)."""
+    return 1 if layer.packed and path == f"{layer.heads}.out_proj" else layer.seq
+
+
+def _sequence_hooks(found: list[Layer], scatter, gather, rows: bool) -> None:
+    """Sequence parallel's boundaries as hooks: the first layer scatters its input over the sequence,
+    the last gathers its output; inside each layer the attention's entry and the first feed-forward
+    projections gather their input, the modules that need the whole sequence gather and scatter back,
+    and with `rows` the row-parallel projections scatter their output (real runs reduce-scatter it
+    in RowwiseParallel instead)."""
+    first, last = found[0], found[-1]
+    first.module.register_forward_pre_hook(lambda m, args: (scatter(args[0], first.seq), *args[1:]))
+
+    def exit_(m, args, out):
+        return (gather(out[0], last.seq), *out[1:]) if isinstance(out, tuple) else gather(out, last.seq)
+
+    last.module.register_forward_hook(exit_)
+    for layer in found:
+        inputs = [layer.entry] + [p for p, style in layer.plan.items() if style == COL and not p.startswith(layer.heads)]
+        for path in inputs:
+            layer.module.get_submodule(path).register_forward_pre_hook(
+                lambda m, args, d=layer.seq: (gather(args[0], d), *args[1:]), prepend=True)
+        for path, d in layer.whole:
+            module = layer.module.get_submodule(path)
+            module.register_forward_pre_hook(lambda m, args, d=d: (gather(args[0], d), *args[1:]), prepend=True)
+            module.register_forward_hook(lambda m, args, out, d=d: scatter(out, d))
+        if rows:
+            for path in (p for p, style in layer.plan.items() if style == ROW):
+                layer.module.get_submodule(path).register_forward_hook(
+                    lambda m, args, out, d=_seq(layer, path): scatter(out, d))
 
 
 def sharded_params(model: nn.Module) -> int:
@@ -151,10 +235,11 @@ def sharded_params(model: nn.Module) -> int:
     return total
 
 
-def localize(model: nn.Module, n: int) -> None:
+def localize(model: nn.Module, n: int, sequence: bool = False) -> None:
     """Give model one rank's shapes of tensor parallel over n (the memory estimate counts what a rank
     saves for backward on them): column-parallel projections n times fewer outputs, row-parallel n
-    times fewer inputs, n times fewer heads."""
+    times fewer inputs, n times fewer heads; with `sequence`, rank 0's part of the sequence between
+    them (torch.chunk's largest), the whole one where sequence parallel gathers it."""
     found = layers(model)
     split(found)
     for layer in found:
@@ -165,6 +250,18 @@ def localize(model: nn.Module, n: int) -> None:
             i, o = (lin.in_features, lin.out_features // n) if style == COL else (lin.in_features // n, lin.out_features)
             setattr(owner, name, nn.Linear(i, o, bias=lin.bias is not None, device=lin.weight.device))
         layer.module.get_submodule(layer.heads).num_heads //= n
+    if sequence and found:
+        length = [0]
+
+        def scatter(x: torch.Tensor, dim: int) -> torch.Tensor:  # the whole -> rank 0's chunk
+            length[0] = x.shape[dim]
+            # a tensor of its own, as the reduce-scatter's (a view would count its whole base as saved)
+            return x.narrow(dim, 0, -(-x.shape[dim] // n)).clone()
+
+        def gather(x: torch.Tensor, dim: int) -> torch.Tensor:  # shapes only: n copies, cut to the whole
+            return torch.cat([x] * n, dim).narrow(dim, 0, length[0])
+
+        _sequence_hooks(found, scatter, gather, rows=True)
 
 
 def check_degree(cfg, degree: int, flag: str) -> None:
@@ -207,7 +304,7 @@ def tp(model, env, cfg) -> Plan:
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("tp",))
-    count = parallelize(model, mesh)
+    count = parallelize(model, mesh, cfg.sequence_parallel)
 
     def eval_module() -> nn.Module | None:
         # collective: every rank gathers each sharded parameter whole; rank 0 builds the full model
