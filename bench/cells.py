@@ -20,7 +20,7 @@ def cell_key(cfg) -> str:
 
 def setting_parts(g, key: bool = False) -> list[str]:
     """The settings beyond strategy, devices, precision, compile and batch that make a cell, where
-    not the default: mesh degrees (--dp-replicate, --tp), accumulation, activation checkpointing,
+    not the default: mesh degrees (--pp, --dp-replicate, --tp), accumulation, activation checkpointing,
     FSDP2's offload and resharding. A frame row names them ac / reshard, a RunConfig ac /
     reshard_after_forward."""
     def get(name, default):
@@ -28,7 +28,7 @@ def setting_parts(g, key: bool = False) -> list[str]:
 
     parts = []
     # the mesh beside a strategy's own dimension: --dp-replicate R replicas, --tp T tensor-parallel ranks
-    for name, tag in (("dp_replicate", "rep"), ("tp", "tp")):
+    for name, tag in (("pp", "pp"), ("dp_replicate", "rep"), ("tp", "tp")):
         if int(get(name, 1)) > 1:
             parts.append(f"{tag}{int(get(name, 1))}")
     if not get("sequence_parallel", True) and (int(get("tp", 1)) > 1 or get("strategy", "") == "tp"):

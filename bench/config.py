@@ -77,6 +77,9 @@ class RunConfig:
                          "--strategy tp and a smaller N is fsdp over the rest.")
     dp_replicate: int = setting(1, "fsdp / hsdp: replicas of the sharded model (HSDP: shard within each group of "
                                    "--gpus / R ranks, all-reduce across the R groups); hsdp's default: --nnodes.")
+    pp: int = setting(1, "Pipeline degree beside data parallel: --strategy pipeline --gpus N --pp P runs N / P "
+                         "pipeline replicas of P stages, each stage's gradients all-reduced over its replicas "
+                         "(DDP); alone, --pp N = --gpus is --strategy pipeline.")
     sequence_parallel: bool = setting(True, "With tensor parallel: each rank holds 1/T of the sequence for the layer "
                                             "norms, dropouts and residuals (Megatron style; an all-gather and a "
                                             "reduce-scatter in place of each all-reduce).",
@@ -107,6 +110,8 @@ class RunConfig:
         # FSDP2 over the rest of them, as torchtitan's data-parallel shard degree fills what is left
         if self.tp > 1 and self.strategy == "single":
             object.__setattr__(self, "strategy", "tp" if self.tp == self.devices else "fsdp")
+        if self.pp > 1 and self.strategy == "single":  # --pp P: pipeline, replicated over what is left
+            object.__setattr__(self, "strategy", "pipeline")
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -170,7 +175,7 @@ class RunConfig:
             raise ConfigError(f"--dataset {self.dataset}: no such folder; pass 'synthetic' or a folder of WAV files")
 
     def _validate_mesh(self) -> None:
-        for name in ("tp", "dp_replicate"):
+        for name in ("tp", "dp_replicate", "pp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{flag_of(name)} must be at least 1 (got {getattr(self, name)}): 1 is none")
         if self.dp_replicate > 1 and self.strategy not in ("fsdp", "hsdp"):
@@ -179,6 +184,12 @@ class RunConfig:
         if self.tp > 1 and self.strategy not in ("fsdp", "hsdp", "tp"):
             raise ConfigError(f"--tp {self.tp} composes with --strategy fsdp or hsdp (2-D) or is --strategy tp, not "
                               f"{self.strategy}")
+        if self.pp > 1 and self.strategy != "pipeline":
+            raise ConfigError(f"--pp {self.pp} is the pipeline's degree: use it with --strategy pipeline, not "
+                              f"{self.strategy}")
+        if self.pp > 1 and self.devices % self.pp:
+            raise ConfigError(f"--gpus {self.devices} does not split into pipelines of --pp {self.pp} stages: use a "
+                              f"multiple of {self.pp}")
         if self.strategy in ("fsdp", "hsdp"):
             r = self.dp_replicate if self.dp_replicate > 1 or self.strategy == "fsdp" else self.nodes
             if self.devices % (r * self.tp):

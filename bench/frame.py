@@ -75,7 +75,7 @@ GATES: dict[str, Metric] = {m.gate: m for m in METRICS.values() if m.gate}
 
 # what makes two runs the same cell (repeats aggregate over it)
 CELL = ["hardware_id", "strategy", "model", "model_size", "precision", "compile", "devices", "scaling",
-        "batch_per_device", "grad_accum", "ac", "offload", "reshard", "tp", "dp_replicate", "sequence_parallel", "dataset", "size", "epochs"]
+        "batch_per_device", "grad_accum", "ac", "offload", "reshard", "tp", "dp_replicate", "pp", "sequence_parallel", "dataset", "size", "epochs"]
 # what a cell shares with the `single` run that is its efficiency's baseline: its accumulation and
 # checkpointing too, so efficiency measures the parallelism alone (K micro-steps amortise the optimiser
 # step, and AC's recompute is not a cost of scaling); a cell whose single lacks them gets none
@@ -105,7 +105,7 @@ def _row(r: dict) -> dict:
         # the memory and accumulation settings (results before them ran with these defaults)
         "grad_accum": int(c.get("grad_accum") or 1), "ac": c.get("ac") or "none", "offload": bool(c.get("offload")),
         "reshard": c.get("reshard_after_forward") or "auto",
-        "tp": int(c.get("tp") or 1), "dp_replicate": int(c.get("dp_replicate") or 1),
+        "tp": int(c.get("tp") or 1), "dp_replicate": int(c.get("dp_replicate") or 1), "pp": int(c.get("pp") or 1),
         # tensor parallel's sequence parallel (True where no tensor parallel: nothing to tell apart);
         # a tp result without the key predates it, and ran without
         "sequence_parallel": bool(c.get("sequence_parallel", False)) if c["strategy"] == "tp" or int(c.get("tp") or 1) > 1

@@ -333,7 +333,7 @@ def live_peak_bytes(module: torch.nn.Module, input_shape: tuple[int, ...], preci
 
 
 def _stages(cfg: RunConfig) -> list[tuple[int, int]]:
-    return build_model(cfg.model, size=cfg.model_size, device="meta").stage_boundaries(cfg.devices)
+    return build_model(cfg.model, size=cfg.model_size, device="meta").stage_boundaries(degrees(cfg)["pp"])
 
 
 def static_bytes(cfg: RunConfig) -> tuple[int, int, str]:
@@ -431,9 +431,9 @@ def _staged(cfg: RunConfig, per_block, split_bytes: int, evaluation: int, outsid
     conv front end holds 3 % of the parameters and a third of the activations, all on stage 0); the
     busiest stage's device."""
     params = sum(per_block)
-    n = cfg.devices
+    n, replicas = degrees(cfg)["pp"], degrees(cfg)["dp_replicate"]  # --pp P: N / P pipelines of P stages
     m = _microbatches(cfg)
-    micro = cfg.global_batch_size if cfg.strategy == "model-parallel" else cfg.global_batch_size // m
+    micro = cfg.global_batch_size if cfg.strategy == "model-parallel" else cfg.global_batch_size // (m * replicas)
     best = None
     if cfg.strategy == "pipeline" and cfg.schedule in MULTI_STAGE:
         return _interleaved(cfg, per_block, micro, split_bytes, evaluation, outside)
@@ -450,7 +450,9 @@ def _staged(cfg: RunConfig, per_block, split_bytes: int, evaluation: int, outsid
         setup = 4 * params if pipeline or s == 0 else 0
         gathered = 4 * params if pipeline else 0
         kept, recompute = activations(cfg, micro, a, b)
-        est = Estimate(16 * sum(per_block[a:b]), 0, kept * in_flight + recompute, "stage", micro,
+        # beside data parallel each stage is a DDP module: its gradient buckets come on top
+        buckets, note = (4 * sum(per_block[a:b]), "stage, DDP buckets") if replicas > 1 else (0, "stage")
+        est = Estimate(16 * sum(per_block[a:b]), buckets, kept * in_flight + recompute, note, micro,
                        split_bytes if on_first else 0, setup, gathered + (evaluation if s == 0 else 0), outside, s)
         if best is None or est.total_bytes > best.total_bytes:
             best = est
@@ -462,7 +464,7 @@ def _interleaved(cfg: RunConfig, per_block, micro: int, split_bytes: int, evalua
     n - r + (V - 1) n forwards before its first backward (Megatron's interleaved 1F1B), spread over
     its V stages, so each of its stages holds up to min(m, that / V + 1) micro-batches. An upper
     bound for zero bubble, whose weight-gradient steps free activations later."""
-    n, v, m = cfg.devices, cfg.stages_per_rank, _microbatches(cfg)
+    n, v, m = degrees(cfg)["pp"], cfg.stages_per_rank, _microbatches(cfg)
     bounds = build_model(cfg.model, size=cfg.model_size, device="meta").stage_boundaries(n * v)
     params = sum(per_block)
     best = None
@@ -474,7 +476,8 @@ def _interleaved(cfg: RunConfig, per_block, micro: int, split_bytes: int, evalua
             k, rc = activations(cfg, micro, *bounds[s])
             kept, recompute = kept + k, max(recompute, rc)
         weights = 16 * sum(sum(per_block[a:b]) for a, b in (bounds[s] for s in range(r, n * v, n)))
-        est = Estimate(weights, 0, kept * in_flight + recompute, "stages", micro, split_bytes, 4 * params,
+        buckets = weights // 4 if degrees(cfg)["dp_replicate"] > 1 else 0  # DDP's, beside data parallel
+        est = Estimate(weights, buckets, kept * in_flight + recompute, "stages", micro, split_bytes, 4 * params,
                        4 * params + (evaluation if r == 0 else 0), outside, r)
         if best is None or est.total_bytes > best.total_bytes:
             best = est
@@ -482,7 +485,7 @@ def _interleaved(cfg: RunConfig, per_block, micro: int, split_bytes: int, evalua
 
 
 def _microbatches(cfg: RunConfig) -> int:
-    return cfg.microbatches or 2 * cfg.devices
+    return cfg.microbatches or 2 * degrees(cfg)["pp"]
 
 
 def free_bytes(cfg: RunConfig, device_type: str) -> tuple[int, str]:

@@ -308,11 +308,15 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
         micro = _tp_micro_step(inp, t1, degree, per_node, intra, inter)
         comm = _sharded_comm(inp, n, nodes, degree, 1 if strategy == "tp" else replicate, K, intra, inter)
         step = K * micro + wait + (1 - overlap) * comm
-    elif strategy == "pipeline":
-        m = inp.microbatches or 2 * n
-        mb = max(1, n * inp.batch // m)
-        act = _boundary_bytes(inp, n, mb)
-        step = t1 * (m + n - 1) / m + 2 * (m + n - 2) * (link.alpha_us * 1e-6 + act / (link.busbw_GBps * 1e9))
+    elif strategy == "pipeline":  # replicate: N / P pipelines of P stages (--pp P)
+        p = n // replicate
+        m = inp.microbatches or 2 * p
+        mb = max(1, p * inp.batch // m)
+        act = _boundary_bytes(inp, p, mb)
+        step = t1 * (m + p - 1) / m + 2 * (m + p - 2) * (link.alpha_us * 1e-6 + act / (link.busbw_GBps * 1e9))
+        if replicate > 1:  # each stage's gradients all-reduced over its replicas (DDP, after the last micro-batch)
+            dp_link = intra if replicate <= per_node or inter is None else inter
+            step += t_all_reduce(grad_bytes / p, replicate, dp_link)
     else:
         raise ValueError(f"no model for strategy {strategy!r}: predict ddp, fsdp, hsdp, tp or pipeline")
     throughput = n * inp.batch * K / step
@@ -390,9 +394,12 @@ PREDICTED = ("ddp", "fsdp", "hsdp", "tp", "pipeline")  # the strategies the mode
 
 
 def mesh_of(c: dict) -> tuple[int, int]:
-    """(fsdp's / hsdp's tensor-parallel degree, replicas) of a result's config (1, 1 for the others and
-    for results from before the mesh); --strategy tp's degree is its device count."""
+    """(fsdp's / hsdp's tensor-parallel degree, replicas) of a result's config, (1, pipelines) for a
+    pipeline (1, 1 for the others and for results from before the mesh); --strategy tp's degree is its
+    device count."""
     d = (c.get("parallelism") or {}).get("degrees") or {}
+    if c["strategy"] == "pipeline":  # --pp P below --gpus: its pipelines
+        return 1, int(d.get("dp_replicate") or 1)
     if c["strategy"] not in ("fsdp", "hsdp"):
         return 1, 1
     return int(d.get("tp") or c.get("tp") or 1), int(d.get("dp_replicate") or c.get("dp_replicate") or 1)
@@ -431,6 +438,8 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
                 nodes = max(1, -(-n // per_node))
                 tp = mesh["tp"]
                 rep = mesh["dp_replicate"] if mesh["dp_replicate"] > 1 or strategy != "hsdp" else nodes
+                if strategy == "pipeline" and mesh.get("pp", 1) > 1:  # 'pipeline:pp4': N / 4 pipelines
+                    rep = max(n // mesh["pp"], 1)
                 stop = _stops(inp, strategy, n, tp, rep, grad_accum)
                 if stop:
                     rows.append([cell, str(n), "", "–", "–", "–", "", "", "", f"stops: {stop}"])
@@ -438,7 +447,7 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
                 p = predict(inp, strategy, n, nodes, intra, inter, grad_accum=grad_accum, ac=ac, tp=tp, replicate=rep)
                 thr, eff, note = p["samples_per_s"], p["efficiency"], "predicted"
                 got = (measured or {}).get((inp.model, inp.model_size, strategy, inp.precision, inp.batch, n, nodes,
-                                            *((tp, rep) if strategy in ("fsdp", "hsdp") else (1, 1))))
+                                            *((tp, rep) if strategy in ("fsdp", "hsdp", "pipeline") else (1, 1))))
                 if got is not None:
                     thr, eff = got, got / (n * inp.single_throughput)
                     note = f"measured (predicted {p['samples_per_s']:.1f} samples/s)"
@@ -464,7 +473,9 @@ def _stops(inp: Inputs, strategy: str, n: int, tp: int, rep: int, grad_accum: in
     from .memory import tp_divides
 
     degree = n if strategy == "tp" else tp
-    if strategy == "pipeline" and n > inp.blocks:
+    if strategy == "pipeline" and n % rep:
+        return f"{n} devices do not split into pipelines of {n // max(rep, 1)} stages"
+    if strategy == "pipeline" and n // rep > inp.blocks:
         return f"{inp.model} has {inp.blocks} blocks, at most one pipeline stage each"
     if strategy == "pipeline" and grad_accum > 1:
         return "a pipeline accumulates over its micro-batches, not --grad-accum"

@@ -440,9 +440,15 @@ def _epochs(cfg: RunConfig, env: DistEnv, s: Setup, b: Batches, evalsets: EvalSe
 
 def _last_loss(env: DistEnv, plan, m: Measured) -> float | None:
     """The epoch's last training loss, where this rank computes it (a pipeline's last stage does)."""
-    if not m.losses or plan.loss_rank not in (None, env.rank):
+    if not m.losses or not _loss_here(plan, env.rank):
         return None
     return float(m.losses[-1].item())
+
+
+def _loss_here(plan, rank: int) -> bool:
+    """Whether this rank computes the training loss (every rank, one, or pipeline replicas' last stages)."""
+    r = plan.loss_rank
+    return r is None or (rank in r if isinstance(r, tuple) else rank == r)
 
 
 def _check_finite(env: DistEnv, m: Measured, first: int) -> None:
@@ -516,8 +522,13 @@ def gather(env: DistEnv, plan: Plan, m: Measured, clock: _Clock, monitor: Monito
     step_s = control.max_over_ranks(own_step_s, env)  # the slowest rank sets each step's time
     window_s = control.max_over_ranks([sum(b - a for a, b in m.windows)], env)[0]
     loss_t = torch.stack(m.losses)
-    losses = (control.mean_over_ranks(loss_t, env) if plan.loss_rank is None
-              else control.from_rank(loss_t, plan.loss_rank, env))
+    if isinstance(plan.loss_rank, tuple):  # the mean over the ranks that compute it (the others add 0)
+        share = env.world_size / len(plan.loss_rank) if env.rank in plan.loss_rank else 0.0
+        losses = control.mean_over_ranks(loss_t * share, env)
+    elif plan.loss_rank is None:
+        losses = control.mean_over_ranks(loss_t, env)
+    else:
+        losses = control.from_rank(loss_t, plan.loss_rank, env)
     return Gathered(step_s, window_s, losses, control.gather_objects(rank_info, env))
 
 

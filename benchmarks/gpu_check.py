@@ -101,6 +101,11 @@ def one_gpu_cells() -> list[Cell]:
                                                  "--grad-accum", "2"]),
         Cell("hubert-large fsdp x1 bf16 --offload", [*run, "--model", "hubert-large", "--strategy", "fsdp", "--gpus",
                                                      "1", *ENC, "--precision", "bf16", "--offload"], guess_s=60),
+        # tensor parallel (DTensor, sequence parallel on) at degree 1: its hooks and collectives on CUDA
+        Cell("transformer tp x1 bf16", [*run, "--model", "transformer", "--strategy", "tp", "--gpus", "1", *CNN,
+                                        "--precision", "bf16"]),
+        Cell("wav2vec2-base tp x1 bf16", [*run, "--model", "wav2vec2-base", "--strategy", "tp", "--gpus", "1", *ENC,
+                                          "--precision", "bf16"], guess_s=30),
         Cell("cnn fsdp x1 --reshard-after-forward false", [*run, "--strategy", "fsdp", "--gpus", "1", *CNN,
                                                            "--reshard-after-forward", "false"]),
         Cell("cnn single compiled (inductor)", [*run, *CNN, "--compile"], guess_s=90),
@@ -124,6 +129,21 @@ def multi_gpu_cells(n: int) -> list[Cell]:
         Cell("cnn model-parallel x2", [*run, "--strategy", "model-parallel", "--gpus", "2", *CNN], gpus=2),
         Cell("bench comm x2", ["comm", "--gpus", "2", "--max-bytes", "64M"], expect="command", gpus=2, guess_s=60),
         Cell("bench parity x2", ["parity", "--gpus", "2", "--model", "lstm"], expect="command", gpus=2, guess_s=60),
+        Cell("transformer tp x2 bf16", [*run, "--model", "transformer", "--strategy", "tp", "--gpus", "2", *CNN,
+                                        "--precision", "bf16"], gpus=2),
+        Cell("wav2vec2-base tp x2 bf16 --no-sequence-parallel", [*run, "--model", "wav2vec2-base", "--strategy", "tp",
+                                                                  "--gpus", "2", *ENC, "--precision", "bf16",
+                                                                  "--no-sequence-parallel"], gpus=2, guess_s=30),
+        Cell("bench parity x2 tp", ["parity", "--gpus", "2", "--model", "transformer", "--strategies", "tp,tp:nosp"],
+             expect="command", gpus=2, guess_s=60),
+        Cell("wav2vec2-base fsdp x4 --tp 2 bf16 (2-D)", [*run, "--model", "wav2vec2-base", "--strategy", "fsdp", "--gpus",
+                                                         "4", "--tp", "2", *ENC, "--precision", "bf16"], gpus=4,
+             guess_s=40),
+        Cell("wav2vec2-base hsdp x4 --dp-replicate 2 bf16", [*run, "--model", "wav2vec2-base", "--strategy", "hsdp",
+                                                             "--gpus", "4", "--dp-replicate", "2", *ENC, "--precision",
+                                                             "bf16"], gpus=4, guess_s=40),
+        Cell("bench parity x4 meshes", ["parity", "--gpus", "4", "--model", "transformer", "--strategies",
+                                        "fsdp:tp2,hsdp:rep2"], expect="command", gpus=4, guess_s=90),
         Cell("hubert-large single bf16", [*run, "--model", "hubert-large", *ENC, "--precision", "bf16"], gpus=2,
              guess_s=40),
         Cell(f"hubert-large fsdp x{n} bf16", [*run, "--model", "hubert-large", "--strategy", "fsdp", "--gpus", str(n),
@@ -253,7 +273,7 @@ def main() -> int:
         cells.append(Cell(f"{biggest} fsdp x1 bf16 (the largest that fits)",
                           ["run", "--model", biggest, "--strategy", "fsdp", "--gpus", "1", *ENC[:-1], "8",
                            "--precision", "bf16"], guess_s=90))
-    cells += multi_gpu_cells(gpu["count"]) if gpu["count"] >= 2 else []
+    cells += [c for c in multi_gpu_cells(gpu["count"]) if c.gpus <= gpu["count"]] if gpu["count"] >= 2 else []
     if args.list:
         for c in cells:
             print(f"{c.name}: bench {' '.join(c.argv)}")

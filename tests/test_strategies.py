@@ -130,6 +130,11 @@ def test_impossible_combinations_fail_before_starting(tmp_path):
         (dict(strategy="fsdp", devices=4, tp=0), "--tp must be at least 1"),
         (dict(strategy="tp", devices=5, model="wav2vec2-base"), "must divide by the tensor-parallel degree"),
         (dict(strategy="pipeline", devices=2, schedule="interleaved-1f1b", stages_per_rank=3), "2 x 3 stages"),
+        (dict(strategy="ddp", devices=4, pp=2), "--pp 2 is the pipeline's degree"),
+        (dict(strategy="pipeline", devices=4, pp=3), "does not split into pipelines of --pp 3"),
+        (dict(strategy="pipeline", devices=12, pp=6), "--pp 6: 6 stages, but cnn has 5 blocks"),
+        (dict(strategy="pipeline", devices=4, pp=2, schedule="zero-bubble"), "zero-bubble with --pp 2"),
+        (dict(strategy="pipeline", devices=4, pp=2, microbatches=3), "2 pipelines x 3 micro-batches"),
     ]
     for kwargs, text in cases:
         cfg = RunConfig(model_size="small", batch_size=8, **kwargs)
@@ -465,14 +470,16 @@ def _assert_sequence_shards(folder, seq: int) -> None:
         assert part < whole and any(s[seq] == part for s in seen), (rank, whole, seen)
 
 
-def test_two_dimensional_mesh_fsdp_over_tensor_parallel_trains_singles_model():
-    """--gpus 4 --tp 2: FSDP2 over 2 data-parallel ranks of a model tensor-parallel over 2 (4 worker
-    processes on a 2 x 2 mesh), the same mathematics as single (exact basis)."""
+def test_two_dimensional_meshes_train_singles_model():
+    """--gpus 4 --tp 2: FSDP2 over 2 data-parallel ranks of a model tensor-parallel over 2; --gpus 4
+    --pp 2: two pipelines of 2 stages, DDP over each stage's 2 replicas (4 worker processes on a 2 x 2
+    mesh each): the same mathematics as single (exact basis)."""
     proc = bench("parity", "--gpus", "4", "--model", "transformer", "--model-size", "small", "--steps", "3",
-                 "--batch-size", "8", "--strategies", "fsdp:tp2", "--device", "cpu")
+                 "--batch-size", "8", "--strategies", "fsdp:tp2,pipeline:pp2", "--device", "cpu")
     assert proc.returncode == 0 and "FAIL" not in proc.stdout, proc.stdout + proc.stderr
-    assert any(r.split("│")[1].strip() == "fsdp:tp2" and "exact" in r and "ok" in r
-               for r in proc.stdout.splitlines() if r.startswith("│ ")), proc.stdout
+    for cell in ("fsdp:tp2", "pipeline:pp2"):
+        assert any(r.split("│")[1].strip() == cell and "exact" in r and "ok" in r
+                   for r in proc.stdout.splitlines() if r.startswith("│ ")), proc.stdout
 
 
 @pytest.mark.slow

@@ -127,11 +127,21 @@ def _options(devices: str, per_node: int, strategies: str, link: str, inter_link
         from ..strategies import parse_cell
 
         kinds = split_csv(strategies) or []
-        bad = [k for k in kinds if parse_cell(k)[0] not in PREDICTED or (parse_cell(k)[0] not in ("fsdp", "hsdp")
-                                                                         and ":" in k)]
+        bad = [k for k in kinds if not _predictable(k, PREDICTED, parse_cell)]
         if bad:
             raise ValueError(f"--strategies: no model for {bad}; use {', '.join(PREDICTED)}, with fsdp:tpT, "
-                             "hsdp:repR or hsdp:repR:tpT for a mesh")
+                             "hsdp:repR, hsdp:repR:tpT or pipeline:ppP for a mesh")
     except ValueError as exc:
         fail(str(exc))
     return intra, inter, counts, kinds
+
+
+def _predictable(cell: str, predicted, parse_cell) -> bool:
+    """Whether bench predict has a model for a cell name: a strategy it covers, and a mesh only where
+    the model reads one (fsdp / hsdp: tpT, repR; pipeline: ppP), no schedule."""
+    strategy, mesh, schedule = parse_cell(cell)
+    if strategy not in predicted or ":" not in cell:
+        return strategy in predicted
+    allowed = {"fsdp": {"tp", "dp_replicate"}, "hsdp": {"tp", "dp_replicate"}, "pipeline": {"pp"}}.get(strategy, set())
+    changed = {d for d, v in mesh.items() if v != 1}
+    return schedule is None and bool(changed) and changed <= allowed

@@ -39,7 +39,9 @@ class Plan:
     shard_batch: bool = True  # each rank trains on its own slice of the global batch
     # where ranks share a slice (a tensor-parallel group): (this rank's slice, slices), else None
     data_slice: tuple[int, int] | None = None
-    loss_rank: int | None = None  # None: average the loss over ranks; else the rank that computes it
+    # None: average the loss over ranks; else the rank that computes it, or the ranks (pipeline replicas'
+    # last stages), averaged over them
+    loss_rank: int | tuple[int, ...] | None = None
     autocast: bool = True  # wrap the forward in autocast for bf16/fp16 (False: the strategy casts itself)
     grad_scaler: Callable[[], object] | None = None  # fp16: factory of the scaler to use
     # collective: the full model (weights gathered) on rank 0 for evaluation, None on other ranks
@@ -144,6 +146,8 @@ def degrees(cfg: RunConfig) -> dict[str, int]:
     if cfg.strategy in SHARDED:
         r = replicas(cfg)
         d.update(dp_replicate=r, dp_shard=max(cfg.devices // (r * cfg.tp), 1), tp=cfg.tp)
+    elif cfg.strategy == "pipeline" and 1 < cfg.pp < cfg.devices:  # --pp P: N / P pipeline replicas
+        d.update(pp=cfg.pp, dp_replicate=cfg.devices // cfg.pp)
     elif (dim := _PRESET_DIM.get(cfg.strategy)) and cfg.devices > 1:
         d[dim] = cfg.devices
     return d
@@ -151,14 +155,14 @@ def degrees(cfg: RunConfig) -> dict[str, int]:
 
 def parse_cell(text: str) -> tuple[str, dict, str | None]:
     """'fsdp:tp2' -> ('fsdp', {'tp': 2, 'dp_replicate': 1}, None); 'hsdp:rep2:tp2'; 'pipeline:gpipe' ->
-    a schedule; ':nosp' tensor parallel without sequence parallel ({'sequence_parallel': False} in the
+    a schedule; 'pipeline:pp2' pipelines of 2 stages replicated over the rest ({'pp': 2}); ':nosp' tensor parallel without sequence parallel ({'sequence_parallel': False} in the
     mesh's settings). How bench parity, sweep and predict name a cell of a mesh."""
     strategy, *rest = text.split(":")
     mesh: dict = {"tp": 1, "dp_replicate": 1}
     schedule = None
     for part in rest:
-        if m := re.fullmatch(r"(tp|rep)(\d+)", part):
-            mesh["tp" if m[1] == "tp" else "dp_replicate"] = int(m[2])
+        if m := re.fullmatch(r"(tp|rep|pp)(\d+)", part):
+            mesh[{"tp": "tp", "rep": "dp_replicate", "pp": "pp"}[m[1]]] = int(m[2])
         elif part == "nosp":
             mesh["sequence_parallel"] = False
         else:
