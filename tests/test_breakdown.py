@@ -247,6 +247,9 @@ def test_predict_by_hand_for_every_strategy_and_node_count():
     pipe = predict(inp, "pipeline", 4, 1, link, inter)
     act = _activation_bytes_at_cuts("cnn", 4, 16)
     assert pipe["step_ms"] == pytest.approx(1000 * (0.1 * (8 + 3) / 8 + 2 * (8 + 4 - 2) * (5e-6 + act / 10e9)))
+    # --pp 4 at 8 devices: two such pipelines, each stage's 40 MB / 4 of gradients all-reduced over its 2 replicas
+    assert predict(inp, "pipeline", 8, 1, link, inter, replicate=2)["step_ms"] == pytest.approx(
+        pipe["step_ms"] + 1000 * t_all_reduce(40e6 / 4, 2, link))
     default_m = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 10_000_000, 5)  # m = 2 x stages
     assert predict(default_m, "pipeline", 2, 1, Link(float("inf"), 0.0, "free"), None)["step_ms"] == \
         pytest.approx(100 * (4 + 1) / 4)

@@ -331,6 +331,10 @@ def test_sweep_axes_name_meshes_and_memory_trades(tmp_path):
     singles = {(c.grad_accum, c.ac) for c in cells.values() if c.strategy == "single"}
     assert singles == {(1, "none"), (1, "full"), (2, "none"), (2, "full")}
     assert len(cells) == 4 + 3 * 4
+    more = {c.key: c.cfg for c in expand(SweepSpec(strategies=["pipeline:pp2", "tp:nosp"], gpus=[4],
+                                                   models=["transformer"]), "cpu", str(tmp_path))}
+    assert (more["transformer-pipeline-4x-fp32-eager-weak-b32-pp2-r0"].pp,
+            more["transformer-tp-4x-fp32-eager-weak-b32-nosp-r0"].sequence_parallel) == (2, False)
     for bad, text in ((dict(ac=["some"]), "--ac some"), (dict(grad_accum=[0]), "--grad-accum 0"),
                       (dict(strategies=["nope:tp2"]), "unknown strategy 'nope'")):
         with pytest.raises(ConfigError, match=text):
