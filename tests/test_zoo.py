@@ -175,5 +175,7 @@ def test_bench_list_shows_tensor_parallel_2d_and_ac_memory_against_arithmetic():
                if line.startswith("│ xlsr-2b") and "base" in line)
     none, sel, full, tp, two_d = (float(c) for c in act.split("│")[3:8])
     assert full < sel < none
-    wavlm = next(line for line in lines[start:] if line.startswith("│ wavlm-base") and "base" in line)
-    assert wavlm.split("│")[6].strip() == "–"  # WavLM's attention is not split: no tp column
+    wavlm = next(line for line in lines[start:] if line.startswith("│ wavlm-base") and "base" in line).split("│")
+    assert wavlm[3].strip() == "–" and float(wavlm[4].split("/")[0]) > 0  # 12 heads: not over 8, over 2 (2-D)
+    cnn = next(line for line in lines[start:] if line.startswith("│ cnn") and "base" in line)
+    assert cnn.split("│")[6].strip() == "–"  # no attention to split

@@ -9,9 +9,10 @@ is replicated, and so are its gradients: every rank computes them from the same 
 activations.
 
 The layers it finds: torchaudio's wav2vec 2.0 layers (wav2vec2, HuBERT, XLS-R: separate q, k, v
-projections), nn.TransformerEncoderLayer (the small transformer) and torchaudio's ConformerLayer.
-The last two hold nn.MultiheadAttention, whose q, k and v share one packed weight: before
-sharding, it is replaced by SplitAttention, the same mathematics with three projections (its
+projections), WavLM's, nn.TransformerEncoderLayer (the small transformer) and torchaudio's
+ConformerLayer. The last three hold nn.MultiheadAttention, whose q, k and v share one packed
+weight: before sharding, it is replaced by SplitAttention (in WavLM, inside SplitWavLMAttention,
+which also shards the relative position bias and its gate by heads), the same mathematics with three projections (its
 weights copied from the packed one), and the full state dict packs them again (merge_state), so
 evaluation, `bench parity` and saved parameters see the model's own keys.
 
@@ -26,8 +27,7 @@ frames of 3 s). Modules that need the whole sequence inside a layer (conformer's
 convolution) are gathered before and re-sharded after. The first layer takes its part of the
 replicated sequence, the last gathers it again for the head.
 
-Not yet: WavLM, whose attention reads its packed weight itself and gates a per-head relative
-position bias; async TP.
+Not yet: async TP.
 """
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ _QKV = {"q_proj": COL, "k_proj": COL, "v_proj": COL, "out_proj": ROW}
 def layers(model: nn.Module) -> list[Layer]:
     """The tensor-parallel layers of a model, in module order."""
     from torchaudio.models.conformer import ConformerLayer
+    from torchaudio.models.wav2vec2.wavlm_attention import WavLMSelfAttention
 
     found = []
     for m in model.modules():
@@ -86,6 +87,13 @@ def layers(model: nn.Module) -> list[Layer]:
                                norms=("ffn1.sequential.0", "self_attn_layer_norm", "ffn2.sequential.0",
                                       "final_layer_norm"),
                                entry="self_attn.enter", whole=(("conv_module", 1),)))  # batch-first inside
+        elif isinstance(getattr(m, "attention", None), (WavLMSelfAttention, SplitWavLMAttention)):
+            plan = {f"attention.attention.{k}": v for k, v in _QKV.items()}
+            if m.attention.rel_attn_embed is not None:  # the first layer's relative position bias, by heads
+                plan["attention.rel_attn_embed"] = COL
+            plan.update(_ffn("feed_forward.", "intermediate_dense", "output_dense"))
+            found.append(Layer(m, plan, "attention.attention", m.feed_forward.intermediate_dense.out_features,
+                               packed=True, norms=("layer_norm", "final_layer_norm"), entry="attention"))
         else:
             att, ff = getattr(m, "attention", None), getattr(m, "feed_forward", None)
             if att is not None and ff is not None and all(hasattr(att, p) for p in _QKV) \
@@ -134,10 +142,78 @@ class SplitAttention(nn.Module):
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
+class SplitWavLMAttention(nn.Module):
+    """torchaudio's WavLMSelfAttention with its packed nn.MultiheadAttention split (SplitAttention), so
+    its heads can be sharded: the same mathematics. Its per-head parts follow the heads: the first
+    layer's relative position embedding (num_buckets x heads, column-parallel), the gate's per-head
+    constant (a DTensor sharded by heads under tensor parallel) and the gate's input, the layer's
+    input cut into this rank's heads. The bias passed to later layers holds this rank's heads."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.embed_dim, self.total_heads, self.head_dim = w.embed_dim, w.num_heads, w.head_dim
+        self.num_buckets, self.max_distance, self.dropout = w.num_buckets, w.max_distance, w.dropout
+        self.rel_attn_embed = w.rel_attn_embed
+        self.attention = SplitAttention(w.attention)
+        self.gru_rel_pos = w.gru_rel_pos
+        if self.gru_rel_pos:
+            self.gru_rel_pos_linear, self.gru_rel_pos_const = w.gru_rel_pos_linear, w.gru_rel_pos_const
+        self.mesh = None  # tensor parallel's, once sharded
+
+    def _gate(self, query: torch.Tensor, h: int) -> torch.Tensor:
+        """The gate's linear, shared by every head, on this rank's h heads of the layer's input (b, t, E)
+        -> (b, h, t, 8). Under tensor parallel the input is cut into heads as a DTensor (replicated ->
+        sharded by heads), so backward gathers every rank's heads' share of the input's gradient, and
+        the linear's weights are replicated DTensors, so DTensor sums their gradients over the ranks."""
+        b, t, _ = query.shape
+        heads = query.view(b, t, self.total_heads, -1).permute(2, 0, 1, 3)  # (heads, b, t, head_dim)
+        if self.mesh is None:
+            return self.gru_rel_pos_linear(heads[:h]).transpose(0, 1)  # whole, or rank 0's shapes (localize)
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        mine = DTensor.from_local(heads, self.mesh, [Replicate()], run_check=False).redistribute(self.mesh, [Shard(0)])
+        return self.gru_rel_pos_linear(mine).to_local().transpose(0, 1)  # (sharded heads lead: flattenable)
+
+    def _bias(self, t: int) -> torch.Tensor:  # (this rank's heads, t, t), as WavLMSelfAttention.compute_bias
+        from torchaudio.models.wav2vec2.wavlm_attention import WavLMSelfAttention
+
+        return WavLMSelfAttention.compute_bias(self, t, t)
+
+    def _relative_positions_bucket(self, relative_positions, bidirectional=True):
+        from torchaudio.models.wav2vec2.wavlm_attention import WavLMSelfAttention
+
+        return WavLMSelfAttention._relative_positions_bucket(self, relative_positions, bidirectional)
+
+    def forward(self, query, key_padding_mask=None, attention_mask=None, position_bias=None):
+        if key_padding_mask is not None or attention_mask is not None:
+            raise NotImplementedError("SplitWavLMAttention takes no masks (the zoo's layers pass none)")
+        b, t, _ = query.shape
+        h, att = self.attention.num_heads, self.attention
+        if self.rel_attn_embed is not None and position_bias is None:
+            position_bias = self._bias(t).unsqueeze(0).repeat(b, 1, 1, 1)
+        mask = None
+        if position_bias is not None:
+            mask = position_bias
+            if self.gru_rel_pos:  # the gate reads the layer's input, head by head: this rank's heads
+                gate_a, gate_b = torch.sigmoid(self._gate(query, h).view(b, h, t, 2, 4).sum(-1)).chunk(2, dim=-1)
+                const = self.gru_rel_pos_const
+                const = const.to_local() if hasattr(const, "to_local") else const
+                mask = (gate_a * (gate_b * const - 1.0) + 2.0).view(b, h, -1, 1) * position_bias
+            mask = mask.view(b, h, t, t)
+        q, k, v = (proj(query).view(b, t, h, -1).transpose(1, 2) for proj in (att.q_proj, att.k_proj, att.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return att.out_proj(out.transpose(1, 2).reshape(b, t, -1)), position_bias
+
+
 def split(found: list[Layer]) -> None:
-    """Replace each packed nn.MultiheadAttention by its SplitAttention (in place; once)."""
+    """Replace each packed nn.MultiheadAttention by its SplitAttention, each WavLM attention by its
+    SplitWavLMAttention (in place; once)."""
+    from torchaudio.models.wav2vec2.wavlm_attention import WavLMSelfAttention
+
     for layer in found:
-        if layer.packed and isinstance(layer.module.get_submodule(layer.heads), nn.MultiheadAttention):
+        if isinstance(getattr(layer.module, "attention", None), WavLMSelfAttention):
+            layer.module.attention = SplitWavLMAttention(layer.module.attention)
+        elif layer.packed and isinstance(layer.module.get_submodule(layer.heads), nn.MultiheadAttention):
             setattr(layer.module, layer.heads, SplitAttention(layer.module.get_submodule(layer.heads)))
 
 
@@ -145,7 +221,7 @@ def merge_state(state: dict) -> dict:
     """A full state dict with each SplitAttention's q, k, v packed back into nn.MultiheadAttention's
     in_proj_weight and in_proj_bias (the model's own keys)."""
     out = dict(state)
-    for key in [k for k in state if k.endswith("self_attn.q_proj.weight")]:
+    for key in [k for k in state if k.endswith(("self_attn.q_proj.weight", "attention.attention.q_proj.weight"))]:
         at = key[: -len("q_proj.weight")]
         for kind in ("weight", "bias"):
             out[f"{at}in_proj_{kind}"] = torch.cat([out.pop(f"{at}{p}_proj.{kind}") for p in "qkv"])
@@ -170,6 +246,15 @@ def parallelize(model: nn.Module, mesh, sequence: bool = False) -> int:
         parallelize_module(layer.module, mesh, styles)
         # the local outputs hold this rank's heads: the reshape must see their count
         layer.module.get_submodule(layer.heads).num_heads //= mesh.size()
+        att = getattr(layer.module, "attention", None)
+        if isinstance(att, SplitWavLMAttention):  # its heads' own parts: the gate's weights and constant
+            if att.gru_rel_pos:
+                from torch.distributed.tensor import distribute_module
+
+                att.mesh = mesh
+                distribute_module(att.gru_rel_pos_linear, mesh)  # its parameters replicated DTensors
+                part = att.gru_rel_pos_const.detach().chunk(mesh.size(), 1)[mesh.get_local_rank()].clone()
+                att.gru_rel_pos_const = nn.Parameter(DTensor.from_local(part, mesh, [Shard(1)], run_check=False))
     if sequence and found:
         length = [0]  # the whole sequence's length, read where the first layer takes its part of it
 
@@ -208,7 +293,10 @@ def _sequence_hooks(found: list[Layer], scatter, gather, rows: bool) -> None:
 
     last.module.register_forward_hook(exit_)
     for layer in found:
-        inputs = [layer.entry] + [p for p, style in layer.plan.items() if style == COL and not p.startswith(layer.heads)]
+        # the first feed-forward projections read the residual stream; what is under the attention's module
+        # (q, k, v, WavLM's position embedding) reads what its entry gathered, or no sequence at all
+        attention = layer.entry.split(".")[0] + "."
+        inputs = [layer.entry] + [p for p, style in layer.plan.items() if style == COL and not p.startswith(attention)]
         for path in inputs:
             layer.module.get_submodule(path).register_forward_pre_hook(
                 lambda m, args, d=layer.seq: (gather(args[0], d), *args[1:]), prepend=True)
@@ -247,9 +335,15 @@ def localize(model: nn.Module, n: int, sequence: bool = False) -> None:
             parent, _, name = path.rpartition(".")
             owner = layer.module.get_submodule(parent) if parent else layer.module
             lin = getattr(owner, name)
+            if isinstance(lin, nn.Embedding):  # WavLM's relative position embedding: a column per head
+                setattr(owner, name, nn.Embedding(lin.num_embeddings, lin.embedding_dim // n, device=lin.weight.device))
+                continue
             i, o = (lin.in_features, lin.out_features // n) if style == COL else (lin.in_features // n, lin.out_features)
             setattr(owner, name, nn.Linear(i, o, bias=lin.bias is not None, device=lin.weight.device))
         layer.module.get_submodule(layer.heads).num_heads //= n
+        att = getattr(layer.module, "attention", None)
+        if isinstance(att, SplitWavLMAttention) and att.gru_rel_pos:
+            att.gru_rel_pos_const = nn.Parameter(att.gru_rel_pos_const.detach()[:, : att.attention.num_heads].clone())
     if sequence and found:
         length = [0]
 
@@ -270,11 +364,8 @@ def check_degree(cfg, degree: int, flag: str) -> None:
 
     _, heads, hidden = tp_dims(cfg.model, cfg.model_size)
     if not heads:
-        wavlm = cfg.model.startswith("wavlm")
-        raise ConfigError(f"{flag}: {cfg.model} has " + (
-            "attention that reads its packed q/k/v weight itself and gates a per-head position bias (WavLM), which "
-            "tensor parallel does not split yet" if wavlm else "no attention and feed-forward layers to split")
-            + "; use ddp or fsdp for it")
+        raise ConfigError(f"{flag}: {cfg.model} has no attention and feed-forward layers to split; use ddp or fsdp "
+                          "for it")
     if heads % degree or hidden % degree:
         raise ConfigError(f"{flag}: {cfg.model} ({cfg.model_size}) has {heads} attention heads and {hidden} "
                           f"feed-forward units, which must divide by the tensor-parallel degree {degree}")
