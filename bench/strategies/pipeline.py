@@ -88,18 +88,8 @@ def pipeline(model, env, cfg) -> Plan:
     mine = list(range(rank, total, p))  # looped: stage s on rank s % p, so the last stage is on rank p - 1
     modules = model.stages(total)
     local = [modules[s] for s in mine]
-    for s, module in zip(mine, local):
-        if s < total - 1:
-            module.append(_Contiguous())  # gloo sends only contiguous tensors; no parameters, no state keys
-    if replicas > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        # (init_sync: no broadcast under a rehearsal's fake group, whose meta parameters hold no data)
-        run = [DDP(module, device_ids=ids, process_group=dp_group, init_sync=env.backend != "fake") for module in local]
-    else:
-        run = local
-    stages = [PipelineStage(module, s, total, env.device, group=group) for s, module in zip(mine, run)]
+    stages = [PipelineStage(module, s, total, env.device, group=group)
+              for s, module in zip(mine, _stage_modules(local, mine, total, env, dp_group if replicas > 1 else None))]
     m = num_microbatches(cfg)
     kind = _schedule_class(cfg.schedule)
     # grads averaged over m either way (and over the replicas by DDP)
@@ -133,13 +123,7 @@ def pipeline(model, env, cfg) -> Plan:
         full.load_state_dict({k: v for part in gathered for k, v in part.items()})
         return full.to(env.device)
 
-    info = {"num_microbatches": m, "schedule": cfg.schedule, "microbatch_size": cfg.global_batch_size // (m * replicas),
-            "stage_blocks": [list(b) for b in bounds], "stages_per_rank": v, "pipelines": replicas,
-            "rank_stages": {str(r): list(range(r // replicas, total, p)) for r in range(env.world_size)},
-            # idle share of each rank's time: (p - 1) / (m + p - 1) under GPipe and 1F1B alike, and
-            # (p - 1) / (V m + p - 1) interleaved (Megatron's count: each of V chunks is 1/V of the
-            # work); zero bubble fills the bubble with weight gradients, ideally to none: not counted
-            "bubble_fraction": (None if cfg.schedule == "zero-bubble" else (p - 1) / (v * m + p - 1))}
+    info = _info(cfg, bounds, p, replicas, env.world_size)
     # stages other than this rank's were built only for identical initialisation: free them
     held_blocks = {i for s in mine for i in range(*bounds[s])}
     for i, block in enumerate(model.blocks):
@@ -149,6 +133,33 @@ def pipeline(model, env, cfg) -> Plan:
     return Plan(model=held, input_device=env.device, step=step, shard_batch=False,
                 loss_rank=last if replicas > 1 else p - 1, eval_module=eval_module, info=info,
                 data_slice=(dp, replicas) if replicas > 1 else None)
+
+
+def _stage_modules(local: list, mine: list[int], total: int, env, dp_group) -> list:
+    """This rank's stage modules as PipelineStage runs them: every stage but the last sends contiguous
+    tensors (gloo needs them); beside data parallel (dp_group) each is a DDP module over its replicas."""
+    for s, module in zip(mine, local):
+        if s < total - 1:
+            module.append(_Contiguous())  # no parameters, no state keys
+    if dp_group is None:
+        return local
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    # (init_sync: no broadcast under a rehearsal's fake group, whose meta parameters hold no data)
+    return [DDP(module, device_ids=ids, process_group=dp_group, init_sync=env.backend != "fake") for module in local]
+
+
+def _info(cfg, bounds, p: int, replicas: int, world: int) -> dict:
+    """What the result records of the pipeline: schedule, micro-batches, each rank's stages, the bubble."""
+    m, v, total = num_microbatches(cfg), stages_per_rank(cfg), len(bounds)
+    return {"num_microbatches": m, "schedule": cfg.schedule, "microbatch_size": cfg.global_batch_size // (m * replicas),
+            "stage_blocks": [list(b) for b in bounds], "stages_per_rank": v, "pipelines": replicas,
+            "rank_stages": {str(r): list(range(r // replicas, total, p)) for r in range(world)},
+            # idle share of each rank's time: (p - 1) / (m + p - 1) under GPipe and 1F1B alike, and
+            # (p - 1) / (V m + p - 1) interleaved (Megatron's count: each of V chunks is 1/V of the
+            # work); zero bubble fills the bubble with weight gradients, ideally to none: not counted
+            "bubble_fraction": (None if cfg.schedule == "zero-bubble" else (p - 1) / (v * m + p - 1))}
 
 
 def _mesh(env, p: int, replicas: int):
