@@ -155,8 +155,9 @@ def degrees(cfg: RunConfig) -> dict[str, int]:
 
 def parse_cell(text: str) -> tuple[str, dict, str | None]:
     """'fsdp:tp2' -> ('fsdp', {'tp': 2, 'dp_replicate': 1}, None); 'hsdp:rep2:tp2'; 'pipeline:gpipe' ->
-    a schedule; 'pipeline:pp2' pipelines of 2 stages replicated over the rest ({'pp': 2}); ':nosp' tensor parallel without sequence parallel ({'sequence_parallel': False} in the
-    mesh's settings). How bench parity, sweep and predict name a cell of a mesh."""
+    a schedule; 'pipeline:pp2': pipelines of 2 stages replicated over the rest ({'pp': 2}); ':nosp':
+    tensor parallel without sequence parallel ({'sequence_parallel': False} among the mesh's
+    settings). How bench parity, sweep and predict name a cell of a mesh."""
     strategy, *rest = text.split(":")
     mesh: dict = {"tp": 1, "dp_replicate": 1}
     schedule = None

@@ -11,14 +11,17 @@ activations.
 The layers it finds: torchaudio's wav2vec 2.0 layers (wav2vec2, HuBERT, XLS-R: separate q, k, v
 projections), WavLM's, nn.TransformerEncoderLayer (the small transformer) and torchaudio's
 ConformerLayer. The last three hold nn.MultiheadAttention, whose q, k and v share one packed
-weight: before sharding, it is replaced by SplitAttention (in WavLM, inside SplitWavLMAttention,
-which also shards the relative position bias and its gate by heads), the same mathematics with three projections (its
-weights copied from the packed one), and the full state dict packs them again (merge_state), so
-evaluation, `bench parity` and saved parameters see the model's own keys.
+weight: before sharding, it is replaced by SplitAttention, the same mathematics with three
+projections (its weights copied from the packed one; in WavLM, inside SplitWavLMAttention, which
+also shards the relative position bias and its gate by heads), and the full state dict packs them
+again (merge_state), so evaluation, `bench parity` and saved parameters see the model's own keys.
 
 Sequence parallel (on by default with tensor parallel; --no-sequence-parallel turns it off), as
 Megatron-LM's: between the tensor-parallel regions each rank holds 1/T of the sequence, so the
-layer norms, dropouts and residual adds run on a shard and save 1/T of their activations. The
+layer norms, dropouts and residual adds run on a shard and save 1/T of their own tensors (torch's
+ColwiseParallel keeps the gathered input of q, k, v and FFN-in whole for backward, where Megatron
+keeps the shard and gathers again, so it saves less: nothing in the post-norm wav2vec2 encoders,
+whose norms' inputs are the tensors the next projection saves). The
 sequence is gathered before q, k, v and before the first feed-forward projection, and each
 row-parallel output is reduce-scattered over the sequence instead of all-reduced (the same
 bytes); the layer norms' weights are replicated DTensors whose gradients DTensor reduces. The

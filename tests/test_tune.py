@@ -1,0 +1,130 @@
+"""bench tune's search on a known landscape with noise (bench/tune.py): no process is started, nothing
+is timed. The landscape: a throughput per cell from a formula; the model's prediction is off by a
+bias per strategy family and some noise; each measured window is off by a little noise."""
+import itertools
+import random
+
+import pytest
+
+from bench.cells import cell_key
+from bench.config import ConfigError, RunConfig
+from bench.tune import Candidate, prune, search
+
+STRATEGY = {"single": 100.0, "ddp": 180.0, "fsdp": 150.0, "pipeline": 120.0}
+BIAS = {"single": 1.0, "ddp": 0.8, "fsdp": 1.25, "pipeline": 1.1}  # the model's error per family
+
+
+def space() -> list[Candidate]:
+    """The issue's space: cnn and transformer; single / ddp / fsdp / pipeline x2; fp32 / bf16; batch
+    16 / 32 / 64; AC on / off; accumulation 1 / 2 (pipeline without it)."""
+    out = []
+    for model, strategy, precision, batch, ac, k in itertools.product(
+            ("cnn", "transformer"), STRATEGY, ("fp32", "bf16"), (16, 32, 64), ("none", "full"), (1, 2)):
+        if strategy == "pipeline" and k > 1:
+            continue
+        cfg = RunConfig(model=model, strategy=strategy, devices=1 if strategy == "single" else 2, precision=precision,
+                        batch_size=batch, ac=ac, grad_accum=k)
+        out.append(Candidate(cell_key(cfg), cfg))
+    return out
+
+
+def truth(cfg: RunConfig) -> float:
+    t = STRATEGY[cfg.strategy] * (1.3 if cfg.model == "cnn" else 1.0) * (1.2 if cfg.precision == "bf16" else 1.0)
+    t *= {16: 0.8, 32: 1.0, 64: 1.1}[cfg.batch_size] * (0.75 if cfg.ac == "full" else 1.0)
+    return t * (1.05 if cfg.grad_accum == 2 else 1.0)
+
+
+class Landscape:
+    def __init__(self, seed=0, predict_noise=0.05, measure_noise=0.02, bias=True):
+        self.rng = random.Random(seed)
+        self.predict_noise, self.measure_noise, self.bias = predict_noise, measure_noise, bias
+        self.calls: list[str] = []
+        self.now = 0.0
+
+    def predict(self, cfg):
+        return truth(cfg) * (BIAS[cfg.strategy] if self.bias else 1.0) * (1 + self.rng.gauss(0, self.predict_noise))
+
+    def measure(self, cfg):
+        self.calls.append(cell_key(cfg))
+        self.now += 10.0  # a window: 10 s of the fake clock
+        return truth(cfg) * (1 + self.rng.gauss(0, self.measure_noise))
+
+    def clock(self):
+        return self.now
+
+
+def _best(cands):
+    return max(truth(c.cfg) for c in cands)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_search_finds_the_optimum_with_a_third_of_the_measurements(seed):
+    land, cands = Landscape(seed), space()
+    got = search(cands, land.predict, land.measure, lambda cfg: None, budget_s=1e9, noise=0.05, clock=land.clock)
+    assert truth(got.winner.cfg) >= _best(cands) / 1.05  # the best, or within the noise of it
+    assert len(set(land.calls)) <= len(cands) / 3, (len(set(land.calls)), len(cands), got.stopped)
+
+
+def test_search_stops_early_when_the_predictions_say_nothing_can_beat_the_incumbent():
+    land = Landscape(predict_noise=0.0, measure_noise=0.0, bias=False)
+    got = search(space(), land.predict, land.measure, lambda cfg: None, budget_s=1e9, clock=land.clock)
+    assert got.stopped.startswith("no remaining candidate's optimistic prediction")
+    assert len(set(land.calls)) <= 6 and truth(got.winner.cfg) == _best(space())
+
+
+def test_a_pruned_candidate_is_never_measured_and_a_space_pruned_to_nothing_says_why():
+    land, cands = Landscape(1), space()
+
+    def why_not(cfg):
+        return "does not fit: 30 GiB > 24 GiB" if cfg.strategy == "ddp" else None
+
+    live = prune(cands, why_not)
+    got = search(live, land.predict, land.measure, lambda cfg: None, budget_s=1e9, clock=land.clock)
+    assert not any("-ddp-" in k for k in land.calls) and got.winner.cfg.strategy != "ddp"
+    assert all(c.pruned == "does not fit: 30 GiB > 24 GiB" for c in cands if c.cfg.strategy == "ddp")
+    with pytest.raises(ConfigError, match=r"prunes to nothing \(.* candidates\): no GPU here"):
+        prune(space(), lambda cfg: "no GPU here")
+
+
+def test_a_killed_search_resumes_without_measuring_a_window_twice(tmp_path):
+    state = str(tmp_path / "tune.json")
+    land = Landscape(2)
+    calls = [0]
+
+    def dies_at_three(cfg):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return land.measure(cfg)
+
+    with pytest.raises(KeyboardInterrupt):
+        search(space(), land.predict, dies_at_three, lambda cfg: None, budget_s=1e9, state_path=state,
+               clock=land.clock)
+    first = list(land.calls)
+    again = Landscape(2)
+    got = search(space(), again.predict, again.measure, lambda cfg: None, budget_s=1e9, state_path=state,
+                 resume=True, clock=lambda: land.now + again.now)
+    challengers = [k for k in first + again.calls if k != got.winner.key]
+    assert first and again.calls
+    # each candidate but the incumbents (measured beside each challenger) is measured in one window
+    incumbents = {t.incumbent for t in got.trials}
+    assert all(challengers.count(k) == 1 for k in set(challengers) - incumbents), (first, again.calls)
+    assert len(got.trials) == len(first) + len(again.calls)
+
+
+def test_a_winner_that_fails_parity_is_passed_over():
+    land, cands = Landscape(3), space()
+    best = max(cands, key=lambda c: truth(c.cfg))
+
+    def parity(cfg):
+        return "loss 3e-2 from single's (limit 1e-4)" if cell_key(cfg) == best.key else None
+
+    got = search(cands, land.predict, land.measure, parity, budget_s=1e9, clock=land.clock)
+    assert got.winner.key != best.key and best.parity.startswith("loss 3e-2")
+    assert got.winner.parity == "ok"
+
+
+def test_the_budget_stops_the_search():
+    land = Landscape(4)
+    got = search(space(), land.predict, land.measure, lambda cfg: None, budget_s=35, clock=land.clock)
+    assert got.stopped == "budget of 35 s spent" and len(land.calls) <= 5
