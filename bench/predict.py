@@ -438,8 +438,8 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
                 nodes = max(1, -(-n // per_node))
                 tp = mesh["tp"]
                 rep = mesh["dp_replicate"] if mesh["dp_replicate"] > 1 or strategy != "hsdp" else nodes
-                if strategy == "pipeline" and mesh.get("pp", 1) > 1:  # 'pipeline:pp4': N / 4 pipelines
-                    rep = max(n // mesh["pp"], 1)
+                if strategy == "pipeline" and mesh.get("pp", 1) > 1:  # 'pipeline:pp4': N / 4 pipelines, 0: none fit
+                    rep = n // mesh["pp"] if n % mesh["pp"] == 0 else 0
                 stop = _stops(inp, strategy, n, tp, rep, grad_accum)
                 if stop:
                     rows.append([cell, str(n), "", "–", "–", "–", "", "", "", f"stops: {stop}"])
@@ -473,8 +473,8 @@ def _stops(inp: Inputs, strategy: str, n: int, tp: int, rep: int, grad_accum: in
     from .memory import tp_divides
 
     degree = n if strategy == "tp" else tp
-    if strategy == "pipeline" and n % rep:
-        return f"{n} devices do not split into pipelines of {n // max(rep, 1)} stages"
+    if strategy == "pipeline" and rep < 1:
+        return f"{n} devices do not split into pipelines of the cell's --pp stages"
     if strategy == "pipeline" and n // rep > inp.blocks:
         return f"{inp.model} has {inp.blocks} blocks, at most one pipeline stage each"
     if strategy == "pipeline" and grad_accum > 1:

@@ -154,6 +154,20 @@ def test_predict_carries_the_measured_cells_and_the_baselines_flags():
     assert quiet[0]["flags"] == ""
 
 
+def test_predict_rows_of_pipelines_beside_data_parallel():
+    """'pipeline:pp2' at N devices: N / 2 pipelines of 2 stages, the replicas' all-reduce on top of one
+    pipeline's step; a count that does not split into pipelines of 2 stops, saying so."""
+    from bench.predict import Link, inputs_from, prediction_table
+
+    link = Link.named("100gbe")
+    inputs = inputs_from(cell("single", 1, 100.0, repeats=3))
+    _, _, rows = prediction_table(inputs, ["pipeline:pp2", "pipeline"], [2, 3, 4], 8, link, Link.named("ib-ndr"))
+    by = {(r[0].split(" ")[1], r[1]): r for r in rows}
+    assert "do not split into pipelines" in by[("pipeline:pp2", "3")][-1]
+    assert by[("pipeline:pp2", "2")][3] == by[("pipeline", "2")][3]  # pp = N: one pipeline, the same step
+    assert float(by[("pipeline:pp2", "4")][3]) > float(by[("pipeline:pp2", "2")][3])  # + the replicas' all-reduce
+
+
 @pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("pdftotext")),
                     reason="headless Chromium and pdftotext absent (apt-get install chromium poppler-utils)")
 def test_the_rendered_report_opens_with_the_verdict(tmp_path):
