@@ -21,8 +21,9 @@ measured windows and `bench parity`:
    prediction (its learned prediction x (1 + the largest prediction error seen, at least 15 %))
    beats the incumbent by more than the noise, when `patience` challengers in a row did not win,
    or when the budget ends.
-4. The winner must still learn: the best measured candidates are checked with parity in order of
-   their measured throughput, and the first that passes wins; the others are reported with why.
+4. The winner must still learn: the incumbent is checked with parity first, then the other measured
+   candidates in order of their measured throughput; the first that passes wins, the others are
+   reported with why.
 
 The state (every window measured, every parity verdict) is written after each step, atomically, so
 an interrupted search resumes where it stopped and never measures a window twice.
@@ -118,7 +119,7 @@ class State:
 
     def __init__(self, path: str | None, resume: bool):
         self.path = Path(path) if path else None
-        self.data = {"windows": {}, "parity": {}, "trials": []}
+        self.data = {"windows": {}, "parity": {}, "trials": [], "losses": 0}
         if resume and self.path and self.path.exists():
             self.data = json.loads(self.path.read_text())
 
@@ -143,6 +144,8 @@ def search(live: list[Candidate], predict: Callable, measure: Callable, parity: 
     start = clock() - (trials[-1].elapsed_s if trials else 0.0)
     by_key = {c.key: c for c in live}
     incumbent = by_key.get(trials[-1].incumbent) if trials else None
+    if incumbent is None and any(c.windows for c in live):  # killed before a trial's incumbent was saved
+        incumbent = max((c for c in live if c.windows), key=lambda c: c.measured)
 
     def window(c: Candidate) -> None:
         c.windows.append(measure(c.cfg))
@@ -151,7 +154,7 @@ def search(live: list[Candidate], predict: Callable, measure: Callable, parity: 
         state.data["trials"] = [asdict(t) for t in trials]
         state.save()
 
-    stopped, losses = "every candidate measured", 0
+    stopped, losses = "every candidate measured", state.data.get("losses", 0)
     while True:
         measured = [c for c in live if c.windows]
         todo = sorted((c for c in live if not c.windows), key=lambda c: -_learned(c, measured))
@@ -185,14 +188,17 @@ def search(live: list[Candidate], predict: Callable, measure: Callable, parity: 
             trials[-1].incumbent = incumbent.key
         else:
             losses += 1
-        state.data["trials"] = [asdict(t) for t in trials]
+        state.data.update(trials=[asdict(t) for t in trials], losses=losses)
         state.save()
-    return TuneResult(_still_learns(live, parity, state), live, trials, stopped)
+    return TuneResult(_still_learns(live, incumbent, parity, state), live, trials, stopped)
 
 
-def _still_learns(live: list[Candidate], parity: Callable, state: State) -> Candidate | None:
-    """The fastest measured candidate that passes parity (each checked once, in measured order)."""
-    for c in sorted((c for c in live if c.windows), key=lambda c: -c.measured):
+def _still_learns(live: list[Candidate], incumbent: Candidate | None, parity: Callable, state: State) -> Candidate | None:
+    """The incumbent if it passes parity, else the fastest other measured candidate that does (each
+    checked once, in measured order): a challenger that did not beat the incumbent by more than the
+    noise does not win on one lucky window."""
+    others = sorted((c for c in live if c.windows and c is not incumbent), key=lambda c: -c.measured)
+    for c in ([incumbent] if incumbent else []) + others:
         if c.parity is None:
             c.parity = parity(c.cfg) or "ok"
             state.data["parity"][c.key] = c.parity
