@@ -112,6 +112,11 @@ class RunConfig:
             object.__setattr__(self, "strategy", "tp" if self.tp == self.devices else "fsdp")
         if self.pp > 1 and self.strategy == "single":  # --pp P: pipeline, replicated over what is left
             object.__setattr__(self, "strategy", "pipeline")
+        # one run, one name: tensor parallel over every device is --strategy tp, a pipeline over every
+        # device is --strategy pipeline, whatever the flag said
+        for flag, strategy in (("tp", "tp"), ("pp", "pipeline")):
+            if self.strategy == strategy and getattr(self, flag) == self.devices > 1:
+                object.__setattr__(self, flag, 1)
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -191,7 +196,9 @@ class RunConfig:
             raise ConfigError(f"--gpus {self.devices} does not split into pipelines of --pp {self.pp} stages: use a "
                               f"multiple of {self.pp}")
         if self.strategy in ("fsdp", "hsdp"):
-            r = self.dp_replicate if self.dp_replicate > 1 or self.strategy == "fsdp" else self.nodes
+            from .strategies import replicas
+
+            r = replicas(self)
             if self.devices % (r * self.tp):
                 raise ConfigError(f"--gpus {self.devices} does not split into {r} replicas x {self.tp} tensor-parallel "
                                   f"ranks: use a multiple of {r * self.tp}")

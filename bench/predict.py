@@ -293,7 +293,8 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
     link = inter if nodes > 1 and inter is not None else intra
     grad_bytes = 4 * inp.params
     overlap = (inp.overlap or {}).get(strategy, 0.0)
-    t1, n, K = (inp.one_device or {}).get(strategy, inp.single_step_s), devices, grad_accum
+    own = "fsdp" if strategy == "hsdp" else strategy  # hsdp is FSDP2 too, and never runs on one device
+    t1, n, K = (inp.one_device or {}).get(own, inp.single_step_s), devices, grad_accum
     per_node = max(1, n // max(nodes, 1))
     contention = inp.contention_at(per_node)
     t1 *= contention * recompute_factor(inp, ac)[0]
@@ -454,7 +455,7 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
                 rows.append([cell, str(n), str(nodes), f"{p['step_ms']:.1f}", f"{thr:.1f}", f"{eff:.2f}",
                              f"{p['overlap']:.2f}" + ("" if inp.overlap and strategy in inp.overlap else " (none measured)"),
                              f"{p['contention']:.2f}" + ("" if inp.contention_measured(n // nodes) else " (none measured)"),
-                             "" if strategy in ("pipeline", "tp") or n < 2 else
+                             "" if strategy == "pipeline" or n < 2 else
                              f"{p['wait_ms']:.1f}" + ("" if (inp.wait or {}).get(strategy) else " (none measured)"),
                              # a prediction rests on its single runs: their flags travel with every row
                              note + (f"; single baseline flagged: {inp.flags}" if inp.flags else "")

@@ -415,6 +415,15 @@ def test_every_preset_is_a_mesh_of_degrees_with_each_ranks_coordinates():
     three = parallelism(RunConfig(strategy="hsdp", devices=16, nodes=2, tp=2, rdzv_endpoint="h:1"))
     assert three["mesh_shape"] == [2, 4, 2] and three["rank_coords"]["13"] == {"dp_replicate": 1, "dp_shard": 2, "tp": 1}
     assert RunConfig(devices=4, tp=4).strategy == "tp" and RunConfig(devices=4, tp=2).strategy == "fsdp"
+    # one run, one name: --tp N or --pp N over all N devices is the strategy itself
+    from bench.cells import cell_key
+
+    assert cell_key(RunConfig(devices=4, tp=4)) == cell_key(RunConfig(strategy="tp", devices=4))
+    assert cell_key(RunConfig(devices=4, pp=4)) == cell_key(RunConfig(strategy="pipeline", devices=4))
+    # independent replicas each train on their slice, as ddp's: the memory estimate's micro-batch too
+    from bench.memory import estimate
+
+    assert estimate(RunConfig(strategy="independent", devices=4, batch_size=8)).batch == 8
 
 
 def _packed_tp_shards(model: str, n: int) -> list[tuple[list[int], list[int]]]:

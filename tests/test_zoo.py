@@ -145,6 +145,8 @@ def test_bench_list_fits_80_columns_and_names_its_units():
     assert "params (M)" in proc.stdout and "forward (GFLOP)" in proc.stdout
     row = next(line for line in lines if line.startswith("│ cnn") and "MiB" in line)
     assert " 0.00 " not in row  # a small model's memory is in MiB, not 0.00 GiB
+    one = bench("list", "--gpus", "1", "--model", "transformer")  # an odd count: the 2-D column's T is 1
+    assert one.returncode == 0 and "tp x1" in one.stdout, one.stderr
 
 
 def test_bench_list_shows_tensor_parallel_2d_and_ac_memory_against_arithmetic():
@@ -170,7 +172,7 @@ def test_bench_list_shows_tensor_parallel_2d_and_ac_memory_against_arithmetic():
     start = next(i for i, line in enumerate(lines) if "tensor parallel: training memory" in line)
     row = next(line for line in lines[start:] if line.startswith("│ xlsr-2b") and "base" in line)
     assert f"{tp_fp32:.2f} /" in row.split("│")[3], (row, tp_fp32)
-    assert next(line for line in lines[start:] if line.startswith("│ cnn")) is not None  # activations table
+    next(line for line in lines[start:] if line.startswith("│ cnn"))  # the activations table has cnn's row
     act = next(line for line in lines[lines.index(next(l for l in lines if "with activations" in l)):]
                if line.startswith("│ xlsr-2b") and "base" in line)
     none, sel, full, tp, two_d = (float(c) for c in act.split("│")[3:8])

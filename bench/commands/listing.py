@@ -23,7 +23,8 @@ ACT_NOTE = ("params + grads + AdamW, the strategy's buffers and one micro-batch'
 
 
 def list_cmd(devices: int = typer.Option(8, "--gpus", "--devices", help="Device count N of the ddp, fsdp and tp memory columns."),
-             tp: int = typer.Option(2, "--tp", help="Tensor-parallel degree T of the 2-D column (fsdp over N / T ranks)."),
+             tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel degree T of the 2-D column (fsdp over "
+                                           "N / T ranks; default 2 where it divides --gpus, else 1)."),
              batch: int | None = typer.Option(None, "--batch-size", help="Also show training memory with activations "
                                               "at this batch per device, by --ac setting (counted once, then cached)."),
              models: list[str] = typer.Option(None, "--model", help="Only this model (repeat the flag for more).")):
@@ -35,6 +36,7 @@ def list_cmd(devices: int = typer.Option(8, "--gpus", "--devices", help="Device 
 
     if devices < 1:
         fail(f"--gpus {devices}: give a device count of 1 or more")
+    tp = tp if tp is not None else (2 if devices % 2 == 0 else 1)
     if tp < 1 or devices % tp:
         fail(f"--tp {tp}: the 2-D column's tensor-parallel degree must divide --gpus {devices}")
     if batch is not None and batch < 1:

@@ -31,7 +31,7 @@ def fmt_throughput(row) -> str:
     return f"{row.samples_per_s:.1f}"
 
 
-SETTINGS = ("pp", "tp", "dp_replicate", "grad_accum", "ac", "offload", "reshard")  # mesh, memory and accumulation columns
+SETTINGS = ("pp", "tp", "dp_replicate", "sequence_parallel", "grad_accum", "ac", "offload", "reshard")  # mesh, memory and accumulation columns
 
 
 def main_tables(agg: pd.DataFrame) -> list[tuple[str, list[str], list[list[str]], str]]:

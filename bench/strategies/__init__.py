@@ -173,8 +173,10 @@ def parse_cell(text: str) -> tuple[str, dict, str | None]:
 
 def data_parallel(cfg: RunConfig) -> int:
     """Ranks that train on different samples: each tensor-parallel group and each pipeline shares its batch."""
+    if cfg.strategy == "independent":  # replicas side by side, each on its slice, as ddp's
+        return cfg.devices
     d = degrees(cfg)
-    return d["dp_replicate"] * d["dp_shard"] if cfg.strategy not in ("single", "independent") else 1
+    return d["dp_replicate"] * d["dp_shard"] if cfg.strategy != "single" else 1
 
 
 def parallelism(cfg: RunConfig) -> dict:

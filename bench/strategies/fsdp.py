@@ -11,8 +11,6 @@ import contextlib
 
 import torch
 
-from emotion_models.models import rebuild
-
 from ..config import ConfigError
 from . import Plan, degrees, register
 
@@ -68,13 +66,9 @@ def fsdp(model, env, cfg) -> Plan:
 
     def eval_module():
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not env.is_main:
-            return None
-        from .tp import merge_state  # --tp: SplitAttention's q, k, v packed back into the model's own keys
+        from .tp import full_model  # rank 0's full model, the model's own keys (--tp: q, k, v packed again)
 
-        full = rebuild(model).to(env.device)
-        full.load_state_dict(merge_state(state))
-        return full
+        return full_model(model, env, state)
 
     def scaler():
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
