@@ -25,7 +25,7 @@ from .config import ConfigError, RunConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 MANIFEST = "sweep.json"
-MATRIX_KEYS = ("strategies", "gpus", "precision", "models", "compile", "ac", "grad_accum", "repeat")
+MATRIX_KEYS = ("strategies", "gpus", "precision", "models", "compile", "ac", "grad_accum", "batch", "repeat")
 MAX_REPEAT = 100  # more repeats than this is a typo, not a plan (each repeat reruns every cell)
 MAX_CELLS = 10_000  # a matrix larger than this would take weeks on any machine
 
@@ -39,6 +39,7 @@ class SweepSpec:
     compile: list[bool] = field(default_factory=lambda: [False])
     ac: list[str] = field(default_factory=lambda: ["none"])  # --ac settings
     grad_accum: list[int] = field(default_factory=lambda: [1])  # --grad-accum K values
+    batch: list[int] | None = None  # --batch-size values (None: [run]'s batch_size, one value)
     repeat: int = 1
     run: dict = field(default_factory=dict)  # RunConfig fields shared by every cell
     # further sub-matrices ([[extra]] tables): each overrides some of strategies, gpus, precision,
@@ -56,7 +57,7 @@ class SweepSpec:
             raise ConfigError(f"--repeat {self.repeat}: use 1 to {MAX_REPEAT}")
         for sub in [vars(self)] + self.extra:
             for name in MATRIX_KEYS[:-1]:
-                if name in sub and not sub[name]:
+                if name in sub and sub[name] is not None and not sub[name]:
                     raise ConfigError(f"--{name.replace('_', '-')}: empty list; give at least one value")
             for strategy in sub.get("strategies", []):
                 get_strategy(parse_cell(strategy)[0])  # 'fsdp:tp2', 'hsdp:rep2', 'pipeline:gpipe' name a mesh
@@ -66,6 +67,9 @@ class SweepSpec:
             for k in sub.get("grad_accum", []):
                 if int(k) < 1:
                     raise ConfigError(f"--grad-accum {k}: give 1 or more micro-steps per optimiser step")
+            for b in sub.get("batch") or []:
+                if int(b) < 1:
+                    raise ConfigError(f"--batch {b}: batch sizes must be at least 1")
             for gpus in sub.get("gpus", []):
                 if gpus < 1:
                     raise ConfigError(f"--gpus {gpus}: device counts must be at least 1")
@@ -75,7 +79,7 @@ class SweepSpec:
             for model in sub.get("models", []):
                 if model not in MODELS:
                     raise ConfigError(f"--models {model}: unknown model; bench list shows the zoo")
-        per_repeat = sum(math.prod(len(m.get(k, getattr(self, k))) for k in MATRIX_KEYS[:-1])
+        per_repeat = sum(math.prod(len(m.get(k, getattr(self, k)) or [None]) for k in MATRIX_KEYS[:-1])
                          for m in [{}] + self.extra)
         if per_repeat * self.repeat > MAX_CELLS:
             raise ConfigError(f"the matrix has {per_repeat * self.repeat} cells (more than {MAX_CELLS}): "
@@ -132,7 +136,8 @@ def load_spec(path_or_preset: str) -> SweepSpec:
     return SweepSpec(strategies=list(raw.get("strategies", ["single"])), gpus=[int(g) for g in raw.get("gpus", [1])],
                      precision=list(raw.get("precision", ["fp32"])), models=list(raw.get("models", ["cnn"])),
                      compile=[on_off(c) for c in raw.get("compile", ["off"])], ac=list(raw.get("ac", ["none"])),
-                     grad_accum=[int(k) for k in raw.get("grad_accum", [1])], repeat=int(raw.get("repeat", 1)),
+                     grad_accum=[int(k) for k in raw.get("grad_accum", [1])],
+                     batch=[int(b) for b in raw["batch"]] if "batch" in raw else None, repeat=int(raw.get("repeat", 1)),
                      run=run, extra=[dict(sub) for sub in raw.get("extra", [])])
 
 
@@ -164,8 +169,9 @@ def _why_not_here(cfg: RunConfig, device_type: str) -> str | None:
     return None
 
 
-def expand(spec: SweepSpec, device_type: str, out_dir: str) -> list[Cell]:
-    """Every cell of the matrix, with a skip reason where it cannot run here.
+def expand(spec: SweepSpec, device_type: str, out_dir: str, why_not=None) -> list[Cell]:
+    """Every cell of the matrix, with a skip reason where it cannot run here (why_not(cfg): another
+    rule, as bench tune's at any scale).
 
     Repeats are the outer loop, so each repeat's cells run back to back and an efficiency pairs
     cells measured minutes apart, not a whole sweep apart. Within a repeat the single-device
@@ -181,21 +187,25 @@ def expand(spec: SweepSpec, device_type: str, out_dir: str) -> list[Cell]:
     def add(r: int, **point) -> None:
         cfg = base.replace(**point, repeat=r, seed=base.seed + r)
         key = cell_key(cfg)
-        cells.setdefault(key, Cell(key, cfg.replace(run_id=key), _why_not_here(cfg, device_type)))
+        if key not in cells:
+            cells[key] = Cell(key, cfg.replace(run_id=key), why_not(cfg) if why_not else _why_not_here(cfg, device_type))
 
     matrices = [spec] + [dataclasses.replace(spec, **{k: ([on_off(c) for c in v] if k == "compile" else v)
                                                       for k, v in sub.items()}) for sub in spec.extra]
     for r in range(spec.repeat):
         for m in matrices:
-            for model, precision, comp, ac, k in itertools.product(m.models, m.precision, m.compile, m.ac, m.grad_accum):
-                add(r, model=model, strategy="single", devices=1, precision=precision, compile=comp, ac=ac, grad_accum=k)
+            for model, precision, comp, ac, k, b in itertools.product(m.models, m.precision, m.compile, m.ac,
+                                                                      m.grad_accum, m.batch or [base.batch_size]):
+                add(r, model=model, strategy="single", devices=1, precision=precision, compile=comp, ac=ac, grad_accum=k,
+                    batch_size=int(b))
         for m in matrices:
-            for model, name, devices, precision, comp, ac, k in itertools.product(
-                    m.models, m.strategies, m.gpus, m.precision, m.compile, m.ac, m.grad_accum):
+            for model, name, devices, precision, comp, ac, k, b in itertools.product(
+                    m.models, m.strategies, m.gpus, m.precision, m.compile, m.ac, m.grad_accum,
+                    m.batch or [base.batch_size]):
                 strategy, mesh, schedule = parse_cell(name)
                 if strategy != "single":  # single is one device by definition, added above
                     add(r, model=model, strategy=strategy, devices=devices, precision=precision, compile=comp,
-                        ac=ac, grad_accum=int(k), **mesh, **({"schedule": schedule} if schedule else {}))
+                        ac=ac, grad_accum=int(k), batch_size=int(b), **mesh, **({"schedule": schedule} if schedule else {}))
     return list(cells.values())
 
 

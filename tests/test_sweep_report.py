@@ -78,7 +78,7 @@ def test_sweep_expansion_and_skipping(monkeypatch, tmp_path):
 
 
 def test_presets_load():
-    for name in ("smoke", "cpu", "gpu-node"):
+    for name in ("smoke", "cpu", "gpu-node", "tune", "tune-cpu"):
         spec = load_spec(name)
         assert spec.strategies and spec.gpus and spec.repeat >= 1
     from bench.config import ConfigError
@@ -336,10 +336,25 @@ def test_sweep_axes_name_meshes_and_memory_trades(tmp_path):
     assert (more["transformer-pipeline-4x-fp32-eager-weak-b32-pp2-r0"].pp,
             more["transformer-tp-4x-fp32-eager-weak-b32-nosp-r0"].sequence_parallel) == (2, False)
     for bad, text in ((dict(ac=["some"]), "--ac some"), (dict(grad_accum=[0]), "--grad-accum 0"),
-                      (dict(strategies=["nope:tp2"]), "unknown strategy 'nope'")):
+                      (dict(strategies=["nope:tp2"]), "unknown strategy 'nope'"), (dict(batch=[0]), "--batch 0"),
+                      (dict(batch=[]), "--batch: empty list"),
+                      (dict(strategies=["fsdp:gpipe"]), "'gpipe' is not a mesh part")):
         with pytest.raises(ConfigError, match=text):
             SweepSpec(**{"strategies": ["ddp"], "gpus": [2], **bad}).check()
     toml = tmp_path / "s.toml"
     toml.write_text('strategies = ["fsdp:tp2"]\ngpus = [2]\nmodels = ["transformer"]\nac = ["full"]\ngrad_accum = [2]\n')
     loaded = load_spec(str(toml))
-    assert loaded.ac == ["full"] and loaded.grad_accum == [2]
+    assert loaded.ac == ["full"] and loaded.grad_accum == [2] and loaded.batch is None
+
+
+def test_batch_is_an_axis_of_the_sweep(tmp_path):
+    """`batch` in a TOML (or --batch) gives every cell each batch size, the single baselines too;
+    without it the [run] batch_size is the one value."""
+    toml = tmp_path / "s.toml"
+    toml.write_text('strategies = ["ddp"]\ngpus = [2]\nbatch = [16, 64]\n[run]\nbatch_size = 8\n')
+    cells = {c.key: c.cfg for c in expand(load_spec(str(toml)), "cpu", str(tmp_path))}
+    assert sorted(cells) == ["cnn-ddp-2x-fp32-eager-weak-b16-r0", "cnn-ddp-2x-fp32-eager-weak-b64-r0",
+                             "cnn-single-1x-fp32-eager-weak-b16-r0", "cnn-single-1x-fp32-eager-weak-b64-r0"]
+    assert cells["cnn-ddp-2x-fp32-eager-weak-b64-r0"].batch_size == 64
+    plain = {c.key for c in expand(SweepSpec(strategies=["ddp"], gpus=[2], run={"batch_size": 8}), "cpu", str(tmp_path))}
+    assert plain == {"cnn-ddp-2x-fp32-eager-weak-b8-r0", "cnn-single-1x-fp32-eager-weak-b8-r0"}

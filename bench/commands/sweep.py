@@ -22,8 +22,10 @@ def sweep(
     ac: Optional[str] = typer.Option(None, "--ac", help="Comma-separated --ac settings, e.g. none,full (default: none)."),
     grad_accum: Optional[str] = typer.Option(None, "--grad-accum", help="Comma-separated --grad-accum K, e.g. 1,2 "
                                                                           "(default: 1)."),
+    batch: Optional[str] = typer.Option(None, "--batch", help="Comma-separated batch sizes, e.g. 16,32,64 (an axis; "
+                                                              "default: --batch-size alone)."),
     repeat: Optional[int] = typer.Option(None, help="Repeats per cell; seeds differ per repeat (seed + repeat index)."),
-    config: Optional[str] = typer.Option(None, "--config", help="A sweep TOML file or a preset: smoke, cpu, gpu-node."),
+    config: Optional[str] = typer.Option(None, "--config", help="A sweep TOML file or a preset: smoke, cpu, gpu-node, gate, tune, tune-cpu."),
     out: str = typer.Option("results/sweep", help="Folder for the cells' result files and sweep.json.", callback=nonempty_out),
     resume: bool = typer.Option(False, "--resume", help="Skip cells whose result in --out is ok (or diverged); rerun "
                                                         "failed and interrupted ones."),
@@ -39,7 +41,8 @@ def sweep(
         for name, value in (("strategies", split_csv(strategies)), ("gpus", split_csv(gpus, int)),
                             ("precision", split_csv(precision)), ("models", split_csv(models)),
                             ("compile", split_csv(compile, on_off)), ("ac", split_csv(ac)),
-                            ("grad_accum", split_csv(grad_accum, int)), ("repeat", repeat)):
+                            ("grad_accum", split_csv(grad_accum, int)), ("batch", split_csv(batch, int)),
+                            ("repeat", repeat)):
             if value is not None:
                 setattr(spec, name, value)
         spec.run.update({k: v for k, v in settings.items() if v is not None})

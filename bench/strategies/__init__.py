@@ -166,8 +166,11 @@ def parse_cell(text: str) -> tuple[str, dict, str | None]:
             mesh[{"tp": "tp", "rep": "dp_replicate", "pp": "pp"}[m[1]]] = int(m[2])
         elif part == "nosp":
             mesh["sequence_parallel"] = False
-        else:
+        elif strategy == "pipeline":
             schedule = part
+        else:  # 'fsdp:gpipe' ran plain fsdp under a name that said otherwise
+            raise ConfigError(f"{text}: {part!r} is not a mesh part (tpN, repN, ppN, nosp); a schedule names a "
+                              "pipeline's, as pipeline:gpipe")
     return strategy, mesh, schedule
 
 
