@@ -158,10 +158,11 @@ class Job:
                    and "ChildFailedError" not in line][-1:] or ["timed out"]
             raise ABError(f"{self.side.name} ({self.side.rev}) could not run a cell: {why[0]}")
 
-    def run(self, cfg: dict, timeout_s: float) -> dict:
-        """One cell, measured by this side's loop; what it measured."""
+    def run(self, cfg: dict, timeout_s: float, result: bool = False) -> dict:
+        """One cell, measured by this side's loop; what it measured (result: also written as a result
+        file into cfg's out_dir, as bench tune keeps its windows)."""
         tmp = self.dir / f".cmd-{self.n}.json"
-        tmp.write_text(json.dumps({"op": "run", "cfg": cfg}))
+        tmp.write_text(json.dumps({"op": "run", "cfg": cfg, **({"result": True} if result else {})}))
         tmp.rename(self.dir / f"cmd-{self.n}.json")
         done = self.dir / f"done-{self.n}.json"
         deadline = time.monotonic() + timeout_s

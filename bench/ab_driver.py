@@ -84,7 +84,8 @@ def main(folder: str) -> None:
     folder_path = Path(folder)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) >= world:
+    device_type = os.environ.get("EMOTION_BENCH_AB_DEVICE", "cpu")  # bench tune's windows on GPUs: cuda
+    if device_type == "cpu" and len(cores) >= world:
         # rank r on core r, on both sides: the cores of a cloud machine differ in speed (measured
         # here: up to 30 % between the two, varying), so a visit must not depend on where it lands
         os.sched_setaffinity(0, {cores[rank]})
@@ -93,8 +94,8 @@ def main(folder: str) -> None:
     setup = json.loads((folder_path / "setup.json").read_text())
     base_cfg = RunConfig(**{k: v for k, v in setup["cfg"].items() if k in fields})
     data = _load_data_fn()(base_cfg)
-    dist_env = init_env(base_cfg.replace(devices=world), "cpu") if world > 1 else None
-    local = DistEnv(0, 1, 0, 1, torch.device("cpu"), None)
+    dist_env = init_env(base_cfg.replace(devices=world), device_type) if world > 1 else None
+    local = DistEnv(0, 1, 0, 1, torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu"), None)
     faults_env = dist_env or local
     _install_faults(faults_env)
     _time_steps()  # after the faults: a planted slowdown is part of the step it slows
@@ -107,11 +108,17 @@ def main(folder: str) -> None:
             break
         cfg = RunConfig(**{k: v for k, v in cmd["cfg"].items() if k in fields})
         STEP_ENDS.clear()
+        t0 = time.perf_counter()
+        env = local if cfg.devices == 1 else dist_env
         if cfg.devices == 1:
             body = execute(cfg, local, data) if rank == 0 else None
         else:
             body = execute(cfg, dist_env, data)  # collective; the summary on rank 0
         if rank == 0:
+            if cmd.get("result"):  # bench tune: the window as a result file in cfg.out_dir (its run_id)
+                from bench.lifecycle import write_summary
+
+                write_summary(cfg, body, data, device_type, cfg.devices, env.backend, t0)
             out = _summary(body)
             out["step_ms_sorted"] = _step_times_ms(cfg.warmup_steps)
             tmp = folder_path / f".done-{n}.json"

@@ -22,6 +22,7 @@ from .commands.predict import predict
 from .commands.report import report
 from .commands.run import run
 from .commands.sweep import sweep
+from .commands.tune import tune
 from .ui import error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -35,6 +36,7 @@ app.command()(parity)
 app.command()(sweep)
 app.command()(comm)
 app.command()(predict)
+app.command()(tune)
 app.command()(report)
 app.command("compare")(compare_cmd)
 app.command()(ab)

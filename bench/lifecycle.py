@@ -123,6 +123,14 @@ def _write(cfg: RunConfig, *, status: str, error: str | None, device_type: str, 
         return None
 
 
+def write_summary(cfg: RunConfig, summary: RunSummary, data: Dataset, device_type: str, world_size: int,
+                  backend: str | None, t0: float) -> Path | None:
+    """The result of a run measured outside `run` (bench tune's windows in a kept job), written as
+    `run` writes its own: status ok, the config record, the fingerprint, atomically."""
+    return _write(cfg, status="ok", error=None, device_type=device_type, world_size=world_size, backend=backend,
+                  summary=summary, t0=t0, data=data)
+
+
 def fallback_dir() -> Path:
     """Where results go when --out cannot take them."""
     return Path(os.environ.get("EMOTION_BENCH_FALLBACK", Path(tempfile.gettempdir()) / "emotion-bench-results"))

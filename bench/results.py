@@ -31,7 +31,8 @@ THROUGHPUT_KEYS = ("samples_per_s", "samples_per_s_per_device", "step_time_ms_p5
 TEST_KEYS = ("accuracy", "macro_f1", "uar", "per_class", "confusion_matrix")
 
 
-NOT_RESULTS = {"sweep.json"}  # JSON files that live beside results but are not results
+# JSON files that live beside results but are not results: a sweep's manifest, bench tune's record
+NOT_RESULTS = {"sweep.json", "tune.json", "tune-state.json", "anchors.json"}
 # ok: finished, every figure measured; failed: did not finish (error says why); interrupted: SIGINT
 # or SIGTERM, what was measured until then; diverged: the loss stopped being finite, likewise;
 # skipped: a sweep cell that cannot run on this machine (in the sweep's manifest, with the reason)

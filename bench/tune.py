@@ -12,21 +12,26 @@ measured windows and `bench parity`:
 1. Pruned candidates are never measured: the sweep's own skip rules (validity, the memory
    estimate against the device's memory, the devices at hand) give each its reason.
 2. Each strategy family's best-predicted candidate is measured first (one family's prediction error
-   says nothing of another's), the fastest of them the first incumbent; then candidates are visited
-   best learned prediction first. After each measurement the predictions learn: every candidate of
+   says nothing of another's); one whose first window is faster than the incumbent's challenges it
+   as in 3, the first measured is the first incumbent. Then candidates are visited best learned
+   prediction first. After each measurement the predictions learn: every candidate of
    a family is scaled by the median of that family's measured / predicted ratios.
-3. A challenger becomes the incumbent only when it beats it by more than the measured noise (the
-   spread of repeated windows, at least `noise`); the incumbent is measured again each time it is
-   challenged, so the two alternate. The search stops when no unmeasured candidate's optimistic
-   prediction (its learned prediction x (1 + the largest prediction error seen, at least 15 %))
-   beats the incumbent by more than the noise, when `patience` challengers in a row did not win,
-   or when the budget ends.
+3. A challenger is judged against the incumbent as bench ab judges a change: windows in pairs,
+   challenger then incumbent, and the paired 95 % interval of their ratios (bench/ab.py interval).
+   It becomes the incumbent only when the whole interval lies above 1, i.e. it clears the noise
+   this pairing sees; it is out after a pair it loses, or once its interval's top lies under
+   1 + `noise` (it cannot be a gain worth having), or after MAX_PAIRS pairs. The search stops when
+   no unmeasured candidate's optimistic prediction (its learned prediction x (1 + the largest
+   prediction error seen, at least 15 %)) beats the incumbent by more than the noise (the spread
+   of repeated windows, at least `noise`), when `patience` challengers in a row did not win, or
+   when the budget ends.
 4. The winner must still learn: the incumbent is checked with parity first, then the other measured
    candidates in order of their measured throughput; the first that passes wins, the others are
    reported with why.
 
-The state (every window measured, every parity verdict) is written after each step, atomically, so
-an interrupted search resumes where it stopped and never measures a window twice.
+The state (every window measured, every parity verdict, the candidates that failed) is written after
+each step, atomically, so an interrupted search resumes where it stopped and never measures a
+window twice; a candidate whose run fails (measure raises Failed) is out with its reason.
 """
 from __future__ import annotations
 
@@ -40,6 +45,11 @@ from pathlib import Path
 from .config import ConfigError, RunConfig
 
 MIN_OPTIMISM = 0.15  # how far above its learned prediction a candidate may turn out, before any error is seen
+MAX_PAIRS = 4  # challenger / incumbent window pairs at most per challenge (t with 3 degrees of freedom: 3.18)
+
+
+class Failed(Exception):
+    """A candidate's window could not be measured (its run failed); the message says why."""
 
 
 @dataclass
@@ -50,6 +60,7 @@ class Candidate:
     predicted: float | None = None  # samples/s, the model's, before learning
     windows: list[float] = field(default_factory=list)  # measured samples/s, one per window
     parity: str | None = None  # "ok", or why it does not still learn
+    memory_gib: float | None = None  # the memory estimate per device (bench/memory.py), for tables and plots
 
     @property
     def measured(self) -> float | None:
@@ -73,8 +84,9 @@ class TuneResult:
 
 
 def family(cfg: RunConfig) -> str:
-    """The group whose prediction errors are alike: a strategy and its mesh."""
-    return f"{cfg.strategy}:tp{cfg.tp}:pp{cfg.pp}:rep{cfg.dp_replicate}"
+    """The group whose prediction errors are alike: a strategy and its mesh, compiled or not (bench
+    predict has no model of what torch.compile gains)."""
+    return f"{cfg.strategy}:tp{cfg.tp}:pp{cfg.pp}:rep{cfg.dp_replicate}" + (":compiled" if cfg.compile else "")
 
 
 def prune(candidates: list[Candidate], why_not: Callable[[RunConfig], str | None]) -> list[Candidate]:
@@ -130,67 +142,138 @@ class State:
             atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
 
+class _Search:
+    """The search's moving parts: the windows measured so far (the trials), the incumbent, and the
+    state on disk, saved after every change."""
+
+    def __init__(self, live: list[Candidate], predict: Callable, measure: Callable, state: State, clock: Callable,
+                 say: Callable[[str], None], noise: float, budget_s: float):
+        self.live, self.measure, self.state, self.clock, self.say, self.noise = live, measure, state, clock, say, noise
+        self.budget_s = budget_s
+        self.trials, self.incumbent = _restore(live, predict, state)
+        self.start = clock() - (self.trials[-1].elapsed_s if self.trials else 0.0)
+        self.losses = state.data.get("losses", 0)
+
+    def save(self) -> None:
+        self.state.data.update(trials=[asdict(t) for t in self.trials], losses=self.losses)
+        self.state.save()
+
+    def window(self, c: Candidate) -> bool:
+        """One window of c, kept; False (and c out of the search, with its reason) when it failed."""
+        try:
+            value = self.measure(c.cfg)
+        except Failed as exc:
+            c.pruned = f"failed when measured: {exc}"
+            self.state.data.setdefault("failed", {})[c.key] = c.pruned
+            self.save()
+            self.say(f"{c.key}: {c.pruned}")
+            return False
+        c.windows.append(value)
+        self.state.data["windows"][c.key] = c.windows
+        self.trials.append(Trial(c.key, value, self.incumbent.key if self.incumbent else None,
+                                 self.clock() - self.start))
+        self.save()
+        self.say(f"window {len(self.trials)}: {c.key} {value:.1f} samples/s ({self.trials[-1].elapsed_s:.0f} s)")
+        return True
+
+    def beats(self, c: Candidate) -> bool:
+        """Whether c takes the incumbent's place: there is none yet, or c wins a paired challenge."""
+        if self.incumbent is None:
+            return True
+
+        def paired(x: Candidate) -> bool:
+            ok = self.window(x)
+            if not ok and x is not c:  # the incumbent failing when measured again ends the tune
+                raise Failed(f"the incumbent {x.key} failed when measured again: {x.pruned}")
+            return ok
+
+        return _challenge(c, self.incumbent, paired, self.noise, lambda: self.clock() - self.start < self.budget_s)
+
+    def promote(self, c: Candidate) -> None:
+        self.incumbent = c
+        self.trials[-1].incumbent = c.key
+        self.save()
+        self.say(f"incumbent: {c.key}")
+
+
 def search(live: list[Candidate], predict: Callable, measure: Callable, parity: Callable, *, budget_s: float,
            noise: float = 0.05, patience: int = 5, state_path: str | None = None, resume: bool = False,
-           clock: Callable[[], float] = time.monotonic) -> TuneResult:
-    """The search above over the unpruned candidates."""
+           clock: Callable[[], float] = time.monotonic, say: Callable[[str], None] = lambda _: None) -> TuneResult:
+    """The search above over the unpruned candidates; say(line) after each window."""
     state = State(state_path, resume)
+    s = _Search(live, predict, measure, state, clock, say, noise, budget_s)
+    stopped = "every candidate measured"
+    while True:
+        measured = [c for c in live if c.windows]
+        todo = sorted((c for c in live if not c.windows and not c.pruned), key=lambda c: -_learned(c, measured))
+        if not todo:
+            break
+        if clock() - s.start >= budget_s:
+            stopped = f"budget of {budget_s:.0f} s spent"
+            break
+        known = {family(c.cfg) for c in measured}
+        first = next((c for c in todo if family(c.cfg) not in known), None)  # each family's best prediction, first
+        if first is not None:
+            # a family's first window that looks faster than the incumbent is challenged as any other
+            if s.window(first) and (s.incumbent is None or first.measured > s.incumbent.measured) and s.beats(first):
+                s.promote(first)
+            continue
+        if _learned(todo[0], measured) * (1 + _optimism(measured)) <= s.incumbent.measured * (
+                1 + _noise(measured, noise)):
+            stopped = "no remaining candidate's optimistic prediction beats the incumbent by more than the noise"
+            break
+        if s.losses >= patience:
+            stopped = f"{patience} challengers in a row did not beat the incumbent"
+            break
+        challenger = todo[0]
+        if s.beats(challenger):
+            s.losses = 0
+            s.promote(challenger)
+        else:
+            s.losses += 1
+            s.save()
+    return TuneResult(_still_learns(live, s.incumbent, parity, state), live, s.trials, stopped)
+
+
+def _restore(live: list[Candidate], predict: Callable, state: State) -> tuple[list[Trial], Candidate | None]:
+    """Each candidate's prediction, and what the state measured of it; the trials and the incumbent."""
     for c in live:
         figure = predict(c.cfg)
         c.predicted = figure if figure and figure > 0 else None
         c.windows = list(state.data["windows"].get(c.key, []))
         c.parity = state.data["parity"].get(c.key)
+        c.pruned = state.data.get("failed", {}).get(c.key, c.pruned)
     trials = [Trial(**t) for t in state.data["trials"]]
-    start = clock() - (trials[-1].elapsed_s if trials else 0.0)
-    by_key = {c.key: c for c in live}
-    incumbent = by_key.get(trials[-1].incumbent) if trials else None
+    incumbent = {c.key: c for c in live}.get(trials[-1].incumbent) if trials else None
     if incumbent is None and any(c.windows for c in live):  # killed before a trial's incumbent was saved
         incumbent = max((c for c in live if c.windows), key=lambda c: c.measured)
+    return trials, incumbent
 
-    def window(c: Candidate) -> None:
-        c.windows.append(measure(c.cfg))
-        state.data["windows"][c.key] = c.windows
-        trials.append(Trial(c.key, c.windows[-1], incumbent.key if incumbent else None, clock() - start))
-        state.data["trials"] = [asdict(t) for t in trials]
-        state.save()
 
-    stopped, losses = "every candidate measured", state.data.get("losses", 0)
-    while True:
-        measured = [c for c in live if c.windows]
-        todo = sorted((c for c in live if not c.windows), key=lambda c: -_learned(c, measured))
-        if not todo:
-            break
-        if clock() - start >= budget_s:
-            stopped = f"budget of {budget_s:.0f} s spent"
-            break
-        known = {family(c.cfg) for c in measured}
-        anchors = [c for c in todo if family(c.cfg) not in known]  # each family's best prediction, first
-        if anchors:
-            window(anchors[0])
-            if incumbent is None or anchors[0].measured > incumbent.measured:
-                incumbent = anchors[0]
-                trials[-1].incumbent = incumbent.key
-                state.data["trials"] = [asdict(t) for t in trials]
-                state.save()
-            continue
-        if _learned(todo[0], measured) * (1 + _optimism(measured)) <= incumbent.measured * (
-                1 + _noise(measured, noise)):
-            stopped = "no remaining candidate's optimistic prediction beats the incumbent by more than the noise"
-            break
-        if losses >= patience:
-            stopped = f"{patience} challengers in a row did not beat the incumbent"
-            break
-        challenger = todo[0]
-        window(challenger)
+def _challenge(challenger: Candidate, incumbent: Candidate, window: Callable[[Candidate], bool], noise: float,
+               time_left: Callable[[], bool] = lambda: True) -> bool:
+    """Pairs of windows, challenger then incumbent, until the paired interval of their ratios lies
+    wholly above 1 (a win), or the challenger loses a pair (or fails), or the interval's top lies
+    under 1 + noise, or MAX_PAIRS pairs are spent, or the budget is (no win)."""
+    from .ab import interval
+
+    ratios: list[float] = []
+    for k in range(MAX_PAIRS):
+        if k and not time_left():
+            return False
+        if not window(challenger):
+            return False
         window(incumbent)  # alternate: the incumbent measured again beside each challenger
-        if challenger.measured > incumbent.measured * (1 + _noise([c for c in live if c.windows], noise)):
-            incumbent, losses = challenger, 0
-            trials[-1].incumbent = incumbent.key
-        else:
-            losses += 1
-        state.data.update(trials=[asdict(t) for t in trials], losses=losses)
-        state.save()
-    return TuneResult(_still_learns(live, incumbent, parity, state), live, trials, stopped)
+        ratios.append(challenger.windows[-1] / incumbent.windows[-1])
+        if ratios[-1] <= 1:
+            return False
+        if len(ratios) > 1:
+            _, low, high = interval(ratios)
+            if low > 1:
+                return True
+            if high < 1 + noise:
+                return False
+    return False
 
 
 def _still_learns(live: list[Candidate], incumbent: Candidate | None, parity: Callable, state: State) -> Candidate | None:

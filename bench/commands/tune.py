@@ -1,0 +1,174 @@
+"""`bench tune`: the fastest configuration of a space that fits and still learns, measured on a
+fraction of the space (bench/tune.py's search, bench/tuning.py's instruments)."""
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..ui import console, error, info, table
+from .common import Exit, config_options, fail, nonempty_out
+
+OBJECTIVES = ("throughput",)  # energy and time-to-f1: issue 25, not built yet (refused in one line)
+
+
+def parse_duration(text: str) -> float:
+    """'20m', '90s', '1h', '1h30m' or a number of seconds -> seconds."""
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
+    if not parts or "".join(a + u for a, u in parts) != t:
+        raise ValueError(f"--budget {text}: give a duration like 20m, 90s, 1h30m or seconds")
+    return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[u] for a, u in parts)
+
+
+@config_options(("model_size", "size", "dataset", "device"), preset_default="the space's")
+def tune(
+    model: Optional[str] = typer.Option(None, "--model", help="The model to tune (default: the space's models)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", "--devices", help="Devices of the run (default: the space's)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Machines the run spans (the estimate and the prediction)."),
+    budget: str = typer.Option("20m", help="Measuring time: 20m, 90s, 1h30m (anchors, windows; parity after it)."),
+    objective: str = typer.Option("throughput", help="What wins: throughput (samples/s)."),
+    space: str = typer.Option("tune", "--space", help="The candidates: a sweep TOML or preset (tune, tune-cpu, "
+                                                      "cpu, ...), with a batch axis among its keys."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Measure nothing: rank by prediction at any scale, memory "
+                                                          "by the estimate and the fake-process-group rehearsal."),
+    device_memory: float = typer.Option(80.0, help="--dry-run: GiB per device a candidate may use (measuring, the "
+                                                   "memory free here decides)."),
+    peak_tflops: Optional[float] = typer.Option(None, help="--dry-run: the card's peak TFLOP/s (default: an H100 "
+                                                           "SXM's data-sheet figure for the precision)."),
+    per_node: int = typer.Option(8, help="Devices per node (the links a prediction crosses)."),
+    noise: float = typer.Option(0.05, help="The smallest relative change a window pair counts (at least the "
+                                           "measured spread)."),
+    top: int = typer.Option(10, help="Candidates listed by --dry-run."),
+    out: str = typer.Option("results/tune", help="Folder for tune.json, tune.md, tune.png and the state.",
+                            callback=nonempty_out),
+    resume: bool = typer.Option(False, "--resume", help="Carry on an interrupted tune in --out."),
+    **settings,
+):
+    """Find the fastest configuration that fits and still learns, measuring a fraction of the space."""
+    from ..tune import Failed
+
+    try:
+        budget_s, cands, live, device_type = _space(objective, budget, space, model, gpus, nnodes, per_node, dry_run,
+                                                    device_memory, settings)
+    except ValueError as exc:  # ConfigError included
+        fail(str(exc))
+    info(f"tune: {len(cands)} candidates, {len(cands) - len(live)} pruned before anything runs")
+    if dry_run:
+        _dry_run(live, cands, peak_tflops, per_node, top, out)
+        return
+    from ..stops import Interrupted, signals_raise
+
+    try:
+        with signals_raise():  # SIGINT and SIGTERM: the state on disk holds every window measured
+            result, anchors = _measure(live, device_type, budget_s, noise, per_node, out, resume)
+    except Interrupted as exc:
+        error(f"tune interrupted ({exc.name}): what it measured is in {out}; the same command with --resume "
+              "carries on")
+        raise Exit(exc.exit_code) from None
+    except (ValueError, Failed) as exc:  # ConfigError, a job that cannot start (ABError), the incumbent failing
+        fail(str(exc), 1)
+    _report(result, cands, anchors, out)
+
+
+def _space(objective, budget, space, model, gpus, nnodes, per_node, dry_run, device_memory, settings):
+    """(budget in seconds, every candidate, the unpruned ones, device type); ValueError with the line."""
+    from .. import tuning
+    from ..config import RunConfig
+    from ..distenv import resolve_device_type
+    from ..tune import prune
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"--objective {objective}: only throughput is built; energy and time-to-f1 are not yet")
+    budget_s = parse_duration(budget)
+    if nnodes > 1 and not dry_run:
+        raise ValueError(f"--nnodes {nnodes}: a measured tune runs on this machine; use --dry-run for more nodes")
+    spec = tuning.load_space(space, model, gpus, 1, settings)
+    if dry_run:  # at any scale: as many nodes as the devices fill (--per-node each), rehearsed, never joined
+        nodes = max(nnodes, -(-max(spec.gpus) // per_node))
+        spec.run.update(nodes=nodes, **({"rdzv_endpoint": "HEAD_NODE:29400"} if nodes > 1 else {}))
+    device_type = "cuda" if dry_run else resolve_device_type(RunConfig(**spec.run))
+    if len(spec.models) != 1:
+        raise ValueError(f"--space {space} has models {spec.models}: tune one at a time (--model)")
+    capacity = int(device_memory * 2**30) if dry_run else None
+    cands = tuning.candidates(spec, device_type)
+    live = prune(cands, tuning.why_not(device_type, capacity))
+    tuning.with_memory(live, device_type)
+    return budget_s, cands, live, device_type
+
+
+def _dry_run(live, cands, peak_tflops, per_node, top, out) -> None:
+    from .. import tuning
+    from ..tune_report import candidate_rows, dry_run_rows, write
+
+    anchors = tuning.assumed_anchors(live, peak_tflops, per_node)
+    for c in live:
+        c.predicted = anchors.predict(c.cfg)
+    ranked = sorted(live, key=lambda c: -(c.predicted or 0))[:top]
+    header, rows = dry_run_rows(ranked)
+    console.print(table(f"tune --dry-run: the top {len(ranked)} of {len(live)} by prediction", header, rows, plain=True,
+                        caption=f"predicted: samples/s, {anchors.source}; GiB: the memory estimate per device"))
+    if ranked:
+        best = ranked[0].cfg
+        info(f"best predicted: {tuning.run_command(best)}"
+             + (f" (on each of the {best.nodes} nodes, with its --node-rank)" if best.nodes > 1 else ""))
+    write(Path(out), None, cands, [], "dry run: nothing measured", anchors, candidate_rows(cands))
+    info(f"tune: {Path(out) / 'tune.md'}, {Path(out) / 'tune.json'}")
+
+
+def _measure(live, device_type, budget_s, noise, per_node, out, resume):
+    from .. import tuning
+    from ..tune import search
+
+    t0 = time.monotonic()  # the anchors' time is the budget's too
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = folder / "tune-state.json"
+    if not resume:  # a new tune: what an earlier one in this folder measured is not carried on
+        for old in (state, folder / "anchors.json"):
+            old.unlink(missing_ok=True)
+        for sub in ("comm", "windows"):
+            shutil.rmtree(folder / sub, ignore_errors=True)
+    world = max(c.cfg.devices for c in live)
+    link = tuning.link_for(folder, world, device_type, info)
+    windows = tuning.Windows(live[0].cfg, world, device_type, folder / "windows")
+    try:
+        anchors = tuning.anchors_cached(folder / "anchors.json", resume,
+                                        lambda: tuning.measure_anchors(live, windows, link, per_node, info))
+        if not state.exists():
+            tuning.seed_state(state, anchors, {c.key for c in live})
+        result = search(live, anchors.predict, windows, tuning.parity_check, noise=noise,
+                        budget_s=max(budget_s - (time.monotonic() - t0), 0.0),
+                        state_path=str(state), resume=True, say=info)
+    finally:
+        windows.close()
+    return result, anchors
+
+
+def _report(result, cands, anchors, out) -> None:
+    from .. import tuning
+    from ..cells import cell_label
+    from ..tune_report import candidate_rows, console_rows, trial_rows, write
+
+    header, rows = candidate_rows(cands)
+    short, shown = console_rows(cands)
+    console.print(table(f"tune: {len(shown)} of {len(cands)} candidates measured", short, shown, plain=True,
+                        caption="predicted and measured (median of the windows): samples/s; GiB: the memory "
+                                "estimate per device"))
+    labels = {c.key: cell_label(c.cfg, from_config=True).split(" ", 1)[1] for c in cands}
+    console.print(table("trials, in order", *trial_rows(result.trials, labels), plain=True))
+    write(Path(out), result.winner, cands, result.trials, result.stopped, anchors, (header, rows))
+    info(f"stopped: {result.stopped}")
+    if result.winner is None:
+        error("no measured candidate passed parity: nothing wins (see the parity column)")
+        raise Exit(1)
+    info(f"winner: {result.winner.key}, {result.winner.measured:.1f} samples/s (median of "
+         f"{len(result.winner.windows)} windows)")
+    info(f"run it: {tuning.run_command(result.winner.cfg)}")
+    info(f"tune: {Path(out) / 'tune.md'}, {Path(out) / 'tune.json'}, {Path(out) / 'tune.png'}")

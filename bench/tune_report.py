@@ -1,0 +1,143 @@
+"""What `bench tune` writes: tune.json (every candidate, the trials, the winner and its command),
+tune.md (the same as tables) and tune.png (throughput against memory per device, the front)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from .cells import cell_label
+from .tune import Candidate, Trial
+
+GiB = 2**30
+CANDIDATE_HEADER = ["candidate", "predicted (samples/s)", "measured (samples/s, median)", "windows", "range (samples/s)",
+                    "memory (GiB per device, estimate)", "state"]
+
+
+def state(c: Candidate) -> str:
+    if c.pruned:
+        return f"pruned: {c.pruned}"
+    if c.parity and c.parity != "ok":
+        return f"fails parity: {c.parity}"
+    if c.parity == "ok":
+        return "measured, passes parity"
+    return "measured" if c.windows else ("not measured" + ("" if c.predicted else " (no prediction for it)"))
+
+
+def candidate_rows(cands: list[Candidate]) -> tuple[list[str], list[list[str]]]:
+    """Every candidate, measured first (fastest first), then the rest by prediction, the pruned last;
+    cands is put in the same order, so rows[i] is cands[i]."""
+    order = sorted(cands, key=lambda c: (bool(c.pruned), not c.windows, -(c.measured or c.predicted or 0)))
+    rows = []
+    for c in order:
+        mem = c.memory_gib
+        rows.append([cell_label(c.cfg, from_config=True), f"{c.predicted:.1f}" if c.predicted else "–",
+                     f"{c.measured:.1f}" if c.windows else "", str(len(c.windows)) if c.windows else "",
+                     f"{min(c.windows):.1f}-{max(c.windows):.1f}" if len(c.windows) > 1 else "",
+                     f"{mem:.2f}" if mem is not None else "", state(c)])
+    cands[:] = order
+    return CANDIDATE_HEADER, rows
+
+
+def console_rows(cands: list[Candidate]) -> tuple[list, list[list[str]]]:
+    """The candidates measured (in candidate_rows' order) for 80 columns: the label without the
+    model (a tune is of one), figures that never wrap, the state in the last column."""
+    rows = [[cell_label(c.cfg, from_config=True).split(" ", 1)[1], f"{c.predicted:.1f}" if c.predicted else "–",
+             f"{c.measured:.1f}", str(len(c.windows)), f"{c.memory_gib:.2f}" if c.memory_gib is not None else "",
+             state(c)] for c in cands if c.windows]
+    fixed = {"justify": "right", "no_wrap": True}
+    return ["candidate", ("predicted", fixed), ("measured", fixed), ("windows", fixed), ("GiB", fixed), "state"], rows
+
+
+def dry_run_rows(ranked: list[Candidate]) -> tuple[list[str], list[list[str]]]:
+    """The top candidates by prediction with rank 0's memory: the estimate, and the parameters its
+    fake-process-group rehearsal holds (bench/rehearse.py)."""
+    from .rehearse import rehearse
+
+    rows = []
+    for c in ranked:
+        try:
+            r = rehearse(c.cfg, 0, "cuda")
+            held = f"{r.params_local / 1e6:,.1f} M of {r.params_total / 1e6:,.1f} M"
+        except Exception as exc:  # the rehearsal is a check beside the estimate, never the reason to stop
+            held = f"not rehearsed ({type(exc).__name__}: {exc})"[:80]
+        mem = c.memory_gib
+        rows.append([cell_label(c.cfg, from_config=True).split(" ", 1)[1], f"{c.predicted:.1f}" if c.predicted else "–",
+                     f"{mem:.2f}" if mem is not None else "", held])
+    fixed = {"justify": "right", "no_wrap": True}
+    return ["candidate", ("predicted", fixed), ("GiB", fixed), "parameters rank 0 holds (rehearsed)"], rows
+
+
+def trial_rows(trials: list[Trial], labels: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """The windows in order; labels: cell key -> a shorter name (the console's), else the keys."""
+    name = (lambda k: labels.get(k, k)) if labels else (lambda k: k)
+    return (["#", "candidate measured", "samples/s", "incumbent after it", "elapsed (s)"],
+            [[str(i + 1), name(t.key), f"{t.samples_per_s:.1f}", name(t.incumbent) if t.incumbent else "",
+              f"{t.elapsed_s:.0f}"] for i, t in enumerate(trials)])
+
+
+def write(folder: Path, winner: Candidate | None, cands: list[Candidate], trials: list[Trial], stopped: str, anchors,
+          rows: tuple[list[str], list[list[str]]]) -> None:
+    """tune.json, tune.md and tune.png in folder, each written whole (atomically)."""
+    from emotion_models.atomic import atomic_write_text
+
+    from .envinfo import fingerprint
+    from .report import md_table
+    from .tuning import run_command
+
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"kind": "tune", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": fingerprint(),
+              "stopped": stopped, "anchors": anchors.source,
+              "winner": winner.key if winner else None, "command": run_command(winner.cfg) if winner else None,
+              "measured": sum(1 for c in cands if c.windows), "windows": sum(len(c.windows) for c in cands),
+              # anchors measured that are no candidate's window (independent's contention, a batch outside the space)
+              "anchor_windows": len(set(getattr(anchors, "windows", {})) - {c.key for c in cands}),
+              "candidates": [{"key": c.key, "config": dataclasses.asdict(c.cfg), "pruned": c.pruned,
+                              "predicted": c.predicted, "windows": c.windows, "measured": c.measured,
+                              "parity": c.parity, "memory_gib": c.memory_gib} for c in cands],
+              "trials": [dataclasses.asdict(t) for t in trials]}
+    atomic_write_text(folder / "tune.json", json.dumps(record, indent=1))
+    lines = ["# bench tune", "", f"- stopped: {stopped}", f"- anchors: {anchors.source}",
+             f"- measured: {record['measured']} of {len(cands)} candidates in {record['windows']} windows",
+             f"- winner: {winner.key if winner else 'none'}" + (f": `{record['command']}`" if winner else ""), "",
+             "## Candidates", "", md_table(*rows), ""]
+    if trials:
+        lines += ["## Trials, in order", "", md_table(*trial_rows(trials)), ""]
+    atomic_write_text(folder / "tune.md", "\n".join(lines))
+    _pareto(cands, folder / "tune.png")
+
+
+def _pareto(cands: list[Candidate], path: Path) -> None:
+    """Measured throughput (predicted where nothing was measured) against the memory estimate per
+    device, with the front: the fastest candidates for their memory."""
+    from .report.plots import _axes
+
+    pts = [(c.memory_gib, c.measured or c.predicted, c) for c in cands
+           if not c.pruned and (c.measured or c.predicted) and c.memory_gib is not None]
+    if not pts:
+        return
+    measured = any(c.windows for c in cands)
+    if measured:
+        pts = [p for p in pts if p[2].windows]
+    fig, ax = _axes()
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=20)
+    best, front = -1.0, []
+    for m, thr, c in sorted(pts, key=lambda p: p[0]):
+        if thr > best:
+            best = thr
+            front.append((m, thr))
+            ax.annotate(cell_label(c.cfg, from_config=True).split(" ", 1)[1], (m, thr), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+    ax.plot([f[0] for f in front], [f[1] for f in front], "r-", lw=1, label="front (fastest for its memory)")
+    ax.set_xlabel("memory per device (GiB, estimate)")
+    ax.set_ylabel(("measured" if measured else "predicted") + " throughput (samples/s)")
+    ax.set_title("bench tune: throughput against memory per device")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -1,0 +1,128 @@
+"""`bench tune` for real (bench/commands/tune.py, bench/tuning.py): its options, the command line it
+prints read back by `bench run`'s own parser, a dry run at 64 GPUs, and a measured tune of a small
+space on 2 CPU workers (real processes), interrupted and resumed."""
+import json
+
+import pytest
+import typer
+
+from bench.config import RunConfig
+from bench.tuning import Anchors, family_mesh, run_command
+
+from conftest import bench, invoke
+
+
+def test_budget_durations_and_a_bad_one():
+    from bench.commands.tune import parse_duration
+
+    assert parse_duration("20m") == 1200 and parse_duration("90s") == 90 and parse_duration("1h30m") == 5400
+    assert parse_duration("45") == 45
+    with pytest.raises(ValueError, match="--budget 20 minutes: give a duration like 20m"):
+        parse_duration("20 minutes")
+
+
+@pytest.mark.parametrize("cfg", [
+    RunConfig(strategy="fsdp", devices=8, tp=2, precision="bf16", ac="full", grad_accum=2, batch_size=16,
+              model="wav2vec2-base", sequence_parallel=False),
+    RunConfig(strategy="pipeline", devices=4, pp=2, schedule="interleaved-1f1b", stages_per_rank=2, model="transformer"),
+    RunConfig(strategy="ddp", devices=2, compile=True, model_size="small", size="tiny"),
+])
+def test_the_winning_command_line_reads_back_as_the_same_configuration(cfg):
+    """The oracle is `bench run`'s own parser: every setting the printed line carries comes back."""
+    from bench.cli import app
+
+    run = typer.main.get_command(app).commands["run"]
+    argv = run_command(cfg).split()[2:]
+    params = run.make_context("run", argv).params
+    for name in ("strategy", "devices", "tp", "pp", "precision", "ac", "grad_accum", "batch_size", "model",
+                 "model_size", "schedule", "compile", "sequence_parallel", "size"):
+        assert params[name] == getattr(cfg, name), name
+
+
+def test_single_step_time_between_and_beyond_the_anchors():
+    a = Anchors({("fp32", 16): 0.10, ("fp32", 64): 0.34}, {}, None, None, 8, "measured")
+    assert a.step_s("fp32", 32) == pytest.approx(0.18)  # on the line a + b x batch: 0.02 + 0.005 x 32
+    assert a.step_s("fp32", 64) == pytest.approx(0.34)
+    assert a.step_s("bf16", 16) is None
+    one = Anchors({("fp32", 16): 0.10}, {}, None, None, 8, "measured")
+    assert one.step_s("fp32", 32) == pytest.approx(0.20)  # one anchor: in proportion
+
+
+def test_the_mesh_a_prediction_reads_is_the_one_a_result_records():
+    """family_mesh against bench predict's reading of a result's config (its recorded degrees)."""
+    from bench.lifecycle import config_record
+    from bench.predict import mesh_of
+
+    for cfg in (RunConfig(strategy="fsdp", devices=8, tp=2, dp_replicate=2), RunConfig(strategy="hsdp", devices=8, nodes=2,
+                                                                                       rdzv_endpoint="h:1"),
+                RunConfig(strategy="pipeline", devices=4, pp=2), RunConfig(strategy="ddp", devices=4),
+                RunConfig(strategy="tp", devices=2)):
+        assert family_mesh(cfg) == mesh_of(config_record(cfg, "cuda", cfg.devices, "nccl")), cfg.strategy
+
+
+def test_bad_options_are_one_line_before_anything_runs(capsys, tmp_path):
+    code, out = invoke(["tune", "--objective", "energy", "--out", tmp_path], capsys)
+    assert code == 2 and "only throughput is built" in out and "Traceback" not in out
+    code, out = invoke(["tune", "--space", "nosuch", "--out", tmp_path], capsys)
+    assert code == 2 and "no such file or preset" in out
+    code, out = invoke(["tune", "--budget", "soon", "--out", tmp_path], capsys)
+    assert code == 2 and "give a duration" in out
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+SPACE = """
+strategies = ["single", "ddp"]
+gpus = [2]
+precision = ["fp32"]
+models = ["cnn"]
+batch = [8, 16]
+
+[run]
+model_size = "small"
+size = "tiny"
+warmup_steps = 2
+threads = 1
+eval_each_epoch = false
+device = "cpu"
+"""
+
+
+def test_a_measured_tune_finds_ddp_on_two_cores_and_resumes_without_measuring_again(tmp_path):
+    """4 candidates (single and ddp x2 at batch 8 and 16) on 2 CPU workers: ddp's two processes on
+    two cores beat one process on one, which a working search must see; the winner passes parity;
+    --resume over the finished tune measures no window again."""
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    out = tmp_path / "tune"
+    done = bench("tune", "--space", space, "--budget", "5m", "--out", out, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rec = json.loads((out / "tune.json").read_text())
+    winner = next(c for c in rec["candidates"] if c["key"] == rec["winner"])
+    assert winner["config"]["strategy"] == "ddp" and winner["parity"] == "ok", rec["candidates"]
+    assert rec["command"].startswith("bench run --strategy ddp --gpus 2")
+    assert 1 <= rec["measured"] <= 4 and all(w > 0 for c in rec["candidates"] for w in c["windows"])
+    assert (out / "tune.md").read_text().count("|") > 10 and (out / "tune.png").stat().st_size > 1000
+    windows = list((out / "windows").glob("*-w*.json"))
+    assert len(windows) >= rec["windows"]  # every window (and anchor) is a result file
+    rep = bench("report", out, "--out", tmp_path / "report")
+    assert rep.returncode == 0 and "not a result file" not in rep.stdout + rep.stderr, rep.stdout + rep.stderr
+    again = bench("tune", "--space", space, "--budget", "5m", "--out", out, "--resume", timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    rec2 = json.loads((out / "tune.json").read_text())
+    assert rec2["windows"] == rec["windows"] and rec2["winner"] == rec["winner"]
+    assert "window " not in again.stderr + again.stdout  # no window measured on resume
+
+
+def test_a_dry_run_at_64_gpus_lists_candidates_by_prediction_without_measuring(tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text('strategies = ["ddp", "fsdp", "fsdp:tp2"]\ngpus = [8]\nprecision = ["bf16"]\n'
+                     'models = ["wav2vec2-base"]\nbatch = [8, 16]\nac = ["none", "full"]\n')
+    out = tmp_path / "dry"
+    done = bench("tune", "--dry-run", "--gpus", "64", "--space", space, "--out", out, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rec = json.loads((out / "tune.json").read_text())
+    assert rec["measured"] == 0 and rec["windows"] == 0 and rec["winner"] is None
+    live = [c for c in rec["candidates"] if not c["pruned"]]
+    assert live and all(c["predicted"] and c["predicted"] > 0 for c in live)
+    assert "best predicted: bench run" in done.stdout + done.stderr
+    assert "64" in done.stdout  # the candidates are at 64 devices
