@@ -141,7 +141,9 @@ def load_spec(path_or_preset: str) -> SweepSpec:
                      run=run, extra=[dict(sub) for sub in raw.get("extra", [])])
 
 
-def _why_not_here(cfg: RunConfig, device_type: str) -> str | None:
+def why_not_here(cfg: RunConfig, device_type: str) -> str | None:
+    """Why a cell cannot run on this machine (validity, the strategy's refusals, the cores or GPUs
+    here, the memory estimate against what is free), else None: a sweep's skip rule, and bench tune's."""
     from .strategies import check_strategy
 
     try:
@@ -188,7 +190,7 @@ def expand(spec: SweepSpec, device_type: str, out_dir: str, why_not=None) -> lis
         cfg = base.replace(**point, repeat=r, seed=base.seed + r)
         key = cell_key(cfg)
         if key not in cells:
-            cells[key] = Cell(key, cfg.replace(run_id=key), why_not(cfg) if why_not else _why_not_here(cfg, device_type))
+            cells[key] = Cell(key, cfg.replace(run_id=key), why_not(cfg) if why_not else why_not_here(cfg, device_type))
 
     matrices = [spec] + [dataclasses.replace(spec, **{k: ([on_off(c) for c in v] if k == "compile" else v)
                                                       for k, v in sub.items()}) for sub in spec.extra]

@@ -10,7 +10,6 @@ from pathlib import Path
 from .cells import cell_label
 from .tune import Candidate, Trial
 
-GiB = 2**30
 CANDIDATE_HEADER = ["candidate", "predicted (samples/s)", "measured (samples/s, median)", "windows", "range (samples/s)",
                     "memory (GiB per device, estimate)", "state"]
 

@@ -5,7 +5,7 @@ given, and the command line of the winner.
   keys) with --model and --gpus put in. Every cell is a candidate; the sweep's own rules prune
   it before anything runs: validity, the strategy's refusals, the memory estimate against the
   device's memory, the devices at hand.
-- Anchors, measured first (Anchors.measure): single at the smallest and the largest batch of the
+- Anchors, measured first (measure_anchors): single at the smallest and the largest batch of the
   space in each precision (a step time a + b x batch through the two), independent at N for
   contention, and a `bench comm` fit of the link. From them every candidate gets bench predict's
   figure (bench/predict.py). The search then measures each strategy family once before it ranks
@@ -14,7 +14,7 @@ given, and the command line of the winner.
 - A window (Windows) is one candidate's short run in a bench ab job (bench/ab.py's Job: one
   torchrun job whose processes stay between visits, each rank pinned to its core, tensors on huge
   pages): WINDOW_STEPS timed steps after the run's warm-up; its figure is the run's own samples/s.
-- Parity (still_learns): bench parity of a candidate against single, on its stated basis.
+- Parity (parity_check): bench parity of a candidate against single, on its stated basis.
 - --dry-run measures nothing: single's step time is the model's FLOPs (3 x forward) at an assumed
   MFU of a stated peak, the links are presets, and the memory is the estimate, rehearsed with the
   fake process group for the top candidates (bench/rehearse.py).
@@ -62,10 +62,10 @@ def candidates(spec, device_type: str) -> list[Candidate]:
 def why_not(device_type: str, capacity_bytes: int | None) -> Callable[[RunConfig], str | None]:
     """The sweep's skip rules: here (capacity None) this machine's devices and memory; in a dry run
     at any scale, validity, the strategy's own refusals and the estimate against capacity_bytes."""
-    from .sweep import _why_not_here
+    from .sweep import why_not_here
 
     if capacity_bytes is None:
-        return lambda cfg: _why_not_here(cfg, device_type)
+        return lambda cfg: why_not_here(cfg, device_type)
 
     def at_scale(cfg: RunConfig) -> str | None:
         from .memory import estimate
