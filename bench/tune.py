@@ -148,7 +148,7 @@ class _Search:
 
     def __init__(self, live: list[Candidate], predict: Callable, measure: Callable, state: State, clock: Callable,
                  say: Callable[[str], None], noise: float, budget_s: float):
-        self.live, self.measure, self.state, self.clock, self.say, self.noise = live, measure, state, clock, say, noise
+        self.measure, self.state, self.clock, self.say, self.noise = measure, state, clock, say, noise
         self.budget_s = budget_s
         self.trials, self.incumbent = _restore(live, predict, state)
         self.start = clock() - (self.trials[-1].elapsed_s if self.trials else 0.0)

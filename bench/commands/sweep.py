@@ -33,23 +33,11 @@ def sweep(
     **settings,
 ):
     """Run a matrix of cells one after another; cells that cannot run here are skipped with a reason."""
-    from ..distenv import resolve_device_type
-    from ..sweep import SweepSpec, load_spec, on_off, run_sweep
+    from ..sweep import run_sweep
 
-    try:
-        spec = load_spec(config) if config else SweepSpec(strategies=["single"], gpus=[1])
-        for name, value in (("strategies", split_csv(strategies)), ("gpus", split_csv(gpus, int)),
-                            ("precision", split_csv(precision)), ("models", split_csv(models)),
-                            ("compile", split_csv(compile, on_off)), ("ac", split_csv(ac)),
-                            ("grad_accum", split_csv(grad_accum, int)), ("batch", split_csv(batch, int)),
-                            ("repeat", repeat)):
-            if value is not None:
-                setattr(spec, name, value)
-        spec.run.update({k: v for k, v in settings.items() if v is not None})
-        spec.check()
-        device_type = resolve_device_type(RunConfig(**spec.run))
-    except ValueError as exc:  # ConfigError included
-        fail(str(exc))
+    spec, device_type = _spec(config, settings, strategies=(strategies, str), gpus=(gpus, int),
+                              precision=(precision, str), models=(models, str), compile=(compile, "on_off"),
+                              ac=(ac, str), grad_accum=(grad_accum, int), batch=(batch, int), repeat=(repeat, None))
     if dry_run:
         from ..sweep import expand
 
@@ -73,6 +61,25 @@ def sweep(
     show_verdicts(aggregate(df) if df is not None and not df.empty else None, skipped_cells(out))
     info(f"sweep done: {done.ran} ran, {done.failed} failed or stopped, {done.skipped} skipped; results in {out}")
     info(f"next: bench report {out} --out reports/")
+
+
+def _spec(config: str | None, settings: dict, **axes):
+    """The sweep from --config (or single alone) with the axes given on the command line put in
+    (name=(comma-separated value, its type; None: a plain value)); exit 2 with one line if bad."""
+    from ..distenv import resolve_device_type
+    from ..sweep import SweepSpec, load_spec, on_off
+
+    try:
+        spec = load_spec(config) if config else SweepSpec(strategies=["single"], gpus=[1])
+        for name, (value, cast) in axes.items():
+            parsed = value if cast is None else split_csv(value, on_off if cast == "on_off" else cast)
+            if parsed is not None:
+                setattr(spec, name, parsed)
+        spec.run.update({k: v for k, v in settings.items() if v is not None})
+        spec.check()
+        return spec, resolve_device_type(RunConfig(**spec.run))
+    except ValueError as exc:  # ConfigError included
+        fail(str(exc))
 
 
 # fits 80 columns: the cell's label and the note wrap, the figures do not
