@@ -38,6 +38,16 @@ def _install_faults(env) -> None:
         _install_fault(env)
 
 
+def _run_devices(devices: int) -> None:
+    """Tell a planted `solo` slowdown which command runs now (bench/faults.py); a side older than it
+    has no such fault."""
+    try:
+        from bench.faults import set_run_devices
+    except ImportError:
+        return
+    set_run_devices(devices)
+
+
 def _summary(body) -> dict:
     body = dataclasses.asdict(body) if dataclasses.is_dataclass(body) else body
     util = body["utilization"]
@@ -108,6 +118,7 @@ def main(folder: str) -> None:
             break
         cfg = RunConfig(**{k: v for k, v in cmd["cfg"].items() if k in fields})
         STEP_ENDS.clear()
+        _run_devices(cfg.devices)
         t0 = time.perf_counter()
         env = local if cfg.devices == 1 else dist_env
         if cfg.devices == 1:

@@ -2,7 +2,8 @@
 
     EMOTION_BENCH_FAULT=KIND:RANK:STEP   kill | raise | hang | oom | nan | grad | term | int | mark,
                                          on that rank at that optimiser step
-    EMOTION_BENCH_FAULT=slow:PCT[:RANK]  every training step PCT % longer (on one rank, or all)
+    EMOTION_BENCH_FAULT=slow:PCT[:RANK]  every training step PCT % longer (on one rank, or all;
+                                         RANK `solo`: only in a one-process run, WORLD_SIZE 1)
     EMOTION_BENCH_PROBE=DIR              record what the first step saw (dtypes, shards), see probe()
 
 They let the tests exercise failure handling with real processes without editing code:
@@ -16,7 +17,8 @@ They let the tests exercise failure handling with real processes without editing
 - mark: it creates the file $EMOTION_BENCH_MARK, for a test to wait on instead of sleeping;
 - slow: busy-waits after each optimiser step for PCT % of the time since the previous one
   (measured, so it scales with the machine): a slowdown of known size, for the regression
-  gate's power (benchmarks/gate_power.py) and for a slow rank the others must wait for.
+  gate's power (benchmarks/gate_power.py), for a slow rank the others must wait for, and (solo)
+  for a single-device run slower than any multi-process one, a planted winner for bench tune.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ KINDS = ("kill", "raise", "hang", "oom", "nan", "grad", "term", "int", "mark", "
 def parse(spec: str) -> tuple[str, list[str]]:
     kind, *rest = spec.split(":")
     if kind not in KINDS or (kind != "slow" and len(rest) != 2) or (kind == "slow" and len(rest) not in (1, 2)):
-        raise ValueError(f"{FAULT_ENV}={spec!r}: use KIND:RANK:STEP (kind {', '.join(KINDS[:-1])}) or slow:PCT[:RANK]")
+        raise ValueError(f"{FAULT_ENV}={spec!r}: use KIND:RANK:STEP (kind {', '.join(KINDS[:-1])}) or slow:PCT[:RANK|solo]")
     return kind, rest
 
 
@@ -143,9 +145,10 @@ def install(rank: int) -> None:
 
     orig = torch.optim.AdamW.step
     if kind == "slow":
-        if len(rest) == 2 and int(rest[1]) != rank:
+        solo = len(rest) == 2 and rest[1] == "solo"
+        if len(rest) == 2 and not solo and int(rest[1]) != rank:
             return
-        torch.optim.AdamW.step = _slowed(orig, float(rest[0]) / 100)
+        torch.optim.AdamW.step = _slowed(orig, float(rest[0]) / 100, _one_device if solo else None)
         return
     if int(rest[0]) != rank:
         return
@@ -186,12 +189,28 @@ def install(rank: int) -> None:
     torch.optim.AdamW.step = faulty
 
 
-def _slowed(orig, fraction: float):
+RUN: dict = {"devices": None}  # bench ab's driver: the devices of the command it runs now (set_run_devices)
+
+
+def set_run_devices(devices: int) -> None:
+    """bench ab's driver runs every command in one job of N processes, a single-device one on rank 0
+    alone: what `solo` reads there instead of WORLD_SIZE."""
+    RUN["devices"] = devices
+
+
+def _one_device() -> bool:
+    return (RUN["devices"] or int(os.environ.get("WORLD_SIZE", "1"))) == 1
+
+
+def _slowed(orig, fraction: float, when=None):
     last: dict = {"t": None, "recent": []}
 
     def slowed(self, *a, **k):
         out = orig(self, *a, **k)
         now = time.perf_counter()
+        if when is not None and not when():
+            last["t"] = None  # a run it does not slow; the next slowed step starts afresh
+            return out
         if last["t"] is not None:
             step_s = now - last["t"]
             recent = last["recent"] = (last["recent"] + [step_s])[-9:]
