@@ -1,7 +1,7 @@
 """Issue 25's check on this machine: the exhaustive sweep of a small space, then `bench tune` over
 the same space, per model.
 
-    python benchmarks/tune_cpu.py [--models cnn,transformer] [--budget 20m] [--out DIR]
+    python benchmarks/tune_cpu.py [--models cnn,transformer] [--budget 20m] [--out DIR] [--resume]
 
 The space is the tune-cpu preset (bench/presets/tune-cpu.toml): single / ddp / fsdp / pipeline x2,
 fp32 / bf16, batch 16 / 32 / 64, AC none / full, accumulation 1 / 2 (a pipeline without it), 5 warm-up
@@ -47,9 +47,11 @@ def _sweep_figures(folder: Path) -> dict[str, float]:
     return out
 
 
-def one_model(model: str, out: Path, budget: str) -> dict:
-    sweep_s = _bench("sweep", "--config", "tune-cpu", "--models", model, "--out", str(out / "sweep"))
-    tune_s = _bench("tune", "--space", "tune-cpu", "--model", model, "--budget", budget, "--out", str(out / "tune"))
+def one_model(model: str, out: Path, budget: str, resume: bool) -> dict:
+    again = ["--resume"] if resume else []
+    sweep_s = _bench("sweep", "--config", "tune-cpu", "--models", model, "--out", str(out / "sweep"), *again)
+    tune_s = _bench("tune", "--space", "tune-cpu", "--model", model, "--budget", budget, "--out", str(out / "tune"),
+                    *again)
     swept = _sweep_figures(out / "sweep")
     rec = json.loads((out / "tune" / "tune.json").read_text())
     best = max(swept, key=swept.get)
@@ -69,6 +71,8 @@ def main() -> None:
     ap.add_argument("--models", default="cnn,transformer")
     ap.add_argument("--budget", default="20m")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--resume", action="store_true", help="carry on in --out: finished cells and windows stay "
+                    "(the wall times then count only what ran this time)")
     args = ap.parse_args()
     from bench.envinfo import fingerprint
 
@@ -77,7 +81,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in args.models.split(","):
-        r = one_model(model, out / model, args.budget)
+        r = one_model(model, out / model, args.budget, args.resume)
         rows.append(r)
         print(f"{model}: sweep best {r['sweep_best']} {r['sweep_best_samples_per_s']:.1f} samples/s "
               f"({r['sweep_cells']} cells, {r['sweep_s']:.0f} s); tune's pick {r['pick']} "
