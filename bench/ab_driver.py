@@ -38,9 +38,10 @@ def _install_faults(env) -> None:
         _install_fault(env)
 
 
-def _run_devices(devices: int) -> None:
-    """Tell a planted `solo` slowdown which command runs now (bench/faults.py); a side older than it
-    has no such fault."""
+def _begin(devices: int) -> None:
+    """A command's start: its step times afresh, and a planted `solo` slowdown told how many devices
+    it runs on (bench/faults.py; a side older than it has no such fault)."""
+    STEP_ENDS.clear()
     try:
         from bench.faults import set_run_devices
     except ImportError:
@@ -117,8 +118,7 @@ def main(folder: str) -> None:
         if cmd["op"] == "quit":
             break
         cfg = RunConfig(**{k: v for k, v in cmd["cfg"].items() if k in fields})
-        STEP_ENDS.clear()
-        _run_devices(cfg.devices)
+        _begin(cfg.devices)
         t0 = time.perf_counter()
         env = local if cfg.devices == 1 else dist_env
         if cfg.devices == 1:
