@@ -3,16 +3,21 @@
 Each cell's run_id is its key, so `DIR/<key>.json` existing means the cell is done: `--resume`
 skips it. Result files are atomic, so an interrupted sweep never leaves a half-written one; the
 cell that was running simply runs again. `DIR/sweep.json` (the sweep manifest) lists every cell
-with its state; this module is its only reader and writer.
+with its state (and, for cells run as jobs, the job's id); this module is its only reader and
+writer. A folder holds one sweep: a second one (another matrix, or the same one still running in
+another process) is refused in one line. Where cells run: bench.executors.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import itertools
 import json
 import math
 import os
+import socket
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -45,6 +50,12 @@ class SweepSpec:
     # further sub-matrices ([[extra]] tables): each overrides some of strategies, gpus, precision,
     # models, compile for a few more cells, e.g. the largest encoder under fsdp bf16 only
     extra: list[dict] = field(default_factory=list)
+    executor: dict = field(default_factory=dict)  # the [executor] table: where cells run (bench.executors)
+
+    def identity(self) -> str:
+        """What makes two sweeps the same one (matrix and run settings; not where cells run)."""
+        same = {k: v for k, v in dataclasses.asdict(self).items() if k != "executor"}
+        return hashlib.sha256(json.dumps(same, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def check(self) -> None:
         """Names and sizes that need no hardware: one ConfigError before any cell is expanded."""
@@ -120,10 +131,10 @@ def load_spec(path_or_preset: str) -> SweepSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--config {path}: cannot read it ({getattr(exc, 'strerror', None) or exc}): "
                           "pass a sweep TOML file or a preset name") from None
-    unknown = set(raw) - set(MATRIX_KEYS) - {"run", "extra"}
+    unknown = set(raw) - set(MATRIX_KEYS) - {"run", "extra", "executor"}
     if unknown:
-        raise ConfigError(f"--config {path}: unknown keys {sorted(unknown)}; use {', '.join(MATRIX_KEYS)}, [run] "
-                          "and [[extra]]")
+        raise ConfigError(f"--config {path}: unknown keys {sorted(unknown)}; use {', '.join(MATRIX_KEYS)}, [run], "
+                          "[[extra]] and [executor]")
     for sub in raw.get("extra", []):
         bad_keys = set(sub) - set(MATRIX_KEYS[:-1])
         if bad_keys:
@@ -138,7 +149,7 @@ def load_spec(path_or_preset: str) -> SweepSpec:
                      compile=[on_off(c) for c in raw.get("compile", ["off"])], ac=list(raw.get("ac", ["none"])),
                      grad_accum=[int(k) for k in raw.get("grad_accum", [1])],
                      batch=[int(b) for b in raw["batch"]] if "batch" in raw else None, repeat=int(raw.get("repeat", 1)),
-                     run=run, extra=[dict(sub) for sub in raw.get("extra", [])])
+                     run=run, extra=[dict(sub) for sub in raw.get("extra", [])], executor=dict(raw.get("executor", {})))
 
 
 def why_not_here(cfg: RunConfig, device_type: str) -> str | None:
@@ -171,9 +182,9 @@ def why_not_here(cfg: RunConfig, device_type: str) -> str | None:
     return None
 
 
-def expand(spec: SweepSpec, device_type: str, out_dir: str, why_not=None) -> list[Cell]:
+def expand(spec: SweepSpec, device_type: str, out_dir: str, why_not=None, place=None) -> list[Cell]:
     """Every cell of the matrix, with a skip reason where it cannot run here (why_not(cfg): another
-    rule, as bench tune's at any scale).
+    rule, as bench tune's at any scale, or a job executor's; place(cfg): the cell on its nodes).
 
     Repeats are the outer loop, so each repeat's cells run back to back and an efficiency pairs
     cells measured minutes apart, not a whole sweep apart. Within a repeat the single-device
@@ -188,6 +199,7 @@ def expand(spec: SweepSpec, device_type: str, out_dir: str, why_not=None) -> lis
 
     def add(r: int, **point) -> None:
         cfg = base.replace(**point, repeat=r, seed=base.seed + r)
+        cfg = place(cfg) if place else cfg
         key = cell_key(cfg)
         if key not in cells:
             cells[key] = Cell(key, cfg.replace(run_id=key), why_not(cfg) if why_not else why_not_here(cfg, device_type))
@@ -211,9 +223,41 @@ def expand(spec: SweepSpec, device_type: str, out_dir: str, why_not=None) -> lis
     return list(cells.values())
 
 
-def write_manifest(out_dir: str, cells: list[Cell], states: dict[str, dict]) -> None:
+def write_manifest(out_dir: str, cells: list[Cell], states: dict[str, dict], meta: dict | None = None) -> None:
     rows = [{"key": c.key, **states.get(c.key, {"state": "pending"})} for c in cells]
-    atomic_write_text(Path(out_dir) / MANIFEST, json.dumps({"cells": rows}, indent=1) + "\n")
+    atomic_write_text(Path(out_dir) / MANIFEST, json.dumps({**(meta or {}), "cells": rows}, indent=1) + "\n")
+
+
+def read_manifest(out_dir: str) -> dict | None:
+    """The folder's manifest, or None where there is none (or it is not one)."""
+    try:
+        return json.loads((Path(out_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def claim(out_dir: str, spec: SweepSpec):
+    """Hold the folder for this sweep while it runs: refused (one line) where another bench sweep
+    holds it now, or where its manifest is another sweep's (another matrix or run settings)."""
+    folder = Path(out_dir)
+    with open(folder / ".sweep.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ConfigError(f"--out {out_dir}: another bench sweep ({holder}) is running in this folder; wait for "
+                              "it, or give another --out") from None
+        old = read_manifest(out_dir)
+        if old and old.get("spec") not in (None, spec.identity()):
+            raise ConfigError(f"--out {out_dir} holds another sweep (a different matrix or run settings): give "
+                              f"another --out, or remove {folder / MANIFEST} to start this folder over")
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        yield
 
 
 def skipped_cells(folder: str) -> list[tuple[str, str]]:
@@ -256,49 +300,116 @@ class SweepOutcome:
 
 
 def run_sweep(spec: SweepSpec, out: str, *, device_type: str, resume: bool = False,
-              say: Callable[[str], None] = lambda _: None, progress: Callable | None = None) -> SweepOutcome:
-    """Run every cell that can run here, one after another; a failed cell is recorded and the sweep
-    goes on. The manifest is rewritten after each cell, so it always says how far the sweep got."""
-    from .lifecycle import run
+              say: Callable[[str], None] = lambda _: None, progress: Callable | None = None,
+              executor=None) -> SweepOutcome:
+    """Run every cell that can run here (or, as jobs, on the executor's nodes); a failed cell is
+    recorded and the sweep goes on. The manifest is rewritten after each cell, so it always says how
+    far the sweep got. ConfigError where the folder is another sweep's or SLURM cannot be reached."""
+    from .executors import ExecutorSpec, place, reachable, why_not
 
-    cells = expand(spec, device_type, out)
+    executor = executor or ExecutorSpec()
+    jobs = executor.jobs
+    reachable(executor)
+    cells = expand(spec, device_type, out, why_not=why_not(executor) if jobs else None,
+                   place=(lambda cfg: place(cfg, executor)) if jobs else None)
     Path(out).mkdir(parents=True, exist_ok=True)
-    if clean_stale(out):
-        say(f"removed temp files a kill left in {out}")
+    with claim(out, spec):
+        if clean_stale(out):
+            say(f"removed temp files a kill left in {out}")
+        states, todo, waiting = _plan(cells, out, resume)
+        meta = {"spec": spec.identity(), "executor": executor.kind}
+        write_manifest(out, cells, states, meta)
+        skipped = [c for c in cells if c.skip_reason]
+        resumed = len(cells) - len(skipped) - len(todo) - len(waiting)
+        say(f"sweep: {len(cells)} cells, {len(skipped)} skipped here, {resumed} already done"
+            + (f", {len(waiting)} still running as jobs" if waiting else "") + f", {len(todo)} to run -> {out}")
+        for c in skipped:
+            say(f"  skip {c.key}: {c.skip_reason}")
+        with (progress(len(todo) + len(waiting)) if progress else contextlib.nullcontext(_NoBar())) as bar:
+            if jobs:
+                failed, interrupted = _as_jobs(executor, out, cells, states, meta, todo, waiting, bar, say)
+            else:
+                failed, interrupted = _one_by_one(out, cells, states, meta, todo, bar)
+    return SweepOutcome(cells, len(todo) + len(waiting) - failed, failed, len(skipped), resumed, interrupted)
+
+
+def _plan(cells: list[Cell], out: str, resume: bool) -> tuple[dict, list[Cell], dict]:
+    """(states, cells to run, {key: job handle} of jobs an earlier sweep submitted that still run)."""
+    from .executors import alive
+
+    previous = {r["key"]: r for r in (read_manifest(out) or {}).get("cells", [])} if resume else {}
     states: dict[str, dict] = {}
-    todo = []
+    todo, waiting = [], {}
     for c in cells:
+        row = previous.get(c.key, {})
         if c.skip_reason:
             states[c.key] = {"state": "skipped", "reason": c.skip_reason}
         elif resume and done(out, c.key):
-            states[c.key] = {"state": "done", "result": f"{c.key}.json", "resumed": True}
+            states[c.key] = {"state": "done", "result": f"{c.key}.json", "resumed": True,
+                             **({"job_id": row["job_id"]} if row.get("job_id") else {})}
+        elif row.get("state") == "running" and row.get("job_id") and (
+                job := alive(row.get("executor", "slurm"), Path(out) / "jobs", str(row["job_id"]))):
+            states[c.key], waiting[c.key] = row, job
         else:
             todo.append(c)
-    write_manifest(out, cells, states)
-    skipped = [c for c in cells if c.skip_reason]
-    resumed = len(cells) - len(skipped) - len(todo)
-    say(f"sweep: {len(cells)} cells, {len(skipped)} skipped here, {resumed} already done, {len(todo)} to run -> {out}")
-    for c in skipped:
-        say(f"  skip {c.key}: {c.skip_reason}")
+    return states, todo, waiting
+
+
+def _one_by_one(out: str, cells: list[Cell], states: dict, meta: dict, todo: list[Cell], bar):
+    """The local executor: each cell's bench run in a fresh process, one after another; (failed,
+    the Outcome of a cell a signal stopped, which stops the sweep)."""
+    from .lifecycle import run
+
     failed = 0
-    interrupted = None
-    with (progress(len(todo)) if progress else contextlib.nullcontext(_NoBar())) as bar:
-        for c in todo:
-            bar.start(c.key)
-            outcome = run(c.cfg, own_process=True)  # nothing of the cell before carries over
-            if outcome.status == "ok":
-                states[c.key] = {"state": "done", "result": f"{c.key}.json"}
-            else:  # recorded as such by the run (a refused cell only here); the sweep goes on, unless a signal stopped it
-                failed += 1
-                states[c.key] = {"state": outcome.status, "result": outcome.path and f"{c.key}.json",
-                                 "error": outcome.error}
-                bar.note(f"{outcome.status} {c.key}: {outcome.error}")
-            write_manifest(out, cells, states)
-            bar.advance()
-            if outcome.status == "interrupted":
-                interrupted = outcome
-                break
-    return SweepOutcome(cells, len(todo) - failed, failed, len(skipped), resumed, interrupted)
+    for c in todo:
+        bar.start(c.key)
+        outcome = run(c.cfg, own_process=True)  # nothing of the cell before carries over
+        if outcome.status == "ok":
+            states[c.key] = {"state": "done", "result": f"{c.key}.json"}
+        else:  # recorded as such by the run (a refused cell only here); the sweep goes on, unless a signal stopped it
+            failed += 1
+            states[c.key] = {"state": outcome.status, "result": outcome.path and f"{c.key}.json",
+                             "error": outcome.error}
+            bar.note(f"{outcome.status} {c.key}: {outcome.error}")
+        write_manifest(out, cells, states, meta)
+        bar.advance()
+        if outcome.status == "interrupted":
+            return failed, outcome
+    return failed, None
+
+
+def _as_jobs(executor, out: str, cells: list[Cell], states: dict, meta: dict, todo: list[Cell], waiting: dict, bar,
+             say):
+    """submitit jobs (bench.executors.Jobs); a Ctrl-C stops the waiting, never the jobs."""
+    from .executors import Jobs
+    from .lifecycle import Outcome
+
+    jobs = Jobs(executor, out, states, lambda: write_manifest(out, cells, states, meta), bar)
+    jobs.waiting.update(waiting)
+    try:
+        return jobs.run(todo), None
+    except KeyboardInterrupt:
+        write_manifest(out, cells, states, meta)
+        running = sorted(str(states[k]["job_id"]) for k in jobs.waiting)
+        say(f"jobs {', '.join(running) or '(none)'} keep running; bench sweep ... --resume waits on them"
+            + (" (scancel stops them)" if executor.kind == "slurm" else ""))
+        return 0, Outcome("interrupted", 130, None, "stopped waiting on the jobs")
+
+
+def status_rows(out_dir: str) -> tuple[list[list[str]], dict[str, int]] | None:
+    """bench sweep --status: (a row per cell: key, state, job id, note; the count per state), from
+    the manifest, with a running cell whose result has landed since counted done; None: no sweep."""
+    manifest = read_manifest(out_dir)
+    if manifest is None or "cells" not in manifest:
+        return None
+    rows, counts = [], {}
+    for c in manifest["cells"]:
+        state = c.get("state", "pending")
+        if state in ("running", "pending") and done(out_dir, c["key"]):
+            state = "done"
+        counts[state] = counts.get(state, 0) + 1
+        rows.append([c["key"], state, str(c.get("job_id", "")), c.get("reason") or c.get("error") or ""])
+    return rows, counts
 
 
 def cell_name(c: Cell) -> str:

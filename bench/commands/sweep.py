@@ -1,6 +1,7 @@
 """`bench sweep`: a matrix of cells, one after another, with --resume."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -29,25 +30,42 @@ def sweep(
     out: str = typer.Option("results/sweep", help="Folder for the cells' result files and sweep.json.", callback=nonempty_out),
     resume: bool = typer.Option(False, "--resume", help="Skip cells whose result in --out is ok (or diverged); rerun "
                                                         "failed and interrupted ones."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and why some are skipped; run nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and why some are skipped (slurm: and each "
+                                                          "job's sbatch script); run nothing."),
+    status: Optional[str] = typer.Option(None, "--status", help="Show the sweep in this folder by state (cells, job "
+                                                                "ids, errors); run nothing."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="Where cells run: local (one after another here), "
+                                                                    "slurm (each a job through submitit), "
+                                                                    "submitit-local (jobs on this machine)."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: the partition (sbatch --partition)."),
+    account: Optional[str] = typer.Option(None, "--account", help="slurm: the account (sbatch --account)."),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="A job's time limit: 90m, 2h (default 60m)."),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="slurm: GPUs per node; a cell of more "
+                                                                              "devices spans whole nodes."),
+    cpus_per_task: Optional[int] = typer.Option(None, "--cpus-per-task", help="slurm: CPUs per node's task."),
+    array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism", help="slurm: jobs of one array "
+                                                                                      "running at once (default 16)."),
     **settings,
 ):
     """Run a matrix of cells one after another; cells that cannot run here are skipped with a reason."""
     from ..sweep import run_sweep
 
+    if status is not None:
+        return _status(status)
     spec, device_type = _spec(config, settings, strategies=(strategies, str), gpus=(gpus, int),
                               precision=(precision, str), models=(models, str), compile=(compile, "on_off"),
                               ac=(ac, str), grad_accum=(grad_accum, int), batch=(batch, int), repeat=(repeat, None))
+    jobs = _executor(executor, spec.executor, partition=partition, account=account, time=time_limit,
+                     gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, array_parallelism=array_parallelism)
     if dry_run:
-        from ..sweep import expand
-
-        for c in expand(spec, device_type, out):
-            info(f"{'skip' if c.skip_reason else 'run '} {c.key}" + (f": {c.skip_reason}" if c.skip_reason else ""))
-        return
+        return _dry_run(spec, device_type, out, jobs)
     try:
-        done = run_sweep(spec, out, device_type=device_type, resume=resume, say=info, progress=sweep_bar)
+        done = run_sweep(spec, out, device_type=device_type, resume=resume, say=info, progress=sweep_bar,
+                         executor=jobs)
     except OSError as exc:
         fail(f"--out {out}: cannot write there ({exc.strerror or exc}): choose a writable folder")
+    except ValueError as exc:  # ConfigError: the folder is another sweep's, or the scheduler refused
+        fail(str(exc))
     if done.interrupted is not None:
         error(f"sweep interrupted ({done.interrupted.error}); bench sweep ... --resume carries on")
         raise Exit(done.interrupted.code)
@@ -61,6 +79,42 @@ def sweep(
     show_verdicts(aggregate(df) if df is not None and not df.empty else None, skipped_cells(out))
     info(f"sweep done: {done.ran} ran, {done.failed} failed or stopped, {done.skipped} skipped; results in {out}")
     info(f"next: bench report {out} --out reports/")
+
+
+def _executor(kind, table, **options):
+    from ..executors import executor_spec
+
+    try:
+        return executor_spec(kind, table, **options)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _dry_run(spec, device_type: str, out: str, jobs) -> None:
+    """The cells and why some are skipped; under slurm, each distinct job's sbatch script."""
+    from ..executors import job_parameters, place, sbatch_script, why_not
+    from ..sweep import expand
+
+    cells = expand(spec, device_type, out, why_not=why_not(jobs) if jobs.jobs else None,
+                   place=(lambda cfg: place(cfg, jobs)) if jobs.jobs else None)
+    shown = set()
+    for c in cells:
+        info(f"{'skip' if c.skip_reason else 'run '} {c.key}" + (f": {c.skip_reason}" if c.skip_reason else ""))
+        params = str(sorted(job_parameters(c.cfg, jobs).items()))
+        if jobs.kind == "slurm" and not c.skip_reason and params not in shown:
+            shown.add(params)
+            console.print(sbatch_script(c.cfg, jobs, Path(out) / "jobs"), markup=False, highlight=False)
+
+
+def _status(folder: str) -> None:
+    from ..sweep import status_rows
+
+    found = status_rows(folder)
+    if found is None:
+        fail(f"--status {folder}: no sweep there (no readable sweep.json); give the --out of a sweep")
+    rows, counts = found
+    console.print(table(f"sweep {folder}: {len(rows)} cells", ["cell", "state", "job", "note"], rows, plain=True))
+    info(", ".join(f"{n} {state}" for state, n in sorted(counts.items(), key=lambda kv: -kv[1])))
 
 
 def _spec(config: str | None, settings: dict, **axes):
