@@ -217,6 +217,28 @@ def test_hardware_comparison_of_two_folders(tmp_path):
     assert "warning: torch differs: 2.11.0 vs 2.10.0" in section
 
 
+def test_a_report_over_three_machines_puts_each_beside_the_baseline_the_user_names(tmp_path):
+    a = write_all(tmp_path / "a", matrix("hwA", cpu="CPU A"))
+    b = write_all(tmp_path / "b", matrix("hwB", scale=2.0, cpu="CPU B"))
+    c = write_all(tmp_path / "c", matrix("hwC", scale=0.5, cpu="CPU C"))
+    proc = bench("report", a, b, c, "--baseline", "hwB", "--out", tmp_path / "rep")
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    section = md.split("## hardware comparison")[1].split("\n## ")[0]
+    assert "3 machines, baseline CPU B (2 cores)" in section
+    header = next(l for l in section.splitlines() if l.startswith("| cell"))
+    cols = [h.strip() for h in header.strip("|").split("|")]
+    assert cols == ["cell", "CPU B (2 cores) [hwB] (baseline) throughput (samples/s)",
+                    "CPU A (2 cores) [hwA] throughput (samples/s)", "CPU C (2 cores) [hwC] throughput (samples/s)"]
+    line = next(l for l in section.splitlines() if l.startswith("| cnn ddp 2x fp32 "))
+    # by hand: ddp fp32 runs 180 samples/s x scale (median over repeats 0.98, 1, 1.02): B 360, A 180, C 90
+    assert [x.strip() for x in line.strip("|").split("|")][1:] == ["360.0", "180.0 (0.50x)", "90.0 (0.25x)"]
+    assert "hardware comparison: 3 machines, against CPU B (2 cores)" in proc.stdout.replace("\n", " ")
+    bad = bench("report", a, b, c, "--baseline", "nosuch", "--out", tmp_path / "rep2")
+    assert bad.returncode == 2 and "--baseline nosuch: names no machine" in bad.stderr and "hwC" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 # ------------------------------------------------------------------------------------------ compare
 
 def test_compare_flags_throughput_drop(tmp_path, capsys):

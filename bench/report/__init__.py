@@ -14,7 +14,7 @@ from ..frame import aggregate, frame
 from ..verdict import environment, verdicts
 from .plots import FIGURES, plot_all
 from .render import Bullets, Figure, Para, Section, Table, md_table, write
-from .tables import hardware_comparison, main_tables, results_table, where_time_went
+from .tables import hardware_comparison, main_tables, pick_baseline, results_table, where_time_went
 
 __all__ = ["main_tables", "md_table", "write_report"]
 
@@ -26,7 +26,8 @@ def _verdict_section(agg: pd.DataFrame, skipped, include_flagged: bool) -> Secti
     return Section("verdict", blocks or [Para("no cell finished: no verdict")])
 
 
-def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped, include_flagged: bool = False) -> list[Section]:
+def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped, include_flagged: bool = False,
+              baseline: str | None = None) -> list[Section]:
     sections = [_verdict_section(agg, skipped, include_flagged)]
     sections += [Section(title, [Table(header, rows), Para(note)]) for title, header, rows, note in main_tables(agg)]
     if not agg.empty:
@@ -34,10 +35,14 @@ def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped, include_flagged
     went = where_time_went(agg) if not agg.empty else []
     if went:
         sections.append(Section("where the time went (profiled steps)", [Bullets(went)]))
-    cmp = hardware_comparison(agg, df) if not agg.empty else None
+    base = pick_baseline(agg, baseline) if baseline and not agg.empty else None
+    cmp = hardware_comparison(agg, df, base) if not agg.empty else None
     if cmp:
         header, rows, warnings, machines = cmp
-        blocks = [Para(f"A = {machines[0]}, B = {machines[1]}"), Table(header, rows)]
+        what = (f"A = {machines[0]}, B = {machines[1]}" if header[1].startswith("A ") else
+                f"{len(machines)} machines, baseline {machines[0]}: each machine's throughput, and in brackets its "
+                "ratio to the baseline's for the same cell (a dash: not run there)")
+        blocks = [Para(what), Table(header, rows)]
         sections.append(Section("hardware comparison", blocks + ([Bullets(warnings, "warning:")] if warnings else [])))
     stopped = df[df.status != "ok"] if not df.empty else df  # failed, interrupted, diverged
     items = [f"{r.status}: {r.run_id}: {r.error}" for r in stopped.itertuples()]
@@ -49,10 +54,11 @@ def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped, include_flagged
 
 
 def write_report(results: list[dict], bad: list[tuple[str, str]], out: str | Path, skipped: list[tuple[str, str]],
-                 predict_link=None, include_flagged: bool = False) -> dict:
+                 predict_link=None, include_flagged: bool = False, baseline: str | None = None) -> dict:
     """report.md, report.html, results.csv and the PNG figures in out, the verdict first; with
     predict_link, bench predict's efficiency curves for that link beside the measured points;
-    include_flagged: cells with trust flags may win the verdict."""
+    include_flagged: cells with trust flags may win the verdict; baseline: the machine (hardware id,
+    its prefix or a word of its label) the hardware comparison puts every other machine against."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     df = frame(results)
@@ -60,7 +66,7 @@ def write_report(results: list[dict], bad: list[tuple[str, str]], out: str | Pat
     csv_df = df.drop(columns=[c for c in ("confusion", "breakdown") if c in df])
     atomic_write_text(out / "results.csv", csv_df.to_csv(index=False))
     plots = plot_all(agg, out) if not agg.empty else {}
-    sections = _sections(df, agg, bad, skipped, include_flagged)
+    sections = _sections(df, agg, bad, skipped, include_flagged, baseline)
     figures = [Figure(name, plots.get(name), caption) for name, (_, caption) in FIGURES.items()]
     if predict_link is not None:
         figures.append(Figure("prediction", _prediction(results, df, predict_link, out),

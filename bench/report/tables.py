@@ -108,16 +108,41 @@ def single_first(agg: pd.DataFrame) -> pd.DataFrame:
                                               kind="stable").drop(columns="_later")
 
 
-def hardware_comparison(agg: pd.DataFrame, df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str], list[str]] | None:
-    """Side by side cells of the first two machines; (header, rows, warnings, machines)."""
-    machines = list(dict.fromkeys(agg.machine)) if not agg.empty else []
-    ids = list(dict.fromkeys(agg.hardware_id)) if not agg.empty else []
+COMPARE_KEY = ["strategy", "model", "model_size", "precision", "compile", "devices", "scaling"]
+
+
+def machine_ids(agg: pd.DataFrame) -> dict[str, str]:
+    """hardware id -> its machine label, in the order the results came."""
+    return dict(zip(agg.hardware_id, agg.machine)) if not agg.empty else {}
+
+
+def pick_baseline(agg: pd.DataFrame, name: str) -> str:
+    """The hardware id a --baseline names (an id, its prefix, or a word of the machine's label);
+    ValueError listing the machines where it names none or several."""
+    ids = machine_ids(agg)
+    found = [i for i, m in ids.items() if str(i).startswith(name)] or [
+        i for i, m in ids.items() if name.lower() in str(m).lower()]
+    if len(found) != 1:
+        listed = "; ".join(f"{i} ({m})" for i, m in ids.items())
+        raise ValueError(f"--baseline {name}: names {'no' if not found else 'more than one'} machine of these "
+                         f"results; give a hardware id or a word of one: {listed}")
+    return found[0]
+
+
+def hardware_comparison(agg: pd.DataFrame, df: pd.DataFrame, baseline: str | None = None):
+    """Machines side by side: (header, rows, warnings, machines) or None below two machines. Two
+    machines and no baseline: A and B with their ratios per metric. Three or more, or a baseline
+    named (a hardware id): one column per machine, each cell's throughput and its ratio to the
+    baseline machine's."""
+    ids = list(machine_ids(agg))
     if len(ids) < 2:
         return None
+    if baseline is not None or len(ids) > 2:
+        return _side_by_side(agg, df, baseline or ids[0])
+    machines = list(dict.fromkeys(agg.machine))
     a_id, b_id = ids[0], ids[1]
     a, b = agg[agg.hardware_id == a_id], agg[agg.hardware_id == b_id]
-    key = ["strategy", "model", "model_size", "precision", "compile", "devices", "scaling"]
-    merged = a.merge(b, on=key, suffixes=("_a", "_b"))
+    merged = a.merge(b, on=COMPARE_KEY, suffixes=("_a", "_b"))
     warnings = _comparison_warnings(df, a_id, b_id, a, b, merged)
     compared = [METRICS[c] for c in ("samples_per_s", "efficiency", "gpu_energy_j_per_epoch")]
     f1 = METRICS["macro_f1"]
@@ -138,6 +163,41 @@ def hardware_comparison(agg: pd.DataFrame, df: pd.DataFrame) -> tuple[list[str],
         line += [fmt(r["macro_f1_a"], f1.spec), fmt(r["macro_f1_b"], f1.spec), fmt(r["macro_f1_b"] - r["macro_f1_a"], "+.3f")]
         rows.append(line)
     return header, rows, warnings, machines[:2]
+
+
+def _side_by_side(agg: pd.DataFrame, df: pd.DataFrame, base: str):
+    """One column per machine (label and hardware id): samples/s and, beside it, the ratio to the
+    base machine's figure for the same cell; a cell a machine did not run shows a dash."""
+    ids = machine_ids(agg)
+    order = [base] + [i for i in ids if i != base]
+    thr = METRICS["samples_per_s"]
+    cells: dict[tuple, dict[str, float]] = {}
+    rows_of: dict[tuple, dict] = {}
+    for r in agg.to_dict("records"):
+        k = tuple(r[c] for c in COMPARE_KEY)
+        cells.setdefault(k, {})[r["hardware_id"]] = r["samples_per_s"]
+        rows_of.setdefault(k, r)
+    header = ["cell"] + [f"{ids[i]} [{str(i)[:10]}]{' (baseline)' if i == base else ''} {thr.header()}" for i in order]
+    rows = []
+    for k, by in cells.items():
+        line = [cell_label(rows_of[k], batch=False)]
+        ref = by.get(base)
+        for i in order:
+            v = by.get(i)
+            if v is None or math.isnan(v):
+                line.append("–")
+            elif i == base or not ref or math.isnan(ref):
+                line.append(fmt(v, thr.spec))
+            else:
+                line.append(f"{fmt(v, thr.spec)} ({v / ref:.2f}x)")
+        rows.append(line)
+    warnings = []
+    b = agg[agg.hardware_id == base]
+    for i in order[1:]:
+        other = agg[agg.hardware_id == i]
+        warnings += [f"{ids[i]}: {w}" for w in _comparison_warnings(df, base, i, b, other,
+                                                                      b.merge(other, on=COMPARE_KEY, suffixes=("_a", "_b")))]
+    return header, rows, warnings, [ids[i] for i in order]
 
 
 def _comparison_warnings(df, a_id, b_id, a, b, merged) -> list[str]:
