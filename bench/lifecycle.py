@@ -430,8 +430,10 @@ def worker_main(cli_cfg: RunConfig) -> int:
     data = None
     try:
         device_type = resolve_device_type(cfg)
-        if not raw:  # a user's own torchrun: the world size is the device count
+        if not raw:  # a user's own torchrun: the world size is the device count, its rendezvous the run's
             cfg = cfg.replace(devices=world, nodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")))
+            if cfg.nodes > 1 and not cfg.rdzv_endpoint:  # torchrun's store: what it gave its workers
+                cfg = cfg.replace(rdzv_endpoint=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
             if cfg.run_id is None:
                 cfg = cfg.replace(run_id=new_run_id(cfg, device_type))
             cfg.validate()
