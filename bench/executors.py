@@ -28,6 +28,8 @@ from pathlib import Path
 
 import submitit
 
+from emotion_models.atomic import atomic_write_text
+
 from .config import ConfigError, RunConfig
 
 EXECUTORS = ("local", "submitit-local", "slurm")
@@ -141,10 +143,14 @@ def job_parameters(cfg: RunConfig, spec: ExecutorSpec) -> dict:
     from .strategies import get_strategy
 
     per_node = cfg.devices // cfg.nodes if get_strategy(cfg.strategy).multiprocess else 1
-    gpus = per_node if spec.device_type() == "cuda" and cfg.device != "cpu" else 0
+    return resources(spec, cfg.nodes, per_node if spec.device_type() == "cuda" and cfg.device != "cpu" else 0)
+
+
+def resources(spec: ExecutorSpec, nodes: int, gpus: int) -> dict:
+    """submitit's parameters of a job of so many nodes with so many GPUs each, one task per node."""
     if spec.kind == "submitit-local":
         return {"timeout_min": spec.time_min, "gpus_per_node": gpus, "tasks_per_node": 1}
-    params = {"job_name": "emotion-bench", "nodes": cfg.nodes, "ntasks_per_node": 1, "time": spec.time_min,
+    params = {"job_name": "emotion-bench", "nodes": nodes, "ntasks_per_node": 1, "time": spec.time_min,
               "array_parallelism": spec.array_parallelism, "setup": list(spec.setup)}
     params.update({k: v for k, v in (("partition", spec.partition), ("account", spec.account),
                                      ("cpus_per_task", spec.cpus_per_task), ("gpus_per_node", gpus or None)) if v})
@@ -257,6 +263,21 @@ def ended(job, out: str, key: str) -> dict:
             "error": f"job {job.job_id} ended ({state or 'killed'}) without a result{log}"}
 
 
+@contextlib.contextmanager
+def refused(spec: ExecutorSpec, before: str = ""):
+    """A submission the scheduler refuses: one ConfigError line in its own words (submitit echoes
+    sbatch's stderr; it goes into that line instead)."""
+    from submitit.core.utils import FailedJobError
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    except FailedJobError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ConfigError(f"--executor {spec.kind}: the scheduler refused the job{before}: "
+                          f"{' / '.join(lines) or 'no reason given'}") from None
+
+
 @dataclass
 class Jobs:
     """The jobs of one sweep: submit cells, wait for them, keep the manifest's rows current."""
@@ -274,23 +295,15 @@ class Jobs:
 
     def submit(self, cells: list) -> None:
         """Submit cells; alike ones (same resources) as one job array under SLURM."""
-        from submitit.core.utils import FailedJobError
-
         groups: dict[str, list] = {}
         for c in cells:
             groups.setdefault(json.dumps(job_parameters(c.cfg, self.spec), sort_keys=True), []).append(c)
         for params, group in groups.items():
             self.executor.update_parameters(**json.loads(params))
             fn, args = CellJob(), [json.dumps(dataclasses.asdict(c.cfg)) for c in group]
-            echoed = io.StringIO()  # submitit echoes sbatch's stderr; it goes into our one line instead
-            try:
-                with contextlib.redirect_stderr(echoed):
-                    jobs = self.executor.map_array(fn, args) if len(group) > 1 else [self.executor.submit(fn, args[0])]
-            except FailedJobError as exc:
-                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-                raise ConfigError(f"--executor {self.spec.kind}: the scheduler refused the job"
-                                  + (f" ({self._submitted()} submitted before it)" if self.waiting else "")
-                                  + f": {' / '.join(lines) or 'no reason given'}") from None
+            before = f" ({self._submitted()} submitted before it)" if self.waiting else ""
+            with refused(self.spec, before):
+                jobs = self.executor.map_array(fn, args) if len(group) > 1 else [self.executor.submit(fn, args[0])]
             for c, job in zip(group, jobs):
                 self.waiting[c.key] = job
                 self.states[c.key] = {"state": "running", "job_id": job.job_id, "executor": self.spec.kind}
@@ -331,3 +344,61 @@ class Jobs:
             self.submit([c])
             failed += self.wait(one=True)
         return failed
+
+
+class CommandJob(submitit.helpers.Checkpointable):
+    """A bench command as one job (bench tune's measuring run); its exit code. Requeued after a
+    preemption or the time limit with --resume, so the command carries on from its own state."""
+
+    def __call__(self, argv: list[str]) -> int:
+        import subprocess
+        import sys
+
+        return subprocess.run([sys.executable, "-m", "bench", *argv]).returncode
+
+    def checkpoint(self, argv: list[str]):
+        return submitit.helpers.DelayedSubmission(self, argv if "--resume" in argv else [*argv, "--resume"])
+
+
+def command_job(argv: list[str], spec: ExecutorSpec, folder: Path, gpus: int, resume: bool,
+                say: Callable[[str], None]) -> int:
+    """Run `bench ARGV` as one job of one node with gpus GPUs, wait for it, pass its output on; its
+    exit code. folder/job.json records the job: with resume, a job still running is waited on
+    instead of submitted again. A Ctrl-C stops the waiting, never the job."""
+    reachable(spec)
+    if spec.kind == "slurm" and spec.gpus_per_node and gpus > spec.gpus_per_node:
+        raise ConfigError(f"{gpus} devices: a measured tune runs on one node, and the partition's have "
+                          f"{spec.gpus_per_node} GPUs")
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / "job.json"
+    job = None
+    if resume and record.exists():
+        row = json.loads(record.read_text())
+        job = alive(row["executor"], folder / "jobs", str(row["job_id"]))
+        if job is not None:
+            say(f"job {row['job_id']} ({row['executor']}) still runs: waiting on it")
+    if job is None:
+        executor = make_executor(spec, folder / "jobs")
+        executor.update_parameters(**resources(spec, 1, gpus if spec.device_type() == "cuda" else 0))
+        with refused(spec):
+            job = executor.submit(CommandJob(), argv)
+        atomic_write_text(record, json.dumps({"job_id": job.job_id, "executor": spec.kind, "argv": argv}) + "\n")
+        say(f"submitted job {job.job_id} ({spec.kind}): bench {' '.join(argv)}")
+    try:
+        while not job.done():
+            time.sleep(POLL_S[spec.kind])
+    except KeyboardInterrupt:
+        say(f"job {job.job_id} keeps running; the same command with --resume waits on it")
+        return 130
+    return _finished(spec, folder, str(job.job_id), say)
+
+
+def _finished(spec: ExecutorSpec, folder: Path, job_id: str, say: Callable[[str], None]) -> int:
+    """A finished command job: its output passed on, its exit code (1 where it left none)."""
+    job = (submitit.SlurmJob if spec.kind == "slurm" else submitit.LocalJob)(folder=str(folder / "jobs"), job_id=job_id)
+    print(job.stdout() or "", end="", flush=True)
+    try:
+        return int(job.result())
+    except Exception as exc:  # killed, preempted for good, or its node lost: the scheduler's account in one line
+        say(f"job {job_id} ended without an exit code: {' '.join(str(exc).split())[:300]}")
+        return 1

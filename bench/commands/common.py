@@ -28,6 +28,42 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise Exit(code)
 
 
+# where the work runs (bench.executors): bench sweep's cells, bench tune's measuring run
+EXECUTOR = typer.Option(None, "--executor", help="Where it runs: local (here, as always), slurm (jobs through "
+                                                  "submitit), submitit-local (such jobs on this machine).")
+PARTITION = typer.Option(None, "--partition", help="slurm: the partition (sbatch --partition).")
+ACCOUNT = typer.Option(None, "--account", help="slurm: the account (sbatch --account).")
+TIME_LIMIT = typer.Option(None, "--time", help="A job's time limit: 90m, 2h (default 60m).")
+GPUS_PER_NODE = typer.Option(None, "--gpus-per-node", help="slurm: the partition's GPUs per node; a cell of more "
+                                                           "devices spans whole nodes.")
+CPUS_PER_TASK = typer.Option(None, "--cpus-per-task", help="slurm: CPUs of each node's task.")
+JOB_FLAGS = ("--executor", "--partition", "--account", "--time", "--gpus-per-node", "--cpus-per-task",
+             "--array-parallelism")
+
+
+def executor_or_fail(kind, table: dict, **options):
+    """The executor from its options over a TOML's [executor] table; exit 2 with one line if bad."""
+    from ..executors import executor_spec
+
+    try:
+        return executor_spec(kind, table, **options)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def without_job_flags(argv: list[str]) -> list[str]:
+    """A command line without the executor's options (and their values): what the job itself runs."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in JOB_FLAGS:
+            skip = True
+        elif not arg.startswith(tuple(f"{f}=" for f in JOB_FLAGS)):
+            out.append(arg)
+    return out
+
+
 def nonempty_out(value: str) -> str:
     """An empty --out would write into whatever folder the shell is in: refused."""
     if value is not None and not value.strip():

@@ -8,7 +8,8 @@ import typer
 
 from ..config import RunConfig
 from ..ui import console, error, info, sweep_bar, table
-from .common import Exit, config_options, fail, nonempty_out, split_csv
+from .common import (ACCOUNT, CPUS_PER_TASK, EXECUTOR, GPUS_PER_NODE, PARTITION, TIME_LIMIT, Exit, config_options,
+                     executor_or_fail, fail, nonempty_out, split_csv)
 
 
 @config_options(("epochs", "size", "batch_size", "model_size", "dataset", "device"), preset_default="the preset's")
@@ -34,15 +35,12 @@ def sweep(
                                                           "job's sbatch script); run nothing."),
     status: Optional[str] = typer.Option(None, "--status", help="Show the sweep in this folder by state (cells, job "
                                                                 "ids, errors); run nothing."),
-    executor: Optional[str] = typer.Option(None, "--executor", help="Where cells run: local (one after another here), "
-                                                                    "slurm (each a job through submitit), "
-                                                                    "submitit-local (jobs on this machine)."),
-    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: the partition (sbatch --partition)."),
-    account: Optional[str] = typer.Option(None, "--account", help="slurm: the account (sbatch --account)."),
-    time_limit: Optional[str] = typer.Option(None, "--time", help="A job's time limit: 90m, 2h (default 60m)."),
-    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="slurm: GPUs per node; a cell of more "
-                                                                              "devices spans whole nodes."),
-    cpus_per_task: Optional[int] = typer.Option(None, "--cpus-per-task", help="slurm: CPUs per node's task."),
+    executor: Optional[str] = EXECUTOR,
+    partition: Optional[str] = PARTITION,
+    account: Optional[str] = ACCOUNT,
+    time_limit: Optional[str] = TIME_LIMIT,
+    gpus_per_node: Optional[int] = GPUS_PER_NODE,
+    cpus_per_task: Optional[int] = CPUS_PER_TASK,
     array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism", help="slurm: jobs of one array "
                                                                                       "running at once (default 16)."),
     **settings,
@@ -55,7 +53,7 @@ def sweep(
     spec, device_type = _spec(config, settings, strategies=(strategies, str), gpus=(gpus, int),
                               precision=(precision, str), models=(models, str), compile=(compile, "on_off"),
                               ac=(ac, str), grad_accum=(grad_accum, int), batch=(batch, int), repeat=(repeat, None))
-    jobs = _executor(executor, spec.executor, partition=partition, account=account, time=time_limit,
+    jobs = executor_or_fail(executor, spec.executor, partition=partition, account=account, time=time_limit,
                      gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, array_parallelism=array_parallelism)
     if dry_run:
         return _dry_run(spec, device_type, out, jobs)
@@ -79,15 +77,6 @@ def sweep(
     show_verdicts(aggregate(df) if df is not None and not df.empty else None, skipped_cells(out))
     info(f"sweep done: {done.ran} ran, {done.failed} failed or stopped, {done.skipped} skipped; results in {out}")
     info(f"next: bench report {out} --out reports/")
-
-
-def _executor(kind, table, **options):
-    from ..executors import executor_spec
-
-    try:
-        return executor_spec(kind, table, **options)
-    except ValueError as exc:
-        fail(str(exc))
 
 
 def _dry_run(spec, device_type: str, out: str, jobs) -> None:

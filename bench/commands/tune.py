@@ -11,7 +11,8 @@ from typing import Optional
 import typer
 
 from ..ui import console, error, info, table
-from .common import Exit, config_options, fail, nonempty_out
+from .common import (ACCOUNT, CPUS_PER_TASK, EXECUTOR, GPUS_PER_NODE, PARTITION, TIME_LIMIT, Exit, config_options,
+                     executor_or_fail, fail, nonempty_out, without_job_flags)
 
 OBJECTIVES = ("throughput",)  # energy and time-to-f1: issue 25, not built yet (refused in one line)
 
@@ -49,11 +50,21 @@ def tune(
     out: str = typer.Option("results/tune", help="Folder for tune.json, tune.md, tune.png and the state.",
                             callback=nonempty_out),
     resume: bool = typer.Option(False, "--resume", help="Carry on an interrupted tune in --out."),
+    executor: Optional[str] = EXECUTOR,
+    partition: Optional[str] = PARTITION,
+    account: Optional[str] = ACCOUNT,
+    time_limit: Optional[str] = TIME_LIMIT,
+    gpus_per_node: Optional[int] = GPUS_PER_NODE,
+    cpus_per_task: Optional[int] = CPUS_PER_TASK,
     **settings,
 ):
     """Find the fastest configuration that fits and still learns, measuring a fraction of the space."""
     from ..tune import Failed
 
+    jobs = executor_or_fail(executor, {}, partition=partition, account=account, time=time_limit,
+                            gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task)
+    if jobs.jobs and not dry_run:
+        return _as_job(jobs, space, model, gpus, settings, out, resume)
     try:
         budget_s, cands, live, device_type = _space(objective, budget, space, model, gpus, nnodes, per_node, dry_run,
                                                     device_memory, settings)
@@ -75,6 +86,23 @@ def tune(
     except (ValueError, Failed) as exc:  # ConfigError, a job that cannot start (ABError), the incumbent failing
         fail(str(exc), 1)
     _report(result, cands, anchors, out)
+
+
+def _as_job(jobs, space, model, gpus, settings, out, resume) -> None:
+    """The measuring tune as one job on one node of the executor (this same command there, without
+    the executor's options); its output passed on, its exit code ours."""
+    import sys
+
+    from .. import tuning
+    from ..executors import command_job
+
+    try:
+        spec = tuning.load_space(space, model, gpus, 1, settings)  # names and sizes, before anything is submitted
+        code = command_job(without_job_flags(sys.argv[1:]), jobs, Path(out), max(spec.gpus), resume, info)
+    except ValueError as exc:
+        fail(str(exc))
+    if code:
+        raise Exit(code)
 
 
 def _space(objective, budget, space, model, gpus, nnodes, per_node, dry_run, device_memory, settings):
