@@ -37,7 +37,7 @@ KEYS = ("partition", "account", "time", "gpus_per_node", "cpus_per_task", "array
 RDZV_PORT = 29400
 FIRST_NODE = "FIRST_NODE"  # the rendezvous host until the job knows its first node (CellJob.node_config)
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
-         "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "UNKNOWN"}  # sacct's states of a job not yet over
+         "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}  # sacct's states of a job not yet over (UNKNOWN: gone from sacct)
 PREEMPTED = {"PREEMPTED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}  # over, through no fault of the cell
 POLL_S = {"submitit-local": 0.5, "slurm": 15.0}
 
@@ -79,6 +79,9 @@ def executor_spec(kind: str | None, table: dict, **options) -> ExecutorSpec:
     if kind == "local" and merged:
         raise ConfigError(f"{', '.join(sorted(merged))}: settings of a job executor; add --executor slurm "
                           "(or submitit-local)")
+    setup = merged.get("setup", [])
+    if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
+        raise ConfigError("[executor] setup: give a list of shell lines, e.g. [\"module load cuda\"]")
     time_text = merged.pop("time", None)
     spec = ExecutorSpec(kind, **merged)
     if time_text is not None:
@@ -106,9 +109,10 @@ def place(cfg: RunConfig, spec: ExecutorSpec) -> RunConfig:
     return cfg.replace(nodes=nodes, rdzv_endpoint=cfg.rdzv_endpoint or f"{FIRST_NODE}:{RDZV_PORT}")
 
 
-def why_not(spec: ExecutorSpec) -> Callable[[RunConfig], str | None]:
+def why_not(spec: ExecutorSpec, device_type: str = "cpu") -> Callable[[RunConfig], str | None]:
     """The sweep's skip rule for jobs: on SLURM the login node's own devices say nothing, so validity,
-    the strategy's refusals and whole nodes only; submitit-local: this machine's rule, one node."""
+    the strategy's refusals and whole nodes only; submitit-local: this machine's rule (device_type:
+    the sweep's, resolved here), one node."""
     from .strategies import check_strategy
     from .sweep import why_not_here
 
@@ -116,7 +120,7 @@ def why_not(spec: ExecutorSpec) -> Callable[[RunConfig], str | None]:
         if spec.kind == "submitit-local":
             if cfg.nodes > 1:
                 return f"{cfg.nodes} nodes: submitit-local runs jobs on this one machine"
-            return why_not_here(cfg, "cpu" if cfg.device == "cpu" else _here_device(cfg))
+            return why_not_here(cfg, device_type)
         try:
             cfg.validate()
             check_strategy(cfg, spec.device_type())
@@ -130,12 +134,6 @@ def why_not(spec: ExecutorSpec) -> Callable[[RunConfig], str | None]:
         return None
 
     return rule
-
-
-def _here_device(cfg: RunConfig) -> str:
-    from .distenv import resolve_device_type
-
-    return resolve_device_type(cfg)
 
 
 def job_parameters(cfg: RunConfig, spec: ExecutorSpec) -> dict:
@@ -363,14 +361,14 @@ class CommandJob(submitit.helpers.Checkpointable):
 def command_job(argv: list[str], spec: ExecutorSpec, folder: Path, gpus: int, resume: bool,
                 say: Callable[[str], None]) -> int:
     """Run `bench ARGV` as one job of one node with gpus GPUs, wait for it, pass its output on; its
-    exit code. folder/job.json records the job: with resume, a job still running is waited on
+    exit code. folder/tune-job.json records the job: with resume, a job still running is waited on
     instead of submitted again. A Ctrl-C stops the waiting, never the job."""
     reachable(spec)
     if spec.kind == "slurm" and spec.gpus_per_node and gpus > spec.gpus_per_node:
         raise ConfigError(f"{gpus} devices: a measured tune runs on one node, and the partition's have "
                           f"{spec.gpus_per_node} GPUs")
     folder.mkdir(parents=True, exist_ok=True)
-    record = folder / "job.json"
+    record = folder / "tune-job.json"
     job = None
     if resume and record.exists():
         row = json.loads(record.read_text())

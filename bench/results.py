@@ -31,8 +31,9 @@ THROUGHPUT_KEYS = ("samples_per_s", "samples_per_s_per_device", "step_time_ms_p5
 TEST_KEYS = ("accuracy", "macro_f1", "uar", "per_class", "confusion_matrix")
 
 
-# JSON files that live beside results but are not results: a sweep's manifest, bench tune's record
-NOT_RESULTS = {"sweep.json", "tune.json", "tune-state.json", "anchors.json"}
+# JSON files that live beside results but are not results: a sweep's manifest, bench tune's record, state,
+# anchors and job
+NOT_RESULTS = {"sweep.json", "tune.json", "tune-state.json", "anchors.json", "tune-job.json"}
 # ok: finished, every figure measured; failed: did not finish (error says why); interrupted: SIGINT
 # or SIGTERM, what was measured until then; diverged: the loss stopped being finite, likewise;
 # skipped: a sweep cell that cannot run on this machine (in the sweep's manifest, with the reason)

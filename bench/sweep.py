@@ -310,7 +310,7 @@ def run_sweep(spec: SweepSpec, out: str, *, device_type: str, resume: bool = Fal
     executor = executor or ExecutorSpec()
     jobs = executor.jobs
     reachable(executor)
-    cells = expand(spec, device_type, out, why_not=why_not(executor) if jobs else None,
+    cells = expand(spec, device_type, out, why_not=why_not(executor, device_type) if jobs else None,
                    place=(lambda cfg: place(cfg, executor)) if jobs else None)
     Path(out).mkdir(parents=True, exist_ok=True)
     with claim(out, spec):

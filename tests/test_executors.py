@@ -255,21 +255,3 @@ def test_slurm_cells_span_whole_nodes_and_skip_by_validity_not_by_the_login_node
     assert nodes["cnn-fsdp-8x-fp32-eager-weak-b32-r0"] == 2
     assert "whole nodes of 4" in cells["cnn-ddp-6x-fp32-eager-weak-b32-r0"].skip_reason
 
-
-def test_a_measured_tune_runs_as_one_job_and_its_output_and_exit_come_back(tmp_path):
-    from test_tune_command import SPACE
-
-    space = tmp_path / "space.toml"
-    space.write_text(SPACE)
-    out = tmp_path / "tune"
-    done = bench("tune", "--space", space, "--budget", "5m", "--out", out, "--executor", "submitit-local",
-                 timeout=900, env={"EMOTION_BENCH_FAULT": "slow:300:solo"})  # the planted winner: ddp
-    assert done.returncode == 0, done.stdout + done.stderr
-    job = json.loads((out / "job.json").read_text())
-    assert job["executor"] == "submitit-local" and "--executor" not in job["argv"]
-    assert job["argv"][:1] == ["tune"] and "--out" in job["argv"]
-    assert f"submitted job {job['job_id']}" in done.stdout
-    log = (out / "jobs" / f"{job['job_id']}_0_log.out").read_text()
-    rec = json.loads((out / "tune.json").read_text())  # written by the job, not by this process
-    assert rec["command"].startswith("bench run --strategy ddp") and rec["command"] in log
-    assert rec["command"] in " ".join(done.stdout.split())  # the job's own output, passed on

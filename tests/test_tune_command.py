@@ -92,14 +92,21 @@ def test_a_measured_tune_finds_the_planted_winner_and_resumes_without_measuring_
     hoped for from the machine: every single-process step is made 4 times as long (slow:300:solo),
     so ddp wins by a margin no neighbour (a second test worker) can hide, and a working search must
     end on it; the winner passes parity; --resume over the finished tune measures no window again.
-    (Whether ddp wins unplanted on an idle 2-core machine is benchmarks/tune_cpu.py's to measure.)"""
+    (Whether ddp wins unplanted on an idle 2-core machine is benchmarks/tune_cpu.py's to measure.)
+    The tune runs as one job through submitit's LocalExecutor (issue 26: a cluster's measuring
+    step), so its output and exit code must come back through the job; the resume runs here."""
     space = tmp_path / "space.toml"
     space.write_text(SPACE)
     out = tmp_path / "tune"
-    done = bench("tune", "--space", space, "--budget", "5m", "--out", out, timeout=900,
-                 env={"EMOTION_BENCH_FAULT": "slow:300:solo"})
+    done = bench("tune", "--space", space, "--budget", "5m", "--out", out, "--executor", "submitit-local",
+                 timeout=900, env={"EMOTION_BENCH_FAULT": "slow:300:solo"})
     assert done.returncode == 0, done.stdout + done.stderr
-    rec = json.loads((out / "tune.json").read_text())
+    job = json.loads((out / "tune-job.json").read_text())
+    assert job["executor"] == "submitit-local" and "--executor" not in job["argv"] and job["argv"][0] == "tune"
+    assert f"submitted job {job['job_id']}" in done.stdout
+    rec = json.loads((out / "tune.json").read_text())  # written by the job, not by this process
+    assert rec["command"] in (out / "jobs" / f"{job['job_id']}_0_log.out").read_text()
+    assert rec["command"] in " ".join(done.stdout.split())  # the job's own output, passed on
     winner = next(c for c in rec["candidates"] if c["key"] == rec["winner"])
     assert winner["config"]["strategy"] == "ddp" and winner["parity"] == "ok", rec["candidates"]
     single = [w for c in rec["candidates"] if c["config"]["strategy"] == "single" for w in c["windows"]]

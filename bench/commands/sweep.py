@@ -83,8 +83,9 @@ def _dry_run(spec, device_type: str, out: str, jobs) -> None:
     """The cells and why some are skipped; under slurm, each distinct job's sbatch script."""
     from ..executors import job_parameters, place, sbatch_script, why_not
     from ..sweep import expand
+    from ..tuning import run_command
 
-    cells = expand(spec, device_type, out, why_not=why_not(jobs) if jobs.jobs else None,
+    cells = expand(spec, device_type, out, why_not=why_not(jobs, device_type) if jobs.jobs else None,
                    place=(lambda cfg: place(cfg, jobs)) if jobs.jobs else None)
     shown = set()
     for c in cells:
@@ -92,7 +93,11 @@ def _dry_run(spec, device_type: str, out: str, jobs) -> None:
         params = str(sorted(job_parameters(c.cfg, jobs).items()))
         if jobs.kind == "slurm" and not c.skip_reason and params not in shown:
             shown.add(params)
-            console.print(sbatch_script(c.cfg, jobs, Path(out) / "jobs"), markup=False, highlight=False)
+            console.print(sbatch_script(c.cfg, jobs, Path(out) / "jobs"), markup=False, highlight=False,
+                          soft_wrap=True)
+            if c.cfg.nodes > 1:
+                info(f"  each of its {c.cfg.nodes} nodes runs, with --node-rank $SLURM_NODEID and FIRST_NODE the "
+                     f"job's first host: {run_command(c.cfg)}")
 
 
 def _status(folder: str) -> None:
