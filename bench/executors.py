@@ -79,6 +79,10 @@ def executor_spec(kind: str | None, table: dict, **options) -> ExecutorSpec:
     if kind == "local" and merged:
         raise ConfigError(f"{', '.join(sorted(merged))}: settings of a job executor; add --executor slurm "
                           "(or submitit-local)")
+    slurm_only = sorted(k for k in merged if k != "time")
+    if kind == "submitit-local" and slurm_only:
+        raise ConfigError(f"{', '.join(slurm_only)}: SLURM settings; submitit-local runs its jobs on this machine "
+                          "(only --time applies)")
     setup = merged.get("setup", [])
     if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
         raise ConfigError("[executor] setup: give a list of shell lines, e.g. [\"module load cuda\"]")

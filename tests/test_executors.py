@@ -235,6 +235,9 @@ def test_executor_settings_come_from_options_or_the_toml_and_bad_ones_get_one_li
         executor_spec("pbs", {})
     with pytest.raises(ConfigError, match="add --executor slurm"):
         executor_spec(None, {}, partition="gpu")
+    with pytest.raises(ConfigError, match="partition: SLURM settings; submitit-local"):
+        executor_spec("submitit-local", {}, partition="gpu")
+    assert executor_spec("submitit-local", {}, time="90m").time_min == 90
     with pytest.raises(ConfigError, match="--time soon"):
         executor_spec("slurm", {}, time="soon")
     proc = bench("sweep", "--partition", "gpu", "--out", tmp_path / "x")

@@ -29,24 +29,48 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 # where the work runs (bench.executors): bench sweep's cells, bench tune's measuring run
-EXECUTOR = typer.Option(None, "--executor", help="Where it runs: local (here, as always), slurm (jobs through "
-                                                  "submitit), submitit-local (such jobs on this machine).")
-PARTITION = typer.Option(None, "--partition", help="slurm: the partition (sbatch --partition).")
-ACCOUNT = typer.Option(None, "--account", help="slurm: the account (sbatch --account).")
-TIME_LIMIT = typer.Option(None, "--time", help="A job's time limit: 90m, 2h (default 60m).")
-GPUS_PER_NODE = typer.Option(None, "--gpus-per-node", help="slurm: the partition's GPUs per node; a cell of more "
-                                                           "devices spans whole nodes.")
-CPUS_PER_TASK = typer.Option(None, "--cpus-per-task", help="slurm: CPUs of each node's task.")
-JOB_FLAGS = ("--executor", "--partition", "--account", "--time", "--gpus-per-node", "--cpus-per-task",
-             "--array-parallelism")
+JOB_OPTIONS = {
+    "executor": ("--executor", str, "Where it runs: local (here, as always), slurm (jobs through submitit), "
+                                    "submitit-local (such jobs on this machine)."),
+    "partition": ("--partition", str, "slurm: the partition (sbatch --partition)."),
+    "account": ("--account", str, "slurm: the account (sbatch --account)."),
+    "time": ("--time", str, "A job's time limit: 90m, 2h (default 60m)."),
+    "gpus_per_node": ("--gpus-per-node", int, "slurm: the partition's GPUs per node; a cell of more devices spans "
+                                              "whole nodes."),
+    "cpus_per_task": ("--cpus-per-task", int, "slurm: CPUs of each node's task."),
+    "array_parallelism": ("--array-parallelism", int, "slurm (sweep): jobs of one array running at once (default "
+                                                      "16)."),
+}
+JOB_FLAGS = tuple(flag for flag, _, _ in JOB_OPTIONS.values())
 
 
-def executor_or_fail(kind, table: dict, **options):
+def job_options(fn):
+    """Add the executor's options (JOB_OPTIONS) to a command; it gets them as one dict, job_flags
+    (name -> value, None where not given). Apply it under config_options."""
+    own = [p for p in inspect.signature(fn).parameters.values() if p.name != "job_flags"]
+    tail = [p for p in own if p.kind is p.VAR_KEYWORD]
+    added = [inspect.Parameter(f"job_{name}", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[cast],
+                               default=typer.Option(None, flag, help=help_))
+             for name, (flag, cast, help_) in JOB_OPTIONS.items()]
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        flags = {name: kwargs.pop(f"job_{name}", None) for name in JOB_OPTIONS}
+        return fn(**kwargs, job_flags=flags)
+
+    command.__signature__ = inspect.Signature([p for p in own if p not in tail] + added + tail)
+    command.__annotations__ = {**{k: v for k, v in typing.get_type_hints(fn).items() if k != "job_flags"},
+                               **{p.name: p.annotation for p in added}}
+    return command
+
+
+def executor_or_fail(table: dict, flags: dict):
     """The executor from its options over a TOML's [executor] table; exit 2 with one line if bad."""
     from ..executors import executor_spec
 
+    options = dict(flags)
     try:
-        return executor_spec(kind, table, **options)
+        return executor_spec(options.pop("executor"), table, **options)
     except ValueError as exc:
         fail(str(exc))
 

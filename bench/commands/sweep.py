@@ -8,11 +8,11 @@ import typer
 
 from ..config import RunConfig
 from ..ui import console, error, info, sweep_bar, table
-from .common import (ACCOUNT, CPUS_PER_TASK, EXECUTOR, GPUS_PER_NODE, PARTITION, TIME_LIMIT, Exit, config_options,
-                     executor_or_fail, fail, nonempty_out, split_csv)
+from .common import Exit, config_options, executor_or_fail, fail, job_options, nonempty_out, split_csv
 
 
 @config_options(("epochs", "size", "batch_size", "model_size", "dataset", "device"), preset_default="the preset's")
+@job_options
 def sweep(
     strategies: Optional[str] = typer.Option(None, help="Comma-separated strategies, e.g. single,ddp,fsdp,pipeline; "
                                                         "fsdp:tp2 (2-D), hsdp:rep2, pipeline:gpipe name a mesh or "
@@ -35,14 +35,7 @@ def sweep(
                                                           "job's sbatch script); run nothing."),
     status: Optional[str] = typer.Option(None, "--status", help="Show the sweep in this folder by state (cells, job "
                                                                 "ids, errors); run nothing."),
-    executor: Optional[str] = EXECUTOR,
-    partition: Optional[str] = PARTITION,
-    account: Optional[str] = ACCOUNT,
-    time_limit: Optional[str] = TIME_LIMIT,
-    gpus_per_node: Optional[int] = GPUS_PER_NODE,
-    cpus_per_task: Optional[int] = CPUS_PER_TASK,
-    array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism", help="slurm: jobs of one array "
-                                                                                      "running at once (default 16)."),
+    job_flags: dict | None = None,
     **settings,
 ):
     """Run a matrix of cells one after another; cells that cannot run here are skipped with a reason."""
@@ -53,8 +46,7 @@ def sweep(
     spec, device_type = _spec(config, settings, strategies=(strategies, str), gpus=(gpus, int),
                               precision=(precision, str), models=(models, str), compile=(compile, "on_off"),
                               ac=(ac, str), grad_accum=(grad_accum, int), batch=(batch, int), repeat=(repeat, None))
-    jobs = executor_or_fail(executor, spec.executor, partition=partition, account=account, time=time_limit,
-                     gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, array_parallelism=array_parallelism)
+    jobs = executor_or_fail(spec.executor, job_flags)
     if dry_run:
         return _dry_run(spec, device_type, out, jobs)
     try:

@@ -11,8 +11,7 @@ from typing import Optional
 import typer
 
 from ..ui import console, error, info, table
-from .common import (ACCOUNT, CPUS_PER_TASK, EXECUTOR, GPUS_PER_NODE, PARTITION, TIME_LIMIT, Exit, config_options,
-                     executor_or_fail, fail, nonempty_out, without_job_flags)
+from .common import Exit, config_options, executor_or_fail, fail, job_options, nonempty_out, without_job_flags
 
 OBJECTIVES = ("throughput",)  # energy and time-to-f1: issue 25, not built yet (refused in one line)
 
@@ -29,6 +28,7 @@ def parse_duration(text: str) -> float:
 
 
 @config_options(("model_size", "size", "dataset", "device"), preset_default="the space's")
+@job_options
 def tune(
     model: Optional[str] = typer.Option(None, "--model", help="The model to tune (default: the space's models)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", "--devices", help="Devices of the run (default: the space's)."),
@@ -50,19 +50,15 @@ def tune(
     out: str = typer.Option("results/tune", help="Folder for tune.json, tune.md, tune.png and the state.",
                             callback=nonempty_out),
     resume: bool = typer.Option(False, "--resume", help="Carry on an interrupted tune in --out."),
-    executor: Optional[str] = EXECUTOR,
-    partition: Optional[str] = PARTITION,
-    account: Optional[str] = ACCOUNT,
-    time_limit: Optional[str] = TIME_LIMIT,
-    gpus_per_node: Optional[int] = GPUS_PER_NODE,
-    cpus_per_task: Optional[int] = CPUS_PER_TASK,
+    job_flags: dict | None = None,
     **settings,
 ):
     """Find the fastest configuration that fits and still learns, measuring a fraction of the space."""
     from ..tune import Failed
 
-    jobs = executor_or_fail(executor, {}, partition=partition, account=account, time=time_limit,
-                            gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task)
+    if job_flags.get("array_parallelism") is not None:
+        fail("--array-parallelism: a tune is one job; it is bench sweep's")
+    jobs = executor_or_fail({}, job_flags)
     if jobs.jobs and not dry_run:
         return _as_job(jobs, space, model, gpus, settings, out, resume)
     try:
