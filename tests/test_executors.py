@@ -258,3 +258,74 @@ def test_slurm_cells_span_whole_nodes_and_skip_by_validity_not_by_the_login_node
     assert nodes["cnn-fsdp-8x-fp32-eager-weak-b32-r0"] == 2
     assert "whole nodes of 4" in cells["cnn-ddp-6x-fp32-eager-weak-b32-r0"].skip_reason
 
+
+
+class _Bar:
+    def start(self, key): ...
+
+    def note(self, line): ...
+
+    def advance(self): ...
+
+
+def test_a_preempted_job_is_requeued_and_its_cell_runs_again_to_a_result(tmp_path):
+    """SIGUSR2 to a running job's task is what SLURM's preemption (and submitit's LocalExecutor)
+    sends: submitit checkpoints the callable (CellJob is Checkpointable) and requeues it; the cell
+    must then run again, in the same job, to an ok result."""
+    from bench.executors import ExecutorSpec, Jobs
+    from bench.sweep import SweepSpec, expand
+
+    spec = SweepSpec(strategies=["single"], gpus=[1], run={"size": "tiny", "epochs": 2, "batch_size": 4,
+                                                           "model_size": "small", "device": "cpu"})
+    cells = expand(spec, "cpu", str(tmp_path))
+    states: dict = {}
+    jobs = Jobs(ExecutorSpec("submitit-local"), str(tmp_path), states, lambda: None, _Bar())
+    jobs.submit(cells)
+    job = jobs.waiting[cells[0].key]
+
+    def task():
+        kids = psutil.Process(int(job.job_id)).children()
+        return next((p for p in kids if "submitit.core._submit" in " ".join(p.cmdline())), None)
+
+    first = _wait_for(task)
+    _wait_for(lambda: first.children())  # the cell's own bench run process has started
+    first.send_signal(signal.SIGUSR2)
+    # requeued: the job's controller starts the task again, a new process for the same cell
+    _wait_for(lambda: (p := task()) is not None and p.pid != first.pid)
+    assert jobs.wait() == 0, states
+    row = states[cells[0].key]
+    assert row["state"] == "done" and row["job_id"] == job.job_id
+    assert "this job is preempted" in job.paths.stderr.read_text()
+    assert json.loads((tmp_path / f"{cells[0].key}.json").read_text())["status"] == "ok"
+
+
+def test_alike_slurm_cells_go_in_as_one_job_array_each(monkeypatch, tmp_path):
+    """The submission itself, against a recording stand-in for submitit's SlurmExecutor: cells that
+    ask for the same nodes and GPUs share one array; the manifest's rows get each job's id."""
+    import bench.executors as ex
+    from bench.sweep import SweepSpec, expand
+
+    calls = []
+
+    class Recorder:
+        params: dict = {}
+
+        def update_parameters(self, **params):
+            self.params = params
+
+        def map_array(self, fn, args):
+            calls.append((self.params["nodes"], self.params.get("gpus_per_node"), len(args)))
+            return [type("J", (), {"job_id": f"{len(calls)}_{i}"})() for i in range(len(args))]
+
+        def submit(self, fn, arg):
+            return self.map_array(fn, [arg])[0]
+
+    monkeypatch.setattr(ex, "make_executor", lambda spec, folder: Recorder())
+    spec = ex.executor_spec("slurm", {"gpus_per_node": 4})
+    cells = expand(SweepSpec(strategies=["ddp", "fsdp"], gpus=[4, 8], run={"device": "cuda"}), "cuda", str(tmp_path),
+                   why_not=ex.why_not(spec, "cuda"), place=lambda c: ex.place(c, spec))
+    states: dict = {}
+    jobs = ex.Jobs(spec, str(tmp_path), states, lambda: None, _Bar())
+    jobs.submit([c for c in cells if not c.skip_reason])
+    assert sorted(calls) == [(1, 1, 1), (1, 4, 2), (2, 4, 2)]  # single; ddp and fsdp x4; ddp and fsdp x8
+    assert {r["state"] for r in states.values()} == {"running"} and len({r["job_id"] for r in states.values()}) == 5
