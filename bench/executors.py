@@ -198,7 +198,9 @@ class CellJob(submitit.helpers.Checkpointable):
         from .lifecycle import run
 
         cfg = self.node_config(RunConfig(**json.loads(cfg_json)))
-        out = run(cfg, own_process=True, say=lambda line: print(line, flush=True))
+        # the job is a fresh process of its own already: a one-process cell trains here, sparing a
+        # second interpreter and torch import (benchmarks/executor_overhead.py)
+        out = run(cfg, say=lambda line: print(line, flush=True))
         print(f"bench sweep job: {cfg.run_id} (node {cfg.node_rank}): {out.status}"
               + (f": {out.error}" if out.error else ""), flush=True)
         return {"status": out.status, "error": out.error}

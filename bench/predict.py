@@ -372,18 +372,21 @@ def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
             continue
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
         if key in by_key:
+            tensor_parallel = c["strategy"] == "tp" or mesh_of(c)[0] > 1
             cell = (key, c["strategy"], c["devices"], c.get("nodes", 1), int(c.get("grad_accum") or 1),
-                    c.get("ac") or "none", *mesh_of(c))
+                    c.get("ac") or "none", *mesh_of(c),
+                    bool(c.get("sequence_parallel", True)) if tensor_parallel else None)  # SP on and off apart
             rows.setdefault(cell, []).append(r["throughput"]["samples_per_s"])
             flags.setdefault(cell, []).extend(trust.result_flags(r))
     out = []
     for cell, measured in rows.items():
-        key, strategy, n, nodes, k, ac, tp, rep = cell
+        key, strategy, n, nodes, k, ac, tp, rep, sequence_parallel = cell
         inp = by_key[key]
         p = predict(inp, strategy, n, nodes, intra, inter, grad_accum=k, ac=ac, tp=tp, replicate=rep)
         m = statistics.median(measured)
         out.append({"model": inp.model, "precision": inp.precision, "batch": inp.batch, "strategy": strategy,
                     "devices": n, "nodes": nodes, "grad_accum": k, "ac": ac, "tp": tp, "dp_replicate": rep,
+                    "sequence_parallel": sequence_parallel,
                     "predicted": p["samples_per_s"], "measured": m,
                     "error": p["samples_per_s"] / m - 1, "overlap": p["overlap"], "contention": p["contention"],
                     "wait_ms": p["wait_ms"], "repeats": len(measured),
@@ -497,7 +500,8 @@ def check_table(checked: list[dict]) -> tuple[str, list[str], list[list[str]]]:
              + (f" rep{c['dp_replicate']}" if c.get("dp_replicate", 1) > 1 else "")
              + (f" tp{c['tp']}" if c.get("tp", 1) > 1 else "")
              + (f" ga{c['grad_accum']}" if c.get("grad_accum", 1) > 1 else "")
-             + (f" ac-{c['ac']}" if c.get("ac", "none") != "none" else ""), str(c["devices"]),
+             + (f" ac-{c['ac']}" if c.get("ac", "none") != "none" else "")
+             + (" nosp" if c.get("sequence_parallel") is False else ""), str(c["devices"]),
              f"{c['measured']:.1f}", f"{c['predicted']:.1f}", f"{c['error'] * 100:+.1f}%", f"{c['contention']:.2f}",
              "" if c["strategy"] == "pipeline" else f"{c['wait_ms']:.1f}", c.get("flags") or "–"]
             for c in checked]

@@ -444,3 +444,24 @@ def test_comm_benchmark_bandwidth_rises_with_size(tmp_path):
     assert all(r["busbw_GBps"] > 0 for r in rows) and rows[-1]["busbw_GBps"] > 5 * rows[0]["busbw_GBps"]
     assert rows[0]["busbw_GBps"] == pytest.approx(rows[0]["algbw_GBps"] * 2 * 1 / 2)
     assert result["fit"]["all_reduce"]["alpha_us"] > 0 and (tmp_path / (result["run_id"] + ".comm.png")).exists()
+
+
+def test_check_keeps_tensor_parallel_runs_with_and_without_sequence_parallel_apart():
+    """Sequence parallel changes the step (issue 24's measurement: 1.21x on a CPU): bench predict's
+    check must compare each setting's runs with the prediction, not their median together."""
+    from test_sweep_report import fixture_result
+
+    from bench.predict import Link, check, check_table
+
+    runs = [fixture_result(model="transformer", thr=100.0)]
+    for thr, sp in ((150.0, True), (160.0, True), (120.0, False)):
+        r = fixture_result(model="transformer", strategy="tp", devices=2, thr=thr)
+        r["config"]["sequence_parallel"] = sp
+        runs.append(r)
+    rows = {r["sequence_parallel"]: r for r in check(runs, Link(1.0, 100.0, "t"), None)}
+    assert set(rows) == {True, False}
+    assert (rows[True]["measured"], rows[True]["repeats"]) == (155.0, 2)
+    assert (rows[False]["measured"], rows[False]["repeats"]) == (120.0, 1)
+    assert rows[True]["predicted"] == rows[False]["predicted"]  # the model has no term for it (yet)
+    labels = sorted(line[0] for line in check_table(list(rows.values()))[2])
+    assert labels == ["transformer tp fp32 b32", "transformer tp fp32 b32 nosp"]

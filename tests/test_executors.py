@@ -268,7 +268,7 @@ class _Bar:
     def advance(self): ...
 
 
-def test_a_preempted_job_is_requeued_and_its_cell_runs_again_to_a_result(tmp_path):
+def test_a_preempted_job_is_requeued_and_its_cell_runs_again_to_a_result(tmp_path, monkeypatch):
     """SIGUSR2 to a running job's task is what SLURM's preemption (and submitit's LocalExecutor)
     sends: submitit checkpoints the callable (CellJob is Checkpointable) and requeues it; the cell
     must then run again, in the same job, to an ok result."""
@@ -279,16 +279,25 @@ def test_a_preempted_job_is_requeued_and_its_cell_runs_again_to_a_result(tmp_pat
                                                            "model_size": "small", "device": "cpu"})
     cells = expand(spec, "cpu", str(tmp_path))
     states: dict = {}
+    mark = tmp_path / "training"
+    monkeypatch.setenv("EMOTION_BENCH_FAULT", "mark:0:1")  # the job's environment is this one
+    monkeypatch.setenv("EMOTION_BENCH_MARK", str(mark))
     jobs = Jobs(ExecutorSpec("submitit-local"), str(tmp_path), states, lambda: None, _Bar())
     jobs.submit(cells)
     job = jobs.waiting[cells[0].key]
 
     def task():
-        kids = psutil.Process(int(job.job_id)).children()
-        return next((p for p in kids if "submitit.core._submit" in " ".join(p.cmdline())), None)
+        for p in psutil.Process(int(job.job_id)).children():
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and "submitit.core._submit" in " ".join(p.cmdline()):
+                    return p
+            except psutil.Error:  # a task that has just ended
+                pass
+        return None
 
     first = _wait_for(task)
-    _wait_for(lambda: first.children())  # the cell's own bench run process has started
+    _wait_for(mark.exists)  # the cell is training
+    mark.unlink()
     first.send_signal(signal.SIGUSR2)
     # requeued: the job's controller starts the task again, a new process for the same cell
     _wait_for(lambda: (p := task()) is not None and p.pid != first.pid)
@@ -296,6 +305,7 @@ def test_a_preempted_job_is_requeued_and_its_cell_runs_again_to_a_result(tmp_pat
     row = states[cells[0].key]
     assert row["state"] == "done" and row["job_id"] == job.job_id
     assert "this job is preempted" in job.paths.stderr.read_text()
+    assert mark.exists()  # the second run trained again
     assert json.loads((tmp_path / f"{cells[0].key}.json").read_text())["status"] == "ok"
 
 
