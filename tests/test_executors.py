@@ -195,6 +195,9 @@ def test_without_sbatch_the_slurm_executor_says_so_before_submitting_anything(tm
                  env={"PATH": os.path.dirname(sys.executable)})
     assert proc.returncode == 2 and "no sbatch" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert not (tmp_path / "t").exists()
+    proc = bench("tune", "--space", "tune-cpu", "--executor", "submitit-local", "--budget", "soon",
+                 "--out", tmp_path / "t")
+    assert proc.returncode == 2 and "--budget soon" in proc.stderr and not (tmp_path / "t").exists()  # not submitted
 
 
 def _skipped_only(**run):

@@ -60,7 +60,7 @@ def tune(
         fail("--array-parallelism: a tune is one job; it is bench sweep's")
     jobs = executor_or_fail({}, job_flags)
     if jobs.jobs and not dry_run:
-        return _as_job(jobs, space, model, gpus, settings, out, resume)
+        return _as_job(jobs, objective, budget, space, model, gpus, settings, out, resume)
     try:
         budget_s, cands, live, device_type = _space(objective, budget, space, model, gpus, nnodes, per_node, dry_run,
                                                     device_memory, settings)
@@ -84,7 +84,14 @@ def tune(
     _report(result, cands, anchors, out)
 
 
-def _as_job(jobs, space, model, gpus, settings, out, resume) -> None:
+def _budget(objective: str, budget: str) -> float:
+    """The budget in seconds; ValueError with the line for an objective not built or a bad budget."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"--objective {objective}: only throughput is built; energy and time-to-f1 are not yet")
+    return parse_duration(budget)
+
+
+def _as_job(jobs, objective, budget, space, model, gpus, settings, out, resume) -> None:
     """The measuring tune as one job on one node of the executor (this same command there, without
     the executor's options); its output passed on, its exit code ours."""
     import sys
@@ -93,7 +100,8 @@ def _as_job(jobs, space, model, gpus, settings, out, resume) -> None:
     from ..executors import command_job
 
     try:
-        spec = tuning.load_space(space, model, gpus, 1, settings)  # names and sizes, before anything is submitted
+        _budget(objective, budget)  # what can be checked here is, before anything is submitted
+        spec = tuning.load_space(space, model, gpus, 1, settings)
         code = command_job(without_job_flags(sys.argv[1:]), jobs, Path(out), max(spec.gpus), resume, info)
     except ValueError as exc:
         fail(str(exc))
@@ -108,9 +116,7 @@ def _space(objective, budget, space, model, gpus, nnodes, per_node, dry_run, dev
     from ..distenv import resolve_device_type
     from ..tune import prune
 
-    if objective not in OBJECTIVES:
-        raise ValueError(f"--objective {objective}: only throughput is built; energy and time-to-f1 are not yet")
-    budget_s = parse_duration(budget)
+    budget_s = _budget(objective, budget)
     if nnodes > 1 and not dry_run:
         raise ValueError(f"--nnodes {nnodes}: a measured tune runs on this machine; use --dry-run for more nodes")
     spec = tuning.load_space(space, model, gpus, 1, settings)
