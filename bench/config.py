@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -214,3 +215,14 @@ def flag_of(name: str) -> str:
     f = next(f for f in dataclasses.fields(RunConfig) if f.name == name)
     flag = f.metadata.get("flag")
     return flag.split("/")[0] if flag else "--" + name.replace("_", "-")
+
+
+def parse_duration(text: str) -> float:
+    """'20m', '90s', '1h', '1h30m' or a number of seconds -> seconds."""
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
+    if not parts or "".join(a + u for a, u in parts) != t:
+        raise ConfigError(f"--budget {text}: give a duration like 20m, 90s, 1h30m or seconds")
+    return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[u] for a, u in parts)

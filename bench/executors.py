@@ -30,7 +30,7 @@ import submitit
 
 from emotion_models.atomic import atomic_write_text
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, parse_duration
 
 EXECUTORS = ("local", "submitit-local", "slurm")
 KEYS = ("partition", "account", "time", "gpus_per_node", "cpus_per_task", "array_parallelism", "setup")
@@ -66,8 +66,6 @@ class ExecutorSpec:
 def executor_spec(kind: str | None, table: dict, **options) -> ExecutorSpec:
     """The executor from --executor and its options over the sweep TOML's [executor] table; one
     ConfigError line for anything unknown or out of range."""
-    from .commands.tune import parse_duration
-
     unknown = set(table) - set(KEYS) - {"kind"}
     if unknown:
         raise ConfigError(f"[executor] has unknown keys {sorted(unknown)}; use kind, {', '.join(KEYS)}")

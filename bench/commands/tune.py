@@ -2,7 +2,6 @@
 fraction of the space (bench/tune.py's search, bench/tuning.py's instruments)."""
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from pathlib import Path
@@ -11,20 +10,10 @@ from typing import Optional
 import typer
 
 from ..ui import console, error, info, table
+from ..config import parse_duration  # noqa: F401 (bench.commands.tune.parse_duration, as before)
 from .common import Exit, config_options, executor_or_fail, fail, job_options, nonempty_out, without_job_flags
 
 OBJECTIVES = ("throughput",)  # energy and time-to-f1: issue 25, not built yet (refused in one line)
-
-
-def parse_duration(text: str) -> float:
-    """'20m', '90s', '1h', '1h30m' or a number of seconds -> seconds."""
-    t = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", t):
-        return float(t)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
-    if not parts or "".join(a + u for a, u in parts) != t:
-        raise ValueError(f"--budget {text}: give a duration like 20m, 90s, 1h30m or seconds")
-    return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[u] for a, u in parts)
 
 
 @config_options(("model_size", "size", "dataset", "device"), preset_default="the space's")
