@@ -53,7 +53,9 @@ def _summary(body) -> dict:
     body = dataclasses.asdict(body) if dataclasses.is_dataclass(body) else body
     util = body["utilization"]
     return {"throughput": body["throughput"], "quality": body["quality"],
-            "peak_bytes": util.get("peak_allocated_bytes") or util.get("process_rss_peak_bytes")}
+            "peak_bytes": util.get("peak_allocated_bytes") or util.get("process_rss_peak_bytes"),
+            # bench tune --objective energy: the window's GPU energy and power (None on CPU)
+            "utilization": {k: util.get(k) for k in ("gpu_energy_j_per_sample", "gpu_power_w_mean")}}
 
 
 STEP_ENDS: list[float] = []

@@ -32,8 +32,8 @@ TEST_KEYS = ("accuracy", "macro_f1", "uar", "per_class", "confusion_matrix")
 
 
 # JSON files that live beside results but are not results: a sweep's manifest, bench tune's record, state,
-# anchors and job
-NOT_RESULTS = {"sweep.json", "tune.json", "tune-state.json", "anchors.json", "tune-job.json"}
+# anchors, job and time-to-f1 target
+NOT_RESULTS = {"sweep.json", "tune.json", "tune-state.json", "anchors.json", "tune-job.json", "f1-target.json"}
 # ok: finished, every figure measured; failed: did not finish (error says why); interrupted: SIGINT
 # or SIGTERM, what was measured until then; diverged: the loss stopped being finite, likewise;
 # skipped: a sweep cell that cannot run on this machine (in the sweep's manifest, with the reason)

@@ -7,7 +7,11 @@ measured windows and `bench parity`:
 
 - predict(cfg) -> samples/s: the model's figure for a candidate, before anything is measured;
 - measure(cfg) -> samples/s: one short measured window of it;
-- parity(cfg) -> None when the candidate still trains single's model, else why not.
+- parity(cfg) -> None when the candidate still trains single's model, else why not; or, for
+  --objective time-to-f1, the seconds its training run took to reach the F1 target.
+
+Every figure is the objective's, higher better: samples/s, or samples/J for --objective energy
+(`unit` names it in what the search says).
 
 1. Pruned candidates are never measured: the sweep's own skip rules (validity, the memory
    estimate against the device's memory, the devices at hand) give each its reason.
@@ -26,8 +30,9 @@ measured windows and `bench parity`:
    of repeated windows, at least `noise`), when `patience` challengers in a row did not win, or
    when the budget ends.
 4. The winner must still learn: the incumbent is checked with parity first, then the other measured
-   candidates in order of their measured throughput; the first that passes wins, the others are
-   reported with why.
+   candidates in order of their measured figure; the first that passes wins, the others are
+   reported with why. With best_of = k (time-to-f1), checks go on until k have passed (or none is
+   left), and the one whose check returned the fewest seconds to the F1 target wins.
 
 The state (every window measured, every parity verdict, the candidates that failed) is written after
 each step, atomically, so an interrupted search resumes where it stopped and never measures a
@@ -60,6 +65,7 @@ class Candidate:
     predicted: float | None = None  # samples/s, the model's, before learning
     windows: list[float] = field(default_factory=list)  # measured samples/s, one per window
     parity: str | None = None  # "ok", or why it does not still learn
+    time_to_f1_s: float | None = None  # time-to-f1: training seconds its check took to reach the target
     memory_gib: float | None = None  # the memory estimate per device (bench/memory.py), for tables and plots
 
     @property
@@ -70,7 +76,7 @@ class Candidate:
 @dataclass
 class Trial:
     key: str
-    samples_per_s: float
+    value: float  # the window's figure: samples/s (samples/J for --objective energy)
     incumbent: str | None  # after this trial
     elapsed_s: float  # since the search started, this trial included
 
@@ -147,9 +153,9 @@ class _Search:
     state on disk, saved after every change."""
 
     def __init__(self, live: list[Candidate], predict: Callable, measure: Callable, state: State, clock: Callable,
-                 say: Callable[[str], None], noise: float, budget_s: float):
+                 say: Callable[[str], None], noise: float, budget_s: float, unit: str = "samples/s"):
         self.measure, self.state, self.clock, self.say, self.noise = measure, state, clock, say, noise
-        self.budget_s = budget_s
+        self.budget_s, self.unit = budget_s, unit
         self.trials, self.incumbent = _restore(live, predict, state)
         self.start = clock() - (self.trials[-1].elapsed_s if self.trials else 0.0)
         self.losses = state.data.get("losses", 0)
@@ -173,7 +179,8 @@ class _Search:
         self.trials.append(Trial(c.key, value, self.incumbent.key if self.incumbent else None,
                                  self.clock() - self.start))
         self.save()
-        self.say(f"window {len(self.trials)}: {c.key} {value:.1f} samples/s ({self.trials[-1].elapsed_s:.0f} s)")
+        self.say(f"window {len(self.trials)}: {c.key} {value:.{_digits(value)}f} {self.unit} "
+                 f"({self.trials[-1].elapsed_s:.0f} s)")
         return True
 
     def beats(self, c: Candidate) -> bool:
@@ -198,10 +205,11 @@ class _Search:
 
 def search(live: list[Candidate], predict: Callable, measure: Callable, parity: Callable, *, budget_s: float,
            noise: float = 0.05, patience: int = 5, state_path: str | None = None, resume: bool = False,
-           clock: Callable[[], float] = time.monotonic, say: Callable[[str], None] = lambda _: None) -> TuneResult:
+           clock: Callable[[], float] = time.monotonic, say: Callable[[str], None] = lambda _: None,
+           unit: str = "samples/s", best_of: int = 1) -> TuneResult:
     """The search above over the unpruned candidates; say(line) after each window."""
     state = State(state_path, resume)
-    s = _Search(live, predict, measure, state, clock, say, noise, budget_s)
+    s = _Search(live, predict, measure, state, clock, say, noise, budget_s, unit)
     stopped = "every candidate measured"
     while True:
         measured = [c for c in live if c.windows]
@@ -232,7 +240,7 @@ def search(live: list[Candidate], predict: Callable, measure: Callable, parity: 
         else:
             s.losses += 1
             s.save()
-    return TuneResult(_still_learns(live, s.incumbent, parity, state), live, s.trials, stopped)
+    return TuneResult(_still_learns(live, s.incumbent, parity, state, best_of), live, s.trials, stopped)
 
 
 def _restore(live: list[Candidate], predict: Callable, state: State) -> tuple[list[Trial], Candidate | None]:
@@ -243,7 +251,10 @@ def _restore(live: list[Candidate], predict: Callable, state: State) -> tuple[li
         c.windows = list(state.data["windows"].get(c.key, []))
         c.parity = state.data["parity"].get(c.key)
         c.pruned = state.data.get("failed", {}).get(c.key, c.pruned)
-    trials = [Trial(**t) for t in state.data["trials"]]
+    for c in live:
+        c.time_to_f1_s = state.data.get("time_to_f1", {}).get(c.key)
+    # a state written before the figure was the objective's called it samples_per_s
+    trials = [Trial(**{"value" if k == "samples_per_s" else k: v for k, v in t.items()}) for t in state.data["trials"]]
     incumbent = {c.key: c for c in live}.get(trials[-1].incumbent) if trials else None
     if incumbent is None and any(c.windows for c in live):  # killed before a trial's incumbent was saved
         incumbent = max((c for c in live if c.windows), key=lambda c: c.measured)
@@ -276,16 +287,32 @@ def _challenge(challenger: Candidate, incumbent: Candidate, window: Callable[[Ca
     return False
 
 
-def _still_learns(live: list[Candidate], incumbent: Candidate | None, parity: Callable, state: State) -> Candidate | None:
+def _still_learns(live: list[Candidate], incumbent: Candidate | None, parity: Callable, state: State,
+                  best_of: int = 1) -> Candidate | None:
     """The incumbent if it passes parity, else the fastest other measured candidate that does (each
     checked once, in measured order): a challenger that did not beat the incumbent by more than the
-    noise does not win on one lucky window."""
+    noise does not win on one lucky window. best_of > 1: the first best_of that pass are checked,
+    and the one whose check took the fewest seconds to the F1 target wins."""
     others = sorted((c for c in live if c.windows and c is not incumbent), key=lambda c: -c.measured)
+    passed = []
     for c in ([incumbent] if incumbent else []) + others:
         if c.parity is None:
-            c.parity = parity(c.cfg) or "ok"
+            verdict = parity(c.cfg)
+            if isinstance(verdict, (int, float)) and not isinstance(verdict, bool):  # seconds to the F1 target
+                c.time_to_f1_s, verdict = float(verdict), None
+                state.data.setdefault("time_to_f1", {})[c.key] = c.time_to_f1_s
+            c.parity = verdict or "ok"
             state.data["parity"][c.key] = c.parity
             state.save()
         if c.parity == "ok":
-            return c
-    return None
+            passed.append(c)
+            if len(passed) >= best_of:
+                break
+    if best_of > 1 and passed:
+        return min(passed, key=lambda c: c.time_to_f1_s if c.time_to_f1_s is not None else float("inf"))
+    return passed[0] if passed else None
+
+
+def _digits(value: float) -> int:
+    """Decimals that show a figure's change: 1 for samples/s, more for samples/J (a few a joule)."""
+    return 1 if abs(value) >= 10 else 3

@@ -1,5 +1,6 @@
 """What `bench tune` writes: tune.json (every candidate, the trials, the winner and its command),
-tune.md (the same as tables) and tune.png (throughput against memory per device, the front)."""
+tune.md (the same as tables) and tune.png (the objective's figure against memory per device, the
+front). Every figure is in the objective's unit (tuning.OBJECTIVES: samples/s, or samples/J)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,40 +11,49 @@ from pathlib import Path
 from .cells import cell_label
 from .tune import Candidate, Trial
 
-CANDIDATE_HEADER = ["candidate", "predicted (samples/s)", "measured (samples/s, median)", "windows", "range (samples/s)",
-                    "memory (GiB per device, estimate)", "state"]
+def candidate_header(unit: str = "samples/s") -> list[str]:
+    return ["candidate", f"predicted ({unit})", f"measured ({unit}, median)", "windows", f"range ({unit})",
+            "memory (GiB per device, estimate)", "state"]
+
+
+def fig(value: float) -> str:
+    """A figure with the decimals that show it: 1 for samples/s, 3 for samples/J."""
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
 
 
 def state(c: Candidate) -> str:
     if c.pruned:
         return f"pruned: {c.pruned}"
+    if c.time_to_f1_s is not None:
+        return f"measured, reaches the F1 target in {c.time_to_f1_s:.1f} s of training"
     if c.parity and c.parity != "ok":
-        return f"fails parity: {c.parity}"
+        return f"fails parity: {c.parity}" if not c.parity.startswith(("did not reach", "its training run")) else \
+            f"fails the F1 check: {c.parity}"
     if c.parity == "ok":
         return "measured, passes parity"
     return "measured" if c.windows else ("not measured" + ("" if c.predicted else " (no prediction for it)"))
 
 
-def candidate_rows(cands: list[Candidate]) -> tuple[list[str], list[list[str]]]:
-    """Every candidate, measured first (fastest first), then the rest by prediction, the pruned last;
+def candidate_rows(cands: list[Candidate], unit: str = "samples/s") -> tuple[list[str], list[list[str]]]:
+    """Every candidate, measured first (best first), then the rest by prediction, the pruned last;
     cands is put in the same order, so rows[i] is cands[i]."""
     order = sorted(cands, key=lambda c: (bool(c.pruned), not c.windows, -(c.measured or c.predicted or 0)))
     rows = []
     for c in order:
         mem = c.memory_gib
-        rows.append([cell_label(c.cfg, from_config=True), f"{c.predicted:.1f}" if c.predicted else "–",
-                     f"{c.measured:.1f}" if c.windows else "", str(len(c.windows)) if c.windows else "",
-                     f"{min(c.windows):.1f}-{max(c.windows):.1f}" if len(c.windows) > 1 else "",
+        rows.append([cell_label(c.cfg, from_config=True), fig(c.predicted) if c.predicted else "–",
+                     fig(c.measured) if c.windows else "", str(len(c.windows)) if c.windows else "",
+                     f"{fig(min(c.windows))}-{fig(max(c.windows))}" if len(c.windows) > 1 else "",
                      f"{mem:.2f}" if mem is not None else "", state(c)])
     cands[:] = order
-    return CANDIDATE_HEADER, rows
+    return candidate_header(unit), rows
 
 
 def console_rows(cands: list[Candidate]) -> tuple[list, list[list[str]]]:
     """The candidates measured (in candidate_rows' order) for 80 columns: the label without the
     model (a tune is of one), figures that never wrap, the state in the last column."""
-    rows = [[cell_label(c.cfg, from_config=True).split(" ", 1)[1], f"{c.predicted:.1f}" if c.predicted else "–",
-             f"{c.measured:.1f}", str(len(c.windows)), f"{c.memory_gib:.2f}" if c.memory_gib is not None else "",
+    rows = [[cell_label(c.cfg, from_config=True).split(" ", 1)[1], fig(c.predicted) if c.predicted else "–",
+             fig(c.measured), str(len(c.windows)), f"{c.memory_gib:.2f}" if c.memory_gib is not None else "",
              state(c)] for c in cands if c.windows]
     fixed = {"justify": "right", "no_wrap": True}
     return ["candidate", ("predicted", fixed), ("measured", fixed), ("windows", fixed), ("GiB", fixed), "state"], rows
@@ -68,48 +78,52 @@ def dry_run_rows(ranked: list[Candidate]) -> tuple[list[str], list[list[str]]]:
     return ["candidate", ("predicted", fixed), ("GiB", fixed), "parameters rank 0 holds (rehearsed)"], rows
 
 
-def trial_rows(trials: list[Trial], labels: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
+def trial_rows(trials: list[Trial], labels: dict[str, str] | None = None,
+               unit: str = "samples/s") -> tuple[list[str], list[list[str]]]:
     """The windows in order; labels: cell key -> a shorter name (the console's), else the keys."""
     name = (lambda k: labels.get(k, k)) if labels else (lambda k: k)
-    return (["#", "candidate measured", "samples/s", "incumbent after it", "elapsed (s)"],
-            [[str(i + 1), name(t.key), f"{t.samples_per_s:.1f}", name(t.incumbent) if t.incumbent else "",
+    return (["#", "candidate measured", unit, "incumbent after it", "elapsed (s)"],
+            [[str(i + 1), name(t.key), fig(t.value), name(t.incumbent) if t.incumbent else "",
               f"{t.elapsed_s:.0f}"] for i, t in enumerate(trials)])
 
 
 def write(folder: Path, winner: Candidate | None, cands: list[Candidate], trials: list[Trial], stopped: str, anchors,
-          rows: tuple[list[str], list[list[str]]]) -> None:
+          rows: tuple[list[str], list[list[str]]], objective: str = "throughput") -> None:
     """tune.json, tune.md and tune.png in folder, each written whole (atomically)."""
     from emotion_models.atomic import atomic_write_text
 
     from .envinfo import fingerprint
     from .report import md_table
-    from .tuning import run_command
+    from .tuning import OBJECTIVES, run_command
 
     folder.mkdir(parents=True, exist_ok=True)
+    unit = OBJECTIVES[objective]
     record = {"kind": "tune", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": fingerprint(),
-              "stopped": stopped, "anchors": anchors.source,
+              "objective": objective, "unit": unit, "stopped": stopped, "anchors": anchors.source,
               "winner": winner.key if winner else None, "command": run_command(winner.cfg) if winner else None,
               "measured": sum(1 for c in cands if c.windows), "windows": sum(len(c.windows) for c in cands),
               # anchors measured that are no candidate's window (independent's contention, a batch outside the space)
               "anchor_windows": len(set(getattr(anchors, "windows", {})) - {c.key for c in cands}),
               "candidates": [{"key": c.key, "config": dataclasses.asdict(c.cfg), "pruned": c.pruned,
                               "predicted": c.predicted, "windows": c.windows, "measured": c.measured,
-                              "parity": c.parity, "memory_gib": c.memory_gib} for c in cands],
+                              "parity": c.parity, "time_to_f1_s": c.time_to_f1_s, "memory_gib": c.memory_gib}
+                             for c in cands],
               "trials": [dataclasses.asdict(t) for t in trials]}
     atomic_write_text(folder / "tune.json", json.dumps(record, indent=1))
-    lines = ["# bench tune", "", f"- stopped: {stopped}", f"- anchors: {anchors.source}",
+    lines = ["# bench tune", "", f"- objective: {objective} ({unit})", f"- stopped: {stopped}",
+             f"- anchors: {anchors.source}",
              f"- measured: {record['measured']} of {len(cands)} candidates in {record['windows']} windows",
              f"- winner: {winner.key if winner else 'none'}" + (f": `{record['command']}`" if winner else ""), "",
              "## Candidates", "", md_table(*rows), ""]
     if trials:
-        lines += ["## Trials, in order", "", md_table(*trial_rows(trials)), ""]
+        lines += ["## Trials, in order", "", md_table(*trial_rows(trials, unit=unit)), ""]
     atomic_write_text(folder / "tune.md", "\n".join(lines))
-    _pareto(cands, folder / "tune.png")
+    _pareto(cands, folder / "tune.png", objective, unit)
 
 
-def _pareto(cands: list[Candidate], path: Path) -> None:
-    """Measured throughput (predicted where nothing was measured) against the memory estimate per
-    device, with the front: the fastest candidates for their memory."""
+def _pareto(cands: list[Candidate], path: Path, objective: str = "throughput", unit: str = "samples/s") -> None:
+    """The measured figure (predicted where nothing was measured) against the memory estimate per
+    device, with the front: the best candidates for their memory."""
     from .report.plots import _axes
 
     pts = [(c.memory_gib, c.measured or c.predicted, c) for c in cands
@@ -128,10 +142,11 @@ def _pareto(cands: list[Candidate], path: Path) -> None:
             front.append((m, thr))
             ax.annotate(cell_label(c.cfg, from_config=True).split(" ", 1)[1], (m, thr), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
-    ax.plot([f[0] for f in front], [f[1] for f in front], "r-", lw=1, label="front (fastest for its memory)")
+    what = "energy efficiency" if objective == "energy" else "throughput"
+    ax.plot([f[0] for f in front], [f[1] for f in front], "r-", lw=1, label="front (best for its memory)")
     ax.set_xlabel("memory per device (GiB, estimate)")
-    ax.set_ylabel(("measured" if measured else "predicted") + " throughput (samples/s)")
-    ax.set_title("bench tune: throughput against memory per device")
+    ax.set_ylabel(("measured" if measured else "predicted") + f" {what} ({unit})")
+    ax.set_title(f"bench tune: {what} against memory per device")
     ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -140,3 +155,39 @@ def _pareto(cands: list[Candidate], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def find(paths) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
+    """Every tune.json under the given files or folders as (path, record), and (path, why) for one that
+    cannot be read: bench report's tune section."""
+    found, bad = [], []
+    for source in paths:
+        p = Path(source)
+        for f in sorted(p.rglob("tune.json")) if p.is_dir() else ([p] if p.name == "tune.json" else []):
+            try:
+                record = json.loads(f.read_text())
+                if record.get("kind") != "tune":
+                    raise ValueError("not a bench tune record (no kind: tune)")
+                found.append((str(f), record))
+            except (OSError, ValueError) as exc:
+                bad.append((str(f), str(exc)))
+    return found, bad
+
+
+def from_record(record: dict) -> list[Candidate]:
+    """The candidates of a tune.json, as the search held them."""
+    from .config import RunConfig
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    return [Candidate(c["key"], RunConfig(**{k: v for k, v in c["config"].items() if k in fields}), c.get("pruned"),
+                      c.get("predicted"), list(c.get("windows") or []), c.get("parity"), c.get("time_to_f1_s"),
+                      c.get("memory_gib")) for c in record["candidates"]]
+
+
+def summary(path: str, record: dict) -> str:
+    """One line of a tune: its objective, winner and command, what it measured, why it stopped."""
+    unit = record.get("unit", "samples/s")
+    winner = f"winner {record['winner']}: `{record['command']}`" if record.get("winner") else "no winner"
+    return (f"{path}: --objective {record.get('objective', 'throughput')} ({unit}); {winner}; measured "
+            f"{record['measured']} of {len(record['candidates'])} candidates in {record['windows']} windows; "
+            f"stopped: {record['stopped']}")

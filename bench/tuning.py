@@ -15,6 +15,11 @@ given, and the command line of the winner.
   torchrun job whose processes stay between visits, each rank pinned to its core, tensors on huge
   pages): WINDOW_STEPS timed steps after the run's warm-up; its figure is the run's own samples/s.
 - Parity (parity_check): bench parity of a candidate against single, on its stated basis.
+- The objective (OBJECTIVES) is what a window's figure is: throughput (samples/s), energy (samples
+  per joule, 1 / the run's GPU energy per sample from NVML's counters; refused in one line where
+  the devices have none) or time-to-f1 (windows measure throughput; the winner is then the
+  candidate, of the F1_CHECKS fastest measured, that reaches single's best validation macro-F1 less
+  --f1-tolerance in the least training time: F1Target).
 - --dry-run measures nothing: single's step time is the model's FLOPs (3 x forward) at an assumed
   MFU of a stated peak, the links are presets, and the memory is the estimate, rehearsed with the
   fake process group for the top candidates (bench/rehearse.py).
@@ -32,8 +37,34 @@ from .config import ConfigError, RunConfig, cli_fields, flag_of
 from .tune import Candidate
 
 WINDOW_STEPS = 12  # timed steps of one window, after the run's own --warmup-steps
+# --objective: the unit of a window's figure (higher is better for each)
+OBJECTIVES = {"throughput": "samples/s", "energy": "samples/J", "time-to-f1": "samples/s"}
+F1_CHECKS = 3  # time-to-f1: the fastest measured candidates that must each reach the F1 target
+TRAIN_TIMEOUT_S = 4 * 3600  # time-to-f1: the longest a whole training run of a candidate may take
 DRY_RUN_MFU = 0.4  # --dry-run's assumed share of the peak a training step reaches
 GiB = 2**30
+
+
+def check_objective(objective: str, device_type: str) -> None:
+    """ValueError with the line where the objective is unknown or cannot be measured on these devices."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"--objective {objective}: not one of {', '.join(OBJECTIVES)}")
+    if objective == "energy" and device_type != "cuda":
+        raise ValueError(f"--objective energy: a window's energy is read from NVML's counters on NVIDIA GPUs, and "
+                         f"this run's devices are {device_type}: tune --objective throughput here")
+
+
+def score(result: dict, objective: str) -> float:
+    """A window's figure for the objective: samples/s, or samples per joule for energy (tune.Failed
+    where the run read no energy)."""
+    if objective != "energy":
+        return float(result["throughput"]["samples_per_s"])
+    per_sample = (result.get("utilization") or {}).get("gpu_energy_j_per_sample")
+    if not per_sample:
+        from .tune import Failed
+
+        raise Failed("the run read no GPU energy (NVML gave no counter and no power samples in its window)")
+    return 1.0 / float(per_sample)
 
 
 def load_space(space: str, model: str | None, gpus: int | None, nodes: int, run: dict):
@@ -126,7 +157,8 @@ class Anchors:
     inter: object
     per_node: int
     source: str  # how the single figures were had: measured, or assumed (dry run)
-    windows: dict[str, float] = dataclasses.field(default_factory=dict)  # cell key -> samples/s of each anchor
+    windows: dict[str, float] = dataclasses.field(default_factory=dict)  # cell key -> the objective's figure of each anchor
+    power_w: float | None = None  # --objective energy: one device's mean power in the single anchors' windows, W
 
     def step_s(self, precision: str, batch: int) -> float | None:
         """Single's step at a batch: measured, else on the line through the two measured batches
@@ -156,9 +188,17 @@ class Anchors:
         nodes = max(cfg.nodes, -(-cfg.devices // self.per_node))
         try:
             return predict(inp, cfg.strategy, cfg.devices, nodes, self.intra, self.inter, grad_accum=cfg.grad_accum,
-                           ac=cfg.ac, tp=tp, replicate=rep)["samples_per_s"]
+                           ac=cfg.ac, tp=tp, replicate=rep, sequence_parallel=cfg.sequence_parallel)["samples_per_s"]
         except ValueError:
             return None
+
+    def figure(self, cfg: RunConfig, objective: str = "throughput") -> float | None:
+        """The objective's predicted figure of a candidate: samples/s; for energy, samples/J at the
+        single anchors' power on each of its devices (the search's learned ratios correct the rest)."""
+        thr = self.predict(cfg)
+        if objective != "energy" or thr is None:
+            return thr
+        return thr / (cfg.devices * self.power_w) if self.power_w else None
 
 
 def assumed_anchors(live: list[Candidate], peak_tflops: float | None, per_node: int) -> Anchors:
@@ -203,9 +243,11 @@ class Windows:
     also a result file, `<cell key>-w<k>.json` in `results` (bench report and compare read them);
     the job's own files live in a temporary folder."""
 
-    def __init__(self, setup: RunConfig, world: int, device_type: str, results: Path, timeout_s: float = 900):
+    def __init__(self, setup: RunConfig, world: int, device_type: str, results: Path, timeout_s: float = 900,
+                 objective: str = "throughput"):
         from .ab import REPO, Side
 
+        self.objective, self.last = objective, None  # last: the latest window's result record
         cores = len(os.sched_getaffinity(0))
         self.threads = max(1, cores // world)  # on CPU one core per rank, as the gate pins them
         self.side = Side("tune", "working tree", REPO, {"EMOTION_BENCH_AB_DEVICE": device_type})
@@ -221,28 +263,36 @@ class Windows:
         job.wait_ready(self.timeout_s)
         return job
 
-    def window(self, cfg: RunConfig) -> dict:
+    def window(self, cfg: RunConfig, **changes) -> dict:
+        """One window's result record; changes (a whole training run's epochs, target F1) replace the
+        window's settings."""
         from .cells import cell_key
 
         key = cell_key(cfg)
-        k = len(list(self.results.glob(f"{key}-w*.json")))
-        c = cfg.replace(max_steps=cfg.warmup_steps + WINDOW_STEPS, epochs=10_000, eval_each_epoch=False,
-                        threads=self.threads, target_f1=None, profile=False, out_dir=str(self.results),
-                        run_id=f"{key}-w{k}")
-        return self.job.run(dataclasses.asdict(c), self.timeout_s, result=True)
+        tag = "f1" if changes else "w"
+        k = len(list(self.results.glob(f"{key}-{tag}*.json")))
+        window = dict(max_steps=cfg.warmup_steps + WINDOW_STEPS, epochs=10_000, eval_each_epoch=False, target_f1=None)
+        c = cfg.replace(**{**window, **changes}, threads=self.threads, profile=False, out_dir=str(self.results),
+                        run_id=f"{key}-{tag}{k}")
+        # a whole training run (time-to-f1) may take hours on a large model: its own, longer limit
+        self.last = self.job.run(dataclasses.asdict(c), max(self.timeout_s, TRAIN_TIMEOUT_S) if changes else self.timeout_s,
+                                 result=True)
+        return self.last
 
-    def __call__(self, cfg: RunConfig) -> float:
-        """samples/s of one window, the run's own figure. A run that fails takes its job down: a new
-        job is started for the next window, and this candidate fails (tune.Failed, with the reason)."""
+    def __call__(self, cfg: RunConfig, **changes) -> float | dict:
+        """The objective's figure of one window (the run's own samples/s, or samples/J); with changes,
+        the run's whole result record. A run that fails takes its job down: a new job is started for
+        the next window, and this candidate fails (tune.Failed, with the reason)."""
         from .ab import ABError
         from .tune import Failed
 
         try:
-            return float(self.window(cfg)["throughput"]["samples_per_s"])
+            result = self.window(cfg, **changes)
         except ABError as exc:
             self.job.close()
             self.job = self._start()
             raise Failed(str(exc)) from None
+        return result if changes else score(result, self.objective)
 
     def close(self) -> None:
         import shutil
@@ -259,33 +309,38 @@ def _plain(cfg: RunConfig, **changes) -> RunConfig:
 
 def measure_anchors(live: list[Candidate], windows: Windows, link, per_node: int, say: Callable[[str], None]) -> Anchors:
     """Single at the smallest and largest batch of each precision, and independent at the largest
-    device count (its contention c_N), each one window."""
+    device count (its contention c_N), each one window; with --objective energy, one device's mean
+    power in the single windows too."""
     from .cells import cell_key
 
     single: dict[tuple[str, int], float] = {}
-    measured: dict[str, float] = {}
-    first = live[0].cfg
+    measured: dict[str, float] = {}  # the objective's figure of each anchor
+    power: list[float] = []
+    first, unit = live[0].cfg, OBJECTIVES[windows.objective]
     for precision in sorted({c.cfg.precision for c in live}):
         batches = sorted({c.cfg.batch_size for c in live if c.cfg.precision == precision})
         for b in dict.fromkeys((batches[0], batches[-1])):
             cfg = _plain(first, strategy="single", devices=1, precision=precision, batch_size=b)
-            thr = windows(cfg)
+            measured[cell_key(cfg)] = windows(cfg)
+            thr = float(windows.last["throughput"]["samples_per_s"])
             single[(precision, b)] = b / thr
-            measured[cell_key(cfg)] = thr
-            say(f"anchor: single {precision} b{b}: {thr:.1f} samples/s")
+            power += [w for w in [(windows.last.get("utilization") or {}).get("gpu_power_w_mean")] if w]
+            say(f"anchor: single {precision} b{b}: {thr:.1f} samples/s"
+                + (f", {measured[cell_key(cfg)]:.2f} {unit}" if windows.objective == "energy" else ""))
     contention: dict[int, float] = {}
     n = max(c.cfg.devices for c in live) // max(first.nodes, 1)
     if n > 1:
         precision, b = min(single)
         cfg = _plain(first, strategy="independent", devices=n, precision=precision, batch_size=b)
         try:
-            thr = windows(cfg)  # all n replicas' samples
-            measured[cell_key(cfg)] = thr
+            measured[cell_key(cfg)] = windows(cfg)
+            thr = float(windows.last["throughput"]["samples_per_s"])  # all n replicas' samples
             contention[n] = (b * n / thr) / single[(precision, b)]
             say(f"anchor: independent x{n}: contention c_{n} = {contention[n]:.2f}")
         except Exception as exc:  # contention stays the assumed 1, and the family's first window corrects it
             say(f"anchor: independent x{n} did not run ({exc}); contention assumed 1")
-    return Anchors(single, contention, link, link, per_node, "measured", measured)
+    return Anchors(single, contention, link, link, per_node, "measured", measured,
+                   sum(power) / len(power) if power else None)
 
 
 def parity_check(cfg: RunConfig, steps: int = 3) -> str | None:
@@ -308,6 +363,63 @@ def parity_check(cfg: RunConfig, steps: int = 3) -> str | None:
         return f"parity run failed: {row.error}"
     return (f"parity ({row.basis}): loss {row.loss_dev:.1e} (limit {row.loss_tol:.0e}), parameters "
             f"{row.param_dev:.1e} (limit {row.param_tol:.0e}) from single's")
+
+
+class F1Target:
+    """--objective time-to-f1's check in the place of parity: the target is the reference's (single,
+    plain) best validation macro-F1 over its epochs less `tolerance`; a candidate passes when a whole
+    training run of it, with the same epochs, reaches the target, and its figure is the training
+    time that took (s; evaluation excluded). The target is measured at the first check and kept in
+    `path` (a resumed tune does not train the reference again)."""
+
+    def __init__(self, windows: Windows, reference: RunConfig, tolerance: float, path: Path,
+                 say: Callable[[str], None]):
+        import json
+
+        self.windows, self.reference, self.tolerance, self.path, self.say = windows, reference, tolerance, path, say
+        self.target = json.loads(path.read_text())["target"] if path.exists() else None
+
+    def _train(self, cfg: RunConfig, target: float | None) -> dict:
+        return self.windows(cfg, epochs=cfg.epochs, max_steps=None, eval_each_epoch=True, target_f1=target)
+
+    def _reference_target(self) -> float:
+        import json
+
+        from emotion_models.atomic import atomic_write_text
+
+        q = self._train(self.reference, None).get("quality") or {}
+        best = max(q.get("val_macro_f1_by_epoch") or [0.0])
+        target = best - self.tolerance
+        atomic_write_text(self.path, json.dumps({"reference": dataclasses.asdict(self.reference), "best_val_f1": best,
+                                                 "tolerance": self.tolerance, "target": target}, indent=1))
+        self.say(f"time-to-f1: single's best val macro-F1 {best:.3f} in {self.reference.epochs} epochs; "
+                 f"target {target:.3f} (--f1-tolerance {self.tolerance:g})")
+        return target
+
+    def __call__(self, cfg: RunConfig) -> str | float:
+        """Seconds of training to the target, else why not (one line)."""
+        from .tune import Failed
+
+        try:
+            if self.target is None:
+                self.target = self._reference_target()
+            q = self._train(cfg, self.target).get("quality") or {}
+        except Failed as exc:
+            return f"its training run failed: {exc}"
+        if q.get("time_to_target_s") is None:
+            best = max(q.get("val_macro_f1_by_epoch") or [float("nan")])
+            return f"did not reach val macro-F1 {self.target:.3f} in {cfg.epochs} epochs (best {best:.3f})"
+        self.say(f"time-to-f1: {cfg.strategy} reached {self.target:.3f} in {q['time_to_target_s']:.1f} s of training "
+                 f"({q.get('epochs_to_target')} epochs)")
+        return float(q["time_to_target_s"])
+
+
+def f1_reference(live: list[Candidate]) -> RunConfig:
+    """time-to-f1's reference: single, plain, at the space's smallest batch, fp32 where the space has it."""
+    precisions = {c.cfg.precision for c in live}
+    precision = "fp32" if "fp32" in precisions else sorted(precisions)[0]
+    return _plain(live[0].cfg, strategy="single", devices=1, precision=precision,
+                  batch_size=min(c.cfg.batch_size for c in live))
 
 
 def link_for(folder: Path, devices: int, device_type: str, say: Callable[[str], None]):
@@ -347,16 +459,17 @@ def anchors_cached(path: Path, resume: bool, make: Callable[[], Anchors]) -> Anc
     if resume and path.exists():
         raw = json.loads(path.read_text())
         return Anchors({(p, int(b)): t for p, b, t in raw["single_s"]}, {int(n): c for n, c in raw["contention"].items()},
-                       Link(**raw["intra"]), Link(**raw["inter"]), raw["per_node"], raw["source"], raw["windows"])
+                       Link(**raw["intra"]), Link(**raw["inter"]), raw["per_node"], raw["source"], raw["windows"],
+                       raw.get("power_w"))
     a = make()
     atomic_write_text(path, json.dumps({"single_s": [[p, b, t] for (p, b), t in a.single_s.items()],
                                         "contention": a.contention, "intra": dataclasses.asdict(a.intra),
                                         "inter": dataclasses.asdict(a.inter), "per_node": a.per_node,
-                                        "source": a.source, "windows": a.windows}, indent=1))
+                                        "source": a.source, "windows": a.windows, "power_w": a.power_w}, indent=1))
     return a
 
 
-def seed_state(path: Path, anchors: Anchors, keys: set[str]) -> None:
+def seed_state(path: Path, anchors: Anchors, keys: set[str], objective: str = "throughput") -> None:
     """A new search's state holding the anchors' windows of candidates (single at the smallest and
     largest batch is one): measured once, they count as those candidates' first windows."""
     import json
@@ -364,4 +477,5 @@ def seed_state(path: Path, anchors: Anchors, keys: set[str]) -> None:
     from emotion_models.atomic import atomic_write_text
 
     windows = {k: [v] for k, v in anchors.windows.items() if k in keys}
-    atomic_write_text(path, json.dumps({"windows": windows, "parity": {}, "trials": [], "losses": 0}, indent=1))
+    atomic_write_text(path, json.dumps({"windows": windows, "parity": {}, "trials": [], "losses": 0,
+                                        "objective": objective}, indent=1))

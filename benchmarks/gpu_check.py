@@ -13,6 +13,7 @@ path. Where the package is installed, `python benchmarks/gpu_check.py` works too
   and ddp --sync-bn at one device; the step breakdown (--profile) of single and ddp; the RNN models,
   the transformer and conformer (single and fsdp); the CNN and wav2vec2-base compiled (inductor);
   wav2vec2-base and hubert-large fsdp bf16, and the largest encoder whose estimate fits the card;
+  `bench tune --objective energy` over the tune preset at one GPU (its windows on CUDA, samples/J);
 - with two GPUs or more: dp (fp32 and bf16), ddp, fsdp, pipeline and model-parallel at 2 GPUs,
   bench comm, bench parity, and hubert-large under fsdp at N GPUs against single.
 
@@ -108,6 +109,10 @@ def one_gpu_cells() -> list[Cell]:
                                           "--precision", "bf16"], guess_s=30),
         Cell("cnn fsdp x1 --reshard-after-forward false", [*run, "--strategy", "fsdp", "--gpus", "1", *CNN,
                                                            "--reshard-after-forward", "false"]),
+        # bench tune's windows on CUDA, and --objective energy (NVML's counters), which no CPU can run
+        Cell("cnn tune x1 --objective energy", ["tune", "--model", "cnn", "--gpus", "1", "--space", "tune",
+                                                "--objective", "energy", "--budget", "90s"], expect="command",
+             guess_s=180),
         Cell("cnn single compiled (inductor)", [*run, *CNN, "--compile"], guess_s=90),
         Cell("wav2vec2-base single bf16 compiled (inductor)", [*run, "--model", "wav2vec2-base", *ENC, "--precision",
                                                                "bf16", "--compile"], guess_s=150),
@@ -201,8 +206,8 @@ def run_cell(cell: Cell, out: Path, timeout_s: float, device: str = "cuda") -> d
     """Run one cell; what it printed (the end), its exit code, its result file."""
     runs = out / "runs"
     argv = [*cell.argv, "--device", device]
-    if cell.argv[0] in ("run", "comm"):
-        argv += ["--out", str(runs if cell.argv[0] == "run" else out / "comm")]
+    if cell.argv[0] in ("run", "comm", "tune"):
+        argv += ["--out", str({"run": runs, "comm": out / "comm", "tune": out / "tune"}[cell.argv[0]])]
     env = {**os.environ, **cell.env}
     t = time.perf_counter()
     # a session of its own, so a timeout takes down torchrun's workers too (they hold the GPU)

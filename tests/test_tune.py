@@ -160,3 +160,53 @@ def test_a_challenger_no_faster_than_the_incumbent_never_takes_its_place():
     # each look at 2 to 4 pairs errs upward at most 2.5 % of the time (one-sided t interval): 7.5 % over
     # three looks by the union bound; 10 % of 200 leaves room for the binomial spread of 200 searches
     assert wins <= 20, wins
+
+
+def test_time_to_f1_picks_the_quickest_to_the_target_of_the_checked_and_passes_over_one_that_never_gets_there():
+    """best_of = 3 (--objective time-to-f1): the check returns the training seconds to the F1 target or
+    why not. Planted: the fastest-measured candidate never reaches the target, the second takes 95 s
+    (a large global batch needs more epochs), the third 40 s, the fourth 60 s, the fifth would take
+    10 s. The winner is the third: checks stop once three have passed, so the fifth is never run."""
+    cands = space()
+    ranked = cands[:6]
+    for i, c in enumerate(ranked):  # measured, fastest first
+        c.windows = [200.0 - 10 * i]
+    planted = {ranked[0].key: "did not reach val macro-F1 0.810 in 8 epochs (best 0.702)",
+               ranked[1].key: 95.0, ranked[2].key: 40.0, ranked[3].key: 60.0, ranked[4].key: 10.0}
+    checked = []
+
+    def check(cfg):
+        checked.append(cell_key(cfg))
+        return planted[cell_key(cfg)]
+
+    from bench.tune import State, _still_learns
+
+    incumbent = ranked[0]
+    winner = _still_learns(cands, incumbent, check, State(None, False), best_of=3)
+    assert winner.key == ranked[2].key and winner.time_to_f1_s == 40.0
+    assert checked == [c.key for c in ranked[:4]]  # the fifth (10 s) is never checked: three passed before it
+    assert ranked[0].parity.startswith("did not reach") and ranked[0].time_to_f1_s is None
+    # best_of = 1 (parity) keeps the first that passes, whatever its seconds
+    for c in cands:
+        c.parity, c.time_to_f1_s = None, None
+    assert _still_learns(cands, incumbent, check, State(None, False)).key == ranked[1].key
+
+
+def test_a_search_in_samples_per_joule_says_its_unit_and_a_state_of_before_reads_back(tmp_path):
+    """The figure is the objective's: what the search says names its unit; a state written when the
+    trials called their figure samples_per_s resumes."""
+    land, said = Landscape(6), []
+    state = tmp_path / "state.json"
+    search(space(), lambda cfg: land.predict(cfg) / 300, lambda cfg: land.measure(cfg) / 300, lambda cfg: None,
+           budget_s=40, clock=land.clock, say=said.append, unit="samples/J", state_path=str(state))
+    windows = [s for s in said if s.startswith("window ")]
+    assert windows and all(" samples/J (" in s for s in windows), windows
+    import json
+
+    raw = json.loads(state.read_text())
+    for t in raw["trials"]:
+        t["samples_per_s"] = t.pop("value")
+    state.write_text(json.dumps(raw))
+    again = search(space(), land.predict, land.measure, lambda cfg: None, budget_s=0, clock=land.clock,
+                   state_path=str(state), resume=True)
+    assert [t.value for t in again.trials] == [t["samples_per_s"] for t in raw["trials"]]

@@ -61,13 +61,81 @@ def test_the_mesh_a_prediction_reads_is_the_one_a_result_records():
 
 
 def test_bad_options_are_one_line_before_anything_runs(capsys, tmp_path):
-    code, out = invoke(["tune", "--objective", "energy", "--out", tmp_path], capsys)
-    assert code == 2 and "only throughput is built" in out and "Traceback" not in out
+    code, out = invoke(["tune", "--objective", "energy", "--device", "cpu", "--out", tmp_path], capsys)
+    assert code == 2 and "NVML" in out and "devices are cpu" in out and "Traceback" not in out
+    code, out = invoke(["tune", "--objective", "speed", "--out", tmp_path], capsys)
+    assert code == 2 and "--objective speed: not one of throughput, energy, time-to-f1" in out
+    code, out = invoke(["tune", "--objective", "time-to-f1", "--f1-tolerance", "2", "--device", "cpu",
+                        "--out", tmp_path], capsys)
+    assert code == 2 and "--f1-tolerance 2: give a macro-F1 difference" in out
     code, out = invoke(["tune", "--space", "nosuch", "--out", tmp_path], capsys)
     assert code == 2 and "no such file or preset" in out
     code, out = invoke(["tune", "--budget", "soon", "--out", tmp_path], capsys)
     assert code == 2 and "give a duration" in out
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_resume_of_another_objective_is_refused_in_one_line(capsys, tmp_path):
+    (tmp_path / "tune-state.json").write_text(json.dumps({"windows": {}, "parity": {}, "trials": [], "losses": 0,
+                                                          "objective": "throughput"}))
+    code, out = invoke(["tune", "--objective", "time-to-f1", "--device", "cpu", "--resume", "--out", tmp_path], capsys)
+    assert code == 2 and "the tune in" in out and "measured --objective throughput" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tune-state.json"]  # nothing else written, nothing lost
+
+
+def test_an_energy_figure_is_samples_per_joule_and_its_prediction_the_anchors_power():
+    """The oracle is arithmetic: 0.5 J a sample is 2 samples/J; a prediction of 300 samples/s on 2
+    devices at 150 W each is 1 sample/J; a run that read no energy fails, in words."""
+    from bench.tune import Failed
+    from bench.tuning import score
+
+    result = {"throughput": {"samples_per_s": 300.0}, "utilization": {"gpu_energy_j_per_sample": 0.5}}
+    assert score(result, "energy") == 2.0 and score(result, "throughput") == score(result, "time-to-f1") == 300.0
+    with pytest.raises(Failed, match="read no GPU energy"):
+        score({"throughput": {"samples_per_s": 1.0}, "utilization": {"gpu_energy_j_per_sample": None}}, "energy")
+    a = Anchors({("bf16", 16): 16 / 150.0}, {}, None, None, 8, "measured", power_w=150.0)
+    a.predict = lambda cfg: 300.0  # the throughput prediction is bench predict's, tested elsewhere
+    assert a.figure(RunConfig(strategy="ddp", devices=2, precision="bf16", batch_size=16), "energy") == pytest.approx(1.0)
+    assert a.figure(RunConfig(strategy="ddp", devices=2), "throughput") == 300.0
+    a.power_w = None
+    assert a.figure(RunConfig(strategy="ddp", devices=2), "energy") is None
+
+
+class FakeWindows:
+    """Whole training runs of a planted F1 curve per strategy: val macro-F1 by epoch, and the seconds of
+    training after which each epoch ends (10 s an epoch)."""
+
+    CURVES = {"single": [0.40, 0.70, 0.80, 0.82], "ddp": [0.30, 0.60, 0.80, 0.81], "fsdp": [0.2, 0.3, 0.4, 0.5]}
+
+    def __init__(self):
+        self.runs = []
+
+    def __call__(self, cfg, **changes):
+        self.runs.append((cfg.strategy, changes))
+        curve = self.CURVES[cfg.strategy][:changes["epochs"]]
+        target = changes["target_f1"]
+        hit = next((i for i, f in enumerate(curve) if target is not None and f >= target), None)
+        return {"quality": {"val_macro_f1_by_epoch": curve, "time_to_target_s": None if hit is None else 10.0 * (hit + 1),
+                            "epochs_to_target": None if hit is None else hit + 1}}
+
+
+def test_the_f1_target_is_single_best_less_the_tolerance_measured_once_and_kept(tmp_path):
+    from bench.tuning import F1Target
+
+    runs, said = FakeWindows(), []
+    ref = RunConfig(strategy="single", epochs=4)
+    check = F1Target(runs, ref, 0.02, tmp_path / "f1-target.json", said.append)
+    assert check(RunConfig(strategy="ddp", devices=2, epochs=4)) == 30.0  # 0.80 >= 0.82 - 0.02 at epoch 3
+    assert check(RunConfig(strategy="fsdp", devices=2, epochs=4)).startswith(
+        "did not reach val macro-F1 0.800 in 4 epochs (best 0.500)")
+    assert [s for s, _ in runs.runs] == ["single", "ddp", "fsdp"]  # the reference once, first
+    assert runs.runs[0][1]["target_f1"] is None and runs.runs[1][1]["eval_each_epoch"] is True
+    assert json.loads((tmp_path / "f1-target.json").read_text())["target"] == pytest.approx(0.80)
+    again = FakeWindows()
+    check = F1Target(again, ref, 0.02, tmp_path / "f1-target.json", said.append)
+    assert check(RunConfig(strategy="ddp", devices=2, epochs=4)) == 30.0
+    assert [s for s, _ in again.runs] == ["ddp"]  # resumed: the reference is not trained again
+    assert any("target 0.800" in s for s in said)
 
 
 SPACE = """
@@ -118,6 +186,10 @@ def test_a_measured_tune_finds_the_planted_winner_and_resumes_without_measuring_
     assert len(windows) >= rec["windows"]  # every window (and anchor) is a result file
     rep = bench("report", out, "--out", tmp_path / "report")
     assert rep.returncode == 0 and "not a result file" not in rep.stdout + rep.stderr, rep.stdout + rep.stderr
+    md = (tmp_path / "report" / "report.md").read_text()
+    section = md[md.index("## bench tune"):]  # the tune's own section: its line and its measured candidates
+    assert f"winner {rec['winner']}" in section and rec["command"] in section and "measured (samples/s, median)" in section
+    assert "tune " in rep.stdout + rep.stderr and rec["winner"] in " ".join((rep.stdout + rep.stderr).split())
     again = bench("tune", "--space", space, "--budget", "5m", "--out", out, "--resume", timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     rec2 = json.loads((out / "tune.json").read_text())
@@ -138,3 +210,24 @@ def test_a_dry_run_at_64_gpus_lists_candidates_by_prediction_without_measuring(t
     assert live and all(c["predicted"] and c["predicted"] > 0 for c in live)
     assert "best predicted: bench run" in done.stdout + done.stderr
     assert "64" in done.stdout  # the candidates are at 64 devices
+
+
+def test_a_time_to_f1_tune_wins_on_training_seconds_to_single_best_f1(tmp_path):
+    """--objective time-to-f1 on 2 CPU workers (real processes): windows measure throughput, then the
+    fastest measured candidates each train whole runs (3 epochs here) toward single's best val
+    macro-F1 less the tolerance. The oracle is the record itself: the target is the reference's
+    best less 0.02, a candidate that passed holds its seconds, and the winner has the fewest."""
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE.replace("batch = [8, 16]", "batch = [8]") + "epochs = 3\n")
+    out = tmp_path / "ttf"
+    done = bench("tune", "--space", space, "--budget", "5m", "--out", out, "--objective", "time-to-f1", timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rec = json.loads((out / "tune.json").read_text())
+    target = json.loads((out / "f1-target.json").read_text())
+    assert rec["objective"] == "time-to-f1" and target["target"] == pytest.approx(target["best_val_f1"] - 0.02)
+    checked = [c for c in rec["candidates"] if c["parity"]]
+    times = {c["key"]: c["time_to_f1_s"] for c in checked if c["time_to_f1_s"] is not None}
+    assert times and rec["winner"] == min(times, key=times.get), checked
+    assert all(c["parity"] == "ok" or c["parity"].startswith(("did not reach", "its training run")) for c in checked)
+    assert list((out / "windows").glob("*-f1*.json"))  # the training runs are result files too
+    assert "the F1 target in" in " ".join(done.stdout.split()) + " ".join(done.stderr.split())

@@ -26,15 +26,18 @@ def report(
     """Tables (DeepLearningExamples style), scaling plots and a hardware comparison from result files."""
     from ..report import main_tables, write_report
     from ..sweep import skipped_cells
+    from ..tune_report import find, summary
 
     results, bad = load_or_fail(dirs)
+    tunes, bad_tunes = find(dirs)
+    bad += bad_tunes
     if not results:
         fail(f"no result files under {', '.join(dirs)}" + (f" ({len(bad)} unreadable JSON files)" if bad else ""))
     try:
         link = parse_link(predict_link)
         skipped = [s for d in dirs for s in skipped_cells(d)]
         rep = write_report(results, bad, out, skipped, predict_link=link, include_flagged=include_flagged,
-                           baseline=baseline)
+                           baseline=baseline, tunes=tunes)
     except ValueError as exc:
         fail(str(exc))
     except OSError as exc:
@@ -43,6 +46,8 @@ def report(
     for title, header, rows, note in main_tables(rep["cells"]):  # at 80 columns a long word folds, never cut
         console.print(table(title, [(h, {"overflow": "fold"}) for h in header], rows, caption=note, justify="right"))
     _comparison(rep, baseline)
+    for path, record in tunes:
+        info("tune " + summary(path, record))
     for p, why in bad:
         error(f"not a result file: {p}: {why}")
     info(f"report: {Path(out) / 'report.md'}, {Path(out) / 'report.html'}, {Path(out) / 'results.csv'}, "

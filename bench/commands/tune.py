@@ -13,8 +13,6 @@ from ..ui import console, error, info, table
 from ..config import parse_duration  # noqa: F401 (bench.commands.tune.parse_duration, as before)
 from .common import Exit, config_options, executor_or_fail, fail, job_options, nonempty_out, without_job_flags
 
-OBJECTIVES = ("throughput",)  # energy and time-to-f1: issue 25, not built yet (refused in one line)
-
 
 @config_options(("model_size", "size", "dataset", "device"), preset_default="the space's")
 @job_options
@@ -23,7 +21,9 @@ def tune(
     gpus: Optional[int] = typer.Option(None, "--gpus", "--devices", help="Devices of the run (default: the space's)."),
     nnodes: int = typer.Option(1, "--nnodes", help="Machines the run spans (the estimate and the prediction)."),
     budget: str = typer.Option("20m", help="Measuring time: 20m, 90s, 1h30m (anchors, windows; parity after it)."),
-    objective: str = typer.Option("throughput", help="What wins: throughput (samples/s)."),
+    objective: str = typer.Option("throughput", help="What wins: throughput (samples/s), energy (samples/J, NVIDIA "
+                                                     "GPUs) or time-to-f1 (training seconds to single's val F1)."),
+    f1_tolerance: float = typer.Option(0.02, help="time-to-f1: the target is single's best val macro-F1 less this."),
     space: str = typer.Option("tune", "--space", help="The candidates: a sweep TOML or preset (tune, tune-cpu, "
                                                       "cpu, ...), with a batch axis among its keys."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Measure nothing: rank by prediction at any scale, memory "
@@ -53,30 +53,37 @@ def tune(
     try:
         budget_s, cands, live, device_type = _space(objective, budget, space, model, gpus, nnodes, per_node, dry_run,
                                                     device_memory, settings)
+        if not 0 <= f1_tolerance < 1:
+            raise ValueError(f"--f1-tolerance {f1_tolerance:g}: give a macro-F1 difference in [0, 1), e.g. 0.02")
+        if resume:
+            _same_objective(Path(out), objective)
     except ValueError as exc:  # ConfigError included
         fail(str(exc))
     info(f"tune: {len(cands)} candidates, {len(cands) - len(live)} pruned before anything runs")
     if dry_run:
-        _dry_run(live, cands, peak_tflops, per_node, top, out)
+        _dry_run(live, cands, peak_tflops, per_node, top, out, objective)
         return
     from ..stops import Interrupted, signals_raise
 
     try:
         with signals_raise():  # SIGINT and SIGTERM: the state on disk holds every window measured
-            result, anchors = _measure(live, device_type, budget_s, noise, per_node, out, resume)
+            result, anchors = _measure(live, device_type, budget_s, noise, per_node, out, resume, objective,
+                                       f1_tolerance)
     except Interrupted as exc:
         error(f"tune interrupted ({exc.name}): what it measured is in {out}; the same command with --resume "
               "carries on")
         raise Exit(exc.exit_code) from None
     except (ValueError, Failed) as exc:  # ConfigError, a job that cannot start (ABError), the incumbent failing
         fail(str(exc), 1)
-    _report(result, cands, anchors, out)
+    _report(result, cands, anchors, out, objective)
 
 
 def _budget(objective: str, budget: str) -> float:
-    """The budget in seconds; ValueError with the line for an objective not built or a bad budget."""
+    """The budget in seconds; ValueError with the line for an unknown objective or a bad budget."""
+    from ..tuning import OBJECTIVES
+
     if objective not in OBJECTIVES:
-        raise ValueError(f"--objective {objective}: only throughput is built; energy and time-to-f1 are not yet")
+        raise ValueError(f"--objective {objective}: not one of {', '.join(OBJECTIVES)}")
     return parse_duration(budget)
 
 
@@ -113,6 +120,7 @@ def _space(objective, budget, space, model, gpus, nnodes, per_node, dry_run, dev
         nodes = max(nnodes, -(-max(spec.gpus) // per_node))
         spec.run.update(nodes=nodes, **({"rdzv_endpoint": "HEAD_NODE:29400"} if nodes > 1 else {}))
     device_type = "cuda" if dry_run else resolve_device_type(RunConfig(**spec.run))
+    tuning.check_objective(objective, device_type)
     if len(spec.models) != 1:
         raise ValueError(f"--space {space} has models {spec.models}: tune one at a time (--model)")
     capacity = int(device_memory * 2**30) if dry_run else None
@@ -122,10 +130,13 @@ def _space(objective, budget, space, model, gpus, nnodes, per_node, dry_run, dev
     return budget_s, cands, live, device_type
 
 
-def _dry_run(live, cands, peak_tflops, per_node, top, out) -> None:
+def _dry_run(live, cands, peak_tflops, per_node, top, out, objective) -> None:
     from .. import tuning
     from ..tune_report import candidate_rows, dry_run_rows, write
 
+    if objective != "throughput":
+        info(f"--objective {objective} --dry-run: nothing is measured (no power, no F1), so candidates are ranked by "
+             "predicted throughput")
     anchors = tuning.assumed_anchors(live, peak_tflops, per_node)
     for c in live:
         c.predicted = anchors.predict(c.cfg)
@@ -141,7 +152,7 @@ def _dry_run(live, cands, peak_tflops, per_node, top, out) -> None:
     info(f"tune: {Path(out) / 'tune.md'}, {Path(out) / 'tune.json'}")
 
 
-def _measure(live, device_type, budget_s, noise, per_node, out, resume):
+def _measure(live, device_type, budget_s, noise, per_node, out, resume, objective, f1_tolerance):
     from .. import tuning
     from ..tune import search
 
@@ -149,45 +160,69 @@ def _measure(live, device_type, budget_s, noise, per_node, out, resume):
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     state = folder / "tune-state.json"
-    if not resume:  # a new tune: what an earlier one in this folder measured is not carried on
-        for old in (state, folder / "anchors.json"):
-            old.unlink(missing_ok=True)
-        for sub in ("comm", "windows"):
-            shutil.rmtree(folder / sub, ignore_errors=True)
+    if not resume:
+        _fresh(folder, state)
     world = max(c.cfg.devices for c in live)
     link = tuning.link_for(folder, world, device_type, info)
-    windows = tuning.Windows(live[0].cfg, world, device_type, folder / "windows")
+    windows = tuning.Windows(live[0].cfg, world, device_type, folder / "windows", objective=objective)
+    check = tuning.parity_check
+    if objective == "time-to-f1":
+        check = tuning.F1Target(windows, tuning.f1_reference(live), f1_tolerance, folder / "f1-target.json", info)
     try:
         anchors = tuning.anchors_cached(folder / "anchors.json", resume,
                                         lambda: tuning.measure_anchors(live, windows, link, per_node, info))
         if not state.exists():
-            tuning.seed_state(state, anchors, {c.key for c in live})
-        result = search(live, anchors.predict, windows, tuning.parity_check, noise=noise,
-                        budget_s=max(budget_s - (time.monotonic() - t0), 0.0),
-                        state_path=str(state), resume=True, say=info)
+            tuning.seed_state(state, anchors, {c.key for c in live}, objective)
+        result = search(live, lambda cfg: anchors.figure(cfg, objective), windows, check, noise=noise,
+                        budget_s=max(budget_s - (time.monotonic() - t0), 0.0), state_path=str(state), resume=True,
+                        say=info, unit=tuning.OBJECTIVES[objective],
+                        best_of=tuning.F1_CHECKS if objective == "time-to-f1" else 1)
     finally:
         windows.close()
     return result, anchors
 
 
-def _report(result, cands, anchors, out) -> None:
+def _same_objective(folder: Path, objective: str) -> None:
+    """ValueError with the line where --resume would carry on a tune of another objective (its windows
+    are that objective's figures)."""
+    import json
+
+    state = folder / "tune-state.json"
+    was = json.loads(state.read_text()).get("objective", "throughput") if state.exists() else objective
+    if was != objective:
+        raise ValueError(f"--resume: the tune in {folder} measured --objective {was}; resume it with that objective, "
+                         "or start a new one in another --out")
+
+
+def _fresh(folder: Path, state: Path) -> None:
+    """A new tune forgets what an earlier one in this folder measured."""
+    for old in (state, folder / "anchors.json", folder / "f1-target.json"):
+        old.unlink(missing_ok=True)
+    for sub in ("comm", "windows"):
+        shutil.rmtree(folder / sub, ignore_errors=True)
+
+
+def _report(result, cands, anchors, out, objective) -> None:
     from .. import tuning
     from ..cells import cell_label
-    from ..tune_report import candidate_rows, console_rows, trial_rows, write
+    from ..tune_report import candidate_rows, console_rows, fig, trial_rows, write
 
-    header, rows = candidate_rows(cands)
+    unit = tuning.OBJECTIVES[objective]
+    header, rows = candidate_rows(cands, unit)
     short, shown = console_rows(cands)
     console.print(table(f"tune: {len(shown)} of {len(cands)} candidates measured", short, shown, plain=True,
-                        caption="predicted and measured (median of the windows): samples/s; GiB: the memory "
+                        caption=f"predicted and measured (median of the windows): {unit}; GiB: the memory "
                                 "estimate per device"))
     labels = {c.key: cell_label(c.cfg, from_config=True).split(" ", 1)[1] for c in cands}
-    console.print(table("trials, in order", *trial_rows(result.trials, labels), plain=True))
-    write(Path(out), result.winner, cands, result.trials, result.stopped, anchors, (header, rows))
+    console.print(table("trials, in order", *trial_rows(result.trials, labels, unit), plain=True))
+    write(Path(out), result.winner, cands, result.trials, result.stopped, anchors, (header, rows), objective)
     info(f"stopped: {result.stopped}")
     if result.winner is None:
-        error("no measured candidate passed parity: nothing wins (see the parity column)")
+        check = "reached the F1 target" if objective == "time-to-f1" else "passed parity"
+        error(f"no measured candidate {check}: nothing wins (see the state column)")
         raise Exit(1)
-    info(f"winner: {result.winner.key}, {result.winner.measured:.1f} samples/s (median of "
-         f"{len(result.winner.windows)} windows)")
+    w = result.winner
+    info(f"winner: {w.key}, {fig(w.measured)} {unit} (median of {len(w.windows)} windows)"
+         + (f", the F1 target in {w.time_to_f1_s:.1f} s of training" if w.time_to_f1_s is not None else ""))
     info(f"run it: {tuning.run_command(result.winner.cfg)}")
     info(f"tune: {Path(out) / 'tune.md'}, {Path(out) / 'tune.json'}, {Path(out) / 'tune.png'}")

@@ -53,12 +53,27 @@ def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped, include_flagged
     return sections
 
 
+def _tune_section(tunes: list[tuple[str, dict]]) -> Section:
+    """Each bench tune found among the results: its line, and its measured candidates (bench/tune_report.py)."""
+    from ..tune_report import candidate_rows, from_record, summary
+
+    blocks = []
+    for path, record in tunes:
+        cands = from_record(record)
+        header, rows = candidate_rows(cands, record.get("unit", "samples/s"))
+        measured = [row for c, row in zip(cands, rows) if c.windows]
+        blocks += [Para(summary(path, record)), Table(header, measured)] if measured else [Para(summary(path, record))]
+    return Section("bench tune", blocks)
+
+
 def write_report(results: list[dict], bad: list[tuple[str, str]], out: str | Path, skipped: list[tuple[str, str]],
-                 predict_link=None, include_flagged: bool = False, baseline: str | None = None) -> dict:
+                 predict_link=None, include_flagged: bool = False, baseline: str | None = None,
+                 tunes: list[tuple[str, dict]] | None = None) -> dict:
     """report.md, report.html, results.csv and the PNG figures in out, the verdict first; with
     predict_link, bench predict's efficiency curves for that link beside the measured points;
     include_flagged: cells with trust flags may win the verdict; baseline: the machine (hardware id,
-    its prefix or a word of its label) the hardware comparison puts every other machine against."""
+    its prefix or a word of its label) the hardware comparison puts every other machine against;
+    tunes: (path, tune.json record) of each bench tune among them, a section of its own."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     df = frame(results)
@@ -67,6 +82,8 @@ def write_report(results: list[dict], bad: list[tuple[str, str]], out: str | Pat
     atomic_write_text(out / "results.csv", csv_df.to_csv(index=False))
     plots = plot_all(agg, out) if not agg.empty else {}
     sections = _sections(df, agg, bad, skipped, include_flagged, baseline)
+    if tunes:
+        sections.append(_tune_section(tunes))
     figures = [Figure(name, plots.get(name), caption) for name, (_, caption) in FIGURES.items()]
     if predict_link is not None:
         figures.append(Figure("prediction", _prediction(results, df, predict_link, out),
