@@ -18,13 +18,17 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
     pipeline  t = t1' x (m + p - 1) / m + 2 (m + p - 2) x (alpha + A / B)  p = N stages, m micro-batches,
                                                                             A one micro-batch's activations
     hsdp      fsdp's terms over its shard group (N / R ranks), + L x T_ar(S / (L x N/R)) across the R replicas
-    tp        t = K x [t1' x (T(1 - f) + f) + R_tp T_ar(A_tp)] + W + the data-parallel terms over N / T ranks
+    tp        t = K x [t1' x (T(1 - f) + f) + C_tp] + W + the data-parallel terms over N / T ranks
               T the tensor-parallel degree (--strategy tp: N; fsdp:tpT); the T ranks of a group share
               T b samples; f the share of forward FLOPs TP divides (counted on the meta device: the
-              model against one rank's shapes of it); R_tp the all-reduces a step (per layer one per
-              row-parallel projection forward, one per column-parallel one backward: 2 + 4 with q, k, v
-              unfused, Megatron's 2 + 2 fused them), A_tp = T b x one layer's output (bytes in the
-              compute dtype), inside the node; W from a profiled tp run, as for ddp and fsdp
+              model against one rank's shapes of it); A_tp = T b x one layer's output (bytes in the
+              compute dtype), inside the node; W from a profiled tp run, as for ddp and fsdp.
+              C_tp, summed over the layers (r row-parallel, c column-parallel projections, q, k and v
+              three, Megatron fuses them): without sequence parallel (r + c) T_ar(A_tp); with it
+              r [T_rs(A_tp) + T_ag(A_tp)] + g T_ag(A_tp) + c T_ar(A_tp) + n T_ar(a layer norm parameter),
+              g the gathers (attention entry, first feed-forward projections, modules needing the whole
+              sequence twice, the region's two edges), n the layer norms' parameters (TpProfile)
+    T_ag and T_rs use bench comm's all-gather and reduce-scatter fits where it measured them (Link.op)
     throughput = N b / t; efficiency = throughput / (N x single throughput)
 
     --grad-accum K      K micro-steps of t1' each, communication once (DDP, FSDP's reduce-scatter; FSDP2
@@ -79,6 +83,21 @@ class Link:
     busbw_GBps: float
     alpha_us: float  # one hop
     source: str
+    # a bench comm fit's own figures per collective: ((op, bus bandwidth GB/s, µs a hop), ...); a
+    # preset has none, and every collective reads the two above
+    ops: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "ops", tuple(tuple(o) for o in self.ops))  # read back from JSON as lists
+
+    def op(self, kind: str) -> Link:
+        """The link as one collective (all_reduce, all_gather, reduce_scatter) sees it: that op's own
+        fit where bench comm measured it (gloo's all-gather and reduce-scatter run at a third to a
+        half of its all-reduce's bus bandwidth), else this link's figures."""
+        for name, bw, alpha in self.ops:
+            if name == kind:
+                return Link(bw, alpha, f"{self.source}, {kind}")
+        return self
 
     @classmethod
     def named(cls, name: str) -> Link:
@@ -89,26 +108,35 @@ class Link:
     @classmethod
     def measured(cls, comm: dict, kind: str = "all_reduce") -> Link:
         """From a `bench comm` fit: its latency is a whole collective at n ranks; a ring all-reduce
-        takes 2(n-1) hops, the others n-1."""
-        f = comm["fit"].get(kind) or next(iter(comm["fit"].values()))
+        takes 2(n-1) hops, the others n-1. The link's figures are kind's; every measured op's are
+        kept beside them (Link.op)."""
         n = comm["config"]["devices"]
-        hops = 2 * (n - 1) if kind == "all_reduce" else max(n - 1, 1)
+
+        def figures(op: str, f: dict) -> tuple[float, float]:
+            hops = 2 * (n - 1) if op == "all_reduce" else max(n - 1, 1)
+            return f["busbw_GBps"] or float("inf"), f["alpha_us"] / hops
+
+        f = comm["fit"].get(kind) or next(iter(comm["fit"].values()))
         c = comm["config"]
-        return cls(f["busbw_GBps"] or float("inf"), f["alpha_us"] / hops,
-                   f"bench comm {comm['run_id']}: {n} x {c['device_type']} ({c['backend']}), {kind} fit")
+        ops = tuple((op, *figures(op, fit)) for op, fit in comm["fit"].items()
+                    if op in ("all_reduce", "all_gather", "reduce_scatter"))
+        return cls(*figures(kind, f), f"bench comm {comm['run_id']}: {n} x {c['device_type']} ({c['backend']}), "
+                   f"{kind} fit", ops)
 
 
 def t_all_reduce(nbytes: float, n: int, link: Link) -> float:
     """Seconds of a ring all-reduce of nbytes over n ranks."""
     if n < 2:
         return 0.0
+    link = link.op("all_reduce")
     return 2 * (n - 1) * link.alpha_us * 1e-6 + 2 * (n - 1) / n * nbytes / (link.busbw_GBps * 1e9)
 
 
-def t_gather(nbytes: float, n: int, link: Link) -> float:
-    """Seconds of an all-gather or reduce-scatter whose whole buffer is nbytes."""
+def t_gather(nbytes: float, n: int, link: Link, kind: str = "all_gather") -> float:
+    """Seconds of an all-gather (kind reduce_scatter: a reduce-scatter) whose whole buffer is nbytes."""
     if n < 2:
         return 0.0
+    link = link.op(kind)
     return (n - 1) * link.alpha_us * 1e-6 + (n - 1) / n * nbytes / (link.busbw_GBps * 1e9)
 
 
@@ -255,15 +283,45 @@ def recompute_factor(inp: Inputs, ac: str) -> tuple[float, bool]:
     return (measured, True) if measured is not None and ac != "none" else (RECOMPUTE[ac], ac == "none")
 
 
+@dataclass(frozen=True)
+class TpProfile:
+    """What tensor parallel over a degree does to a model, counted on the meta device: f, the share of
+    forward FLOPs it divides; per training step over all its layers, the row-parallel and
+    column-parallel projections, the gathers sequence parallel adds (each layer's attention entry,
+    its first feed-forward projections', a module that needs the whole sequence both ways, the
+    region's own edges) and the parameters of its layer norms; elements of one layer's output per
+    sample."""
+
+    f: float
+    rows: int
+    cols: int
+    gathers: int
+    norm_params: int
+    norm_elems: int  # of all those parameters together
+    elems: int
+
+    def comm_s(self, act_bytes: float, degree: int, link: Link, sequence_parallel: bool) -> float:
+        """Seconds of a step's tensor-parallel collectives, each on the critical path (no async TP).
+        Without sequence parallel: an all-reduce of the activations per row-parallel projection
+        forward and per column-parallel one backward (q, k and v are three; Megatron fuses them).
+        With it (torch's form, bench/strategies/tp.py): each row-parallel output is reduce-scattered
+        forward and all-gathered backward; each gather is one all-gather forward (its backward is a
+        local chunk); the column-parallel projections still all-reduce their input gradients
+        backward; and every layer norm's replicated parameter all-reduces its gradient."""
+        if not sequence_parallel:
+            return (self.rows + self.cols) * t_all_reduce(act_bytes, degree, link)
+        return (self.rows * (t_gather(act_bytes, degree, link, "reduce_scatter") + t_gather(act_bytes, degree, link))
+                + self.gathers * t_gather(act_bytes, degree, link) + self.cols * t_all_reduce(act_bytes, degree, link)
+                + self.norm_params * t_all_reduce(4 * self.norm_elems / max(self.norm_params, 1), degree, link))
+
+
 @functools.lru_cache(maxsize=32)
-def tp_profile(model: str, size: str, degree: int) -> tuple[float, int, int]:
-    """(f, the share of forward FLOPs that tensor parallel over `degree` divides; the all-reduces of
-    activations a training step makes; elements of one layer's output per sample), counted on the
-    meta device: the FLOPs of the model and of one rank's shapes of it (bench/strategies/tp.py
-    localize)."""
+def tp_profile(model: str, size: str, degree: int) -> TpProfile:
+    """tensor parallel over `degree` on the model, counted on the meta device: the FLOPs of the model
+    and of one rank's shapes of it (bench/strategies/tp.py localize), its layers' plans."""
     import torch
 
-    from .strategies.tp import layers, localize
+    from .strategies.tp import COL, ROW, layers, localize, split
 
     full = build_model(model, size=size, device="meta")
     total = sum(full.block_flops(2))
@@ -271,23 +329,30 @@ def tp_profile(model: str, size: str, degree: int) -> tuple[float, int, int]:
     localize(local, degree)
     f = (total - sum(local.block_flops(2))) / (total * (1 - 1 / degree))
     found = layers(full)
-    # all-reduces a step: each row-parallel projection's output forward, each column-parallel one's
-    # input gradient backward (q, k and v are three here; Megatron fuses them into one)
-    reductions = sum(len(layer.plan) for layer in found)
+    split(found)  # packed attention into its q, k and v projections, as tensor parallel runs it
+    rows = sum(style == ROW for layer in found for style in layer.plan.values())
+    # a column-parallel embedding (WavLM's relative position bias) reads indices: no input gradient
+    cols = sum(style == COL and isinstance(layer.module.get_submodule(path), torch.nn.Linear)
+               for layer in found for path, style in layer.plan.items())
+    attention = [layer.entry.split(".")[0] + "." for layer in found]
+    gathers = sum(1 + sum(style == COL and not path.startswith(att) for path, style in layer.plan.items())
+                  + 2 * len(layer.whole) for layer, att in zip(found, attention)) + 2 * bool(found)
+    norms = [p for layer in found for name in layer.norms for p in layer.module.get_submodule(name).parameters()]
     seen: list[int] = []
     hook = found[0].module.register_forward_hook(
         lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).numel()))
     with torch.no_grad():
         full(full.example_input(1, "meta"))
     hook.remove()
-    return f, reductions, seen[0]
+    return TpProfile(f, rows, cols, gathers, len(norms), sum(p.numel() for p in norms), seen[0])
 
 
 def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, inter: Link | None, *,
-            grad_accum: int = 1, ac: str = "none", tp: int = 1, replicate: int = 1) -> dict:
+            grad_accum: int = 1, ac: str = "none", tp: int = 1, replicate: int = 1,
+            sequence_parallel: bool = True) -> dict:
     """Predicted step time (s), throughput (samples/s) and efficiency of one cell. tp: fsdp's or hsdp's
     tensor-parallel degree (--strategy tp is tensor parallel over all devices); replicate: their
-    replicas (HSDP)."""
+    replicas (HSDP); sequence_parallel: tensor parallel's setting."""
     if strategy == "pipeline" and grad_accum > 1:
         raise ValueError("pipeline with --grad-accum: the schedule's micro-batches are its accumulation")
     link = inter if nodes > 1 and inter is not None else intra
@@ -306,7 +371,7 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
         step = K * t1 + wait + (1 - overlap) * k * t_all_reduce(grad_bytes / k, n, link)
     elif strategy in ("fsdp", "hsdp", "tp"):
         degree = n if strategy == "tp" else tp
-        micro = _tp_micro_step(inp, t1, degree, per_node, intra, inter)
+        micro = _tp_micro_step(inp, t1, degree, per_node, intra, inter, sequence_parallel)
         comm = _sharded_comm(inp, n, nodes, degree, 1 if strategy == "tp" else replicate, K, intra, inter)
         step = K * micro + wait + (1 - overlap) * comm
     elif strategy == "pipeline":  # replicate: N / P pipelines of P stages (--pp P)
@@ -326,18 +391,17 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
             "wait_ms": wait * 1000}
 
 
-def _tp_micro_step(inp: Inputs, t1: float, degree: int, per_node: int, intra: Link, inter: Link | None) -> float:
+def _tp_micro_step(inp: Inputs, t1: float, degree: int, per_node: int, intra: Link, inter: Link | None,
+                   sequence_parallel: bool = True) -> float:
     """One micro-step of a rank of a tensor-parallel group of `degree` (t1 itself at degree 1): the
     group shares degree x b samples, the share f of the work divides over it, the rest is every rank's
-    (degree (1 - f) + f); and each TP layer all-reduces its activations once per row-parallel
-    projection forward and once per column-parallel one backward (2 + 4 for q, k, v and FFN-in
-    unfused), inside the node, on the critical path (no async TP)."""
+    (degree (1 - f) + f); and the layers' collectives (TpProfile.comm_s) inside the node."""
     if degree < 2:
         return t1
-    f, count, elems = tp_profile(inp.model, inp.model_size, degree)
-    act = degree * inp.batch * elems * (2 if inp.precision in ("bf16", "fp16") else 4)
+    prof = tp_profile(inp.model, inp.model_size, degree)
+    act = degree * inp.batch * prof.elems * (2 if inp.precision in ("bf16", "fp16") else 4)
     tp_link = intra if degree <= per_node or inter is None else inter
-    return t1 * (degree * (1 - f) + f) + count * t_all_reduce(act, degree, tp_link)
+    return t1 * (degree * (1 - prof.f) + prof.f) + prof.comm_s(act, degree, tp_link, sequence_parallel)
 
 
 def _sharded_comm(inp: Inputs, n: int, nodes: int, degree: int, replicate: int, K: int, intra: Link,
@@ -356,7 +420,8 @@ def _sharded_comm(inp: Inputs, n: int, nodes: int, degree: int, replicate: int, 
     shard_link = intra if shards * degree <= per_node or inter is None else inter
     replica_link = intra if nodes == 1 or inter is None else inter
     L = inp.blocks
-    return L * (2 * K * t_gather(param_bytes / L, shards, shard_link) + t_gather(grad_bytes / L, shards, shard_link)
+    return L * (2 * K * t_gather(param_bytes / L, shards, shard_link)
+                + t_gather(grad_bytes / L, shards, shard_link, "reduce_scatter")
                 + t_all_reduce(grad_bytes / (L * max(shards, 1)), replicate, replica_link))
 
 
@@ -375,14 +440,16 @@ def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
             tensor_parallel = c["strategy"] == "tp" or mesh_of(c)[0] > 1
             cell = (key, c["strategy"], c["devices"], c.get("nodes", 1), int(c.get("grad_accum") or 1),
                     c.get("ac") or "none", *mesh_of(c),
-                    bool(c.get("sequence_parallel", True)) if tensor_parallel else None)  # SP on and off apart
+                    # SP on and off apart; a result from before --sequence-parallel existed ran without it
+                    bool(c.get("sequence_parallel", False)) if tensor_parallel else None)
             rows.setdefault(cell, []).append(r["throughput"]["samples_per_s"])
             flags.setdefault(cell, []).extend(trust.result_flags(r))
     out = []
     for cell, measured in rows.items():
         key, strategy, n, nodes, k, ac, tp, rep, sequence_parallel = cell
         inp = by_key[key]
-        p = predict(inp, strategy, n, nodes, intra, inter, grad_accum=k, ac=ac, tp=tp, replicate=rep)
+        p = predict(inp, strategy, n, nodes, intra, inter, grad_accum=k, ac=ac, tp=tp, replicate=rep,
+                    sequence_parallel=sequence_parallel is not False)
         m = statistics.median(measured)
         out.append({"model": inp.model, "precision": inp.precision, "batch": inp.batch, "strategy": strategy,
                     "devices": n, "nodes": nodes, "grad_accum": k, "ac": ac, "tp": tp, "dp_replicate": rep,
@@ -448,7 +515,8 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
                 if stop:
                     rows.append([cell, str(n), "", "–", "–", "–", "", "", "", f"stops: {stop}"])
                     continue
-                p = predict(inp, strategy, n, nodes, intra, inter, grad_accum=grad_accum, ac=ac, tp=tp, replicate=rep)
+                p = predict(inp, strategy, n, nodes, intra, inter, grad_accum=grad_accum, ac=ac, tp=tp, replicate=rep,
+                            sequence_parallel=mesh.get("sequence_parallel", True))
                 thr, eff, note = p["samples_per_s"], p["efficiency"], "predicted"
                 got = (measured or {}).get((inp.model, inp.model_size, strategy, inp.precision, inp.batch, n, nodes,
                                             *((tp, rep) if strategy in ("fsdp", "hsdp", "pipeline") else (1, 1))))

@@ -462,6 +462,44 @@ def test_check_keeps_tensor_parallel_runs_with_and_without_sequence_parallel_apa
     assert set(rows) == {True, False}
     assert (rows[True]["measured"], rows[True]["repeats"]) == (155.0, 2)
     assert (rows[False]["measured"], rows[False]["repeats"]) == (120.0, 1)
-    assert rows[True]["predicted"] == rows[False]["predicted"]  # the model has no term for it (yet)
+    assert rows[True]["predicted"] < rows[False]["predicted"]  # sequence parallel's gathers cost time
     labels = sorted(line[0] for line in check_table(list(rows.values()))[2])
     assert labels == ["transformer tp fp32 b32", "transformer tp fp32 b32 nosp"]
+
+
+def test_tensor_parallel_collectives_counted_against_the_torch_layers():
+    """TpProfile's counts for the small transformer against an oracle outside bench/strategies/tp.py:
+    torch's nn.TransformerEncoderLayer has 2 row-parallel projections (attention out, linear2), 4
+    column-parallel ones (q, k, v split from the packed in-projection, linear1), 2 gathers with
+    sequence parallel (attention entry, linear1) and 2 layer norms of 2 parameters each; the region
+    adds its 2 edges. Then comm_s by hand from t_all_reduce and t_gather."""
+    from torch import nn
+
+    from bench.predict import tp_profile
+    from emotion_models.models import build_model
+
+    m = build_model("transformer", size="base", device="meta")
+    layers = [x for x in m.modules() if isinstance(x, nn.TransformerEncoderLayer)]
+    n, d = len(layers), layers[0].norm1.normalized_shape[0]
+    prof = tp_profile("transformer", "base", 2)
+    assert (prof.rows, prof.cols, prof.gathers, prof.norm_params, prof.norm_elems) == (2 * n, 4 * n, 2 * n + 2, 4 * n,
+                                                                                      4 * n * d)
+    link = Link(10.0, 5.0, "in", (("all_gather", 1.0, 50.0), ("reduce_scatter", 0.5, 80.0)))
+    act = 1e6
+    assert prof.comm_s(act, 2, link, False) == pytest.approx(6 * n * t_all_reduce(act, 2, link))
+    ag, rs = t_gather(act, 2, link), t_gather(act, 2, link, "reduce_scatter")
+    assert (ag, rs) == (pytest.approx(50e-6 + act / 2 / 1e9), pytest.approx(80e-6 + act / 2 / 0.5e9))  # their own fits
+    assert prof.comm_s(act, 2, link, True) == pytest.approx(
+        2 * n * (rs + ag) + (2 * n + 2) * ag + 4 * n * t_all_reduce(act, 2, link) + 4 * n * t_all_reduce(d * 4, 2, link))
+
+
+def test_a_measured_link_keeps_each_collectives_own_fit():
+    comm = {"run_id": "c", "config": {"devices": 2, "device_type": "cpu", "backend": "gloo"},
+            "fit": {"all_reduce": {"alpha_us": 500.0, "busbw_GBps": 2.4}, "all_gather": {"alpha_us": 300.0, "busbw_GBps": 1.0},
+                    "reduce_scatter": {"alpha_us": 520.0, "busbw_GBps": 0.6}, "broadcast": {"alpha_us": 90.0, "busbw_GBps": 4.0}}}
+    link = Link.measured(comm)
+    assert (link.busbw_GBps, link.alpha_us) == (2.4, 250.0)  # the all-reduce's 500 us over its 2 hops
+    assert (link.op("all_gather").busbw_GBps, link.op("all_gather").alpha_us) == (1.0, 300.0)
+    assert link.op("reduce_scatter").busbw_GBps == 0.6 and link.op("broadcast") is link  # not a predicted op
+    assert Link(**{**link.__dict__, "ops": [list(o) for o in link.ops]}) == link  # as read back from JSON
+    assert Link.named("nvlink4").op("all_gather") == Link.named("nvlink4")  # a preset: one figure for every op
