@@ -62,8 +62,8 @@ class Candidate:
     key: str  # cells.cell_key: the name in tables, state and result files
     cfg: RunConfig
     pruned: str | None = None  # why it cannot run here (never measured)
-    predicted: float | None = None  # samples/s, the model's, before learning
-    windows: list[float] = field(default_factory=list)  # measured samples/s, one per window
+    predicted: float | None = None  # the objective's figure (samples/s, samples/J), the model's, before learning
+    windows: list[float] = field(default_factory=list)  # measured, in the same unit, one per window
     parity: str | None = None  # "ok", or why it does not still learn
     time_to_f1_s: float | None = None  # time-to-f1: training seconds its check took to reach the target
     memory_gib: float | None = None  # the memory estimate per device (bench/memory.py), for tables and plots
@@ -293,7 +293,8 @@ def _still_learns(live: list[Candidate], incumbent: Candidate | None, parity: Ca
     checked once, in measured order): a challenger that did not beat the incumbent by more than the
     noise does not win on one lucky window. best_of > 1: the first best_of that pass are checked,
     and the one whose check took the fewest seconds to the F1 target wins."""
-    others = sorted((c for c in live if c.windows and c is not incumbent), key=lambda c: -c.measured)
+    # a candidate whose later window failed (pruned: failed when measured) is not checked
+    others = sorted((c for c in live if c.windows and not c.pruned and c is not incumbent), key=lambda c: -c.measured)
     passed = []
     for c in ([incumbent] if incumbent else []) + others:
         if c.parity is None:

@@ -16,7 +16,7 @@ def candidate_header(unit: str = "samples/s") -> list[str]:
             "memory (GiB per device, estimate)", "state"]
 
 
-def fig(value: float) -> str:
+def number(value: float) -> str:
     """A figure with the decimals that show it: 1 for samples/s, 3 for samples/J."""
     return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
 
@@ -41,9 +41,9 @@ def candidate_rows(cands: list[Candidate], unit: str = "samples/s") -> tuple[lis
     rows = []
     for c in order:
         mem = c.memory_gib
-        rows.append([cell_label(c.cfg, from_config=True), fig(c.predicted) if c.predicted else "–",
-                     fig(c.measured) if c.windows else "", str(len(c.windows)) if c.windows else "",
-                     f"{fig(min(c.windows))}-{fig(max(c.windows))}" if len(c.windows) > 1 else "",
+        rows.append([cell_label(c.cfg, from_config=True), number(c.predicted) if c.predicted else "–",
+                     number(c.measured) if c.windows else "", str(len(c.windows)) if c.windows else "",
+                     f"{number(min(c.windows))}-{number(max(c.windows))}" if len(c.windows) > 1 else "",
                      f"{mem:.2f}" if mem is not None else "", state(c)])
     cands[:] = order
     return candidate_header(unit), rows
@@ -52,8 +52,8 @@ def candidate_rows(cands: list[Candidate], unit: str = "samples/s") -> tuple[lis
 def console_rows(cands: list[Candidate]) -> tuple[list, list[list[str]]]:
     """The candidates measured (in candidate_rows' order) for 80 columns: the label without the
     model (a tune is of one), figures that never wrap, the state in the last column."""
-    rows = [[cell_label(c.cfg, from_config=True).split(" ", 1)[1], fig(c.predicted) if c.predicted else "–",
-             fig(c.measured), str(len(c.windows)), f"{c.memory_gib:.2f}" if c.memory_gib is not None else "",
+    rows = [[cell_label(c.cfg, from_config=True).split(" ", 1)[1], number(c.predicted) if c.predicted else "–",
+             number(c.measured), str(len(c.windows)), f"{c.memory_gib:.2f}" if c.memory_gib is not None else "",
              state(c)] for c in cands if c.windows]
     fixed = {"justify": "right", "no_wrap": True}
     return ["candidate", ("predicted", fixed), ("measured", fixed), ("windows", fixed), ("GiB", fixed), "state"], rows
@@ -83,7 +83,7 @@ def trial_rows(trials: list[Trial], labels: dict[str, str] | None = None,
     """The windows in order; labels: cell key -> a shorter name (the console's), else the keys."""
     name = (lambda k: labels.get(k, k)) if labels else (lambda k: k)
     return (["#", "candidate measured", unit, "incumbent after it", "elapsed (s)"],
-            [[str(i + 1), name(t.key), fig(t.value), name(t.incumbent) if t.incumbent else "",
+            [[str(i + 1), name(t.key), number(t.value), name(t.incumbent) if t.incumbent else "",
               f"{t.elapsed_s:.0f}"] for i, t in enumerate(trials)])
 
 
@@ -166,11 +166,14 @@ def find(paths) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
         for f in sorted(p.rglob("tune.json")) if p.is_dir() else ([p] if p.name == "tune.json" else []):
             try:
                 record = json.loads(f.read_text())
-                if record.get("kind") != "tune":
+                if not isinstance(record, dict) or record.get("kind") != "tune":
                     raise ValueError("not a bench tune record (no kind: tune)")
-                found.append((str(f), record))
-            except (OSError, ValueError) as exc:
-                bad.append((str(f), str(exc)))
+                from_record(record)  # every candidate reads back as a configuration
+                summary(str(f), record)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                bad.append((str(f), f"unreadable tune record: {type(exc).__name__}: {exc}"))
+                continue
+            found.append((str(f), record))
     return found, bad
 
 

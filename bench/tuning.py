@@ -37,6 +37,9 @@ from .config import ConfigError, RunConfig, cli_fields, flag_of
 from .tune import Candidate
 
 WINDOW_STEPS = 12  # timed steps of one window, after the run's own --warmup-steps
+# --objective energy: a window of this many times WINDOW_STEPS, so that it spans many of the monitor's
+# 0.2 s power samples and NVML counter updates even where a step takes milliseconds (not yet run on a GPU)
+ENERGY_WINDOW_X = 5
 # --objective: the unit of a window's figure (higher is better for each)
 OBJECTIVES = {"throughput": "samples/s", "energy": "samples/J", "time-to-f1": "samples/s"}
 F1_CHECKS = 3  # time-to-f1: the fastest measured candidates that must each reach the F1 target
@@ -63,7 +66,8 @@ def score(result: dict, objective: str) -> float:
     if not per_sample:
         from .tune import Failed
 
-        raise Failed("the run read no GPU energy (NVML gave no counter and no power samples in its window)")
+        raise Failed("the run read no GPU energy (NVML gave no counter and no power samples in its window)"
+                     if per_sample is None else "its window read 0 J: shorter than NVML's counter can see")
     return 1.0 / float(per_sample)
 
 
@@ -271,7 +275,8 @@ class Windows:
         key = cell_key(cfg)
         tag = "f1" if changes else "w"
         k = len(list(self.results.glob(f"{key}-{tag}*.json")))
-        window = dict(max_steps=cfg.warmup_steps + WINDOW_STEPS, epochs=10_000, eval_each_epoch=False, target_f1=None)
+        steps = WINDOW_STEPS * (ENERGY_WINDOW_X if self.objective == "energy" else 1)
+        window = dict(max_steps=cfg.warmup_steps + steps, epochs=10_000, eval_each_epoch=False, target_f1=None)
         c = cfg.replace(**{**window, **changes}, threads=self.threads, profile=False, out_dir=str(self.results),
                         run_id=f"{key}-{tag}{k}")
         # a whole training run (time-to-f1) may take hours on a large model: its own, longer limit
@@ -289,6 +294,7 @@ class Windows:
         try:
             result = self.window(cfg, **changes)
         except ABError as exc:
+            self.last = None  # no record of this run: an earlier window's must not stand in for it
             self.job.close()
             self.job = self._start()
             raise Failed(str(exc)) from None
@@ -312,6 +318,7 @@ def measure_anchors(live: list[Candidate], windows: Windows, link, per_node: int
     device count (its contention c_N), each one window; with --objective energy, one device's mean
     power in the single windows too."""
     from .cells import cell_key
+    from .tune_report import number
 
     single: dict[tuple[str, int], float] = {}
     measured: dict[str, float] = {}  # the objective's figure of each anchor
@@ -326,19 +333,23 @@ def measure_anchors(live: list[Candidate], windows: Windows, link, per_node: int
             single[(precision, b)] = b / thr
             power += [w for w in [(windows.last.get("utilization") or {}).get("gpu_power_w_mean")] if w]
             say(f"anchor: single {precision} b{b}: {thr:.1f} samples/s"
-                + (f", {measured[cell_key(cfg)]:.2f} {unit}" if windows.objective == "energy" else ""))
+                + (f", {number(measured[cell_key(cfg)])} {unit}" if windows.objective == "energy" else ""))
     contention: dict[int, float] = {}
     n = max(c.cfg.devices for c in live) // max(first.nodes, 1)
     if n > 1:
         precision, b = min(single)
         cfg = _plain(first, strategy="independent", devices=n, precision=precision, batch_size=b)
+        windows.last = None
         try:
             measured[cell_key(cfg)] = windows(cfg)
+        except Exception as exc:  # its run failed (contention stays the assumed 1, the family's first
+            say(f"anchor: independent x{n}: {exc}")  # window corrects it), or only its energy could not be read
+        if windows.last is not None:
             thr = float(windows.last["throughput"]["samples_per_s"])  # all n replicas' samples
             contention[n] = (b * n / thr) / single[(precision, b)]
             say(f"anchor: independent x{n}: contention c_{n} = {contention[n]:.2f}")
-        except Exception as exc:  # contention stays the assumed 1, and the family's first window corrects it
-            say(f"anchor: independent x{n} did not run ({exc}); contention assumed 1")
+        else:
+            say(f"anchor: independent x{n} did not run; contention assumed 1")
     return Anchors(single, contention, link, link, per_node, "measured", measured,
                    sum(power) / len(power) if power else None)
 
@@ -383,12 +394,22 @@ class F1Target:
         return self.windows(cfg, epochs=cfg.epochs, max_steps=None, eval_each_epoch=True, target_f1=target)
 
     def _reference_target(self) -> float:
+        """The target, from single's training run; tune.Failed (the tune stops, one line) where that run
+        fails or records no validation F1: no candidate is judged against a target never measured."""
         import json
 
         from emotion_models.atomic import atomic_write_text
 
-        q = self._train(self.reference, None).get("quality") or {}
-        best = max(q.get("val_macro_f1_by_epoch") or [0.0])
+        from .tune import Failed
+
+        try:
+            q = self._train(self.reference, None).get("quality") or {}
+        except Failed as exc:
+            raise Failed(f"time-to-f1: single's reference run failed, so there is no F1 target: {exc}") from None
+        if not q.get("val_macro_f1_by_epoch"):
+            raise Failed("time-to-f1: single's reference run recorded no validation macro-F1 (a split without a "
+                         "validation part?), so there is no F1 target")
+        best = max(q["val_macro_f1_by_epoch"])
         target = best - self.tolerance
         atomic_write_text(self.path, json.dumps({"reference": dataclasses.asdict(self.reference), "best_val_f1": best,
                                                  "tolerance": self.tolerance, "target": target}, indent=1))
@@ -400,9 +421,9 @@ class F1Target:
         """Seconds of training to the target, else why not (one line)."""
         from .tune import Failed
 
+        if self.target is None:
+            self.target = self._reference_target()
         try:
-            if self.target is None:
-                self.target = self._reference_target()
             q = self._train(cfg, self.target).get("quality") or {}
         except Failed as exc:
             return f"its training run failed: {exc}"
@@ -448,7 +469,7 @@ def link_for(folder: Path, devices: int, device_type: str, say: Callable[[str], 
     return Link.measured(load(str(found[-1])))
 
 
-def anchors_cached(path: Path, resume: bool, make: Callable[[], Anchors]) -> Anchors:
+def anchors_cached(path: Path, resume: bool, make: Callable[[], Anchors], objective: str = "throughput") -> Anchors:
     """The anchors of an interrupted tune (path, on --resume), else measured now and kept there."""
     import json
 
@@ -465,7 +486,8 @@ def anchors_cached(path: Path, resume: bool, make: Callable[[], Anchors]) -> Anc
     atomic_write_text(path, json.dumps({"single_s": [[p, b, t] for (p, b), t in a.single_s.items()],
                                         "contention": a.contention, "intra": dataclasses.asdict(a.intra),
                                         "inter": dataclasses.asdict(a.inter), "per_node": a.per_node,
-                                        "source": a.source, "windows": a.windows, "power_w": a.power_w}, indent=1))
+                                        "source": a.source, "windows": a.windows, "power_w": a.power_w,
+                                        "objective": objective}, indent=1))
     return a
 
 

@@ -83,6 +83,30 @@ def test_a_resume_of_another_objective_is_refused_in_one_line(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tune-state.json"]  # nothing else written, nothing lost
 
 
+def test_a_resume_with_another_tolerance_or_anchors_of_another_objective_is_refused(capsys, tmp_path):
+    state = {"windows": {}, "parity": {}, "trials": [], "losses": 0, "objective": "time-to-f1"}
+    (tmp_path / "tune-state.json").write_text(json.dumps(state))
+    (tmp_path / "f1-target.json").write_text(json.dumps({"tolerance": 0.05, "target": 0.7}))
+    code, out = invoke(["tune", "--objective", "time-to-f1", "--device", "cpu", "--resume", "--out", tmp_path], capsys)
+    assert code == 2 and "with --f1-tolerance 0.05" in out
+    (tmp_path / "f1-target.json").unlink()
+    (tmp_path / "anchors.json").write_text(json.dumps({"objective": "throughput"}))
+    code, out = invoke(["tune", "--objective", "time-to-f1", "--device", "cpu", "--resume", "--out", tmp_path], capsys)
+    assert code == 2 and "measured --objective throughput" in out
+
+
+def test_anchors_keep_their_power_and_objective_for_a_resume(tmp_path):
+    from bench.predict import Link
+    from bench.tuning import anchors_cached
+
+    link = Link(1.3, 243.0, "fit", (("all_gather", 0.9, 160.0),))
+    made = Anchors({("bf16", 16): 0.1}, {2: 1.1}, link, link, 8, "measured", {"k": 2.5}, 310.0)
+    anchors_cached(tmp_path / "a.json", False, lambda: made, "energy")
+    back = anchors_cached(tmp_path / "a.json", True, lambda: pytest.fail("measured again on resume"))
+    assert (back.power_w, back.windows, back.contention, back.intra) == (310.0, {"k": 2.5}, {2: 1.1}, link)
+    assert json.loads((tmp_path / "a.json").read_text())["objective"] == "energy"
+
+
 def test_an_energy_figure_is_samples_per_joule_and_its_prediction_the_anchors_power():
     """The oracle is arithmetic: 0.5 J a sample is 2 samples/J; a prediction of 300 samples/s on 2
     devices at 150 W each is 1 sample/J; a run that read no energy fails, in words."""
@@ -136,6 +160,34 @@ def test_the_f1_target_is_single_best_less_the_tolerance_measured_once_and_kept(
     assert check(RunConfig(strategy="ddp", devices=2, epochs=4)) == 30.0
     assert [s for s, _ in again.runs] == ["ddp"]  # resumed: the reference is not trained again
     assert any("target 0.800" in s for s in said)
+
+
+def test_a_reference_run_that_fails_or_records_no_f1_stops_the_tune_in_one_line(tmp_path):
+    """The reference is no candidate: its failure must not be any candidate's verdict."""
+    from bench.tune import Failed
+    from bench.tuning import F1Target
+
+    def fails(cfg, **changes):
+        raise Failed("exit 1: boom")
+
+    check = F1Target(fails, RunConfig(epochs=2), 0.02, tmp_path / "t.json", lambda s: None)
+    with pytest.raises(Failed, match="single's reference run failed, so there is no F1 target: exit 1: boom"):
+        check(RunConfig(strategy="ddp", devices=2))
+    blind = F1Target(lambda cfg, **c: {"quality": {"val_macro_f1_by_epoch": []}}, RunConfig(epochs=2), 0.02,
+                     tmp_path / "t.json", lambda s: None)
+    with pytest.raises(Failed, match="recorded no validation macro-F1"):
+        blind(RunConfig(strategy="ddp", devices=2))
+    assert not (tmp_path / "t.json").exists()  # no target written from nothing
+
+
+def test_a_broken_tune_record_is_one_line_of_the_report_not_a_traceback(capsys, tmp_path):
+    from test_sweep_report import fixture_result
+
+    (tmp_path / "r.json").write_text(json.dumps(fixture_result()))
+    (tmp_path / "tune.json").write_text(json.dumps({"kind": "tune", "candidates": [{"key": "x"}]}))
+    code, out = invoke(["report", tmp_path, "--out", tmp_path / "rep"], capsys)
+    assert code == 0 and "Traceback" not in out
+    assert "tune.json: unreadable tune record: KeyError" in " ".join(out.split())
 
 
 SPACE = """

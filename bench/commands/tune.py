@@ -56,7 +56,7 @@ def tune(
         if not 0 <= f1_tolerance < 1:
             raise ValueError(f"--f1-tolerance {f1_tolerance:g}: give a macro-F1 difference in [0, 1), e.g. 0.02")
         if resume:
-            _same_objective(Path(out), objective)
+            _same_objective(Path(out), objective, f1_tolerance)
     except ValueError as exc:  # ConfigError included
         fail(str(exc))
     info(f"tune: {len(cands)} candidates, {len(cands) - len(live)} pruned before anything runs")
@@ -170,7 +170,7 @@ def _measure(live, device_type, budget_s, noise, per_node, out, resume, objectiv
         check = tuning.F1Target(windows, tuning.f1_reference(live), f1_tolerance, folder / "f1-target.json", info)
     try:
         anchors = tuning.anchors_cached(folder / "anchors.json", resume,
-                                        lambda: tuning.measure_anchors(live, windows, link, per_node, info))
+                                        lambda: tuning.measure_anchors(live, windows, link, per_node, info), objective)
         if not state.exists():
             tuning.seed_state(state, anchors, {c.key for c in live}, objective)
         result = search(live, lambda cfg: anchors.figure(cfg, objective), windows, check, noise=noise,
@@ -182,21 +182,30 @@ def _measure(live, device_type, budget_s, noise, per_node, out, resume, objectiv
     return result, anchors
 
 
-def _same_objective(folder: Path, objective: str) -> None:
+def _same_objective(folder: Path, objective: str, f1_tolerance: float) -> None:
     """ValueError with the line where --resume would carry on a tune of another objective (its windows
-    are that objective's figures)."""
+    and anchors are that objective's figures) or, for time-to-f1, against another tolerance's target."""
     import json
 
-    state = folder / "tune-state.json"
-    was = json.loads(state.read_text()).get("objective", "throughput") if state.exists() else objective
-    if was != objective:
-        raise ValueError(f"--resume: the tune in {folder} measured --objective {was}; resume it with that objective, "
-                         "or start a new one in another --out")
+    for name in ("tune-state.json", "anchors.json"):
+        path = folder / name
+        was = json.loads(path.read_text()).get("objective", "throughput") if path.exists() else objective
+        if was != objective:
+            raise ValueError(f"--resume: the tune in {folder} measured --objective {was}; resume it with that "
+                             "objective, or start a new one in another --out")
+    target = folder / "f1-target.json"
+    if objective == "time-to-f1" and target.exists():
+        kept = json.loads(target.read_text())["tolerance"]
+        if kept != f1_tolerance:
+            raise ValueError(f"--resume: the tune in {folder} set its F1 target with --f1-tolerance {kept:g}; resume "
+                             "it with that, or start a new one in another --out")
 
 
 def _fresh(folder: Path, state: Path) -> None:
-    """A new tune forgets what an earlier one in this folder measured."""
-    for old in (state, folder / "anchors.json", folder / "f1-target.json"):
+    """A new tune forgets what an earlier one in this folder measured, and what it wrote (a report
+    must not read an old tune.json as this one's)."""
+    for old in (state, folder / "anchors.json", folder / "f1-target.json", folder / "tune.json", folder / "tune.md",
+                folder / "tune.png"):
         old.unlink(missing_ok=True)
     for sub in ("comm", "windows"):
         shutil.rmtree(folder / sub, ignore_errors=True)
@@ -205,7 +214,7 @@ def _fresh(folder: Path, state: Path) -> None:
 def _report(result, cands, anchors, out, objective) -> None:
     from .. import tuning
     from ..cells import cell_label
-    from ..tune_report import candidate_rows, console_rows, fig, trial_rows, write
+    from ..tune_report import candidate_rows, console_rows, number, trial_rows, write
 
     unit = tuning.OBJECTIVES[objective]
     header, rows = candidate_rows(cands, unit)
@@ -222,7 +231,7 @@ def _report(result, cands, anchors, out, objective) -> None:
         error(f"no measured candidate {check}: nothing wins (see the state column)")
         raise Exit(1)
     w = result.winner
-    info(f"winner: {w.key}, {fig(w.measured)} {unit} (median of {len(w.windows)} windows)"
+    info(f"winner: {w.key}, {number(w.measured)} {unit} (median of {len(w.windows)} windows)"
          + (f", the F1 target in {w.time_to_f1_s:.1f} s of training" if w.time_to_f1_s is not None else ""))
     info(f"run it: {tuning.run_command(result.winner.cfg)}")
     info(f"tune: {Path(out) / 'tune.md'}, {Path(out) / 'tune.json'}, {Path(out) / 'tune.png'}")
