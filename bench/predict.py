@@ -25,9 +25,11 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
               compute dtype), inside the node; W from a profiled tp run, as for ddp and fsdp.
               C_tp, summed over the layers (r row-parallel, c column-parallel projections, q, k and v
               three, Megatron fuses them): without sequence parallel (r + c) T_ar(A_tp); with it
-              r [T_rs(A_tp) + T_ag(A_tp)] + g T_ag(A_tp) + c T_ar(A_tp) + n T_ar(a layer norm parameter),
-              g the gathers (attention entry, first feed-forward projections, modules needing the whole
-              sequence twice, the region's two edges), n the layer norms' parameters (TpProfile)
+              r [T_rs(A_tp) + T_ag(A_tp)] + g T_ag(A_tp) + c T_ar(A_tp), g the gathers (attention
+              entry, first feed-forward projections, modules needing the whole sequence twice, the
+              region's two edges); WavLM's gate inputs add an all-gather each in both. Once per
+              optimiser step (outside K): an all-reduce per replicated parameter's partial gradient
+              (the layer norms' with sequence parallel, WavLM's gate linear's always; TpProfile)
     T_ag and T_rs use bench comm's all-gather and reduce-scatter fits where it measured them (Link.op)
     throughput = N b / t; efficiency = throughput / (N x single throughput)
 
@@ -289,8 +291,10 @@ class TpProfile:
     forward FLOPs it divides; per training step over all its layers, the row-parallel and
     column-parallel projections, the gathers sequence parallel adds (each layer's attention entry,
     its first feed-forward projections', a module that needs the whole sequence both ways, the
-    region's own edges) and the parameters of its layer norms; elements of one layer's output per
-    sample."""
+    region's own edges), WavLM's gate inputs (cut into heads as DTensors: gathered backward, with or
+    without sequence parallel), and the replicated parameters whose gradients come out partial (the
+    layer norms' with sequence parallel, WavLM's gate linear always); elements of one layer's output
+    per sample."""
 
     f: float
     rows: int
@@ -299,20 +303,33 @@ class TpProfile:
     norm_params: int
     norm_elems: int  # of all those parameters together
     elems: int
+    gate_gathers: int = 0
+    gate_params: int = 0
+    gate_elems: int = 0
 
     def comm_s(self, act_bytes: float, degree: int, link: Link, sequence_parallel: bool) -> float:
-        """Seconds of a step's tensor-parallel collectives, each on the critical path (no async TP).
-        Without sequence parallel: an all-reduce of the activations per row-parallel projection
-        forward and per column-parallel one backward (q, k and v are three; Megatron fuses them).
-        With it (torch's form, bench/strategies/tp.py): each row-parallel output is reduce-scattered
-        forward and all-gathered backward; each gather is one all-gather forward (its backward is a
-        local chunk); the column-parallel projections still all-reduce their input gradients
-        backward; and every layer norm's replicated parameter all-reduces its gradient."""
+        """Seconds of a micro-step's tensor-parallel collectives of activations, each on the critical
+        path (no async TP). Without sequence parallel: an all-reduce per row-parallel projection forward
+        and per column-parallel one backward (q, k and v are three; Megatron fuses them). With it
+        (torch's form, bench/strategies/tp.py): each row-parallel output is reduce-scattered forward and
+        all-gathered backward; each gather is one all-gather forward (its backward is a local chunk);
+        the column-parallel projections still all-reduce their input gradients backward. WavLM's gate
+        inputs are all-gathered backward in both."""
+        gate = self.gate_gathers * t_gather(act_bytes, degree, link)
         if not sequence_parallel:
-            return (self.rows + self.cols) * t_all_reduce(act_bytes, degree, link)
+            return (self.rows + self.cols) * t_all_reduce(act_bytes, degree, link) + gate
         return (self.rows * (t_gather(act_bytes, degree, link, "reduce_scatter") + t_gather(act_bytes, degree, link))
                 + self.gathers * t_gather(act_bytes, degree, link) + self.cols * t_all_reduce(act_bytes, degree, link)
-                + self.norm_params * t_all_reduce(4 * self.norm_elems / max(self.norm_params, 1), degree, link))
+                + gate)
+
+    def step_s(self, degree: int, link: Link, sequence_parallel: bool) -> float:
+        """Seconds of the all-reduces of replicated parameters' partial gradients, once per optimiser
+        step (DTensor reduces them where the optimizer reads them; one each counted, though AdamW's
+        several reads may reduce more than once)."""
+        out = self.gate_params * t_all_reduce(4 * self.gate_elems / max(self.gate_params, 1), degree, link)
+        if sequence_parallel:
+            out += self.norm_params * t_all_reduce(4 * self.norm_elems / max(self.norm_params, 1), degree, link)
+        return out
 
 
 @functools.lru_cache(maxsize=32)
@@ -321,7 +338,7 @@ def tp_profile(model: str, size: str, degree: int) -> TpProfile:
     and of one rank's shapes of it (bench/strategies/tp.py localize), its layers' plans."""
     import torch
 
-    from .strategies.tp import COL, ROW, layers, localize, split
+    from .strategies.tp import COL, ROW, SplitWavLMAttention, layers, localize, split
 
     full = build_model(model, size=size, device="meta")
     total = sum(full.block_flops(2))
@@ -338,13 +355,18 @@ def tp_profile(model: str, size: str, degree: int) -> TpProfile:
     gathers = sum(1 + sum(style == COL and not path.startswith(att) for path, style in layer.plan.items())
                   + 2 * len(layer.whole) for layer, att in zip(found, attention)) + 2 * bool(found)
     norms = [p for layer in found for name in layer.norms for p in layer.module.get_submodule(name).parameters()]
+    gates = [layer.module.attention for layer in found
+             if isinstance(getattr(layer.module, "attention", None), SplitWavLMAttention)
+             and layer.module.attention.gru_rel_pos]
+    gate_params = [p for g in gates for p in g.gru_rel_pos_linear.parameters()]
     seen: list[int] = []
     hook = found[0].module.register_forward_hook(
         lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).numel()))
     with torch.no_grad():
         full(full.example_input(1, "meta"))
     hook.remove()
-    return TpProfile(f, rows, cols, gathers, len(norms), sum(p.numel() for p in norms), seen[0])
+    return TpProfile(f, rows, cols, gathers, len(norms), sum(p.numel() for p in norms), seen[0], len(gates),
+                     len(gate_params), sum(p.numel() for p in gate_params))
 
 
 def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, inter: Link | None, *,
@@ -373,7 +395,8 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
         degree = n if strategy == "tp" else tp
         micro = _tp_micro_step(inp, t1, degree, per_node, intra, inter, sequence_parallel)
         comm = _sharded_comm(inp, n, nodes, degree, 1 if strategy == "tp" else replicate, K, intra, inter)
-        step = K * micro + wait + (1 - overlap) * comm
+        step = K * micro + wait + (1 - overlap) * comm + _tp_step_s(inp, degree, per_node, intra, inter,
+                                                                    sequence_parallel)
     elif strategy == "pipeline":  # replicate: N / P pipelines of P stages (--pp P)
         p = n // replicate
         m = inp.microbatches or 2 * p
@@ -402,6 +425,15 @@ def _tp_micro_step(inp: Inputs, t1: float, degree: int, per_node: int, intra: Li
     act = degree * inp.batch * prof.elems * (2 if inp.precision in ("bf16", "fp16") else 4)
     tp_link = intra if degree <= per_node or inter is None else inter
     return t1 * (degree * (1 - prof.f) + prof.f) + prof.comm_s(act, degree, tp_link, sequence_parallel)
+
+
+def _tp_step_s(inp: Inputs, degree: int, per_node: int, intra: Link, inter: Link | None,
+               sequence_parallel: bool) -> float:
+    """Tensor parallel's once-per-optimiser-step collectives (TpProfile.step_s); 0 at degree 1."""
+    if degree < 2:
+        return 0.0
+    tp_link = intra if degree <= per_node or inter is None else inter
+    return tp_profile(inp.model, inp.model_size, degree).step_s(degree, tp_link, sequence_parallel)
 
 
 def _sharded_comm(inp: Inputs, n: int, nodes: int, degree: int, replicate: int, K: int, intra: Link,
@@ -480,14 +512,17 @@ def mesh_of(c: dict) -> tuple[int, int]:
 
 def measured_cells(results: list[dict], grad_accum: int = 1, ac: str = "none") -> dict[tuple, float]:
     """Median throughput of every ok weak-scaling cell at this --grad-accum and --ac, by (model, size,
-    strategy, precision, batch, devices, nodes, tensor-parallel degree, replicas)."""
+    strategy, precision, batch, devices, nodes, tensor-parallel degree, replicas, sequence parallel: None
+    without tensor parallel)."""
     seen: dict[tuple, list[float]] = {}
     for r in results:
         c = r["config"]
         if (r["status"] == "ok" and c.get("scaling", "weak") == "weak" and int(c.get("grad_accum") or 1) == grad_accum
                 and (c.get("ac") or "none") == ac):
+            tensor_parallel = c["strategy"] == "tp" or mesh_of(c)[0] > 1
             key = (c["model"], c.get("model_size", "base"), c["strategy"], c["precision"], c["batch_size_per_device"],
-                   c["devices"], c.get("nodes", 1), *mesh_of(c))
+                   c["devices"], c.get("nodes", 1), *mesh_of(c),
+                   bool(c.get("sequence_parallel", False)) if tensor_parallel else None)  # as check() keys them
             seen.setdefault(key, []).append(r["throughput"]["samples_per_s"])
     return {k: statistics.median(v) for k, v in seen.items()}
 
@@ -518,8 +553,9 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
                 p = predict(inp, strategy, n, nodes, intra, inter, grad_accum=grad_accum, ac=ac, tp=tp, replicate=rep,
                             sequence_parallel=mesh.get("sequence_parallel", True))
                 thr, eff, note = p["samples_per_s"], p["efficiency"], "predicted"
+                sp = mesh.get("sequence_parallel", True) if strategy == "tp" or tp > 1 else None
                 got = (measured or {}).get((inp.model, inp.model_size, strategy, inp.precision, inp.batch, n, nodes,
-                                            *((tp, rep) if strategy in ("fsdp", "hsdp", "pipeline") else (1, 1))))
+                                            *((tp, rep) if strategy in ("fsdp", "hsdp", "pipeline") else (1, 1)), sp))
                 if got is not None:
                     thr, eff = got, got / (n * inp.single_throughput)
                     note = f"measured (predicted {p['samples_per_s']:.1f} samples/s)"

@@ -3,7 +3,8 @@
 Inside each transformer layer, q, k and v and the feed-forward network's first projection are
 column-parallel (each rank computes its share of the heads and hidden units) and the attention
 output and the second projection row-parallel (each rank's partial sums are all-reduced): two
-all-reduces a layer forward, two backward. Every rank of a tensor-parallel group trains on the same
+all-reduces a layer forward, and backward one per column-parallel projection's input gradient (four:
+q, k and v each wrap the same input on their own; Megatron fuses them into one). Every rank of a tensor-parallel group trains on the same
 batch. The rest of the model (the front ends, layer norms, conformer's convolution module, the head)
 is replicated, and so are its gradients: every rank computes them from the same all-reduced
 activations.
