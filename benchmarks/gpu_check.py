@@ -54,7 +54,7 @@ BY_SIZE = ["xlsr-2b", "xlsr-1b", "wavlm-large", "hubert-large"]
 class Cell:
     name: str
     argv: list[str]  # after `bench`
-    expect: str = "ok"  # ok | interrupted | oom | command (bench comm / parity: the exit code)
+    expect: str = "ok"  # ok | interrupted | oom | command (bench comm / parity: the exit code) | tune (its record)
     gpus: int = 1  # GPUs it needs
     env: dict = field(default_factory=dict)
     guess_s: float = 20.0  # what it is expected to take, for the budget
@@ -111,7 +111,7 @@ def one_gpu_cells() -> list[Cell]:
                                                            "--reshard-after-forward", "false"]),
         # bench tune's windows on CUDA, and --objective energy (NVML's counters), which no CPU can run
         Cell("cnn tune x1 --objective energy", ["tune", "--model", "cnn", "--gpus", "1", "--space", "tune",
-                                                "--objective", "energy", "--budget", "90s"], expect="command",
+                                                "--objective", "energy", "--budget", "90s"], expect="tune",
              guess_s=180),
         Cell("cnn single compiled (inductor)", [*run, *CNN, "--compile"], guess_s=90),
         Cell("wav2vec2-base single bf16 compiled (inductor)", [*run, "--model", "wav2vec2-base", *ENC, "--precision",
@@ -232,6 +232,8 @@ def check_cell(cell: Cell, ran: dict) -> list[dict]:
     from bench import invariants
     from bench.results import load_result
 
+    if cell.expect == "tune":
+        return tune_checks(ran)
     if cell.expect == "command":
         ok = ran["exit"] == 0 and "FAIL" not in ran["stdout_tail"]
         return [asdict(invariants.Check("exit 0, no FAIL", ok, f"exit {ran['exit']}: {ran['stderr_tail'][-200:]}"))]
@@ -241,6 +243,23 @@ def check_cell(cell: Cell, ran: dict) -> list[dict]:
     checks = {"ok": invariants.of_run, "interrupted": invariants.interrupted,
               "oom": invariants.out_of_memory}[cell.expect](result)
     return [asdict(c) for c in checks]
+
+
+def tune_checks(ran: dict) -> list[dict]:
+    """bench tune --objective energy: exit 0, a tune.json in samples/J with a winner, every window's
+    figure above 0 (a window NVML could not see fails its candidate, so an all-failed tune shows)."""
+    from bench import invariants
+
+    argv = ran["argv"]
+    path = Path(argv[argv.index("--out") + 1]) / "tune.json"
+    rec = json.loads(path.read_text()) if path.exists() else {}
+    windows = [w for c in rec.get("candidates", []) for w in c.get("windows") or []]
+    return [asdict(c) for c in (
+        invariants.Check("exit 0", ran["exit"] == 0, f"exit {ran['exit']}: {ran['stderr_tail'][-200:]}"),
+        invariants.Check("tune.json in samples/J with a winner", rec.get("unit") == "samples/J" and bool(rec.get("winner")),
+                         f"unit {rec.get('unit')}, winner {rec.get('winner')}"),
+        invariants.Check("every window above 0 samples/J", bool(windows) and min(windows) > 0,
+                         f"{len(windows)} windows, least {min(windows) if windows else None}"))]
 
 
 def write_report(out: Path, report: dict) -> None:

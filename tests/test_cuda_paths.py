@@ -718,3 +718,26 @@ def test_gpu_check_runs_checks_and_reports_a_cell(tmp_path, monkeypatch, capsys)
     assert "| cnn single: planted out-of-memory error | the one-line OOM result | ok |" in (tmp_path / "gpu_check.md").read_text()
     out = capsys.readouterr().out
     assert "gpu_check: 2 checks, 0 failed" in out
+
+
+def test_gpu_check_reads_an_energy_tunes_record(tmp_path, monkeypatch):
+    """The energy tune cell is judged by its tune.json, not its exit code alone: samples/J, a winner,
+    every window above 0; a record in samples/s or with a 0 window fails."""
+    import importlib.util
+    import json
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(__import__("sys").modules, "gpu_check", gc)
+    spec.loader.exec_module(gc)
+    (cell,) = [c for c in gc.one_gpu_cells() if c.expect == "tune"]
+    ran = {"argv": [*cell.argv, "--device", "cuda", "--out", str(tmp_path)], "exit": 0, "stderr_tail": ""}
+    rec = {"unit": "samples/J", "winner": "w", "candidates": [{"windows": [2.5, 2.4]}, {"windows": []}]}
+    (tmp_path / "tune.json").write_text(json.dumps(rec))
+    assert [c["ok"] for c in gc.check_cell(cell, ran)] == [True, True, True]
+    (tmp_path / "tune.json").write_text(json.dumps({**rec, "unit": "samples/s", "candidates": [{"windows": [0.0]}]}))
+    assert [c["ok"] for c in gc.check_cell(cell, ran)] == [True, False, False]
+    (tmp_path / "tune.json").unlink()
+    assert [c["ok"] for c in gc.check_cell(cell, {**ran, "exit": 1})] == [False, False, False]
