@@ -21,20 +21,25 @@ def number(value: float) -> str:
     return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
 
 
-def state(c: Candidate) -> str:
+def check_name(objective: str) -> str:
+    """What the winner's learning check is called: parity, or time-to-f1's F1 check."""
+    return "the F1 check" if objective == "time-to-f1" else "parity"
+
+
+def state(c: Candidate, check: str = "parity") -> str:
     if c.pruned:
         return f"pruned: {c.pruned}"
     if c.time_to_f1_s is not None:
         return f"measured, reaches the F1 target in {c.time_to_f1_s:.1f} s of training"
     if c.parity and c.parity != "ok":
-        return f"fails parity: {c.parity}" if not c.parity.startswith(("did not reach", "its training run")) else \
-            f"fails the F1 check: {c.parity}"
+        return f"fails {check}: {c.parity}"
     if c.parity == "ok":
         return "measured, passes parity"
     return "measured" if c.windows else ("not measured" + ("" if c.predicted else " (no prediction for it)"))
 
 
-def candidate_rows(cands: list[Candidate], unit: str = "samples/s") -> tuple[list[str], list[list[str]]]:
+def candidate_rows(cands: list[Candidate], unit: str = "samples/s",
+                   check: str = "parity") -> tuple[list[str], list[list[str]]]:
     """Every candidate, measured first (best first), then the rest by prediction, the pruned last;
     cands is put in the same order, so rows[i] is cands[i]."""
     order = sorted(cands, key=lambda c: (bool(c.pruned), not c.windows, -(c.measured or c.predicted or 0)))
@@ -44,17 +49,17 @@ def candidate_rows(cands: list[Candidate], unit: str = "samples/s") -> tuple[lis
         rows.append([cell_label(c.cfg, from_config=True), number(c.predicted) if c.predicted else "–",
                      number(c.measured) if c.windows else "", str(len(c.windows)) if c.windows else "",
                      f"{number(min(c.windows))}-{number(max(c.windows))}" if len(c.windows) > 1 else "",
-                     f"{mem:.2f}" if mem is not None else "", state(c)])
+                     f"{mem:.2f}" if mem is not None else "", state(c, check)])
     cands[:] = order
     return candidate_header(unit), rows
 
 
-def console_rows(cands: list[Candidate]) -> tuple[list, list[list[str]]]:
+def console_rows(cands: list[Candidate], check: str = "parity") -> tuple[list, list[list[str]]]:
     """The candidates measured (in candidate_rows' order) for 80 columns: the label without the
     model (a tune is of one), figures that never wrap, the state in the last column."""
     rows = [[cell_label(c.cfg, from_config=True).split(" ", 1)[1], number(c.predicted) if c.predicted else "–",
              number(c.measured), str(len(c.windows)), f"{c.memory_gib:.2f}" if c.memory_gib is not None else "",
-             state(c)] for c in cands if c.windows]
+             state(c, check)] for c in cands if c.windows]
     fixed = {"justify": "right", "no_wrap": True}
     return ["candidate", ("predicted", fixed), ("measured", fixed), ("windows", fixed), ("GiB", fixed), "state"], rows
 

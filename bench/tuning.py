@@ -17,9 +17,9 @@ given, and the command line of the winner.
 - Parity (parity_check): bench parity of a candidate against single, on its stated basis.
 - The objective (OBJECTIVES) is what a window's figure is: throughput (samples/s), energy (samples
   per joule, 1 / the run's GPU energy per sample from NVML's counters; refused in one line where
-  the devices have none) or time-to-f1 (windows measure throughput; the winner is then the
-  candidate, of the F1_CHECKS fastest measured, that reaches single's best validation macro-F1 less
-  --f1-tolerance in the least training time: F1Target).
+  the devices have none) or time-to-f1 (windows measure throughput; then the measured candidates,
+  best first, train whole runs toward single's best validation macro-F1 less --f1-tolerance until
+  F1_CHECKS have reached it, and the quickest of those wins: F1Target).
 - --dry-run measures nothing: single's step time is the model's FLOPs (3 x forward) at an assumed
   MFU of a stated peak, the links are presets, and the memory is the estimate, rehearsed with the
   fake process group for the top candidates (bench/rehearse.py).
@@ -251,7 +251,7 @@ class Windows:
                  objective: str = "throughput"):
         from .ab import REPO, Side
 
-        self.objective, self.last = objective, None  # last: the latest window's result record
+        self.objective = objective
         cores = len(os.sched_getaffinity(0))
         self.threads = max(1, cores // world)  # on CPU one core per rank, as the gate pins them
         self.side = Side("tune", "working tree", REPO, {"EMOTION_BENCH_AB_DEVICE": device_type})
@@ -267,10 +267,13 @@ class Windows:
         job.wait_ready(self.timeout_s)
         return job
 
-    def window(self, cfg: RunConfig, **changes) -> dict:
+    def record(self, cfg: RunConfig, **changes) -> dict:
         """One window's result record; changes (a whole training run's epochs, target F1) replace the
-        window's settings."""
+        window's settings. A run that fails takes its job down: a new job is started for the next
+        window, and this candidate fails (tune.Failed, with the reason)."""
+        from .ab import ABError
         from .cells import cell_key
+        from .tune import Failed
 
         key = cell_key(cfg)
         tag = "f1" if changes else "w"
@@ -280,25 +283,17 @@ class Windows:
         c = cfg.replace(**{**window, **changes}, threads=self.threads, profile=False, out_dir=str(self.results),
                         run_id=f"{key}-{tag}{k}")
         # a whole training run (time-to-f1) may take hours on a large model: its own, longer limit
-        self.last = self.job.run(dataclasses.asdict(c), max(self.timeout_s, TRAIN_TIMEOUT_S) if changes else self.timeout_s,
-                                 result=True)
-        return self.last
-
-    def __call__(self, cfg: RunConfig, **changes) -> float | dict:
-        """The objective's figure of one window (the run's own samples/s, or samples/J); with changes,
-        the run's whole result record. A run that fails takes its job down: a new job is started for
-        the next window, and this candidate fails (tune.Failed, with the reason)."""
-        from .ab import ABError
-        from .tune import Failed
-
         try:
-            result = self.window(cfg, **changes)
+            return self.job.run(dataclasses.asdict(c), max(self.timeout_s, TRAIN_TIMEOUT_S) if changes else self.timeout_s,
+                                result=True)
         except ABError as exc:
-            self.last = None  # no record of this run: an earlier window's must not stand in for it
             self.job.close()
             self.job = self._start()
             raise Failed(str(exc)) from None
-        return result if changes else score(result, self.objective)
+
+    def __call__(self, cfg: RunConfig) -> float:
+        """The objective's figure of one window: the run's own samples/s, or samples/J."""
+        return score(self.record(cfg), self.objective)
 
     def close(self) -> None:
         import shutil
@@ -328,10 +323,11 @@ def measure_anchors(live: list[Candidate], windows: Windows, link, per_node: int
         batches = sorted({c.cfg.batch_size for c in live if c.cfg.precision == precision})
         for b in dict.fromkeys((batches[0], batches[-1])):
             cfg = _plain(first, strategy="single", devices=1, precision=precision, batch_size=b)
-            measured[cell_key(cfg)] = windows(cfg)
-            thr = float(windows.last["throughput"]["samples_per_s"])
+            rec = windows.record(cfg)
+            measured[cell_key(cfg)] = score(rec, windows.objective)  # no energy on a single anchor: the tune stops
+            thr = float(rec["throughput"]["samples_per_s"])
             single[(precision, b)] = b / thr
-            power += [w for w in [(windows.last.get("utilization") or {}).get("gpu_power_w_mean")] if w]
+            power += [w for w in [(rec.get("utilization") or {}).get("gpu_power_w_mean")] if w]
             say(f"anchor: single {precision} b{b}: {thr:.1f} samples/s"
                 + (f", {number(measured[cell_key(cfg)])} {unit}" if windows.objective == "energy" else ""))
     contention: dict[int, float] = {}
@@ -339,17 +335,14 @@ def measure_anchors(live: list[Candidate], windows: Windows, link, per_node: int
     if n > 1:
         precision, b = min(single)
         cfg = _plain(first, strategy="independent", devices=n, precision=precision, batch_size=b)
-        windows.last = None
         try:
-            measured[cell_key(cfg)] = windows(cfg)
-        except Exception as exc:  # its run failed (contention stays the assumed 1, the family's first
-            say(f"anchor: independent x{n}: {exc}")  # window corrects it), or only its energy could not be read
-        if windows.last is not None:
-            thr = float(windows.last["throughput"]["samples_per_s"])  # all n replicas' samples
+            rec = windows.record(cfg)
+            thr = float(rec["throughput"]["samples_per_s"])  # all n replicas' samples
             contention[n] = (b * n / thr) / single[(precision, b)]
             say(f"anchor: independent x{n}: contention c_{n} = {contention[n]:.2f}")
-        else:
-            say(f"anchor: independent x{n} did not run; contention assumed 1")
+            measured[cell_key(cfg)] = score(rec, windows.objective)
+        except Exception as exc:  # did not run: contention stays the assumed 1 (the family's first window
+            say(f"anchor: independent x{n}: {exc}" + ("" if contention else "; contention assumed 1"))  # corrects it)
     return Anchors(single, contention, link, link, per_node, "measured", measured,
                    sum(power) / len(power) if power else None)
 
@@ -391,7 +384,7 @@ class F1Target:
         self.target = json.loads(path.read_text())["target"] if path.exists() else None
 
     def _train(self, cfg: RunConfig, target: float | None) -> dict:
-        return self.windows(cfg, epochs=cfg.epochs, max_steps=None, eval_each_epoch=True, target_f1=target)
+        return self.windows.record(cfg, epochs=cfg.epochs, max_steps=None, eval_each_epoch=True, target_f1=target)
 
     def _reference_target(self) -> float:
         """The target, from single's training run; tune.Failed (the tune stops, one line) where that run

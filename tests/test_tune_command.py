@@ -2,6 +2,7 @@
 prints read back by `bench run`'s own parser, a dry run at 64 GPUs, and a measured tune of a small
 space on 2 CPU workers (real processes), interrupted and resumed."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import typer
@@ -134,7 +135,7 @@ class FakeWindows:
     def __init__(self):
         self.runs = []
 
-    def __call__(self, cfg, **changes):
+    def record(self, cfg, **changes):
         self.runs.append((cfg.strategy, changes))
         curve = self.CURVES[cfg.strategy][:changes["epochs"]]
         target = changes["target_f1"]
@@ -170,11 +171,11 @@ def test_a_reference_run_that_fails_or_records_no_f1_stops_the_tune_in_one_line(
     def fails(cfg, **changes):
         raise Failed("exit 1: boom")
 
-    check = F1Target(fails, RunConfig(epochs=2), 0.02, tmp_path / "t.json", lambda s: None)
+    check = F1Target(SimpleNamespace(record=fails), RunConfig(epochs=2), 0.02, tmp_path / "t.json", lambda s: None)
     with pytest.raises(Failed, match="single's reference run failed, so there is no F1 target: exit 1: boom"):
         check(RunConfig(strategy="ddp", devices=2))
-    blind = F1Target(lambda cfg, **c: {"quality": {"val_macro_f1_by_epoch": []}}, RunConfig(epochs=2), 0.02,
-                     tmp_path / "t.json", lambda s: None)
+    no_f1 = SimpleNamespace(record=lambda cfg, **c: {"quality": {"val_macro_f1_by_epoch": []}})
+    blind = F1Target(no_f1, RunConfig(epochs=2), 0.02, tmp_path / "t.json", lambda s: None)
     with pytest.raises(Failed, match="recorded no validation macro-F1"):
         blind(RunConfig(strategy="ddp", devices=2))
     assert not (tmp_path / "t.json").exists()  # no target written from nothing

@@ -214,11 +214,11 @@ def _fresh(folder: Path, state: Path) -> None:
 def _report(result, cands, anchors, out, objective) -> None:
     from .. import tuning
     from ..cells import cell_label
-    from ..tune_report import candidate_rows, console_rows, number, trial_rows, write
+    from ..tune_report import candidate_rows, check_name, console_rows, number, trial_rows, write
 
     unit = tuning.OBJECTIVES[objective]
-    header, rows = candidate_rows(cands, unit)
-    short, shown = console_rows(cands)
+    header, rows = candidate_rows(cands, unit, check_name(objective))
+    short, shown = console_rows(cands, check_name(objective))
     console.print(table(f"tune: {len(shown)} of {len(cands)} candidates measured", short, shown, plain=True,
                         caption=f"predicted and measured (median of the windows): {unit}; GiB: the memory "
                                 "estimate per device"))
@@ -227,8 +227,7 @@ def _report(result, cands, anchors, out, objective) -> None:
     write(Path(out), result.winner, cands, result.trials, result.stopped, anchors, (header, rows), objective)
     info(f"stopped: {result.stopped}")
     if result.winner is None:
-        check = "reached the F1 target" if objective == "time-to-f1" else "passed parity"
-        error(f"no measured candidate {check}: nothing wins (see the state column)")
+        error(f"no measured candidate passed {check_name(objective)}: nothing wins (see the state column)")
         raise Exit(1)
     w = result.winner
     info(f"winner: {w.key}, {number(w.measured)} {unit} (median of {len(w.windows)} windows)"

@@ -55,12 +55,12 @@ def _sections(df: pd.DataFrame, agg: pd.DataFrame, bad, skipped, include_flagged
 
 def _tune_section(tunes: list[tuple[str, dict]]) -> Section:
     """Each bench tune found among the results: its line, and its measured candidates (bench/tune_report.py)."""
-    from ..tune_report import candidate_rows, from_record, summary
+    from ..tune_report import candidate_rows, check_name, from_record, summary
 
     blocks = []
     for path, record in tunes:
         cands = from_record(record)
-        header, rows = candidate_rows(cands, record.get("unit", "samples/s"))
+        header, rows = candidate_rows(cands, record.get("unit", "samples/s"), check_name(record.get("objective", "")))
         measured = [row for c, row in zip(cands, rows) if c.windows]
         blocks += [Para(summary(path, record)), Table(header, measured)] if measured else [Para(summary(path, record))]
     return Section("bench tune", blocks)
