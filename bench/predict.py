@@ -28,8 +28,8 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
               r [T_rs(A_tp) + T_ag(A_tp)] + g T_ag(A_tp) + c T_ar(A_tp), g the gathers (attention
               entry, first feed-forward projections, modules needing the whole sequence twice, the
               region's two edges); WavLM's gate inputs add an all-gather each in both. Once per
-              optimiser step (outside K): an all-reduce per replicated parameter's partial gradient
-              (the layer norms' with sequence parallel, WavLM's gate linear's always; TpProfile)
+              optimiser step (outside K): one flat all-reduce of the replicated parameters' partial
+              gradients (the layer norms' with sequence parallel, WavLM's gate linear's; TpProfile)
     T_ag and T_rs use bench comm's all-gather and reduce-scatter fits where it measured them (Link.op)
     throughput = N b / t; efficiency = throughput / (N x single throughput)
 
@@ -323,13 +323,11 @@ class TpProfile:
                 + gate)
 
     def step_s(self, degree: int, link: Link, sequence_parallel: bool) -> float:
-        """Seconds of the all-reduces of replicated parameters' partial gradients, once per optimiser
-        step (DTensor reduces them where the optimizer reads them; one each counted, though AdamW's
-        several reads may reduce more than once)."""
-        out = self.gate_params * t_all_reduce(4 * self.gate_elems / max(self.gate_params, 1), degree, link)
-        if sequence_parallel:
-            out += self.norm_params * t_all_reduce(4 * self.norm_elems / max(self.norm_params, 1), degree, link)
-        return out
+        """Seconds of the all-reduce of replicated parameters' partial gradients (the gate's linear; with
+        sequence parallel the layer norms'), once per optimiser step: the tp plan sums them all in one
+        flat all-reduce before the optimiser reads them (bench/strategies/tp.py reduce_partial_grads)."""
+        elems = self.gate_elems + (self.norm_elems if sequence_parallel else 0)
+        return t_all_reduce(4 * elems, degree, link) if elems else 0.0
 
 
 @functools.lru_cache(maxsize=32)

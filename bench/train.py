@@ -201,16 +201,19 @@ class _Scaled:
 def accumulate(plan: Plan, x: torch.Tensor, y: torch.Tensor, precision: Precision, k: int) -> torch.Tensor:
     """One optimiser step's forward and backward over this rank's batch: in k micro-batches with
     --grad-accum k (each loss scaled by 1/k; gradients synchronised on the last micro-batch only,
-    plan.sync), else at once. Returns the batch's mean loss."""
+    plan.sync), else at once; then plan.grads_ready. Returns the batch's mean loss."""
     if k == 1:
-        return plan.step(x, y, precision)
-    scaled = _Scaled(precision, 1.0 / k)
-    total = None
-    for i, (xi, yi) in enumerate(zip(x.chunk(k), y.chunk(k))):
-        with plan.sync(i == k - 1):
-            loss = plan.step(xi, yi, scaled).detach()
-        total = loss if total is None else total + loss
-    return total / k
+        loss = plan.step(x, y, precision)
+    else:
+        scaled = _Scaled(precision, 1.0 / k)
+        total = None
+        for i, (xi, yi) in enumerate(zip(x.chunk(k), y.chunk(k))):
+            with plan.sync(i == k - 1):
+                part = plan.step(xi, yi, scaled).detach()
+            total = part if total is None else total + part
+        loss = total / k
+    plan.grads_ready()
+    return loss
 
 
 # ------------------------------------------------------------------------------------------ batches

@@ -491,8 +491,9 @@ def test_tensor_parallel_collectives_counted_against_the_torch_layers():
     assert (ag, rs) == (pytest.approx(50e-6 + act / 2 / 1e9), pytest.approx(80e-6 + act / 2 / 0.5e9))  # their own fits
     assert prof.comm_s(act, 2, link, True) == pytest.approx(2 * n * (rs + ag) + (2 * n + 2) * ag
                                                             + 4 * n * t_all_reduce(act, 2, link))
-    # once per optimiser step, whatever --grad-accum: the layer norms' partial gradients, with SP only
-    assert prof.step_s(2, link, True) == pytest.approx(4 * n * t_all_reduce(d * 4, 2, link))
+    # once per optimiser step, whatever --grad-accum: the layer norms' partial gradients in one flat
+    # all-reduce, with SP only
+    assert prof.step_s(2, link, True) == pytest.approx(t_all_reduce(4 * n * d * 4, 2, link))
     assert prof.step_s(2, link, False) == 0.0 and prof.gate_gathers == 0
     inp = Inputs("transformer", "base", "fp32", 8, 0.1, 80.0, 10**6, n)
     one, two = (predict(inp, "tp", 2, 1, link, None, grad_accum=k)["step_ms"] for k in (1, 2))
@@ -502,7 +503,8 @@ def test_tensor_parallel_collectives_counted_against_the_torch_layers():
 
 def test_wavlm_gates_are_gathered_backward_and_their_linear_reduced_once_a_step():
     """WavLM's gate cuts the layer's input into heads as a DTensor (backward: an all-gather) and its
-    linear is a replicated DTensor (a partial gradient each step). The oracle: torchaudio's own
+    linear is a replicated DTensor (a partial gradient each step, summed with the others in one
+    all-reduce). The oracle: torchaudio's own
     WavLMSelfAttention modules with the gate on, counted on a fresh model."""
     from torchaudio.models.wav2vec2.wavlm_attention import WavLMSelfAttention
 
@@ -515,8 +517,8 @@ def test_wavlm_gates_are_gathered_backward_and_their_linear_reduced_once_a_step(
     assert gated and prof.gate_gathers == len(gated)
     assert prof.gate_params == sum(len(list(g.gru_rel_pos_linear.parameters())) for g in gated)
     link = Link(10.0, 5.0, "in")
-    assert prof.step_s(2, link, False) == pytest.approx(
-        sum(t_all_reduce(4 * p.numel(), 2, link) for g in gated for p in g.gru_rel_pos_linear.parameters()), rel=1e-6)
+    assert prof.step_s(2, link, False) == pytest.approx(  # one flat all-reduce of them all
+        t_all_reduce(4 * sum(p.numel() for g in gated for p in g.gru_rel_pos_linear.parameters()), 2, link), rel=1e-6)
     act = 1e6
     assert prof.comm_s(act, 2, link, False) == pytest.approx(
         (prof.rows + prof.cols) * t_all_reduce(act, 2, link) + len(gated) * t_gather(act, 2, link))

@@ -468,14 +468,16 @@ def test_tensor_parallel_splits_packed_attention_and_trains_singles_model(tmp_pa
     _parity_exact(model, ("tp", "tp:nosp"))
 
 
-@pytest.mark.parametrize("model", ["wavlm-base", pytest.param("conformer", marks=pytest.mark.slow),
+@pytest.mark.parametrize("model", ["transformer", "wavlm-base", pytest.param("conformer", marks=pytest.mark.slow),
                                    pytest.param("wav2vec2-base", marks=pytest.mark.slow)])
 def test_tensor_parallel_gradients_equal_singles_parameter_by_parameter(model):
     """The oracle a few AdamW steps cannot be (their first step normalises a gradient's scale away): one
     backward, every gradient gathered whole against single's, with and without sequence parallel. It
     caught WavLM's gate reading this rank's heads of a replicated input without summing the input's
     gradient over the ranks (a 1e-3 error everywhere upstream that passed bench parity's 1e-4 loss
-    limit at 2e-5)."""
+    limit at 2e-5). The gradients are compared after the partial ones were reduced as the tp plan does,
+    each laid out as its parameter, with no all-reduce left for the optimiser step (AdamW had made 3 a
+    layer norm parameter, 48 a step for the transformer)."""
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "tp_grads.py"), model],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stdout + proc.stderr[-3000:]

@@ -53,6 +53,9 @@ class Plan:
     # sync(last) -> a context for one micro-step of --grad-accum: gradients are synchronised on the
     # last micro-step only (DDP's no_sync, FSDP2's set_requires_gradient_sync); default: nothing to hold
     sync: Callable[[bool], contextlib.AbstractContextManager] = lambda last: contextlib.nullcontext()
+    # after an optimiser step's last backward, before the optimiser reads the gradients: what the strategy
+    # must still do to them (tensor parallel reduces its partial gradients, once); default: nothing
+    grads_ready: Callable[[], None] = lambda: None
 
     def __post_init__(self):
         if self.step is None:

@@ -25,7 +25,8 @@ keeps the shard and gathers again, so it saves less: nothing in the post-norm wa
 whose norms' inputs are the tensors the next projection saves). The
 sequence is gathered before q, k, v and before the first feed-forward projection, and each
 row-parallel output is reduce-scattered over the sequence instead of all-reduced (the same
-bytes); the layer norms' weights are replicated DTensors whose gradients DTensor reduces. The
+bytes); the layer norms' weights are replicated DTensors, whose partial gradients are summed once
+after backward, in one all-reduce (reduce_partial_grads). The
 shard is torch.chunk's (DTensor's Shard), so a sequence need not divide by T (wav2vec2's 149
 frames of 3 s). Modules that need the whole sequence inside a layer (conformer's depthwise
 convolution) are gathered before and re-sharded after. The first layer takes its part of the
@@ -277,6 +278,35 @@ def parallelize(model: nn.Module, mesh, sequence: bool = False) -> int:
     return len(found)
 
 
+def reduce_partial_grads(params) -> None:
+    """Sum the partial gradients of replicated DTensor parameters over their ranks, once, in one all-reduce
+    per mesh dimension and dtype, and leave them replicated like their parameters. Sequence parallel's
+    layer norms get such gradients (each rank's sum over its part of the sequence). Left partial,
+    every optimiser op that reads one all-reduces it again: AdamW three times a parameter and step."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Partial
+
+    groups: dict = {}
+    for p in params:
+        g = p.grad
+        if not isinstance(g, DTensor) or not isinstance(p, DTensor):
+            continue
+        for dim, (gp, pp) in enumerate(zip(g.placements, p.placements)):
+            if isinstance(gp, Partial) and not isinstance(pp, Partial):
+                if gp.reduce_op != "sum":
+                    raise NotImplementedError(f"a partial gradient reduced by {gp.reduce_op}: only sums are reduced")
+                groups.setdefault((g.device_mesh, dim, g.dtype), []).append(p)
+    for (mesh, dim, _), ps in groups.items():
+        local = [p.grad.to_local() for p in ps]
+        flat = torch._utils._flatten_dense_tensors(local)
+        dist.all_reduce(flat, group=mesh.get_group(dim))
+        for p, summed in zip(ps, torch._utils._unflatten_dense_tensors(flat, local)):
+            placements = list(p.grad.placements)
+            placements[dim] = p.placements[dim]
+            p.grad = DTensor.from_local(summed, mesh, placements, run_check=False, shape=p.grad.shape,
+                                        stride=p.grad.stride())
+
+
 def _seq(layer: Layer, path: str) -> int:
     """The sequence dimension at a projection: the layer's, except SplitAttention's output projection,
     which works batch-first inside a time-first layer (conformer)."""
@@ -406,5 +436,6 @@ def tp(model, env, cfg) -> Plan:
         return full_model(model, env, {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
                                        for k, v in model.state_dict().items()})
 
+    params = [p for p in model.parameters() if p.requires_grad]
     return Plan(model=model, input_device=env.device, shard_batch=False, eval_module=eval_module,
-                info={"tp_layers": count})
+                grads_ready=lambda: reduce_partial_grads(params), info={"tp_layers": count})

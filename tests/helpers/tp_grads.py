@@ -4,10 +4,11 @@
 
 Two gloo processes shard MODEL (--model-size small, dropout 0) with bench.strategies.tp.parallelize,
 with sequence parallel off and on; each runs one forward and backward on the batch a single model
-also sees here, gathers its gradients whole (DTensor's full_tensor, packed back into the model's own
-keys) and rank 0 prints one line per parameter whose gradient differs from single's by more than
-3e-5 of its largest element (by more than 1e-5 of the model's largest, for gradients that are zero
-by the mathematics), then 'done'. The bench parity runs compare losses and parameters after
+also sees here, reduces the partial gradients as the tp plan does (each then laid out as its
+parameter, and an AdamW step under the profiler all-reduces nothing more), gathers its gradients
+whole (DTensor's full_tensor, packed back into the model's own keys) and rank 0 prints one line per
+parameter whose gradient differs from single's by more than 3e-5 of its largest element (by more
+than 1e-5 of the model's largest, for gradients that are zero by the mathematics), then 'done'. The bench parity runs compare losses and parameters after
 a few AdamW steps, whose first step normalises a gradient's scale away; this compares the gradients
 themselves.
 """
@@ -35,7 +36,7 @@ def _model_and_batch(model: str):
 def work(rank: int, model: str, port: int, sequence: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from bench.strategies.tp import merge_state, parallelize
+    from bench.strategies.tp import merge_state, parallelize, reduce_partial_grads
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -44,6 +45,17 @@ def work(rank: int, model: str, port: int, sequence: bool) -> None:
     m, _, _ = _model_and_batch(model)
     parallelize(m, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)), sequence)
     F.cross_entropy(m(x), y).backward()
+    reduce_partial_grads(list(m.parameters()))  # what the tp plan does before every optimiser step
+    tag = "sp" if sequence else "nosp"
+    for name, p in m.named_parameters():  # each gradient now laid out as its parameter
+        if rank == 0 and hasattr(p, "placements") and tuple(p.grad.placements) != tuple(p.placements):
+            print(f"{tag} {name} placements {p.grad.placements} for {p.placements}", flush=True)
+    opt = torch.optim.AdamW(m.parameters())  # reads the gradients as they are: no collective left for it
+    with torch.profiler.profile() as prof:
+        opt.step()
+    left = sum(e.name == "gloo:all_reduce" for e in prof.events())
+    if rank == 0 and left:
+        print(f"{tag} the optimiser step all-reduced {left} times", flush=True)
     got = merge_state({n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                        for n, p in m.named_parameters()})
     if rank == 0:
@@ -56,7 +68,7 @@ def work(rank: int, model: str, port: int, sequence: bool) -> None:
             diff, own = (got[name] - p.grad).abs().max().item(), p.grad.abs().max().item()
             bad = diff > 1e-5 * scale if own < 1e-4 * scale else diff > 3e-5 * own
             if bad:
-                print(f"{'sp' if sequence else 'nosp'} {name} {diff / max(own, 1e-30):.3g}", flush=True)
+                print(f"{tag} {name} {diff / max(own, 1e-30):.3g}", flush=True)
     dist.barrier()  # both ranks done with every collective before the group goes
     dist.destroy_process_group()
 
