@@ -187,9 +187,9 @@ class RunConfig:
         if self.dp_replicate > 1 and self.strategy not in ("fsdp", "hsdp"):
             raise ConfigError(f"--dp-replicate replicates FSDP2's sharded model (HSDP): use it with --strategy fsdp or "
                               f"hsdp, not {self.strategy}")
-        if self.tp > 1 and self.strategy not in ("fsdp", "hsdp", "tp"):
-            raise ConfigError(f"--tp {self.tp} composes with --strategy fsdp or hsdp (2-D) or is --strategy tp, not "
-                              f"{self.strategy}")
+        if self.tp > 1 and self.strategy not in ("fsdp", "hsdp", "tp", "tp-rank"):
+            raise ConfigError(f"--tp {self.tp} composes with --strategy fsdp or hsdp (2-D) or is --strategy tp (or "
+                              f"tp-rank, one rank's shapes alone), not {self.strategy}")
         if self.pp > 1 and self.strategy != "pipeline":
             raise ConfigError(f"--pp {self.pp} is the pipeline's degree: use it with --strategy pipeline, not "
                               f"{self.strategy}")

@@ -271,7 +271,7 @@ def activations(cfg: RunConfig, micro: int, first: int = 0, end: int | None = No
     without --ac, every block's saved tensors and no recompute; a checkpointed block keeps only its
     input, and backward recomputes one checkpointed block at a time, so the largest of their saved
     tensors comes on top once."""
-    saved = activation_bytes_per_block(cfg.model, cfg.model_size, micro, cfg.precision, degrees(cfg)["tp"],
+    saved = activation_bytes_per_block(cfg.model, cfg.model_size, micro, cfg.precision, tp_shapes(cfg),
                                        cfg.sequence_parallel)
     end = len(saved) if end is None else end
     wrapped = checkpointed(cfg) & set(range(first, end))
@@ -336,13 +336,19 @@ def _stages(cfg: RunConfig) -> list[tuple[int, int]]:
     return build_model(cfg.model, size=cfg.model_size, device="meta").stage_boundaries(degrees(cfg)["pp"])
 
 
+def tp_shapes(cfg: RunConfig) -> int:
+    """The tensor-parallel degree whose one rank's shapes a device holds: the mesh's, or tp-rank's --tp
+    (one rank's shapes in one process, no mesh)."""
+    return cfg.tp if cfg.strategy == "tp-rank" else degrees(cfg)["tp"]
+
+
 def static_bytes(cfg: RunConfig) -> tuple[int, int, str]:
     """(params + grads + AdamW state, the strategy's extra, what the extra is) on the busiest device
     by parameters."""
     params, largest_block, per_block = _shape(cfg.model, cfg.model_size)
     if cfg.strategy in ("pipeline", "model-parallel"):
         return 16 * max(sum(per_block[a:b]) for a, b in _stages(cfg)), 0, "stage"
-    tp = degrees(cfg)["tp"]
+    tp = tp_shapes(cfg)
     if tp > 1:  # the layers' projections divided over the tensor-parallel ranks, the rest whole on each
         sharded = tp_dims(cfg.model, cfg.model_size)[0]
         local = params - sharded + sharded // tp

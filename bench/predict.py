@@ -161,6 +161,9 @@ class Inputs:
     wait: dict | None = None  # strategy -> {devices N0 (any node count): W_N0 in seconds per step}, profiled runs
     recompute: dict | None = None  # --ac mode -> a single run's step time with it over t1, where one was measured
     flags: str = ""  # the single runs' trust flags (bench/trust.py): every prediction from them carries them
+    # (tensor-parallel degree T, sequence parallel) -> a tp-rank run's step time (s): one rank's shapes of
+    # tp x T alone at T x this batch
+    tp_rank: dict | None = None
 
     def contention_at(self, per_node: int) -> float:
         """c_n: 1 at one device per node, and where no independent run at n was measured."""
@@ -218,10 +221,15 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
         if r["status"] != "ok":
             continue
         c = r["config"]
-        key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"])
+        rank_of = int(c.get("tp") or 1) if c["strategy"] == "tp-rank" else 1  # at T x the group's batch
+        key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"] // rank_of)
         g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}, "independent": {},
-                                     "wait": {}, "ac": {}})
-        if c["strategy"] == "single" and (c.get("ac") or "none") != "none":
+                                     "wait": {}, "ac": {}, "tp_rank": {}})
+        if c["strategy"] == "tp-rank":
+            if (c.get("ac") or "none") == "none" and int(c.get("grad_accum") or 1) == 1:
+                g["tp_rank"].setdefault((rank_of, c.get("sequence_parallel", True) is not False), []).append(
+                    r["throughput"]["step_time_ms_p50"] / 1000)
+        elif c["strategy"] == "single" and (c.get("ac") or "none") != "none":
             g["ac"].setdefault(c["ac"], []).append(r["throughput"]["step_time_ms_p50"] / 1000
                                                                / max(int(c.get("grad_accum") or 1), 1))
         elif c["strategy"] == "single":
@@ -256,7 +264,8 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
                           {n: statistics.median(v) / t1 for n, v in g["independent"].items()},
                           {s: {n: statistics.median(v) for n, v in by_n.items()} for s, by_n in g["wait"].items()},
                           {mode: statistics.median(v) / t1 for mode, v in g["ac"].items()},
-                          trust.joined(f for r in g["single"] for f in trust.result_flags(r))))
+                          trust.joined(f for r in g["single"] for f in trust.result_flags(r)),
+                          {k: statistics.median(v) for k, v in g["tp_rank"].items()}))
     return out
 
 
@@ -415,14 +424,28 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
 def _tp_micro_step(inp: Inputs, t1: float, degree: int, per_node: int, intra: Link, inter: Link | None,
                    sequence_parallel: bool = True) -> float:
     """One micro-step of a rank of a tensor-parallel group of `degree` (t1 itself at degree 1): the
-    group shares degree x b samples, the share f of the work divides over it, the rest is every rank's
-    (degree (1 - f) + f); and the layers' collectives (TpProfile.comm_s) inside the node."""
+    group shares degree x b samples; its compute is t1 x s, s a tp-rank run's step (one rank's shapes
+    alone at degree x b) over single's where one was measured, else by the FLOP share, the share f of
+    the work dividing over the group and the rest every rank's (s = degree (1 - f) + f); then the
+    layers' collectives (TpProfile.comm_s) inside the node."""
     if degree < 2:
         return t1
     prof = tp_profile(inp.model, inp.model_size, degree)
     act = degree * inp.batch * prof.elems * (2 if inp.precision in ("bf16", "fp16") else 4)
     tp_link = intra if degree <= per_node or inter is None else inter
-    return t1 * (degree * (1 - prof.f) + prof.f) + prof.comm_s(act, degree, tp_link, sequence_parallel)
+    return t1 * tp_compute_share(inp, degree, sequence_parallel)[0] + prof.comm_s(act, degree, tp_link,
+                                                                                   sequence_parallel)
+
+
+def tp_compute_share(inp: Inputs, degree: int, sequence_parallel: bool) -> tuple[float, str]:
+    """(s, its basis): a rank of tensor parallel over `degree` computes s x one device's step at the
+    same per-device batch. Measured where a tp-rank run was (its step over single's), else counted:
+    degree (1 - f) + f, f the share of the FLOPs tensor parallel divides."""
+    measured = (inp.tp_rank or {}).get((degree, sequence_parallel))
+    if measured is not None:
+        return measured / inp.single_step_s, "tp-rank run"
+    f = tp_profile(inp.model, inp.model_size, degree).f
+    return degree * (1 - f) + f, "FLOP share"
 
 
 def _tp_step_s(inp: Inputs, degree: int, per_node: int, intra: Link, inter: Link | None,
@@ -481,9 +504,11 @@ def check(results: list[dict], intra: Link, inter: Link | None) -> list[dict]:
         p = predict(inp, strategy, n, nodes, intra, inter, grad_accum=k, ac=ac, tp=tp, replicate=rep,
                     sequence_parallel=sequence_parallel is not False)
         m = statistics.median(measured)
+        degree = n if strategy == "tp" else tp
+        basis = tp_compute_share(inp, degree, sequence_parallel is not False)[1] if degree > 1 else None
         out.append({"model": inp.model, "precision": inp.precision, "batch": inp.batch, "strategy": strategy,
                     "devices": n, "nodes": nodes, "grad_accum": k, "ac": ac, "tp": tp, "dp_replicate": rep,
-                    "sequence_parallel": sequence_parallel,
+                    "sequence_parallel": sequence_parallel, "tp_compute": basis,
                     "predicted": p["samples_per_s"], "measured": m,
                     "error": p["samples_per_s"] / m - 1, "overlap": p["overlap"], "contention": p["contention"],
                     "wait_ms": p["wait_ms"], "repeats": len(measured),

@@ -9,7 +9,8 @@ own cost without communication; bench predict starts fsdp from it), 2 independen
 by side (the contention factor: what 2 workers lose to sharing 2 cores, no communication) and
 ddp, fsdp and pipeline at 2 workers (profiled after the timed window, for the overlap o and wait W)
 and ddp with --grad-accum 2; for --tp-model (a model with attention: cnn has none) its single run,
-tp at one worker (DTensor's own cost without communication, as fsdp x1 is FSDP2's), its
+tp at one worker (DTensor's own cost without communication, as fsdp x1 is FSDP2's), tp-rank (one
+rank of tp x2's shapes alone at twice the batch: the compute bench predict gives a tp rank), its
 independent pair and tp x2 (profiled). Then it predicts each multi-worker cell from those inputs, the
 model's sizes and the measured links,
 and prints predicted against measured throughput with the error. The bar: each within 15 %, the
@@ -76,7 +77,8 @@ def measure(args: argparse.Namespace, out: str) -> tuple[Link, list[dict]]:
     tp = base.replace(model=args.tp_model)
     cells = ((base, "single", 1), (base, "fsdp", 1), (base, "independent", 2), (base, "ddp", 2), (base, "fsdp", 2),
              (base, "pipeline", 2), (base.replace(grad_accum=2), "ddp", 2),
-             (tp, "single", 1), (tp, "tp", 1), (tp, "independent", 2), (tp, "tp", 2))
+             (tp, "single", 1), (tp, "tp", 1), (tp.replace(strategy="tp-rank", tp=2, batch_size=2 * args.batch_size),
+                                                 "tp-rank", 1), (tp, "independent", 2), (tp, "tp", 2))
     return link, [run_cell(cfg, strategy, n, r, profile=strategy in ("ddp", "fsdp", "pipeline", "tp") and cfg.grad_accum == 1)
                   for r in range(args.rounds) for cfg, strategy, n in cells
                   if not (args.no_contention and strategy == "independent")]
@@ -139,6 +141,9 @@ def main() -> None:
               f"{c['predicted']:9.1f} {c['error'] * 100:+6.1f}% {c['overlap']:7.2f} {c['contention']:10.2f} "
               f"{c['wait_ms']:11.1f} {p['predicted']:9.1f} {p['error'] * 100:+6.1f}% "
               f"{no_w:9.1f} {(no_w / c['measured'] - 1) * 100:+6.1f}%")
+    print("tensor parallel's compute from: " + (", ".join(sorted({f"{c['model']} {c['strategy']} x{c['devices']}: "
+                                                               f"{c['tp_compute']}" for c in rows if c.get("tp_compute")}))
+                                                 or "no tensor-parallel cell"))
     print("inputs (step time p50, ms; medians over rounds): "
           + by_cell(results, lambda r: r["throughput"]["step_time_ms_p50"]))
     rounds = per_cell(results, lambda r: r["throughput"]["step_time_ms_p50"])

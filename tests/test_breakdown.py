@@ -501,6 +501,37 @@ def test_tensor_parallel_collectives_counted_against_the_torch_layers():
     assert two == pytest.approx(2 * micro + 1000 * prof.step_s(2, link, True))
 
 
+def test_a_tp_rank_run_gives_tensor_parallels_compute_in_place_of_the_flop_share():
+    """A tp-rank run (one rank's shapes of tp x2 alone, at twice the batch) joins the inputs of half its
+    batch, and its step over single's is a tp rank's compute; without one (or for the other sequence
+    parallel setting) the FLOP share counts it. The oracle: the two predictions differ by t1 times the
+    two shares' difference, the collectives being the same terms in both."""
+    import dataclasses
+
+    from bench.predict import tp_compute_share, tp_profile
+
+    def run(strategy, devices, step_ms, batch, **config):
+        r = fixture_result(strategy=strategy, devices=devices, step_ms=step_ms, batch=batch, model="transformer",
+                           thr=1000 * batch * devices / step_ms)
+        r["config"].update(config)
+        return r
+
+    runs = [run("single", 1, 100.0, 8), run("tp-rank", 1, 150.0, 16, tp=2, sequence_parallel=True),
+            run("tp-rank", 1, 999.0, 16, tp=2, sequence_parallel=True, ac="full"),  # not the plain step
+            run("tp", 2, 200.0, 8, sequence_parallel=True)]
+    (inp,) = inputs_from(runs)
+    assert inp.batch == 8 and inp.tp_rank == {(2, True): pytest.approx(0.15)}
+    assert tp_compute_share(inp, 2, True) == (pytest.approx(1.5), "tp-rank run")
+    f = tp_profile("transformer", "small", 2).f
+    assert tp_compute_share(inp, 2, False) == (pytest.approx(2 * (1 - f) + f), "FLOP share")
+    link = Link(10.0, 5.0, "in")
+    measured, counted = (predict(i, "tp", 2, 1, link, None)["step_ms"]
+                         for i in (inp, dataclasses.replace(inp, tp_rank=None)))
+    assert measured - counted == pytest.approx(100.0 * (1.5 - (2 * (1 - f) + f)))
+    (row,) = check(runs, link, None)  # the tp-rank runs are inputs, not predictions
+    assert (row["strategy"], row["tp_compute"]) == ("tp", "tp-rank run")
+
+
 def test_wavlm_gates_are_gathered_backward_and_their_linear_reduced_once_a_step():
     """WavLM's gate cuts the layer's input into heads as a DTensor (backward: an all-gather) and its
     linear is a replicated DTensor (a partial gradient each step, summed with the others in one

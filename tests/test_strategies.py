@@ -129,6 +129,10 @@ def test_impossible_combinations_fail_before_starting(tmp_path):
         (dict(strategy="tp", devices=4, tp=2, model="transformer"), "use --strategy fsdp --tp"),
         (dict(strategy="fsdp", devices=4, tp=0), "--tp must be at least 1"),
         (dict(strategy="tp", devices=5, model="wav2vec2-base"), "must divide by the tensor-parallel degree"),
+        (dict(strategy="tp-rank", devices=2, tp=2, model="transformer"), "use --gpus 1 --tp T"),
+        (dict(strategy="tp-rank", devices=1, model="transformer"), "use --gpus 1 --tp T"),
+        (dict(strategy="tp-rank", devices=1, tp=8, model="transformer"), "4 attention heads .* degree 8"),
+        (dict(strategy="tp-rank", devices=1, tp=2, model="cnn"), "no attention and feed-forward layers"),
         (dict(strategy="pipeline", devices=2, schedule="interleaved-1f1b", stages_per_rank=3), "2 x 3 stages"),
         (dict(strategy="ddp", devices=4, pp=2), "--pp 2 is the pipeline's degree"),
         (dict(strategy="pipeline", devices=4, pp=3), "does not split into pipelines of --pp 3"),
@@ -481,6 +485,32 @@ def test_tensor_parallel_gradients_equal_singles_parameter_by_parameter(model):
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "tp_grads.py"), model],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stdout + proc.stderr[-3000:]
+
+
+def test_tp_rank_holds_one_ranks_shapes_of_tensor_parallel_alone(tmp_path):
+    """bench predict's compute anchor for tp: one process, no communication, each split projection
+    rank 0's half of the torchaudio layer (the oracle: a model built here), everything else whole,
+    and with sequence parallel its layer norms on rank 0's chunk of the sequence (torch.chunk's)."""
+    from emotion_models.models import build_model
+
+    meta = build_model("wav2vec2-base", size="small", device="meta")
+    atts = [m for m in meta.modules() if hasattr(m, "q_proj") and hasattr(m, "out_proj")]
+    ffs = [m for m in meta.modules() if hasattr(m, "intermediate_dense")]
+    split = [p for a in atts for lin in (a.q_proj, a.k_proj, a.v_proj) for p in lin.parameters()] \
+        + [p for f in ffs for p in f.intermediate_dense.parameters()] \
+        + [a.out_proj.weight for a in atts] + [f.output_dense.weight for f in ffs]
+    whole = [p.numel() for p in meta.parameters() if all(p is not q for q in split)]
+    got = bench("run", "--size", "tiny", "--epochs", "1", "--max-steps", "2", "--warmup-steps", "0", "--batch-size", "8",
+                "--model", "wav2vec2-base", "--model-size", "small", "--strategy", "tp-rank", "--tp", "2", "--gpus", "1",
+                "--device", "cpu", "--out", tmp_path, env={"EMOTION_BENCH_PROBE": str(tmp_path)})
+    r = _ok(got)
+    assert (r["config"]["strategy"], r["config"]["tp"], r["config"]["world_size"]) == ("tp-rank", 2, 1)
+    assert r["config"]["parallelism"]["degrees"]["tp"] == 1  # no mesh: one rank's shapes, alone
+    seen = probe(tmp_path, 0)
+    assert sorted(p["local"] for p in seen["params"]) == sorted(whole + [p.numel() // 2 for p in split])
+    norms = seen["shapes"]["LayerNorm"]
+    frames = max(s[1] for s in norms)
+    assert any(s[1] == len(torch.arange(frames).chunk(2)[0]) for s in norms), norms
 
 
 def _assert_sequence_shards(folder, seq: int) -> None:
