@@ -18,7 +18,8 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
     pipeline  t = t1' x (m + p - 1) / m + 2 (m + p - 2) x (alpha + A / B)  p = N stages, m micro-batches,
                                                                             A one micro-batch's activations
     hsdp      fsdp's terms over its shard group (N / R ranks), + L x T_ar(S / (L x N/R)) across the R replicas
-    tp        t = K x [t1' x (T(1 - f) + f) + C_tp] + W + the data-parallel terms over N / T ranks
+    tp        t = K x [t1' x s_T + C_tp] + W + the data-parallel terms over N / T ranks; s_T a tp-rank run's
+              step (one rank's shapes alone at T b) over single's, where one was measured, else T(1 - f) + f
               T the tensor-parallel degree (--strategy tp: N; fsdp:tpT); the T ranks of a group share
               T b samples; f the share of forward FLOPs TP divides (counted on the meta device: the
               model against one rank's shapes of it); A_tp = T b x one layer's output (bytes in the

@@ -511,6 +511,11 @@ def test_tp_rank_holds_one_ranks_shapes_of_tensor_parallel_alone(tmp_path):
     norms = seen["shapes"]["LayerNorm"]
     frames = max(s[1] for s in norms)
     assert any(s[1] == len(torch.arange(frames).chunk(2)[0]) for s in norms), norms
+    # the transformer's split attention evaluates in its own shapes too (nn.TransformerEncoderLayer's
+    # eval fast path reads a packed bias the split one lacks)
+    r = _ok(bench("run", *TINY, "--max-steps", "2", "--model", "transformer", "--strategy", "tp-rank", "--tp", "2",
+                  "--out", tmp_path / "transformer"))
+    assert r["quality"]["test"]["num_samples"] > 0
 
 
 def _assert_sequence_shards(folder, seq: int) -> None:

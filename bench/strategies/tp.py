@@ -115,6 +115,10 @@ class SplitAttention(nn.Module):
     three projections, so each can be sharded by heads. The same mathematics: the packed weight's
     rows are q's, k's and v's in that order, and attention is scaled dot product over num_heads."""
 
+    # no packed bias: nn.TransformerEncoderLayer's inference fast path (which reads the packed weights)
+    # declines in eval mode, and the layer calls this module instead
+    in_proj_bias = None
+
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.in_proj_bias is None:
