@@ -36,7 +36,7 @@ def setting(default, help: str, *, flag: str | None = None, aliases: tuple[str, 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     strategy: str = setting("single", "Parallelism strategy (bench list): single, dp, ddp, fsdp, hsdp, tp, pipeline, "
-                                      "model-parallel, independent.")
+                                      "model-parallel, independent, tp-rank.")
     devices: int = setting(1, "Devices in the whole run; without CUDA, CPU worker processes (gloo).",
                            flag="--gpus", aliases=("--devices",))
     model: str = setting("cnn", "Model zoo name (bench list): cnn, crnn, lstm, transformer, conformer, wav2vec2-base, hubert-large, xlsr-2b, ...")

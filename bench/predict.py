@@ -29,8 +29,9 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
               r [T_rs(A_tp) + T_ag(A_tp)] + g T_ag(A_tp) + c T_ar(A_tp), g the gathers (attention
               entry, first feed-forward projections, modules needing the whole sequence twice, the
               region's two edges); WavLM's gate inputs add an all-gather each in both. Once per
-              optimiser step (outside K): one flat all-reduce of the replicated parameters' partial
-              gradients (the layer norms' with sequence parallel, WavLM's gate linear's; TpProfile)
+              optimiser step (outside K): the replicated parameters' partial gradients (the layer norms'
+              with sequence parallel, WavLM's gate linear's; TpProfile) in one flat all-reduce under
+              --strategy tp, one all-reduce each under fsdp --tp (FSDP2 redistributes each one)
     T_ag and T_rs use bench comm's all-gather and reduce-scatter fits where it measured them (Link.op)
     throughput = N b / t; efficiency = throughput / (N x single throughput)
 
@@ -223,6 +224,8 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
             continue
         c = r["config"]
         rank_of = int(c.get("tp") or 1) if c["strategy"] == "tp-rank" else 1  # at T x the group's batch
+        if c["batch_size_per_device"] % rank_of:
+            continue  # no tp x T cell has a batch per device it could be the anchor of
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"] // rank_of)
         g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}, "independent": {},
                                      "wait": {}, "ac": {}, "tp_rank": {}})
@@ -332,12 +335,16 @@ class TpProfile:
                 + self.gathers * t_gather(act_bytes, degree, link) + self.cols * t_all_reduce(act_bytes, degree, link)
                 + gate)
 
-    def step_s(self, degree: int, link: Link, sequence_parallel: bool) -> float:
-        """Seconds of the all-reduce of replicated parameters' partial gradients (the gate's linear; with
-        sequence parallel the layer norms'), once per optimiser step: the tp plan sums them all in one
-        flat all-reduce before the optimiser reads them (bench/strategies/tp.py reduce_partial_grads)."""
-        elems = self.gate_elems + (self.norm_elems if sequence_parallel else 0)
-        return t_all_reduce(4 * elems, degree, link) if elems else 0.0
+    def step_s(self, degree: int, link: Link, sequence_parallel: bool, flat: bool = True) -> float:
+        """Seconds of the all-reduces of replicated parameters' partial gradients (the gate's linear; with
+        sequence parallel the layer norms'), once per optimiser step. flat: --strategy tp sums them all
+        in one all-reduce before the optimiser reads them (bench/strategies/tp.py reduce_partial_grads);
+        else FSDP2 (fsdp --tp) redistributes each parameter's on its own in its gradient reduce."""
+        sets = [(self.gate_params, self.gate_elems)] + ([(self.norm_params, self.norm_elems)] if sequence_parallel else [])
+        if flat:
+            elems = sum(e for _, e in sets)
+            return t_all_reduce(4 * elems, degree, link) if elems else 0.0
+        return sum(n * t_all_reduce(4 * e / n, degree, link) for n, e in sets if n)
 
 
 @functools.lru_cache(maxsize=32)
@@ -404,7 +411,7 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
         micro = _tp_micro_step(inp, t1, degree, per_node, intra, inter, sequence_parallel)
         comm = _sharded_comm(inp, n, nodes, degree, 1 if strategy == "tp" else replicate, K, intra, inter)
         step = K * micro + wait + (1 - overlap) * comm + _tp_step_s(inp, degree, per_node, intra, inter,
-                                                                    sequence_parallel)
+                                                                    sequence_parallel, flat=strategy == "tp")
     elif strategy == "pipeline":  # replicate: N / P pipelines of P stages (--pp P)
         p = n // replicate
         m = inp.microbatches or 2 * p
@@ -450,12 +457,12 @@ def tp_compute_share(inp: Inputs, degree: int, sequence_parallel: bool) -> tuple
 
 
 def _tp_step_s(inp: Inputs, degree: int, per_node: int, intra: Link, inter: Link | None,
-               sequence_parallel: bool) -> float:
+               sequence_parallel: bool, flat: bool) -> float:
     """Tensor parallel's once-per-optimiser-step collectives (TpProfile.step_s); 0 at degree 1."""
     if degree < 2:
         return 0.0
     tp_link = intra if degree <= per_node or inter is None else inter
-    return tp_profile(inp.model, inp.model_size, degree).step_s(degree, tp_link, sequence_parallel)
+    return tp_profile(inp.model, inp.model_size, degree).step_s(degree, tp_link, sequence_parallel, flat)
 
 
 def _sharded_comm(inp: Inputs, n: int, nodes: int, degree: int, replicate: int, K: int, intra: Link,
@@ -631,7 +638,9 @@ def check_table(checked: list[dict]) -> tuple[str, list[str], list[list[str]]]:
              + (f" ac-{c['ac']}" if c.get("ac", "none") != "none" else "")
              + (" nosp" if c.get("sequence_parallel") is False else ""), str(c["devices"]),
              f"{c['measured']:.1f}", f"{c['predicted']:.1f}", f"{c['error'] * 100:+.1f}%", f"{c['contention']:.2f}",
-             "" if c["strategy"] == "pipeline" else f"{c['wait_ms']:.1f}", c.get("flags") or "–"]
+             "" if c["strategy"] == "pipeline" else f"{c['wait_ms']:.1f}",
+             trust.joined([c.get("flags") or "", *([f"tp compute from the {c['tp_compute']}"] if c.get("tp_compute")
+                                                    else [])]) or "–"]
             for c in checked]
     return "predicted against measured (the same links)", header, rows
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -199,3 +200,53 @@ def summary(path: str, record: dict) -> str:
     return (f"{path}: --objective {record.get('objective', 'throughput')} ({unit}); {winner}; measured "
             f"{record['measured']} of {len(record['candidates'])} candidates in {record['windows']} windows; "
             f"stopped: {record['stopped']}")
+
+
+def side_by_side(baseline: list[tuple[str, dict]], current: list[tuple[str, dict]]) -> list[str]:
+    """bench compare's lines for the tunes of two result sets (find's records): for each model, size and
+    objective both tuned, each side's winner and its figure (measured: the median of its windows;
+    time-to-f1: the training seconds its F1 check took), their ratio, and the machines."""
+    sides = [_winners(found) for found in (baseline, current)]
+    lines = []
+    for key in sorted(sides[0].keys() | sides[1].keys(), key=str):
+        model, size, objective = key
+        head = f"tune {model} ({size}) --objective {objective}:"
+        if key not in sides[0] or key not in sides[1]:
+            lines.append(f"{head} tuned in the {'baseline' if key in sides[0] else 'current'} results only")
+            continue
+        (rb, wb), (rc, wc) = sides[0][key], sides[1][key]
+        fb, fc = (_winner_figure(w, objective) for w in (wb, wc))
+        if fb is None or fc is None:
+            lines.append(f"{head} no measured winner in the {'baseline' if fb is None else 'current'} tune")
+            continue
+        unit = "s to the F1 target, lower is better" if objective == "time-to-f1" else rc.get("unit", "samples/s")
+        same = "the same configuration wins" if wb["key"] == wc["key"] else "another configuration wins"
+        lines.append(f"{head} baseline {wb['key']} {number(fb)} on {_machine(rb)}; current {wc['key']} {number(fc)} on "
+                     f"{_machine(rc)} ({unit}): current / baseline {fc / fb:.3f}; {same}")
+    return lines
+
+
+def _winners(found: list[tuple[str, dict]]) -> dict[tuple[str, str, str], tuple[dict, dict | None]]:
+    """(model, size, objective) -> (the newest such tune record, its winner's candidate entry or None)."""
+    out = {}
+    for _, record in sorted(found, key=lambda pr: pr[1].get("created") or ""):
+        cands = {c["key"]: c for c in record["candidates"]}
+        winner = cands.get(record.get("winner"))
+        cfg = (winner or next(iter(cands.values()), {"config": {}}))["config"]
+        out[(cfg.get("model"), cfg.get("model_size", "base"), record.get("objective", "throughput"))] = (record, winner)
+    return out
+
+
+def _winner_figure(winner: dict | None, objective: str) -> float | None:
+    if winner is None:
+        return None
+    if objective == "time-to-f1":
+        return winner.get("time_to_f1_s")
+    windows = winner.get("windows") or []
+    return statistics.median(windows) if windows else None
+
+
+def _machine(record: dict) -> str:
+    env = record.get("env") or {}
+    gpus = [g.get("name") for g in env.get("gpus") or []]
+    return f"{len(gpus)} x {gpus[0]}" if gpus else str(env.get("cpu_model") or "an unnamed machine")

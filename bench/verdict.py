@@ -44,7 +44,12 @@ def _baseline(r, singles: list[dict]) -> dict | None:
 
 
 def _why_not(r, base, tolerance: float, include_flagged: bool) -> str | None:
-    """Why a cell cannot win: it did not learn, or its figures are flagged; None if it may."""
+    """Why a cell cannot win: it is a measurement anchor, it did not learn, or its figures are flagged;
+    None if it may."""
+    from .strategies import NOT_TRAINING
+
+    if r.get("strategy") in NOT_TRAINING:
+        return f"not a way to train: {NOT_TRAINING[r['strategy']]}"
     f1, ref = _num(r.get("macro_f1")), _num(base.get("macro_f1")) if base else None
     if f1 is None:
         return "did not learn: no test macro-F1"

@@ -52,6 +52,13 @@ def test_a_regression_needs_the_whole_interval_beyond_the_threshold():
     assert fast["throughput"].verdict == "improvement" and fast["step_time"].verdict == "improvement"
     # a single pair cannot make an interval
     assert _verdicts([_pair(100, 50)])["throughput"].verdict == "not measured"
+    # the gate's one word: an improvement seen is said (exit 0 all the same), never over an undecided metric
+    from bench.ab import ABOutcome
+
+    def gate(*metrics):
+        return ABOutcome(None, None, 3, 1.0, [m for vs in metrics for m in vs.values()]).verdict
+
+    assert (gate(fast, same), gate(same), gate(fast, noisy)) == ("improvement", "no change", "inconclusive")
 
 
 def test_the_threshold_moves_the_verdict():

@@ -494,6 +494,9 @@ def test_tensor_parallel_collectives_counted_against_the_torch_layers():
     # once per optimiser step, whatever --grad-accum: the layer norms' partial gradients in one flat
     # all-reduce, with SP only
     assert prof.step_s(2, link, True) == pytest.approx(t_all_reduce(4 * n * d * 4, 2, link))
+    # fsdp --tp: FSDP2 redistributes each parameter's partial gradient on its own (torch's
+    # FSDPParam._get_grad_inner_tensor), one all-reduce each
+    assert prof.step_s(2, link, True, flat=False) == pytest.approx(4 * n * t_all_reduce(d * 4, 2, link))
     assert prof.step_s(2, link, False) == 0.0 and prof.gate_gathers == 0
     inp = Inputs("transformer", "base", "fp32", 8, 0.1, 80.0, 10**6, n)
     one, two = (predict(inp, "tp", 2, 1, link, None, grad_accum=k)["step_ms"] for k in (1, 2))

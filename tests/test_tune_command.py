@@ -191,6 +191,40 @@ def test_a_broken_tune_record_is_one_line_of_the_report_not_a_traceback(capsys, 
     assert "tune.json: unreadable tune record: KeyError" in " ".join(out.split())
 
 
+def test_compare_puts_two_tunes_winners_side_by_side(capsys, tmp_path):
+    """bench compare reads each side's tune.json: per model and objective, the winners, their measured
+    figures (the median of the winner's windows, by hand here), the ratio and the machines; a model
+    tuned on one side only is said; a broken record is one line."""
+    from test_sweep_report import fixture_result
+
+    def tune(folder, winner, windows, env, model="cnn", objective="throughput"):
+        folder.mkdir()
+        (folder / "r.json").write_text(json.dumps(fixture_result()))
+        cands = [{"key": k, "config": {"model": model, "model_size": "small"}, "windows": w}
+                 for k, w in ((winner, windows), ("other", [1.0]))]
+        (folder / "tune.json").write_text(json.dumps({"kind": "tune", "objective": objective, "unit": "samples/s",
+                                                      "winner": winner, "candidates": cands, "env": env,
+                                                      "command": f"bench run --model {model}",
+                                                      "measured": 2, "windows": 3, "stopped": "done"}))
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    tune(a, "cnn-ddp-b16", [90.0, 100.0, 130.0], {"cpu_model": "Test CPU"})
+    tune(b, "cnn-ddp-b64", [150.0, 140.0, 170.0], {"cpu_model": "x", "gpus": [{"name": "H100"}, {"name": "H100"}]})
+    code, out = invoke(["compare", a, b], capsys)
+    text = " ".join(out.split())
+    assert code == 0 and "Traceback" not in out
+    assert ("tune cnn (small) --objective throughput: baseline cnn-ddp-b16 100.0 on Test CPU; current cnn-ddp-b64 150.0 on "
+            "2 x H100 (samples/s): current / baseline 1.500; another configuration wins") in text
+    tune(tmp_path / "c", "t", [5.0], {}, model="transformer")
+    code, out = invoke(["compare", a, tmp_path / "c"], capsys)
+    text = " ".join(out.split())
+    assert "tune cnn (small) --objective throughput: tuned in the baseline results only" in text
+    assert "tune transformer (small) --objective throughput: tuned in the current results only" in text
+    (tmp_path / "c" / "tune.json").write_text("{")
+    code, out = invoke(["compare", a, tmp_path / "c"], capsys)
+    assert "not a tune record" in out and "Traceback" not in out
+
+
 SPACE = """
 strategies = ["single", "ddp"]
 gpus = [2]

@@ -54,5 +54,22 @@ def compare_cmd(
                   lambda r: "red" if r[1] in ("regression", "failed") else ("green" if r[1] == "improvement" else None))
     for p, why in bad_b + bad_c:
         error(f"not a result file: {p}: {why}")
+    _tunes(baseline, current, fmt)
     if regressions:
         raise Exit(1)
+
+
+def _tunes(baseline: str, current: str, fmt: str) -> None:
+    """Where both sides hold bench tune records (tune.json): each model's winners side by side (markdown:
+    a list after the table)."""
+    from ..tune_report import find, side_by_side
+    from ..ui import info
+
+    (b, bad_b), (c, bad_c) = find([baseline]), find([current])
+    for line in side_by_side(b, c) if b or c else []:
+        if fmt == "md":
+            print(f"- {line}")
+        else:
+            info(line)
+    for p, why in bad_b + bad_c:
+        error(f"not a tune record: {p}: {why}")

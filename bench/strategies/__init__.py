@@ -133,6 +133,9 @@ def all_strategies() -> dict[str, StrategySpec]:
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 _PRESET_DIM = {"ddp": "dp_replicate", "dp": "dp_replicate", "fsdp": "dp_shard", "pipeline": "pp",
                "model-parallel": "pp", "tp": "tp"}
+# strategies whose runs are measurement anchors, not ways to train the model: never a verdict's winner
+NOT_TRAINING = {"independent": "replicas that never exchange gradients (bench predict's contention anchor)",
+                "tp-rank": "one rank's shapes of tensor parallel alone (bench predict's compute anchor)"}
 SHARDED = ("fsdp", "hsdp")  # FSDP2 over a data-parallel mesh of 1 or 2 dimensions, TP beside it with --tp
 
 
@@ -208,7 +211,7 @@ def check_strategy(cfg: RunConfig, device_type: str) -> StrategySpec:
     if spec.needs_cuda and device_type != "cuda":
         raise ConfigError(f"--strategy {cfg.strategy} needs CUDA GPUs and this run is on CPU: "
                           "use --strategy ddp for multi-process training on CPU")
-    if not spec.multiprocess and not spec.needs_cuda and cfg.devices > 1:
+    if not spec.multiprocess and not spec.needs_cuda and cfg.devices > 1 and not spec.check:
         raise ConfigError(f"--strategy {cfg.strategy} uses one device; for --gpus {cfg.devices} use ddp, fsdp or pipeline")
     if not spec.multiprocess and cfg.nodes > 1:
         raise ConfigError(f"--strategy {cfg.strategy} runs in one process and cannot span --nnodes {cfg.nodes}")

@@ -288,7 +288,7 @@ def reduce_partial_grads(params) -> None:
     layer norms get such gradients (each rank's sum over its part of the sequence). Left partial,
     every optimiser op that reads one all-reduces it again: AdamW three times a parameter and step."""
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Partial
+    from torch.distributed.tensor import DTensor, Partial, Replicate
 
     groups: dict = {}
     for p in params:
@@ -296,7 +296,7 @@ def reduce_partial_grads(params) -> None:
         if not isinstance(g, DTensor) or not isinstance(p, DTensor):
             continue
         for dim, (gp, pp) in enumerate(zip(g.placements, p.placements)):
-            if isinstance(gp, Partial) and not isinstance(pp, Partial):
+            if isinstance(gp, Partial) and isinstance(pp, Replicate):  # (onto a Shard would be a reduce-scatter)
                 if gp.reduce_op != "sum":
                     raise NotImplementedError(f"a partial gradient reduced by {gp.reduce_op}: only sums are reduced")
                 groups.setdefault((g.device_mesh, dim, g.dtype), []).append(p)
@@ -304,10 +304,11 @@ def reduce_partial_grads(params) -> None:
         local = [p.grad.to_local() for p in ps]
         flat = torch._utils._flatten_dense_tensors(local)
         dist.all_reduce(flat, group=mesh.get_group(dim))
-        for p, summed in zip(ps, torch._utils._unflatten_dense_tensors(flat, local)):
+        for p, mine, summed in zip(ps, local, torch._utils._unflatten_dense_tensors(flat, local)):
+            mine.copy_(summed)  # in place: the local tensor keeps its strides, which the DTensor states
             placements = list(p.grad.placements)
-            placements[dim] = p.placements[dim]
-            p.grad = DTensor.from_local(summed, mesh, placements, run_check=False, shape=p.grad.shape,
+            placements[dim] = Replicate()
+            p.grad = DTensor.from_local(mine, mesh, placements, run_check=False, shape=p.grad.shape,
                                         stride=p.grad.stride())
 
 

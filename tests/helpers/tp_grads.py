@@ -48,7 +48,8 @@ def work(rank: int, model: str, port: int, sequence: bool) -> None:
     reduce_partial_grads(list(m.parameters()))  # what the tp plan does before every optimiser step
     tag = "sp" if sequence else "nosp"
     for name, p in m.named_parameters():  # each gradient now laid out as its parameter
-        if rank == 0 and hasattr(p, "placements") and tuple(p.grad.placements) != tuple(p.placements):
+        if rank == 0 and hasattr(p, "placements") and p.grad is not None \
+                and tuple(p.grad.placements) != tuple(p.placements):
             print(f"{tag} {name} placements {p.grad.placements} for {p.placements}", flush=True)
     opt = torch.optim.AdamW(m.parameters())  # reads the gradients as they are: no collective left for it
     with torch.profiler.profile() as prof:
