@@ -287,7 +287,6 @@ def reduce_partial_grads(params) -> None:
     per mesh dimension and dtype, and leave them replicated like their parameters. Sequence parallel's
     layer norms get such gradients (each rank's sum over its part of the sequence). Left partial,
     every optimiser op that reads one all-reduces it again: AdamW three times a parameter and step."""
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
     groups: dict = {}
@@ -302,8 +301,11 @@ def reduce_partial_grads(params) -> None:
                 groups.setdefault((g.device_mesh, dim, g.dtype), []).append(p)
     for (mesh, dim, _), ps in groups.items():
         local = [p.grad.to_local() for p in ps]
-        flat = torch._utils._flatten_dense_tensors(local)
-        dist.all_reduce(flat, group=mesh.get_group(dim))
+        # one flat buffer, partial on this mesh dimension; DTensor's own redistribute all-reduces it there
+        partial, whole = [Replicate()] * mesh.ndim, [Replicate()] * mesh.ndim
+        partial[dim] = Partial()
+        flat = DTensor.from_local(torch._utils._flatten_dense_tensors(local), mesh, partial, run_check=False)
+        flat = flat.redistribute(mesh, whole).to_local()
         for p, mine, summed in zip(ps, local, torch._utils._unflatten_dense_tensors(flat, local)):
             mine.copy_(summed)  # in place: the local tensor keeps its strides, which the DTensor states
             placements = list(p.grad.placements)
