@@ -15,7 +15,8 @@ independent pair and tp x2 (profiled). Then it predicts each multi-worker cell f
 model's sizes and the measured links,
 and prints predicted against measured throughput with the error. The bar: each within 15 %, the
 error a user choosing a machine by the prediction can live with. Each row also shows the prediction without the independent runs (c = 1) and without the
-slowest rank's wait W, from the same measurements; --no-contention leaves the independent runs out
+slowest rank's wait W, from the same measurements, and a line gives tp's prediction by the FLOP
+share with the tp-rank runs left out; --no-contention leaves the independent runs out
 of the run altogether; --from DIR measures nothing and reports on what an earlier --keep DIR kept
 (the runs docs/measurements/ quotes are under results/predict_cpu/). Three rounds by default: one round of a cell can be 15 % off the other two
 on this shared machine, and a median of three is not moved by one.
@@ -144,6 +145,11 @@ def main() -> None:
     print("tensor parallel's compute from: " + (", ".join(sorted({f"{c['model']} {c['strategy']} x{c['devices']}: "
                                                                f"{c['tp_compute']}" for c in rows if c.get("tp_compute")}))
                                                  or "no tensor-parallel cell"))
+    flop = [c for c in check([r for r in results if r["config"]["strategy"] != "tp-rank"], link, None)
+            if c.get("tp_compute") and any(x.get("tp_compute") == "tp-rank run" for x in rows)]
+    for c in flop:  # the same runs, the tp-rank anchor left out
+        print(f"by the FLOP share instead (tp-rank runs left out): {c['model']} {c['strategy']} x{c['devices']} "
+              f"predicted {c['predicted']:.1f} samples/s, error {c['error'] * 100:+.1f}%")
     print("inputs (step time p50, ms; medians over rounds): "
           + by_cell(results, lambda r: r["throughput"]["step_time_ms_p50"]))
     rounds = per_cell(results, lambda r: r["throughput"]["step_time_ms_p50"])
