@@ -206,6 +206,8 @@ def side_by_side(baseline: list[tuple[str, dict]], current: list[tuple[str, dict
     """bench compare's lines for the tunes of two result sets (find's records): for each model, size and
     objective both tuned, each side's winner and its figure (measured: the median of its windows;
     time-to-f1: the training seconds its F1 check took), their ratio, and the machines."""
+    from .frame import machine_label  # the name reports give a machine
+
     sides = [_winners(found) for found in (baseline, current)]
     lines = []
     for key in sorted(sides[0].keys() | sides[1].keys(), key=str):
@@ -221,8 +223,9 @@ def side_by_side(baseline: list[tuple[str, dict]], current: list[tuple[str, dict
             continue
         unit = "s to the F1 target, lower is better" if objective == "time-to-f1" else rc.get("unit", "samples/s")
         same = "the same configuration wins" if wb["key"] == wc["key"] else "another configuration wins"
-        lines.append(f"{head} baseline {wb['key']} {number(fb)} on {_machine(rb)}; current {wc['key']} {number(fc)} on "
-                     f"{_machine(rc)} ({unit}): current / baseline {fc / fb:.3f}; {same}")
+        lines.append(f"{head} baseline {wb['key']} {number(fb)} on {machine_label(rb.get('env') or {})}; current "
+                     f"{wc['key']} {number(fc)} on {machine_label(rc.get('env') or {})} ({unit}): current / baseline "
+                     f"{fc / fb:.3f}; {same}")
     return lines
 
 
@@ -244,9 +247,3 @@ def _winner_figure(winner: dict | None, objective: str) -> float | None:
         return winner.get("time_to_f1_s")
     windows = winner.get("windows") or []
     return statistics.median(windows) if windows else None
-
-
-def _machine(record: dict) -> str:
-    env = record.get("env") or {}
-    gpus = [g.get("name") for g in env.get("gpus") or []]
-    return f"{len(gpus)} x {gpus[0]}" if gpus else str(env.get("cpu_model") or "an unnamed machine")

@@ -208,13 +208,13 @@ def test_compare_puts_two_tunes_winners_side_by_side(capsys, tmp_path):
                                                       "measured": 2, "windows": 3, "stopped": "done"}))
 
     a, b = tmp_path / "a", tmp_path / "b"
-    tune(a, "cnn-ddp-b16", [90.0, 100.0, 130.0], {"cpu_model": "Test CPU"})
+    tune(a, "cnn-ddp-b16", [90.0, 100.0, 130.0], {"cpu_model": "Test CPU", "cpu_cores_logical": 2})
     tune(b, "cnn-ddp-b64", [150.0, 140.0, 170.0], {"cpu_model": "x", "gpus": [{"name": "H100"}, {"name": "H100"}]})
     code, out = invoke(["compare", a, b], capsys)
     text = " ".join(out.split())
     assert code == 0 and "Traceback" not in out
-    assert ("tune cnn (small) --objective throughput: baseline cnn-ddp-b16 100.0 on Test CPU; current cnn-ddp-b64 150.0 on "
-            "2 x H100 (samples/s): current / baseline 1.500; another configuration wins") in text
+    assert ("tune cnn (small) --objective throughput: baseline cnn-ddp-b16 100.0 on Test CPU (2 cores); current "
+            "cnn-ddp-b64 150.0 on 2x H100 (samples/s): current / baseline 1.500; another configuration wins") in text
     tune(tmp_path / "c", "t", [5.0], {}, model="transformer")
     code, out = invoke(["compare", a, tmp_path / "c"], capsys)
     text = " ".join(out.split())
