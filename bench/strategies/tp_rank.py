@@ -32,5 +32,4 @@ def tp_rank(model, env, cfg) -> Plan:
     from .tp import layers, localize
 
     localize(model, cfg.tp, cfg.sequence_parallel)
-    return Plan(model=model, input_device=env.device, eval_module=lambda: model,
-                info={"tp_layers": len(layers(model)), "tp_shapes": cfg.tp})
+    return Plan(model=model, input_device=env.device, eval_module=lambda: model, info={"tp_layers": len(layers(model))})
