@@ -225,7 +225,8 @@ def side_by_side(baseline: list[tuple[str, dict]], current: list[tuple[str, dict
         same = "the same configuration wins" if wb["key"] == wc["key"] else "another configuration wins"
         lines.append(f"{head} baseline {wb['key']} {number(fb)} on {machine_label(rb.get('env') or {})}; current "
                      f"{wc['key']} {number(fc)} on {machine_label(rc.get('env') or {})} ({unit}): current / baseline "
-                     f"{fc / fb:.3f}; {same}")
+                     f"{fc / fb:.3f} ({_basis(wb, objective)} against {_basis(wc, objective)}: no interval, not a "
+                     f"verdict); {same}")
     return lines
 
 
@@ -238,6 +239,11 @@ def _winners(found: list[tuple[str, dict]]) -> dict[tuple[str, str, str], tuple[
         cfg = (winner or next(iter(cands.values()), {"config": {}}))["config"]
         out[(cfg.get("model"), cfg.get("model_size", "base"), record.get("objective", "throughput"))] = (record, winner)
     return out
+
+
+def _basis(winner: dict, objective: str) -> str:
+    """What a winner's figure rests on: its F1 check's one run, or the median of its windows."""
+    return "one training run" if objective == "time-to-f1" else f"median of {len(winner.get('windows') or [])} windows"
 
 
 def _winner_figure(winner: dict | None, objective: str) -> float | None:

@@ -214,7 +214,8 @@ def test_compare_puts_two_tunes_winners_side_by_side(capsys, tmp_path):
     text = " ".join(out.split())
     assert code == 0 and "Traceback" not in out
     assert ("tune cnn (small) --objective throughput: baseline cnn-ddp-b16 100.0 on Test CPU (2 cores); current "
-            "cnn-ddp-b64 150.0 on 2x H100 (samples/s): current / baseline 1.500; another configuration wins") in text
+            "cnn-ddp-b64 150.0 on 2x H100 (samples/s): current / baseline 1.500 (median of 3 windows against median "
+            "of 3 windows: no interval, not a verdict); another configuration wins") in text
     tune(tmp_path / "c", "t", [5.0], {}, model="transformer")
     code, out = invoke(["compare", a, tmp_path / "c"], capsys)
     text = " ".join(out.split())
