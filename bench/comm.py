@@ -1,7 +1,8 @@
 """`bench comm`: the links, measured, in the manner of nccl-tests, through torch.distributed on the
 same launcher as `bench run` (NCCL on GPU, gloo on CPU; one node or many).
 
-For each collective (all-reduce, all-gather, reduce-scatter, broadcast, send/recv in a ring) and
+For each collective (all-reduce, all-gather, reduce-scatter, broadcast, send/recv in a ring; and
+tensor parallel's three as DTensor issues them, tp_all_gather, tp_reduce_scatter, tp_all_reduce) and
 each size from 1 KiB doubling up to --max-bytes (default 256 MiB, bounded by memory), warm-up
 iterations are run and excluded, then timed iterations (as many as fit in about 0.2 s, at least
 3); each size's time is the slowest rank's mean. Then, with nccl-tests' definitions:
@@ -10,10 +11,18 @@ iterations are run and excluded, then timed iterations (as many as fit in about 
                          reduce-scatter; S the whole buffer), x 1 (broadcast, send/recv)
 
 and a fit of t = alpha + S / B per collective (latency alpha, bandwidth B as bus bandwidth) that
-`bench predict` uses. Rank 0 writes one JSON file (`<run_id>.comm.json`) and a plot beside it.
+`bench predict` uses.
+
+The tp_ collectives are the same all-gather, reduce-scatter and all-reduce through
+`DTensor.redistribute` (Shard(1) to Replicate, Partial to Shard(1), Partial to Replicate) on a
+(rows, 2n, 16) buffer sharded on dim 1, as tensor parallel's sequence shards are: they add what the
+raw call leaves out and every tensor-parallel collective pays, DTensor's own Python, the wrapping
+of the result and the copy that rearranges a gather or scatter off dim 0 (funcol's chunk and cat).
+bench predict reads them for tensor parallel's collectives where they were measured (Link.tensor_parallel). Rank 0 writes one JSON file (`<run_id>.comm.json`) and a plot beside it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -28,7 +37,9 @@ from emotion_models.atomic import atomic_write_text
 from . import control
 from .breakdown import busbw_factor
 
-OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send_recv")
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send_recv", "tp_all_gather", "tp_reduce_scatter",
+       "tp_all_reduce")
+TP_OPS = {"tp_all_gather": "all_gather", "tp_reduce_scatter": "reduce_scatter", "tp_all_reduce": "all_reduce"}
 COMM_SCHEMA = 1
 
 
@@ -55,6 +66,8 @@ def sizes(cfg: CommConfig) -> list[int]:
 def _op(kind: str, nbytes: int, device: torch.device, rank: int, world: int):
     """A closure running one collective on a buffer of S = nbytes (the whole buffer), fp32, made on the
     run's device: the payload measured (every control message goes through bench/control.py)."""
+    if kind in TP_OPS:
+        return _tp_op(kind, nbytes, device, world)
     n = max(nbytes // 4, world)
     n -= n % world  # all-gather / reduce-scatter split the buffer evenly
     if kind == "all_reduce":
@@ -77,6 +90,36 @@ def _op(kind: str, nbytes: int, device: torch.device, rank: int, world: int):
             w.wait()
 
     return ring
+
+
+def _tp_op(kind: str, nbytes: int, device: torch.device, world: int):
+    """A closure running one of tensor parallel's collectives as DTensor issues it, waited for: the whole
+    buffer (rows, 2 world, 16) fp32 of about nbytes, sharded on dim 1 (where a gather or scatter must
+    rearrange: funcol works on dim 0)."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    mesh = _world_mesh(device.type, world)
+    shape = torch.Size((max(1, nbytes // (4 * 2 * world * 16)), 2 * world, 16))
+    start, target = {"tp_all_gather": (Shard(1), Replicate()), "tp_reduce_scatter": (Partial(), Shard(1)),
+                     "tp_all_reduce": (Partial(), Replicate())}[kind]
+    local = torch.ones(shape[0], 2, 16, device=device) if kind == "tp_all_gather" else torch.ones(shape, device=device)
+    stride = (2 * world * 16, 16, 1)
+
+    def run():
+        out = DTensor.from_local(local, mesh, [start], run_check=False, shape=shape, stride=stride
+                                 ).redistribute(mesh, [target]).to_local()
+        return out.wait() if isinstance(out, AsyncCollectiveTensor) else out
+
+    return run
+
+
+@functools.cache
+def _world_mesh(device_type: str, world: int):
+    """The 1-D mesh over every rank (the default process group's)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world,))
 
 
 def _time(fn, env, warmup: int, target_s: float) -> float:
@@ -125,7 +168,7 @@ def measure(cfg: CommConfig, env) -> dict:
         for nbytes in sizes(cfg):
             seconds = _time(_op(kind, nbytes, env.device, env.rank, world), env, cfg.warmup, cfg.target_s)
             algbw = nbytes / seconds / 1e9
-            factor = busbw_factor("send" if kind == "send_recv" else kind, world)
+            factor = busbw_factor("send" if kind == "send_recv" else TP_OPS.get(kind, kind), world)
             rows.append({"bytes": nbytes, "time_us": seconds * 1e6, "algbw_GBps": algbw, "busbw_GBps": algbw * factor,
                          "bus_bytes": nbytes * factor})
         results[kind] = rows

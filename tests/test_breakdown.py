@@ -3,6 +3,7 @@ collective benchmark, and the scaling model."""
 import gzip
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,7 +436,7 @@ def test_profiled_ddp_run_breaks_its_step_down_and_shows_a_slowed_rank(tmp_path)
 
 
 def test_comm_benchmark_bandwidth_rises_with_size(tmp_path):
-    proc = bench("comm", "--gpus", "2", "--device", "cpu", "--ops", "all_reduce,send_recv", "--max-bytes", "1M",
+    proc = bench("comm", "--gpus", "2", "--device", "cpu", "--ops", "all_reduce,send_recv,tp_all_reduce", "--max-bytes", "1M",
                  "--out", tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(open(proc.stdout.strip().splitlines()[-1]).read())
@@ -444,6 +445,34 @@ def test_comm_benchmark_bandwidth_rises_with_size(tmp_path):
     assert all(r["busbw_GBps"] > 0 for r in rows) and rows[-1]["busbw_GBps"] > 5 * rows[0]["busbw_GBps"]
     assert rows[0]["busbw_GBps"] == pytest.approx(rows[0]["algbw_GBps"] * 2 * 1 / 2)
     assert result["fit"]["all_reduce"]["alpha_us"] > 0 and (tmp_path / (result["run_id"] + ".comm.png")).exists()
+    tp = result["ops"]["tp_all_reduce"]  # the same collective as tensor parallel issues it, at the same sizes
+    assert [r["bytes"] for r in tp] == [r["bytes"] for r in rows] and result["fit"]["tp_all_reduce"]["alpha_us"] >= 0
+    assert tp[0]["busbw_GBps"] == pytest.approx(tp[0]["algbw_GBps"])  # 2(n-1)/n = 1 at n = 2, as the raw one
+
+
+def _tp_ops_rank(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from bench.comm import _tp_op
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    got = {kind: _tp_op(kind, 4096, torch.device("cpu"), 2)() for kind in ("tp_all_gather", "tp_reduce_scatter",
+                                                                           "tp_all_reduce")}
+    if rank == 0:
+        Path(out).write_text(json.dumps({k: [list(v.shape), v.sum().item(), v.min().item()] for k, v in got.items()}))
+    dist.destroy_process_group()
+
+
+def test_bench_comms_tensor_parallel_collectives_move_what_they_say(tmp_path):
+    """Two gloo ranks, a 4 KiB buffer (16, 4, 16) of ones sharded on dim 1: the gather gives every rank
+    the whole of ones, the reduce-scatter its half of twos, the all-reduce the whole of twos."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "tp.json"
+    mp.spawn(_tp_ops_rank, args=(str(tmp_path / "init"), str(out)), nprocs=2)
+    got = json.loads(out.read_text())
+    assert got == {"tp_all_gather": [[16, 4, 16], 1024.0, 1.0], "tp_reduce_scatter": [[16, 2, 16], 1024.0, 2.0],
+                   "tp_all_reduce": [[16, 4, 16], 2048.0, 2.0]}
 
 
 def test_check_keeps_tensor_parallel_runs_with_and_without_sequence_parallel_apart():
@@ -502,6 +531,32 @@ def test_tensor_parallel_collectives_counted_against_the_torch_layers():
     one, two = (predict(inp, "tp", 2, 1, link, None, grad_accum=k)["step_ms"] for k in (1, 2))
     micro = one - 1000 * prof.step_s(2, link, True)
     assert two == pytest.approx(2 * micro + 1000 * prof.step_s(2, link, True))
+
+
+def test_tensor_parallel_reads_the_collectives_as_dtensor_issues_them_where_bench_comm_measured_them():
+    """bench comm's tp_ fits (the collective through DTensor.redistribute) stand for the raw ones in
+    tensor parallel's collectives, and only there: ddp and fsdp's own collectives keep the raw fits.
+    The oracle: the fits' alpha and bandwidth by hand, and a prediction made with a link holding the tp_
+    figures under the raw names."""
+    comm = {"run_id": "c2", "config": {"devices": 2, "device_type": "cpu", "backend": "gloo"},
+            "fit": {"all_reduce": {"busbw_GBps": 2.0, "alpha_us": 400.0},
+                    "all_gather": {"busbw_GBps": 1.0, "alpha_us": 100.0},
+                    "tp_all_reduce": {"busbw_GBps": 1.0, "alpha_us": 800.0},
+                    "tp_all_gather": {"busbw_GBps": 0.5, "alpha_us": 300.0}}}
+    link = Link.measured(comm)
+    tp = link.tensor_parallel()
+    assert t_all_reduce(1e6, 2, link) == pytest.approx(400e-6 + 1e6 / 2e9)
+    assert t_all_reduce(1e6, 2, tp) == pytest.approx(800e-6 + 1e6 / 1e9)  # 2(n-1) = 2 hops of 400 us
+    assert t_gather(1e6, 2, tp) == pytest.approx(300e-6 + 0.5e6 / 0.5e9)
+    assert t_gather(1e6, 2, tp, "reduce_scatter") == t_gather(1e6, 2, link, "reduce_scatter")  # none measured: as before
+    assert Link(1.0, 5.0, "preset").tensor_parallel() == Link(1.0, 5.0, "preset")
+    inp = Inputs("transformer", "base", "fp32", 8, 0.1, 80.0, 10**6, 4)
+    by_hand = Link(2.0, 200.0, link.source, (("all_reduce", 1.0, 400.0), ("all_gather", 0.5, 300.0)))
+    assert predict(inp, "tp", 2, 1, link, None)["step_ms"] == pytest.approx(predict(inp, "tp", 2, 1, by_hand, None)["step_ms"])
+    assert predict(inp, "tp", 2, 1, link, None)["step_ms"] > predict(inp, "tp", 2, 1, Link.measured({
+        **comm, "fit": {k: v for k, v in comm["fit"].items() if not k.startswith("tp_")}}), None)["step_ms"]
+    assert predict(inp, "ddp", 2, 1, link, None)["step_ms"] == pytest.approx(
+        100.0 + 1000 * t_all_reduce(4e6, 2, link))  # one 4 MB bucket, the raw fit
 
 
 def test_a_tp_rank_run_gives_tensor_parallels_compute_in_place_of_the_flop_share():

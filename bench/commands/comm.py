@@ -20,8 +20,12 @@ COMM_ENV = "EMOTION_BENCH_COMM"  # the launcher's CommConfig, JSON, for every wo
 @config_options(("devices", "device", "nodes", "node_rank", "rdzv_endpoint", "timeout_s"), defaults={"devices": 2},
                 helps={"devices": "Devices (CPU worker processes without CUDA) taking part, at least 2."})
 def comm(
-    ops: str = typer.Option("all_reduce,all_gather,reduce_scatter,broadcast,send_recv",
-                            help="Comma-separated collectives: all_reduce, all_gather, reduce_scatter, broadcast, send_recv."),
+    ops: str = typer.Option("all_reduce,all_gather,reduce_scatter,broadcast,send_recv,tp_all_gather,tp_reduce_scatter,"
+                            "tp_all_reduce",
+                            help="Comma-separated collectives: all_reduce, all_gather, reduce_scatter, broadcast, send_recv; "
+                                 "tp_all_gather, tp_reduce_scatter, tp_all_reduce are the first three as tensor parallel "
+                                 "issues them (DTensor redistribute on a buffer sharded on dim 1), which bench predict "
+                                 "reads for tp."),
     min_bytes: str = typer.Option("1K", help="Smallest message S, bytes (1K = 1024)."),
     max_bytes: str = typer.Option("256M", help="Largest message S, bytes (sizes double from the smallest)."),
     out: str = typer.Option("results/comm", help="Folder for <run_id>.comm.json and its plot.", callback=nonempty_out),
