@@ -63,6 +63,23 @@ def sizes(cfg: CommConfig) -> list[int]:
     return out
 
 
+def _tp_shape(nbytes: int, world: int) -> torch.Size:
+    """The whole buffer of a tp_ collective of about nbytes: (rows, 2 world, 16) fp32, rows = nbytes over
+    a row's 128 world bytes (rounded down)."""
+    return torch.Size((nbytes // (4 * 2 * world * 16), 2 * world, 16))
+
+
+def moved_bytes(kind: str, nbytes: int, world: int) -> int:
+    """The bytes S of the whole buffer `_op` makes for a size of nbytes: nbytes rounded down to what
+    the ranks split evenly (fp32 elements, a multiple of world; a tp_ buffer's whole rows); 0 where a
+    tp_ buffer would have under 2 rows (with 1 the rearranging copy is a view, and not measured)."""
+    if kind in TP_OPS:
+        rows = _tp_shape(nbytes, world)[0]
+        return 4 * _tp_shape(nbytes, world).numel() if rows >= 2 else 0
+    n = max(nbytes // 4, world)
+    return 4 * (n - n % world)
+
+
 def _op(kind: str, nbytes: int, device: torch.device, rank: int, world: int):
     """A closure running one collective on a buffer of S = nbytes (the whole buffer), fp32, made on the
     run's device: the payload measured (every control message goes through bench/control.py)."""
@@ -100,7 +117,7 @@ def _tp_op(kind: str, nbytes: int, device: torch.device, world: int):
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     mesh = _world_mesh(device.type, world)
-    shape = torch.Size((max(1, nbytes // (4 * 2 * world * 16)), 2 * world, 16))
+    shape = _tp_shape(nbytes, world)
     start, target = {"tp_all_gather": (Shard(1), Replicate()), "tp_reduce_scatter": (Partial(), Shard(1)),
                      "tp_all_reduce": (Partial(), Replicate())}[kind]
     local = torch.ones(shape[0], 2, 16, device=device) if kind == "tp_all_gather" else torch.ones(shape, device=device)
@@ -165,8 +182,11 @@ def measure(cfg: CommConfig, env) -> dict:
     world = env.world_size
     for kind in cfg.ops:
         rows = []
-        for nbytes in sizes(cfg):
-            seconds = _time(_op(kind, nbytes, env.device, env.rank, world), env, cfg.warmup, cfg.target_s)
+        for size in sizes(cfg):
+            nbytes = moved_bytes(kind, size, world)  # what the buffer holds, recorded as S
+            if not nbytes:
+                continue  # a tp_ buffer under 2 rows at this world size
+            seconds = _time(_op(kind, size, env.device, env.rank, world), env, cfg.warmup, cfg.target_s)
             algbw = nbytes / seconds / 1e9
             factor = busbw_factor("send" if kind == "send_recv" else TP_OPS.get(kind, kind), world)
             rows.append({"bytes": nbytes, "time_us": seconds * 1e6, "algbw_GBps": algbw, "busbw_GBps": algbw * factor,

@@ -34,8 +34,8 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
               --strategy tp, one all-reduce each under fsdp --tp (FSDP2 redistributes each one)
     T_ag and T_rs use bench comm's all-gather and reduce-scatter fits where it measured them (Link.op);
               tensor parallel's collectives (C_tp and the partial gradients' all-reduce) its tp_ fits where
-              it measured those: the same collectives as DTensor issues them, with its Python, the
-              result's wrapping and the copy off dim 0 (Link.tensor_parallel)
+              it measured those over T ranks: the same collectives as DTensor issues them, with its
+              Python, the result's wrapping and the copy off dim 0 (Link.tensor_parallel)
     throughput = N b / t; efficiency = throughput / (N x single throughput)
 
     --grad-accum K      K micro-steps of t1' each, communication once (DDP, FSDP's reduce-scatter; FSDP2
@@ -93,6 +93,7 @@ class Link:
     # a bench comm fit's own figures per collective: ((op, bus bandwidth GB/s, µs a hop), ...); a
     # preset has none, and every collective reads the two above
     ops: tuple = ()
+    devices: int = 0  # the ranks bench comm measured over (0: a preset)
 
     def __post_init__(self):
         object.__setattr__(self, "ops", tuple(tuple(o) for o in self.ops))  # read back from JSON as lists
@@ -106,17 +107,19 @@ class Link:
                 return Link(bw, alpha, f"{self.source}, {kind}")
         return self
 
-    def tensor_parallel(self) -> Link:
-        """The link as tensor parallel's collectives see it: where bench comm measured them as DTensor
-        issues them (tp_all_gather, tp_reduce_scatter, tp_all_reduce: DTensor's own Python, the wrapping
-        and the copy off dim 0 on top of the raw call), those fits stand for all_gather, reduce_scatter
-        and all_reduce; else this link as it is."""
+    def tensor_parallel(self, degree: int) -> Link:
+        """The link as tensor parallel's collectives over `degree` ranks see it: where bench comm measured
+        them as DTensor issues them (tp_all_gather, tp_reduce_scatter, tp_all_reduce: DTensor's own
+        Python, the wrapping and the copy off dim 0 on top of the raw call) over that many ranks, those
+        fits stand for all_gather, reduce_scatter and all_reduce; else this link as it is. Only at the
+        degree measured: DTensor's cost is per call, not per hop, and the alpha-beta form carries it to
+        another rank count by hops, which would shrink it from 8 ranks to 2 by 7 times."""
         tp = {name[3:]: (name, bw, alpha) for name, bw, alpha in self.ops if name.startswith("tp_")}
-        if not tp:
+        if not tp or degree != self.devices:
             return self
         ops = tuple((name, bw, alpha) for name, bw, alpha in self.ops if name not in tp and not name.startswith("tp_"))
         return Link(self.busbw_GBps, self.alpha_us, self.source,
-                    ops + tuple((plain, bw, alpha) for plain, (_, bw, alpha) in tp.items()))
+                    ops + tuple((plain, bw, alpha) for plain, (_, bw, alpha) in tp.items()), self.devices)
 
     @classmethod
     def named(cls, name: str) -> Link:
@@ -135,13 +138,15 @@ class Link:
             hops = 2 * (n - 1) if op in ("all_reduce", "tp_all_reduce") else max(n - 1, 1)
             return f["busbw_GBps"] or float("inf"), f["alpha_us"] / hops
 
-        f = comm["fit"].get(kind) or next(iter(comm["fit"].values()))
+        # the link's own figures: kind's fit, else the first raw one (a tp_ fit holds DTensor's cost too)
+        used = kind if kind in comm["fit"] else next((op for op in comm["fit"] if not op.startswith("tp_")),
+                                                     next(iter(comm["fit"])))
         c = comm["config"]
         ops = tuple((op, *figures(op, fit)) for op, fit in comm["fit"].items()
                     if op in ("all_reduce", "all_gather", "reduce_scatter", "tp_all_reduce", "tp_all_gather",
                               "tp_reduce_scatter"))
-        return cls(*figures(kind, f), f"bench comm {comm['run_id']}: {n} x {c['device_type']} ({c['backend']}), "
-                   f"{kind} fit", ops)
+        return cls(*figures(kind, comm["fit"][used]), f"bench comm {comm['run_id']}: {n} x {c['device_type']} "
+                   f"({c['backend']}), {used} fit", ops, n)
 
 
 def t_all_reduce(nbytes: float, n: int, link: Link) -> float:
@@ -456,7 +461,7 @@ def _tp_micro_step(inp: Inputs, t1: float, degree: int, per_node: int, intra: Li
         return t1
     prof = tp_profile(inp.model, inp.model_size, degree)
     act = degree * inp.batch * prof.elems * (2 if inp.precision in ("bf16", "fp16") else 4)
-    tp_link = (intra if degree <= per_node or inter is None else inter).tensor_parallel()
+    tp_link = (intra if degree <= per_node or inter is None else inter).tensor_parallel(degree)
     return t1 * tp_compute_share(inp, degree, sequence_parallel)[0] + prof.comm_s(act, degree, tp_link,
                                                                                    sequence_parallel)
 
@@ -477,7 +482,7 @@ def _tp_step_s(inp: Inputs, degree: int, per_node: int, intra: Link, inter: Link
     """Tensor parallel's once-per-optimiser-step collectives (TpProfile.step_s); 0 at degree 1."""
     if degree < 2:
         return 0.0
-    tp_link = (intra if degree <= per_node or inter is None else inter).tensor_parallel()
+    tp_link = (intra if degree <= per_node or inter is None else inter).tensor_parallel(degree)
     return tp_profile(inp.model, inp.model_size, degree).step_s(degree, tp_link, sequence_parallel, flat)
 
 

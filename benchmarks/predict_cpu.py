@@ -16,7 +16,8 @@ model's sizes and the measured links,
 and prints predicted against measured throughput with the error. The bar: each within 15 %, the
 error a user choosing a machine by the prediction can live with. Each row also shows the prediction without the independent runs (c = 1) and without the
 slowest rank's wait W, from the same measurements, and a line gives tp's prediction by the FLOP
-share with the tp-rank runs left out; --no-contention leaves the independent runs out
+share with the tp-rank runs left out, and another the prediction with bench comm's raw fits for tp's
+collectives in place of its tp_ ones (the collectives as DTensor issues them); --no-contention leaves the independent runs out
 of the run altogether; --from DIR measures nothing and reports on what an earlier --keep DIR kept
 (the runs docs/measurements/ quotes are under results/predict_cpu/). Three rounds by default: one round of a cell can be 15 % off the other two
 on this shared machine, and a median of three is not moved by one.
@@ -27,6 +28,7 @@ shared with fsdp_cpu_cost.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -150,6 +152,12 @@ def main() -> None:
     for c in flop:  # the same runs, the tp-rank anchor left out
         print(f"by the FLOP share instead (tp-rank runs left out): {c['model']} {c['strategy']} x{c['devices']} "
               f"predicted {c['predicted']:.1f} samples/s, error {c['error'] * 100:+.1f}%")
+    raw = dataclasses.replace(link, ops=tuple(o for o in link.ops if not o[0].startswith("tp_")))
+    if raw != link:  # the same runs with tensor parallel's collectives at the raw fits
+        for c in check(results, raw, None):
+            if c.get("tp_compute"):
+                print(f"with bench comm's raw fits for tp's collectives instead of its tp_ ones: {c['model']} "
+                      f"{c['strategy']} x{c['devices']} predicted {c['predicted']:.1f} samples/s, error {c['error'] * 100:+.1f}%")
     print("inputs (step time p50, ms; medians over rounds): "
           + by_cell(results, lambda r: r["throughput"]["step_time_ms_p50"]))
     rounds = per_cell(results, lambda r: r["throughput"]["step_time_ms_p50"])

@@ -222,6 +222,8 @@ def test_links_from_presets_and_from_a_comm_fit():
     only = {**comm, "fit": {"all_gather": {"busbw_GBps": None, "alpha_us": 90.0}}}
     first = Link.measured(only)  # the kind asked for is missing: the first fit, as an all-reduce
     assert first.busbw_GBps == float("inf") and first.alpha_us == 15.0
+    dtensor_first = {**comm, "fit": {"tp_all_gather": {"busbw_GBps": 0.5, "alpha_us": 900.0}, **only["fit"]}}
+    assert Link.measured(dtensor_first).alpha_us == 15.0  # never a tp_ fit, which holds DTensor's cost too
     two = {**comm, "config": {**comm["config"], "devices": 2}}
     assert Link.measured(two).alpha_us == 300.0 and Link.measured(two, "send").alpha_us == 90.0
 
@@ -445,9 +447,18 @@ def test_comm_benchmark_bandwidth_rises_with_size(tmp_path):
     assert all(r["busbw_GBps"] > 0 for r in rows) and rows[-1]["busbw_GBps"] > 5 * rows[0]["busbw_GBps"]
     assert rows[0]["busbw_GBps"] == pytest.approx(rows[0]["algbw_GBps"] * 2 * 1 / 2)
     assert result["fit"]["all_reduce"]["alpha_us"] > 0 and (tmp_path / (result["run_id"] + ".comm.png")).exists()
-    tp = result["ops"]["tp_all_reduce"]  # the same collective as tensor parallel issues it, at the same sizes
-    assert [r["bytes"] for r in tp] == [r["bytes"] for r in rows] and result["fit"]["tp_all_reduce"]["alpha_us"] >= 0
-    assert tp[0]["busbw_GBps"] == pytest.approx(tp[0]["algbw_GBps"])  # 2(n-1)/n = 1 at n = 2, as the raw one
+    assert "tp_all_reduce" in result["fit"] and len(result["ops"]["tp_all_reduce"]) == len(rows)  # every size measured
+
+
+def test_bench_comm_records_the_bytes_its_buffers_hold():
+    """S is what the buffer holds: fp32 elements the ranks split evenly, a tp_ buffer's whole (2n, 16)
+    rows, and no tp_ point under 2 rows (the gather's rearranging copy would be a view). By hand."""
+    from bench.comm import moved_bytes
+
+    assert moved_bytes("all_gather", 1024, 2) == 1024 and moved_bytes("all_gather", 1026, 3) == 4 * 255
+    assert moved_bytes("tp_all_gather", 1024, 2) == 1024  # 4 rows of 4 x 16 floats
+    assert moved_bytes("tp_reduce_scatter", 4096, 3) == 4 * 10 * 6 * 16  # 10 rows of 6 x 16
+    assert moved_bytes("tp_all_reduce", 2048, 16) == 0 and moved_bytes("tp_all_reduce", 4096, 16) == 4096
 
 
 def _tp_ops_rank(rank: int, init: str, out: str) -> None:
@@ -544,12 +555,13 @@ def test_tensor_parallel_reads_the_collectives_as_dtensor_issues_them_where_benc
                     "tp_all_reduce": {"busbw_GBps": 1.0, "alpha_us": 800.0},
                     "tp_all_gather": {"busbw_GBps": 0.5, "alpha_us": 300.0}}}
     link = Link.measured(comm)
-    tp = link.tensor_parallel()
+    tp = link.tensor_parallel(2)
+    assert link.tensor_parallel(4) == link  # measured over 2 ranks: DTensor's cost per call does not scale by hops
     assert t_all_reduce(1e6, 2, link) == pytest.approx(400e-6 + 1e6 / 2e9)
     assert t_all_reduce(1e6, 2, tp) == pytest.approx(800e-6 + 1e6 / 1e9)  # 2(n-1) = 2 hops of 400 us
     assert t_gather(1e6, 2, tp) == pytest.approx(300e-6 + 0.5e6 / 0.5e9)
     assert t_gather(1e6, 2, tp, "reduce_scatter") == t_gather(1e6, 2, link, "reduce_scatter")  # none measured: as before
-    assert Link(1.0, 5.0, "preset").tensor_parallel() == Link(1.0, 5.0, "preset")
+    assert Link(1.0, 5.0, "preset").tensor_parallel(2) == Link(1.0, 5.0, "preset")
     inp = Inputs("transformer", "base", "fp32", 8, 0.1, 80.0, 10**6, 4)
     by_hand = Link(2.0, 200.0, link.source, (("all_reduce", 1.0, 400.0), ("all_gather", 0.5, 300.0)))
     assert predict(inp, "tp", 2, 1, link, None)["step_ms"] == pytest.approx(predict(inp, "tp", 2, 1, by_hand, None)["step_ms"])
@@ -557,6 +569,16 @@ def test_tensor_parallel_reads_the_collectives_as_dtensor_issues_them_where_benc
         **comm, "fit": {k: v for k, v in comm["fit"].items() if not k.startswith("tp_")}}), None)["step_ms"]
     assert predict(inp, "ddp", 2, 1, link, None)["step_ms"] == pytest.approx(
         100.0 + 1000 * t_all_reduce(4e6, 2, link))  # one 4 MB bucket, the raw fit
+    # fsdp --tp at 4 ranks (2 x 2): its shard traffic keeps the raw fits, its tensor-parallel part (degree 2,
+    # as measured) reads the tp_ ones: against the raw link alone, only the tensor-parallel terms differ
+    from bench.predict import tp_profile
+
+    raw = Link.measured({**comm, "fit": {k: v for k, v in comm["fit"].items() if not k.startswith("tp_")}})
+    prof, act = tp_profile("transformer", "base", 2), 2 * 8 * tp_profile("transformer", "base", 2).elems * 4
+    tp_terms = (lambda lk: prof.comm_s(act, 2, lk, True) + prof.step_s(2, lk, True, flat=False))
+    assert (predict(inp, "fsdp", 4, 1, link, None, tp=2)["step_ms"] - predict(inp, "fsdp", 4, 1, raw, None, tp=2)["step_ms"]
+            == pytest.approx(1000 * (tp_terms(by_hand) - tp_terms(raw))))
+    assert tp_terms(by_hand) > tp_terms(raw)
 
 
 def test_a_tp_rank_run_gives_tensor_parallels_compute_in_place_of_the_flop_share():
