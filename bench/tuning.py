@@ -436,9 +436,10 @@ def f1_reference(live: list[Candidate]) -> RunConfig:
                   batch_size=min(c.cfg.batch_size for c in live))
 
 
-def link_for(folder: Path, devices: int, device_type: str, say: Callable[[str], None]):
+def link_for(folder: Path, devices: int, device_type: str, say: Callable[[str], None], tensor_parallel: bool = False):
     """The link a prediction's communication crosses: a `bench comm` fit measured here once (kept in
-    folder/comm and reused on --resume), else a preset, said in one line."""
+    folder/comm and reused on --resume), else a preset, said in one line. tensor_parallel: the space has
+    tp candidates, so their collectives are measured as DTensor issues them too (comm's tp_ ops)."""
     import subprocess
     import sys
 
@@ -452,7 +453,9 @@ def link_for(folder: Path, devices: int, device_type: str, say: Callable[[str], 
     if not list(comm_dir.glob("*.comm.json")):
         say(f"anchor: bench comm --gpus {devices} (the link's fit)")
         cmd = [sys.executable, "-m", "bench", "comm", "--gpus", str(devices), "--device", device_type,
-               "--ops", "all_reduce,all_gather,reduce_scatter", "--max-bytes", "64M", "--out", str(comm_dir)]
+               "--ops", "all_reduce,all_gather,reduce_scatter" + (",tp_all_gather,tp_reduce_scatter,tp_all_reduce"
+                                                                   if tensor_parallel else ""),
+               "--max-bytes", "64M", "--out", str(comm_dir)]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if done.returncode != 0:
             why = (done.stderr.strip().splitlines() or ["no output"])[-1]

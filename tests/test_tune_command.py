@@ -319,3 +319,26 @@ def test_a_time_to_f1_tune_wins_on_training_seconds_to_single_best_f1(tmp_path):
     assert all(c["parity"] == "ok" or c["parity"].startswith(("did not reach", "its training run")) for c in checked)
     assert list((out / "windows").glob("*-f1*.json"))  # the training runs are result files too
     assert "the F1 target in" in " ".join(done.stdout.split()) + " ".join(done.stderr.split())
+
+
+def test_the_tunes_link_measures_tensor_parallels_collectives_only_where_it_has_tp_candidates(tmp_path, monkeypatch):
+    """The bench comm anchor's --ops: the raw three, and the tp_ ones (DTensor's) with tp candidates."""
+    import subprocess
+
+    from bench import tuning
+
+    asked = []
+
+    def fake_run(cmd, **_):
+        asked.append(cmd[cmd.index("--ops") + 1])
+        return subprocess.CompletedProcess(cmd, 1, "", "no comm here")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    from bench.predict import Link
+
+    said = []
+    for tp in (False, True):  # the fake comm fails: the preset stands in, and says so
+        assert tuning.link_for(tmp_path / str(tp), 2, "cpu", said.append, tensor_parallel=tp) == Link.named("100gbe")
+    assert asked == ["all_reduce,all_gather,reduce_scatter",
+                     "all_reduce,all_gather,reduce_scatter,tp_all_gather,tp_reduce_scatter,tp_all_reduce"]
+    assert sum("bench comm failed (no comm here); the 100gbe preset stands in" in line for line in said) == 2, said

@@ -163,7 +163,8 @@ def _measure(live, device_type, budget_s, noise, per_node, out, resume, objectiv
     if not resume:
         _fresh(folder, state)
     world = max(c.cfg.devices for c in live)
-    link = tuning.link_for(folder, world, device_type, info)
+    link = tuning.link_for(folder, world, device_type, info,
+                           tensor_parallel=any(c.cfg.strategy == "tp" or c.cfg.tp > 1 for c in live))
     windows = tuning.Windows(live[0].cfg, world, device_type, folder / "windows", objective=objective)
     check = tuning.parity_check
     if objective == "time-to-f1":
