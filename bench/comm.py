@@ -18,7 +18,9 @@ The tp_ collectives are the same all-gather, reduce-scatter and all-reduce throu
 (rows, 2n, 16) buffer sharded on dim 1, as tensor parallel's sequence shards are: they add what the
 raw call leaves out and every tensor-parallel collective pays, DTensor's own Python, the wrapping
 of the result and the copy that rearranges a gather or scatter off dim 0 (funcol's chunk and cat).
-bench predict reads them for tensor parallel's collectives where they were measured (Link.tensor_parallel). Rank 0 writes one JSON file (`<run_id>.comm.json`) and a plot beside it.
+bench predict reads them for tensor parallel's collectives where they were measured
+(Link.tensor_parallel). A tp_ size under 2 rows is skipped, and every point records the bytes its
+buffer holds. Rank 0 writes one JSON file (`<run_id>.comm.json`) and a plot beside it.
 """
 from __future__ import annotations
 
