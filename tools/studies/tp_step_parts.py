@@ -49,9 +49,10 @@ def _timed_redistribute(spent: dict, count: collections.Counter):
         out = original(local, current, target, *args, **kwargs)
         if isinstance(out, AsyncCollectiveTensor):
             out = out.wait()
+        took = time.perf_counter() - start  # the key's formatting left out
         key = (f"{''.join(map(str, current.placements))} -> {''.join(map(str, target.placements))} "
                f"{tuple(local.shape)}")
-        spent[key] += time.perf_counter() - start
+        spent[key] += took
         count[key] += 1
         return out
 
