@@ -12,14 +12,19 @@ and ddp with --grad-accum 2; for --tp-model (a model with attention: cnn has non
 tp at one worker (DTensor's own cost without communication, as fsdp x1 is FSDP2's), tp-rank (one
 rank of tp x2's shapes alone at twice the batch: the compute bench predict gives a tp rank), its
 independent pair and tp x2 (profiled). Then it predicts each multi-worker cell from those inputs, the
-model's sizes and the measured links,
-and prints predicted against measured throughput with the error. The bar: each within 15 %, the
-error a user choosing a machine by the prediction can live with. Each row also shows the prediction without the independent runs (c = 1) and without the
-slowest rank's wait W, from the same measurements, and a line gives tp's prediction by the FLOP
-share with the tp-rank runs left out, and another the prediction with bench comm's raw fits for tp's
-collectives in place of its tp_ ones (the collectives as DTensor issues them); --no-contention leaves the independent runs out
-of the run altogether; --from DIR measures nothing and reports on what an earlier --keep DIR kept
-(the runs docs/measurements/ quotes are under results/predict_cpu/). Three rounds by default: one round of a cell can be 15 % off the other two
+model's sizes and the measured links, and prints predicted against measured throughput with the
+error. The bar: each within 15 %, the error a user choosing a machine by the prediction can live
+with. Each row also shows the prediction without the independent runs (c = 1) and without the
+slowest rank's wait W, from the same measurements; a line gives tp's prediction by the FLOP share
+with the tp-rank runs left out, and another the prediction with bench comm's raw fits for tp's
+collectives in place of its tp_ ones (the collectives as DTensor issues them). The main table
+predicts from the medians over rounds. Below it each round is also predicted from its own inputs
+alone, and each cell gets a verdict: within the bar in every round, outside it in every round, or
+inconclusive, where this machine's rounds fall on both sides of it.
+
+--no-contention leaves the independent runs out of the run altogether; --from DIR measures nothing
+and reports on what an earlier --keep DIR kept (the runs docs/measurements/ quotes are under
+results/predict_cpu/). Three rounds by default: one round of a cell can be 15 % off the other two
 on this shared machine, and a median of three is not moved by one.
 
 The cells' settings, the run of one cell and the link measurement are in benchmarks/common.py,
@@ -38,6 +43,9 @@ from bench.comm import load
 from bench.predict import Link, check, slowest_rank_wait_s
 from bench.results import load_result
 from common import arguments, base_config, measure_links, out_folder, run_cell  # benchmarks/common.py
+
+
+BAR = 0.15  # the error a user choosing a machine by the prediction can live with
 
 
 def _name(c: dict) -> str:
@@ -93,6 +101,23 @@ def kept(folder: str) -> tuple[Link, list[dict]]:
     if not runs:
         sys.exit(f"--from {folder}: no results under {folder}/runs (make them with --keep {folder})")
     return Link.measured(load(str(Path(folder, "comm")))), [load_result(p) for p in runs]
+
+
+def round_errors(results: list[dict], link: Link) -> dict[tuple, list[float]]:
+    """Each round predicted from its own inputs alone against its own measurement: per cell, the errors
+    in run order. The inputs of one round ran minutes apart, those of the medians up to an hour."""
+    errors: dict[tuple, list[float]] = {}
+    for seed in sorted({r["config"]["seed"] for r in results}):
+        for c in check([r for r in results if r["config"]["seed"] == seed], link, None):
+            errors.setdefault(_key(c), []).append(c["error"])
+    return errors
+
+
+def verdict(errors: list[float], bar: float = BAR) -> str:
+    """'within' where every round's error is within the bar, 'outside' where none is, else
+    'inconclusive': this machine's rounds fall on both sides of it."""
+    inside = [abs(e) <= bar for e in errors]
+    return "within" if all(inside) else "outside" if not any(inside) else "inconclusive"
 
 
 def profile_figures(results: list[dict]) -> None:
@@ -174,8 +199,13 @@ def main() -> None:
         if parts:
             print(f"  {cell}: " + ", ".join(f"{k} {statistics.median(p[k] for p in parts):.1f}" for k in parts[0]))
     profile_figures(results)
+    print("each round predicted from its own inputs alone (error per round, in run order; the verdict: within "
+          "the bar in every round, outside in every round, or inconclusive where the rounds fall on both sides):")
+    for key, errors in sorted(round_errors(results, link).items()):
+        name = f"{key[0]} {key[1]} x{key[2]}" + (f" ga{key[3]}" if key[3] > 1 else "")
+        print(f"  {name:24} " + " / ".join(f"{e * 100:+.1f}%" for e in errors) + f"   {verdict(errors)}")
     worst = max(abs(c["error"]) for c in rows)
-    print(f"largest error {worst * 100:.1f} % (the bar: 15 %)")
+    print(f"largest error {worst * 100:.1f} % (the bar: {BAR * 100:.0f} %), from the medians over rounds")
 
 
 if __name__ == "__main__":
