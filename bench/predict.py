@@ -38,7 +38,8 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
               Python, the result's wrapping and the copy off dim 0 (Link.tensor_parallel)
     throughput = N b / t; efficiency = throughput / (N x single throughput)
 
-    --grad-accum K      K micro-steps of t1' each, communication once (DDP, FSDP's reduce-scatter; FSDP2
+    --grad-accum K      K micro-steps of t1' r_K each (r_K a single run with --grad-accum K: its step over K t1,
+                        where one was measured, else 1), communication once (DDP, FSDP's reduce-scatter; FSDP2
                         still all-gathers every micro-step): ddp t = K t1' + W + (1-o) k T_ar(S/k); fsdp
                         t = K t1' + W + (1-o) L [2K T_ag(S_p/L) + T_rs(S/L)]; throughput = N b K / t
     --ac full|selective t1 x r, r the measured single step with that --ac over t1 where a single run
@@ -187,6 +188,9 @@ class Inputs:
     # (tensor-parallel degree T, sequence parallel) -> a tp-rank run's step time (s): one rank's shapes of
     # tp x T alone at T x this batch
     tp_rank: dict | None = None
+    # --grad-accum K -> a single run's step with it over K t1 (r_K: one micro-step over a whole step),
+    # where one was measured
+    accum: dict | None = None
 
     def contention_at(self, per_node: int) -> float:
         """c_n: 1 at one device per node, and where no independent run at n was measured."""
@@ -249,7 +253,7 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
             continue  # no tp x T cell has a batch per device it could be the anchor of
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"] // rank_of)
         g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}, "independent": {},
-                                     "wait": {}, "ac": {}, "tp_rank": {}})
+                                     "wait": {}, "ac": {}, "tp_rank": {}, "accum": {}})
         if c["strategy"] == "tp-rank":
             if (c.get("ac") or "none") == "none" and int(c.get("grad_accum") or 1) == 1:
                 g["tp_rank"].setdefault((rank_of, c.get("sequence_parallel", True) is not False), []).append(
@@ -258,8 +262,11 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
             g["ac"].setdefault(c["ac"], []).append(r["throughput"]["step_time_ms_p50"] / 1000
                                                                / max(int(c.get("grad_accum") or 1), 1))
         elif c["strategy"] == "single":
-            if int(c.get("grad_accum") or 1) == 1:  # the baseline: one micro-step per optimiser step
+            k = int(c.get("grad_accum") or 1)
+            if k == 1:  # the baseline: one micro-step per optimiser step
                 g["single"].append(r)
+            else:  # the accumulation anchor: its step over k
+                g["accum"].setdefault(k, []).append(r["throughput"]["step_time_ms_p50"] / 1000 / k)
         elif c["strategy"] == "independent":
             per_node = c["devices"] // c.get("nodes", 1)
             g["independent"].setdefault(per_node, []).append(r["throughput"]["step_time_ms_p50"] / 1000)
@@ -290,7 +297,8 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
                           {s: {n: statistics.median(v) for n, v in by_n.items()} for s, by_n in g["wait"].items()},
                           {mode: statistics.median(v) / t1 for mode, v in g["ac"].items()},
                           trust.joined(f for r in g["single"] for f in trust.result_flags(r)),
-                          {k: statistics.median(v) for k, v in g["tp_rank"].items()}))
+                          {k: statistics.median(v) for k, v in g["tp_rank"].items()},
+                          {k: statistics.median(v) / t1 for k, v in g["accum"].items()}))
     return out
 
 
@@ -311,6 +319,15 @@ def _boundary_bytes(inp: Inputs, stages: int, micro_batch: int) -> float:
 
 
 RECOMPUTE = {"none": 1.0, "full": 4 / 3, "selective": 7 / 6}  # --ac's step over t1 where none was measured
+
+
+def accumulate_factor(inp: Inputs, k: int) -> tuple[float, bool]:
+    """(r_K: one micro-step of --grad-accum K over a whole step t1, whether a single run measured it).
+    Measured where a single run with --grad-accum K was: the optimiser step, zero_grad and the
+    harness's per-step work are paid once per K micro-steps, and on the 2-core CPU a micro-step ran 6 %
+    under a whole step's forward and backward besides (docs/measurements/); else 1."""
+    measured = (inp.accum or {}).get(k)
+    return (measured, True) if measured is not None and k > 1 else (1.0, k == 1)
 
 
 def recompute_factor(inp: Inputs, ac: str) -> tuple[float, bool]:
@@ -420,7 +437,7 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
     t1, n, K = (inp.one_device or {}).get(own, inp.single_step_s), devices, grad_accum
     per_node = max(1, n // max(nodes, 1))
     contention = inp.contention_at(per_node)
-    t1 *= contention * recompute_factor(inp, ac)[0]
+    t1 *= contention * recompute_factor(inp, ac)[0] * accumulate_factor(inp, K)[0]  # one micro-step
     wait = inp.wait_at(strategy, n) if strategy in ("ddp", "fsdp", "hsdp", "tp") else 0.0
     if strategy == "single" or n == 1:
         step = K * t1
@@ -619,7 +636,10 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
                              # a prediction rests on its single runs: their flags travel with every row
                              note + (f"; single baseline flagged: {inp.flags}" if inp.flags else "")
                              + ("" if recompute_factor(inp, ac)[1] else
-                                f"; --ac {ac}: one more forward assumed (x{RECOMPUTE[ac]:.2f}), no single run measured it")])
+                                f"; --ac {ac}: one more forward assumed (x{RECOMPUTE[ac]:.2f}), no single run measured it")
+                             + ("" if accumulate_factor(inp, grad_accum)[1] else
+                                f"; --grad-accum {grad_accum}: a micro-step assumed a whole single step, no single run "
+                                "with it measured it")])
     header = ["cell", "devices", "nodes", "step (ms)", "throughput (samples/s)", "efficiency", "overlap o",
               "contention c_n", "wait W (ms/step)", "note"]
     title = (f"predicted: intra-node {intra.source} ({intra.busbw_GBps:.1f} GB/s, {intra.alpha_us:.0f} us); "

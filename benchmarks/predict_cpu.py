@@ -8,7 +8,8 @@ Measures the links (bench comm, 2 workers), the single run (1 thread), fsdp at o
 own cost without communication; bench predict starts fsdp from it), 2 independent replicas side
 by side (the contention factor: what 2 workers lose to sharing 2 cores, no communication) and
 ddp, fsdp and pipeline at 2 workers (profiled after the timed window, for the overlap o and wait W)
-and ddp with --grad-accum 2; for --tp-model (a model with attention: cnn has none) its single run,
+and, with --grad-accum 2, single (the accumulation anchor: a micro-step over a whole step, r_2) and
+ddp; for --tp-model (a model with attention: cnn has none) its single run,
 tp at one worker (DTensor's own cost without communication, as fsdp x1 is FSDP2's), tp-rank (one
 rank of tp x2's shapes alone at twice the batch: the compute bench predict gives a tp rank), its
 independent pair and tp x2 (profiled). Then it predicts each multi-worker cell from those inputs, the
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from bench.cells import cell_label
 from bench.comm import load
-from bench.predict import Link, check, slowest_rank_wait_s
+from bench.predict import Link, check, inputs_from, slowest_rank_wait_s
 from bench.results import load_result
 from common import arguments, base_config, measure_links, out_folder, run_cell  # benchmarks/common.py
 
@@ -87,7 +88,7 @@ def measure(args: argparse.Namespace, out: str) -> tuple[Link, list[dict]]:
     base = base_config(args, str(Path(out, "runs")))
     tp = base.replace(model=args.tp_model)
     cells = ((base, "single", 1), (base, "fsdp", 1), (base, "independent", 2), (base, "ddp", 2), (base, "fsdp", 2),
-             (base, "pipeline", 2), (base.replace(grad_accum=2), "ddp", 2),
+             (base, "pipeline", 2), (base.replace(grad_accum=2), "single", 1), (base.replace(grad_accum=2), "ddp", 2),
              (tp, "single", 1), (tp, "tp", 1), (tp.replace(strategy="tp-rank", tp=2, batch_size=2 * args.batch_size),
                                                  "tp-rank", 1), (tp, "independent", 2), (tp, "tp", 2))
     return link, [run_cell(cfg, strategy, n, r, profile=strategy in ("ddp", "fsdp", "pipeline", "tp") and cfg.grad_accum == 1)
@@ -172,6 +173,10 @@ def main() -> None:
     print("tensor parallel's compute from: " + (", ".join(sorted({f"{c['model']} {c['strategy']} x{c['devices']}: "
                                                                f"{c['tp_compute']}" for c in rows if c.get("tp_compute")}))
                                                  or "no tensor-parallel cell"))
+    for inp in inputs_from(results):
+        for k, r in sorted((inp.accum or {}).items()):
+            print(f"--grad-accum {k}: a micro-step of {inp.model} takes {r:.3f} x its whole single step "
+                  f"(r_{k}: single --grad-accum {k}'s step over {k} x single's, medians over rounds)")
     flop = [c for c in check([r for r in results if r["config"]["strategy"] != "tp-rank"], link, None)
             if c.get("tp_compute") and any(x.get("tp_compute") == "tp-rank run" for x in rows)]
     for c in flop:  # the same runs, the tp-rank anchor left out

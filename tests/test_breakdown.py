@@ -278,6 +278,11 @@ def test_predict_accumulation_and_checkpointing_by_hand():
     assert predict(inp, "ddp", 4, 1, link, None, ac="selective")["step_ms"] == pytest.approx(1000 * (0.1 * 7 / 6 + ar))
     measured = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 1_000_000, 4, recompute={"full": 1.25})
     assert predict(measured, "ddp", 4, 1, link, None, ac="full")["step_ms"] == pytest.approx(1000 * (0.125 + ar))
+    # a single run with --grad-accum 3 measured a micro-step at 0.9 of a whole step: K micro-steps of 0.09 s
+    anchored = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 1_000_000, 4, accum={3: 0.9})
+    assert predict(anchored, "ddp", 4, 1, link, None, grad_accum=3)["step_ms"] == pytest.approx(1000 * (3 * 0.09 + ar))
+    assert predict(anchored, "ddp", 4, 1, link, None, grad_accum=2)["step_ms"] == pytest.approx(1000 * (2 * 0.1 + ar))
+    assert predict(anchored, "ddp", 4, 1, link, None)["step_ms"] == pytest.approx(1000 * (0.1 + ar))
     with pytest.raises(ValueError, match="micro-batches are its accumulation"):
         predict(inp, "pipeline", 2, 1, link, None, grad_accum=2)
 
@@ -330,6 +335,23 @@ def test_predict_inputs_group_runs_and_check_compares_only_what_it_models():
     want = predict(inp, "ddp", 2, 1, Link(1.0, 100.0, "t"), None)["samples_per_s"]
     assert ddp["predicted"] == pytest.approx(want) and ddp["error"] == pytest.approx(want / 520.0 - 1)
     assert ddp["overlap"] == pytest.approx(0.3) and ddp["contention"] == 1.0
+
+
+def test_predict_inputs_take_the_accumulation_anchor_from_single_runs_with_grad_accum():
+    """A single run with --grad-accum K is r_K's anchor (its step over K x single's), never a baseline;
+    ddp with --grad-accum 2 is then predicted from it: 2 micro-steps of 0.1 s x 0.9, one all-reduce."""
+    runs = [fixture_result(strategy="single", devices=1, thr=320.0, step_ms=100.0),
+            fixture_result(strategy="single", devices=1, thr=355.0, step_ms=180.0, repeat=1),
+            fixture_result(strategy="ddp", devices=2, thr=600.0, step_ms=200.0, repeat=2)]
+    runs[1]["config"]["grad_accum"] = 2
+    runs[2]["config"]["grad_accum"] = 2
+    (inp,) = inputs_from(runs)
+    assert inp.single_step_s == pytest.approx(0.1) and inp.single_throughput == 320.0  # the ga2 run left out
+    assert inp.accum == {2: pytest.approx(0.9)}  # 180 ms / 2 over 100 ms
+    link = Link(1.0, 100.0, "t")
+    ar = 2 * 1 * 100e-6 + 2 * 1 / 2 * 4 * inp.params / 1e9  # ring over 2: 2 hops, half the bytes twice
+    (row,) = check(runs, link, None)
+    assert row["grad_accum"] == 2 and row["predicted"] == pytest.approx(2 * 32 * 2 / (2 * 0.09 + ar))
 
 
 def test_predict_command_shows_where_contention_was_measured(tmp_path, capsys):
