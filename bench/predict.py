@@ -40,8 +40,9 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
 
     --grad-accum K      K micro-steps of t1' r_K each (r_K a single run with --grad-accum K: its step over K t1,
                         where one was measured, else 1), communication once (DDP, FSDP's reduce-scatter; FSDP2
-                        still all-gathers every micro-step): ddp t = K t1' + W + (1-o) k T_ar(S/k); fsdp
-                        t = K t1' + W + (1-o) L [2K T_ag(S_p/L) + T_rs(S/L)]; throughput = N b K / t
+                        still all-gathers every micro-step): ddp t = K r_K t1' + W + (1-o) k T_ar(S/k); fsdp
+                        t = K r_K t1' + W + (1-o) L [2K T_ag(S_p/L) + T_rs(S/L)]; throughput = N b K / t;
+                        efficiency against single without accumulation (so above 1 can be where r_K < 1)
     --ac full|selective t1 x r, r the measured single step with that --ac over t1 where a single run
                         has it, else one more forward: r = 4/3 (full; a forward is about a third of a
                         training step), 7/6 (selective, every other block)
@@ -254,19 +255,24 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"] // rank_of)
         g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}, "independent": {},
                                      "wait": {}, "ac": {}, "tp_rank": {}, "accum": {}})
+        k = int(c.get("grad_accum") or 1)
+        # every anchor but --ac's and --grad-accum's own is a run without either: a step of theirs holds
+        # the recomputation or the K micro-steps, which predict() applies once, from their own anchors
+        plain = (c.get("ac") or "none") == "none" and k == 1
         if c["strategy"] == "tp-rank":
-            if (c.get("ac") or "none") == "none" and int(c.get("grad_accum") or 1) == 1:
+            if plain:
                 g["tp_rank"].setdefault((rank_of, c.get("sequence_parallel", True) is not False), []).append(
                     r["throughput"]["step_time_ms_p50"] / 1000)
         elif c["strategy"] == "single" and (c.get("ac") or "none") != "none":
-            g["ac"].setdefault(c["ac"], []).append(r["throughput"]["step_time_ms_p50"] / 1000
-                                                               / max(int(c.get("grad_accum") or 1), 1))
+            if k == 1:  # --ac's anchor (with --grad-accum too it would hold r_K as well)
+                g["ac"].setdefault(c["ac"], []).append(r["throughput"]["step_time_ms_p50"] / 1000)
         elif c["strategy"] == "single":
-            k = int(c.get("grad_accum") or 1)
             if k == 1:  # the baseline: one micro-step per optimiser step
                 g["single"].append(r)
             else:  # the accumulation anchor: its step over k
                 g["accum"].setdefault(k, []).append(r["throughput"]["step_time_ms_p50"] / 1000 / k)
+        elif not plain:
+            pass  # contention, one-device steps, overlap and W are read from plain runs only
         elif c["strategy"] == "independent":
             per_node = c["devices"] // c.get("nodes", 1)
             g["independent"].setdefault(per_node, []).append(r["throughput"]["step_time_ms_p50"] / 1000)

@@ -105,8 +105,9 @@ def kept(folder: str) -> tuple[Link, list[dict]]:
 
 
 def round_errors(results: list[dict], link: Link) -> dict[tuple, list[float]]:
-    """Each round predicted from its own inputs alone against its own measurement: per cell, the errors
-    in run order. The inputs of one round ran minutes apart, those of the medians up to an hour."""
+    """Each round predicted from its own runs alone against its own measurement: per cell, the errors
+    in run order. The runs of one round ran minutes apart, those of the medians up to an hour; the
+    link (one bench comm before the rounds) is every round's."""
     errors: dict[tuple, list[float]] = {}
     for seed in sorted({r["config"]["seed"] for r in results}):
         for c in check([r for r in results if r["config"]["seed"] == seed], link, None):
@@ -117,6 +118,8 @@ def round_errors(results: list[dict], link: Link) -> dict[tuple, list[float]]:
 def verdict(errors: list[float], bar: float = BAR) -> str:
     """'within' where every round's error is within the bar, 'outside' where none is, else
     'inconclusive': this machine's rounds fall on both sides of it."""
+    if not errors:
+        raise ValueError("no round to give a verdict on")
     inside = [abs(e) <= bar for e in errors]
     return "within" if all(inside) else "outside" if not any(inside) else "inconclusive"
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bench.breakdown import PARTS, Collective, StepTrace, breakdown, busbw_factor, merge, parts, subtract, transfer_times
-from bench.predict import (Inputs, Link, check, expected_max, inputs_from, predict, slowest_rank_wait_s, t_all_reduce,
-                           t_gather)
+from bench.predict import (Inputs, Link, check, expected_max, inputs_from, predict, prediction_table, slowest_rank_wait_s,
+                           t_all_reduce, t_gather)
 from bench.results import load_result
 from conftest import bench
 from test_sweep_report import fixture_result
@@ -352,6 +352,38 @@ def test_predict_inputs_take_the_accumulation_anchor_from_single_runs_with_grad_
     ar = 2 * 1 * 100e-6 + 2 * 1 / 2 * 4 * inp.params / 1e9  # ring over 2: 2 hops, half the bytes twice
     (row,) = check(runs, link, None)
     assert row["grad_accum"] == 2 and row["predicted"] == pytest.approx(2 * 32 * 2 / (2 * 0.09 + ar))
+
+
+def test_accumulation_and_checkpointing_runs_feed_only_their_own_anchors():
+    """A run with --ac or --grad-accum feeds no other anchor: an fsdp x1 --grad-accum 2 step (two micro-
+    steps) is not fsdp's one-device step, an independent --grad-accum 2 pair is no contention, and a
+    single --ac full --grad-accum 2 run is not --ac's anchor (it would hold r_2 as well)."""
+    runs = [fixture_result(strategy="single", devices=1, thr=320.0, step_ms=100.0),
+            fixture_result(strategy="single", devices=1, thr=1.0, step_ms=250.0, repeat=1),
+            fixture_result(strategy="single", devices=1, thr=1.0, step_ms=130.0, repeat=2),
+            fixture_result(strategy="fsdp", devices=1, thr=1.0, step_ms=230.0, repeat=3),
+            fixture_result(strategy="independent", devices=2, thr=1.0, step_ms=210.0, repeat=4)]
+    runs[1]["config"].update(ac="full", grad_accum=2)
+    runs[2]["config"].update(ac="full")
+    runs[3]["config"]["grad_accum"] = 2
+    runs[4]["config"]["grad_accum"] = 2
+    (inp,) = inputs_from(runs)
+    assert inp.recompute == {"full": pytest.approx(1.3)}  # 130 ms over 100: the --grad-accum 2 run left out
+    assert inp.one_device == {} and inp.contention == {} and inp.accum == {}
+
+
+def test_prediction_table_says_where_accumulation_was_assumed():
+    inp = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 1_000_000, 4)
+    anchored = Inputs("cnn", "base", "fp32", 32, 0.1, 320.0, 1_000_000, 4, accum={2: 0.9})
+    link = Link(10.0, 5.0, "in")
+    notes = {}
+    for name, i in (("assumed", inp), ("measured", anchored)):
+        _, header, rows = prediction_table([i], ["ddp"], [2], 2, link, link, grad_accum=2)
+        notes[name] = rows[0][-1]
+    assert "--grad-accum 2: a micro-step assumed a whole single step" in notes["assumed"]
+    assert "--grad-accum" not in notes["measured"]
+    _, _, plain = prediction_table([inp], ["ddp"], [2], 2, link, link)
+    assert "--grad-accum" not in plain[0][-1]
 
 
 def test_predict_command_shows_where_contention_was_measured(tmp_path, capsys):
