@@ -241,6 +241,42 @@ def slowest_rank_wait_s(r: dict) -> float | None:
     return rank["parts_ms"]["wait"] * r["throughput"]["step_time_ms_p50"] / rank["step_ms"] / 1000
 
 
+def _sort_run(g: dict, r: dict, c: dict, rank_of: int) -> None:
+    """Put one ok result into its group's anchors (inputs_from): single, --ac's and --grad-accum's own,
+    tp-rank, contention, one-device steps, overlap and W."""
+    k = int(c.get("grad_accum") or 1)
+    # every anchor but --ac's and --grad-accum's own is a run without either: a step of theirs holds
+    # the recomputation or the K micro-steps, which predict() applies once, from their own anchors
+    plain = (c.get("ac") or "none") == "none" and k == 1
+    if c["strategy"] == "tp-rank":
+        if plain:
+            g["tp_rank"].setdefault((rank_of, c.get("sequence_parallel", True) is not False), []).append(
+                r["throughput"]["step_time_ms_p50"] / 1000)
+    elif c["strategy"] == "single" and (c.get("ac") or "none") != "none":
+        if k == 1:  # --ac's anchor (with --grad-accum too it would hold r_K as well)
+            g["ac"].setdefault(c["ac"], []).append(r["throughput"]["step_time_ms_p50"] / 1000)
+    elif c["strategy"] == "single":
+        if k == 1:  # the baseline: one micro-step per optimiser step
+            g["single"].append(r)
+        else:  # the accumulation anchor: its step over k
+            g["accum"].setdefault(k, []).append(r["throughput"]["step_time_ms_p50"] / 1000 / k)
+    elif not plain:
+        pass  # contention, one-device steps, overlap and W are read from plain runs only
+    elif c["strategy"] == "independent":
+        per_node = c["devices"] // c.get("nodes", 1)
+        g["independent"].setdefault(per_node, []).append(r["throughput"]["step_time_ms_p50"] / 1000)
+    elif c["devices"] == 1:
+        g["one"].setdefault(c["strategy"], []).append(r["throughput"]["step_time_ms_p50"] / 1000)
+    elif r.get("breakdown"):
+        b = r["breakdown"]
+        exposed = b["parts_ms"]["exposed_comm"] + b["overlapped_comm_ms"]
+        if exposed > 0:
+            g["overlap"].setdefault(c["strategy"], []).append(b["overlapped_comm_ms"] / exposed)
+        w = slowest_rank_wait_s(r)
+        if w is not None and c["strategy"] in ("ddp", "fsdp", "hsdp", "tp"):
+            g["wait"].setdefault(c["strategy"], {}).setdefault(c["devices"], []).append(w)
+
+
 def inputs_from(results: list[dict]) -> list[Inputs]:
     """One Inputs per (model, size, precision, batch) that has ok single runs, with overlaps and
     waits measured by profiled multi-device runs of the same."""
@@ -255,37 +291,7 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"] // rank_of)
         g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}, "independent": {},
                                      "wait": {}, "ac": {}, "tp_rank": {}, "accum": {}})
-        k = int(c.get("grad_accum") or 1)
-        # every anchor but --ac's and --grad-accum's own is a run without either: a step of theirs holds
-        # the recomputation or the K micro-steps, which predict() applies once, from their own anchors
-        plain = (c.get("ac") or "none") == "none" and k == 1
-        if c["strategy"] == "tp-rank":
-            if plain:
-                g["tp_rank"].setdefault((rank_of, c.get("sequence_parallel", True) is not False), []).append(
-                    r["throughput"]["step_time_ms_p50"] / 1000)
-        elif c["strategy"] == "single" and (c.get("ac") or "none") != "none":
-            if k == 1:  # --ac's anchor (with --grad-accum too it would hold r_K as well)
-                g["ac"].setdefault(c["ac"], []).append(r["throughput"]["step_time_ms_p50"] / 1000)
-        elif c["strategy"] == "single":
-            if k == 1:  # the baseline: one micro-step per optimiser step
-                g["single"].append(r)
-            else:  # the accumulation anchor: its step over k
-                g["accum"].setdefault(k, []).append(r["throughput"]["step_time_ms_p50"] / 1000 / k)
-        elif not plain:
-            pass  # contention, one-device steps, overlap and W are read from plain runs only
-        elif c["strategy"] == "independent":
-            per_node = c["devices"] // c.get("nodes", 1)
-            g["independent"].setdefault(per_node, []).append(r["throughput"]["step_time_ms_p50"] / 1000)
-        elif c["devices"] == 1:
-            g["one"].setdefault(c["strategy"], []).append(r["throughput"]["step_time_ms_p50"] / 1000)
-        elif r.get("breakdown"):
-            b = r["breakdown"]
-            exposed = b["parts_ms"]["exposed_comm"] + b["overlapped_comm_ms"]
-            if exposed > 0:
-                g["overlap"].setdefault(c["strategy"], []).append(b["overlapped_comm_ms"] / exposed)
-            w = slowest_rank_wait_s(r)
-            if w is not None and c["strategy"] in ("ddp", "fsdp", "hsdp", "tp"):
-                g["wait"].setdefault(c["strategy"], {}).setdefault(c["devices"], []).append(w)
+        _sort_run(g, r, c, rank_of)
         if c["strategy"] == "pipeline":
             g["micro"] = c.get("microbatches")
     out = []
@@ -330,7 +336,7 @@ RECOMPUTE = {"none": 1.0, "full": 4 / 3, "selective": 7 / 6}  # --ac's step over
 def accumulate_factor(inp: Inputs, k: int) -> tuple[float, bool]:
     """(r_K: one micro-step of --grad-accum K over a whole step t1, whether a single run measured it).
     Measured where a single run with --grad-accum K was: the optimiser step, zero_grad and the
-    harness's per-step work are paid once per K micro-steps, and on the 2-core CPU a micro-step ran 6 %
+    harness's per-step work are paid once per K micro-steps, and on the 2-core CPU a micro-step ran 4-6 %
     under a whole step's forward and backward besides (docs/measurements/); else 1."""
     measured = (inp.accum or {}).get(k)
     return (measured, True) if measured is not None and k > 1 else (1.0, k == 1)
