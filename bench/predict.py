@@ -336,7 +336,7 @@ RECOMPUTE = {"none": 1.0, "full": 4 / 3, "selective": 7 / 6}  # --ac's step over
 def accumulate_factor(inp: Inputs, k: int) -> tuple[float, bool]:
     """(r_K: one micro-step of --grad-accum K over a whole step t1, whether a single run measured it).
     Measured where a single run with --grad-accum K was: the optimiser step, zero_grad and the
-    harness's per-step work are paid once per K micro-steps, and on the 2-core CPU a micro-step ran 4-6 %
+    harness's per-step work are paid once per K micro-steps, and on the 2-core CPU a micro-step ran 4 %
     under a whole step's forward and backward besides (docs/measurements/); else 1."""
     measured = (inp.accum or {}).get(k)
     return (measured, True) if measured is not None and k > 1 else (1.0, k == 1)
