@@ -523,6 +523,7 @@ def _tp_ops_rank(rank: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     got = {kind: _tp_op(kind, 4096, torch.device("cpu"), 2)() for kind in ("tp_all_gather", "tp_reduce_scatter",
                                                                            "tp_all_reduce")}
+    dist.barrier()  # both ranks done with every collective before the group goes (else gloo aborts the peer)
     if rank == 0:
         Path(out).write_text(json.dumps({k: [list(v.shape), v.sum().item(), v.min().item()] for k, v in got.items()}))
     dist.destroy_process_group()
