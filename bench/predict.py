@@ -38,8 +38,9 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
               Python, the result's wrapping and the copy off dim 0 (Link.tensor_parallel)
     throughput = N b / t; efficiency = throughput / (N x single throughput)
 
-    --grad-accum K      K micro-steps of t1' r_K each (r_K a single run with --grad-accum K: its step over K t1,
-                        where one was measured, else 1), communication once (DDP, FSDP's reduce-scatter; FSDP2
+    --grad-accum K      K micro-steps of t1' r_K each (r_K an independent x n run with --grad-accum K: its step
+                        over K x independent x n's, where one was measured; else a single run's with it over
+                        K t1; else 1), communication once (DDP, FSDP's reduce-scatter; FSDP2
                         still all-gathers every micro-step): ddp t = K r_K t1' + W + (1-o) k T_ar(S/k); fsdp
                         t = K r_K t1' + W + (1-o) L [2K T_ag(S_p/L) + T_rs(S/L)]; throughput = N b K / t;
                         efficiency against single without accumulation (so above 1 can be where r_K < 1)
@@ -192,6 +193,9 @@ class Inputs:
     # --grad-accum K -> a single run's step with it over K t1 (r_K: one micro-step over a whole step),
     # where one was measured
     accum: dict | None = None
+    # (devices per node n, K) -> an independent x n run with --grad-accum K: its step over K x the
+    # independent x n step (r_K measured where n workers contend, as the predicted cell's do)
+    accum_at: dict | None = None
 
     def contention_at(self, per_node: int) -> float:
         """c_n: 1 at one device per node, and where no independent run at n was measured."""
@@ -260,6 +264,9 @@ def _sort_run(g: dict, r: dict, c: dict, rank_of: int) -> None:
             g["single"].append(r)
         else:  # the accumulation anchor: its step over k
             g["accum"].setdefault(k, []).append(r["throughput"]["step_time_ms_p50"] / 1000 / k)
+    elif c["strategy"] == "independent" and (c.get("ac") or "none") == "none" and k > 1:
+        per_node = c["devices"] // c.get("nodes", 1)  # the accumulation anchor where n workers contend
+        g["accum_at"].setdefault((per_node, k), []).append(r["throughput"]["step_time_ms_p50"] / 1000 / k)
     elif not plain:
         pass  # contention, one-device steps, overlap and W are read from plain runs only
     elif c["strategy"] == "independent":
@@ -290,7 +297,8 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
             continue  # no tp x T cell has a batch per device it could be the anchor of
         key = (c["model"], c.get("model_size", "base"), c["precision"], c["batch_size_per_device"] // rank_of)
         g = groups.setdefault(key, {"single": [], "overlap": {}, "micro": None, "one": {}, "independent": {},
-                                     "wait": {}, "ac": {}, "tp_rank": {}, "accum": {}})
+                                     "wait": {}, "ac": {}, "tp_rank": {}, "accum": {},
+                                     "accum_at": {}})
         _sort_run(g, r, c, rank_of)
         if c["strategy"] == "pipeline":
             g["micro"] = c.get("microbatches")
@@ -310,7 +318,9 @@ def inputs_from(results: list[dict]) -> list[Inputs]:
                           {mode: statistics.median(v) / t1 for mode, v in g["ac"].items()},
                           trust.joined(f for r in g["single"] for f in trust.result_flags(r)),
                           {k: statistics.median(v) for k, v in g["tp_rank"].items()},
-                          {k: statistics.median(v) / t1 for k, v in g["accum"].items()}))
+                          {k: statistics.median(v) / t1 for k, v in g["accum"].items()},
+                          {(n, k): statistics.median(v) / statistics.median(g["independent"][n])
+                           for (n, k), v in g["accum_at"].items() if n in g["independent"]}))
     return out
 
 
@@ -333,13 +343,20 @@ def _boundary_bytes(inp: Inputs, stages: int, micro_batch: int) -> float:
 RECOMPUTE = {"none": 1.0, "full": 4 / 3, "selective": 7 / 6}  # --ac's step over t1 where none was measured
 
 
-def accumulate_factor(inp: Inputs, k: int) -> tuple[float, bool]:
-    """(r_K: one micro-step of --grad-accum K over a whole step t1, whether a single run measured it).
-    Measured where a single run with --grad-accum K was: the optimiser step, zero_grad and the
-    harness's per-step work are paid once per K micro-steps, and on the 2-core CPU a micro-step ran 4 %
-    under a whole step's forward and backward besides (docs/measurements/); else 1."""
-    measured = (inp.accum or {}).get(k)
-    return (measured, True) if measured is not None and k > 1 else (1.0, k == 1)
+def accumulate_factor(inp: Inputs, k: int, per_node: int = 1) -> tuple[float, bool]:
+    """(r_K: one micro-step of --grad-accum K over a whole step, whether a run measured it). The
+    optimiser step, zero_grad and the harness's per-step work are paid once per K micro-steps, and
+    on the 2-core CPU a micro-step ran 4 % under a whole step's forward and backward besides
+    (docs/measurements/). At n > 1 devices per node, from an independent x n run with --grad-accum K
+    over independent x n, where one was measured: the saving where the workers contend, as they do in
+    the predicted cell (on 2 CPU workers it differed from one process's; docs/measurements/
+    ddp-accum-step_*); else from a single run with --grad-accum K over single; else 1."""
+    if k < 2:
+        return 1.0, True
+    for measured in ((inp.accum_at or {}).get((per_node, k)) if per_node > 1 else None, (inp.accum or {}).get(k)):
+        if measured is not None:
+            return measured, True
+    return 1.0, False
 
 
 def recompute_factor(inp: Inputs, ac: str) -> tuple[float, bool]:
@@ -449,7 +466,7 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
     t1, n, K = (inp.one_device or {}).get(own, inp.single_step_s), devices, grad_accum
     per_node = max(1, n // max(nodes, 1))
     contention = inp.contention_at(per_node)
-    t1 *= contention * recompute_factor(inp, ac)[0] * accumulate_factor(inp, K)[0]  # one micro-step
+    t1 *= contention * recompute_factor(inp, ac)[0] * accumulate_factor(inp, K, per_node)[0]  # one micro-step
     wait = inp.wait_at(strategy, n) if strategy in ("ddp", "fsdp", "hsdp", "tp") else 0.0
     if strategy == "single" or n == 1:
         step = K * t1
@@ -649,9 +666,9 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
                              note + (f"; single baseline flagged: {inp.flags}" if inp.flags else "")
                              + ("" if recompute_factor(inp, ac)[1] else
                                 f"; --ac {ac}: one more forward assumed (x{RECOMPUTE[ac]:.2f}), no single run measured it")
-                             + ("" if accumulate_factor(inp, grad_accum)[1] else
-                                f"; --grad-accum {grad_accum}: a micro-step assumed a whole single step, no single run "
-                                "with it measured it")])
+                             + ("" if accumulate_factor(inp, grad_accum, n // nodes)[1] else
+                                f"; --grad-accum {grad_accum}: a micro-step assumed a whole single step, no single or "
+                                "independent run with it measured it")])
     header = ["cell", "devices", "nodes", "step (ms)", "throughput (samples/s)", "efficiency", "overlap o",
               "contention c_n", "wait W (ms/step)", "note"]
     title = (f"predicted: intra-node {intra.source} ({intra.busbw_GBps:.1f} GB/s, {intra.alpha_us:.0f} us); "

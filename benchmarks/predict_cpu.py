@@ -8,8 +8,8 @@ Measures the links (bench comm, 2 workers), the single run (1 thread), fsdp at o
 own cost without communication; bench predict starts fsdp from it), 2 independent replicas side
 by side (the contention factor: what 2 workers lose to sharing 2 cores, no communication) and
 ddp, fsdp and pipeline at 2 workers (profiled after the timed window, for the overlap o and wait W)
-and, with --grad-accum 2, single (the accumulation anchor: a micro-step over a whole step, r_2) and
-ddp; for --tp-model (a model with attention: cnn has none) its single run,
+and, with --grad-accum 2, single (the accumulation anchor: a micro-step over a whole step, r_2), the
+independent pair (r_2 where 2 workers contend, which bench predict takes before single's) and ddp; for --tp-model (a model with attention: cnn has none) its single run,
 tp at one worker (DTensor's own cost without communication, as fsdp x1 is FSDP2's), tp-rank (one
 rank of tp x2's shapes alone at twice the batch: the compute bench predict gives a tp rank), its
 independent pair and tp x2 (profiled). Then it predicts each multi-worker cell from those inputs, the
@@ -88,7 +88,8 @@ def measure(args: argparse.Namespace, out: str) -> tuple[Link, list[dict]]:
     base = base_config(args, str(Path(out, "runs")))
     tp = base.replace(model=args.tp_model)
     cells = ((base, "single", 1), (base, "fsdp", 1), (base, "independent", 2), (base, "ddp", 2), (base, "fsdp", 2),
-             (base, "pipeline", 2), (base.replace(grad_accum=2), "single", 1), (base.replace(grad_accum=2), "ddp", 2),
+             (base, "pipeline", 2), (base.replace(grad_accum=2), "single", 1), (base.replace(grad_accum=2), "independent", 2),
+             (base.replace(grad_accum=2), "ddp", 2),
              (tp, "single", 1), (tp, "tp", 1), (tp.replace(strategy="tp-rank", tp=2, batch_size=2 * args.batch_size),
                                                  "tp-rank", 1), (tp, "independent", 2), (tp, "tp", 2))
     return link, [run_cell(cfg, strategy, n, r, profile=strategy in ("ddp", "fsdp", "pipeline", "tp") and cfg.grad_accum == 1)
@@ -180,6 +181,10 @@ def main() -> None:
         for k, r in sorted((inp.accum or {}).items()):
             print(f"--grad-accum {k}: a micro-step of {inp.model} takes {r:.3f} x its whole single step "
                   f"(r_{k}: single --grad-accum {k}'s step over {k} x single's, medians over rounds)")
+        for (n, k), r in sorted((inp.accum_at or {}).items()):
+            print(f"--grad-accum {k} at {n} workers: a micro-step of {inp.model} takes {r:.3f} x a whole independent "
+                  f"x{n} step (r_{k} where they contend: independent x{n} --grad-accum {k}'s step over {k} x "
+                  f"independent x{n}'s, medians over rounds; bench predict's r_{k} at {n} workers)")
     flop = [c for c in check([r for r in results if r["config"]["strategy"] != "tp-rank"], link, None)
             if c.get("tp_compute") and any(x.get("tp_compute") == "tp-rank run" for x in rows)]
     for c in flop:  # the same runs, the tp-rank anchor left out

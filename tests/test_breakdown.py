@@ -370,6 +370,29 @@ def test_accumulation_and_checkpointing_runs_feed_only_their_own_anchors():
     (inp,) = inputs_from(runs)
     assert inp.recompute == {"full": pytest.approx(1.3)}  # 130 ms over 100: the --grad-accum 2 run left out
     assert inp.one_device == {} and inp.contention == {} and inp.accum == {}
+    assert inp.accum_at == {}  # an independent --grad-accum 2 pair without its plain pair anchors nothing
+
+
+def test_accumulation_anchor_where_the_workers_contend_comes_from_independent_runs_with_grad_accum():
+    """An independent x2 --grad-accum 2 run over independent x2 is r_2 at 2 workers a node: ddp x2
+    --grad-accum 2 is then the independent pair's --grad-accum 2 step plus one all-reduce, whatever
+    single's r_2; at 4 a node, where no independent run was, single's r_2 still holds."""
+    runs = [fixture_result(strategy="single", devices=1, thr=320.0, step_ms=100.0),
+            fixture_result(strategy="single", devices=1, thr=1.0, step_ms=180.0, repeat=1),
+            fixture_result(strategy="independent", devices=2, thr=1.0, step_ms=110.0, repeat=2),
+            fixture_result(strategy="independent", devices=2, thr=1.0, step_ms=209.0, repeat=3)]
+    runs[1]["config"]["grad_accum"] = 2
+    runs[3]["config"]["grad_accum"] = 2
+    (inp,) = inputs_from(runs)
+    assert inp.contention == {2: pytest.approx(1.1)} and inp.accum == {2: pytest.approx(0.9)}
+    assert inp.accum_at == {(2, 2): pytest.approx(0.95)}  # 209 ms / 2 over 110 ms
+    link = Link(1.0, 100.0, "t")
+    ar = 2 * 1 * 100e-6 + 2 * 1 / 2 * 4 * inp.params / 1e9
+    assert predict(inp, "ddp", 2, 1, link, None, grad_accum=2)["step_ms"] == pytest.approx(1000 * (0.209 + ar))
+    ar4 = 2 * 3 * 100e-6 + 2 * 3 / 4 * 4 * inp.params / 1e9
+    assert predict(inp, "ddp", 4, 1, link, None, grad_accum=2)["step_ms"] == pytest.approx(1000 * (2 * 0.09 + ar4))
+    _, _, rows = prediction_table([inp], ["ddp"], [2], 2, link, link, grad_accum=2)
+    assert "--grad-accum" not in rows[0][-1]
 
 
 def test_prediction_table_says_where_accumulation_was_assumed():
