@@ -550,6 +550,9 @@ def _tp_ops_rank(rank: int, init: str, out: str) -> None:
     if rank == 0:
         Path(out).write_text(json.dumps({k: [list(v.shape), v.sum().item(), v.min().item()] for k, v in got.items()}))
     dist.destroy_process_group()
+    from bench.launch import worker_exit
+
+    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)
 
 
 def test_bench_comms_tensor_parallel_collectives_move_what_they_say(tmp_path):

@@ -129,3 +129,6 @@ def _control_rank(rank: int, init: str, out: str) -> None:
     if rank == 0:
         Path(out).write_text(json.dumps(got))
     dist.destroy_process_group()
+    from bench.launch import worker_exit
+
+    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)

@@ -72,6 +72,9 @@ def work(rank: int, model: str, port: int, sequence: bool) -> None:
                 print(f"{tag} {name} {diff / max(own, 1e-30):.3g}", flush=True)
     dist.barrier()  # both ranks done with every collective before the group goes
     dist.destroy_process_group()
+    from bench.launch import worker_exit
+
+    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)
 
 
 def _free_port() -> int:

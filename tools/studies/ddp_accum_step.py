@@ -78,6 +78,9 @@ def _rank(rank: int, init: str, out: str, k: int, rounds: int, model: str) -> No
         Path(out).write_text(json.dumps(every))
     dist.barrier()  # both ranks done with every collective before the group goes
     dist.destroy_process_group()
+    from bench.launch import worker_exit
+
+    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)
 
 
 def main() -> None:

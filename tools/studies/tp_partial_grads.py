@@ -70,6 +70,9 @@ def work(rank: int, port: int) -> None:
         print(f"largest parameter difference after 4 steps: {diff:.3g}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
+    from bench.launch import worker_exit
+
+    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,9 @@ def work(rank: int, port: int, mode: str, world: int, out: str) -> None:
         Path(out).write_text("\n".join(lines) + "\n")
     dist.barrier()  # both ranks done with every collective before the group goes (else gloo aborts the peer)
     dist.destroy_process_group()
+    from bench.launch import worker_exit
+
+    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)
 
 
 def main() -> None:
