@@ -1,0 +1,63 @@
+"""tensor parallel x2's step by part: bench predict's terms against the profiled tp x2 rounds of kept
+predict_cpu runs (reads results only; measures nothing).
+
+    python tools/studies/tp_parts_kept.py results/predict_cpu/DIR [DIR ...]
+
+For each kept run (benchmarks/predict_cpu.py --keep), the transformer's tp x2 cell: bench predict's
+compute term (tp x1's step x c_2 x s_2, s_2 the tp-rank run's step over single's) and its tensor-parallel
+collectives (C_tp and the partial gradients' all-reduce at the tp_ fits), beside each profiled round's
+compute + optimiser + idle and its exposed communication, scaled to the timed step (the profiler
+stretches every step). The profiler counts DTensor's own copies inside a collective as compute, which
+the tp_ fits count as communication: the split is not exact, the sums are.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+
+def main(folders: list[str]) -> None:
+    from predict_cpu import kept
+
+    from bench import predict as P
+
+    rounds = compute_above = comm_below = 0
+    for folder in folders:
+        link, results = kept(folder)
+        ok = [r for r in results if r.get("status") == "ok"]
+        inp = next((i for i in P.inputs_from(ok) if i.model == "transformer"), None)
+        if inp is None:
+            print(f"{folder}: no transformer cells")
+            continue
+        t1 = (inp.one_device or {}).get("tp", inp.single_step_s)
+        s = P.tp_compute_share(inp, 2, True)[0]
+        prof = P.tp_profile(inp.model, inp.model_size, 2)
+        tp_link = link.tensor_parallel(2)
+        act = 2 * inp.batch * prof.elems * (2 if inp.precision in ("bf16", "fp16") else 4)  # as bench predict
+        comm = prof.comm_s(act, 2, tp_link, True) + prof.step_s(2, tp_link, True, True)
+        compute = t1 * inp.contention_at(2) * s
+        shown = []
+        for r in ok:
+            c, b = r["config"], r.get("breakdown")
+            if c["strategy"] != "tp" or c["devices"] != 2 or not b:
+                continue
+            scale = r["throughput"]["step_time_ms_p50"] / b["step_ms"]
+            p = b["parts_ms"]
+            work, exposed = (p["compute"] + p["optimizer"] + p["idle"]) * scale, p["exposed_comm"] * scale
+            rounds += 1
+            compute_above += work > compute * 1e3
+            comm_below += exposed < comm * 1e3
+            shown.append(f"{work:.0f} / {exposed:.0f}")
+        print(f"{Path(folder).name}: predicted compute {compute * 1e3:.0f} ms, collectives {comm * 1e3:.0f} ms; "
+              f"profiled rounds (compute + optimiser + idle / exposed comm, timed ms): {', '.join(shown)}")
+    print(f"{rounds} rounds: the profiled compute side above the predicted compute in {compute_above}, "
+          f"the exposed communication below the predicted collectives in {comm_below}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python tools/studies/tp_parts_kept.py results/predict_cpu/DIR [DIR ...]")
+    main(sys.argv[1:])
