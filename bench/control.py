@@ -12,6 +12,7 @@ they are made on the run's device by bench/comm.py `_op`, which is what it measu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -75,3 +76,16 @@ def barrier(env: DistEnv) -> None:
     the group was bound to at init (distenv passes device_id)."""
     if env.distributed:
         dist.barrier()
+
+
+def leave_group(code: int = 0) -> NoReturn:
+    """Leave a rank of a gloo or NCCL group that is done with it: meet the peers at a barrier (a rank
+    that tears down gloo while its peer still uses the connection makes the peer abort), destroy the
+    process group, then bench.launch.worker_exit. For processes outside bench's own workers (tests,
+    studies)."""
+    from .launch import worker_exit
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    worker_exit(code)

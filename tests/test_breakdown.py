@@ -549,10 +549,9 @@ def _tp_ops_rank(rank: int, init: str, out: str) -> None:
     dist.barrier()  # both ranks done with every collective before the group goes (else gloo aborts the peer)
     if rank == 0:
         Path(out).write_text(json.dumps({k: [list(v.shape), v.sum().item(), v.min().item()] for k, v in got.items()}))
-    dist.destroy_process_group()
-    from bench.launch import worker_exit
+    from bench.control import leave_group
 
-    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)
+    leave_group()  # barrier, destroy_process_group, exit without interpreter finalisation
 
 
 def test_bench_comms_tensor_parallel_collectives_move_what_they_say(tmp_path):

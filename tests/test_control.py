@@ -128,7 +128,6 @@ def _control_rank(rank: int, init: str, out: str) -> None:
     control.barrier(env)
     if rank == 0:
         Path(out).write_text(json.dumps(got))
-    dist.destroy_process_group()
-    from bench.launch import worker_exit
+    from bench.control import leave_group
 
-    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)
+    leave_group()  # barrier, destroy_process_group, exit without interpreter finalisation

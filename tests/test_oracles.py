@@ -669,11 +669,9 @@ def _gather_rank(rank: int, init: str, times: list, losses: list, out: str) -> N
     if rank == 0:
         Path(out).write_text(json.dumps({"step_s": g.step_s, "window_s": g.window_s, "losses": g.losses,
                                          "own_p50_ms": [r["own_step_time_ms_p50"] for r in g.ranks]}))
-    dist.barrier()  # both ranks done with every collective before the group goes (else gloo aborts the peer)
-    dist.destroy_process_group()
-    from bench.launch import worker_exit
+    from bench.control import leave_group
 
-    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)
+    leave_group()  # barrier, destroy_process_group, exit without interpreter finalisation
 
 
 def test_the_slowest_rank_sets_each_steps_time(tmp_path):

@@ -70,11 +70,9 @@ def work(rank: int, model: str, port: int, sequence: bool) -> None:
             bad = diff > 1e-5 * scale if own < 1e-4 * scale else diff > 3e-5 * own
             if bad:
                 print(f"{tag} {name} {diff / max(own, 1e-30):.3g}", flush=True)
-    dist.barrier()  # both ranks done with every collective before the group goes
-    dist.destroy_process_group()
-    from bench.launch import worker_exit
+    from bench.control import leave_group
 
-    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)
+    leave_group()  # barrier, destroy_process_group, exit without interpreter finalisation
 
 
 def _free_port() -> int:

@@ -76,11 +76,9 @@ def _rank(rank: int, init: str, out: str, k: int, rounds: int, model: str) -> No
     dist.all_gather_object(every, got)
     if rank == 0:
         Path(out).write_text(json.dumps(every))
-    dist.barrier()  # both ranks done with every collective before the group goes
-    dist.destroy_process_group()
-    from bench.launch import worker_exit
+    from bench.control import leave_group
 
-    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)
+    leave_group()  # barrier, destroy_process_group, exit without interpreter finalisation
 
 
 def main() -> None:

@@ -68,11 +68,9 @@ def work(rank: int, port: int) -> None:
     if rank == 0:
         diff = max((params[False][k] - params[True][k]).abs().max().item() for k in params[False])
         print(f"largest parameter difference after 4 steps: {diff:.3g}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    from bench.launch import worker_exit
+    from bench.control import leave_group
 
-    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)
+    leave_group()  # barrier, destroy_process_group, exit without interpreter finalisation
 
 
 if __name__ == "__main__":

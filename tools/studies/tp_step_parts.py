@@ -115,11 +115,9 @@ def work(rank: int, port: int, mode: str, world: int, out: str) -> None:
             for k in sorted(spent, key=lambda k: -spent[k]):
                 lines.append(f"      {k:40} {count[k] / n:4.0f} a step, {spent[k] / count[k] * 1000:6.2f} ms each")
         Path(out).write_text("\n".join(lines) + "\n")
-    dist.barrier()  # both ranks done with every collective before the group goes (else gloo aborts the peer)
-    dist.destroy_process_group()
-    from bench.launch import worker_exit
+    from bench.control import leave_group
 
-    worker_exit(0)  # no interpreter finalisation: gloo's threads can abort it (bench.launch.worker_exit)
+    leave_group()  # barrier, destroy_process_group, exit without interpreter finalisation
 
 
 def main() -> None:
