@@ -32,13 +32,12 @@ def main(folders: list[str]) -> None:
         if inp is None:
             print(f"{folder}: no transformer cells")
             continue
-        t1 = (inp.one_device or {}).get("tp", inp.single_step_s)
-        s = P.tp_compute_share(inp, 2, True)[0]
-        prof = P.tp_profile(inp.model, inp.model_size, 2)
-        tp_link = link.tensor_parallel(2)
-        act = 2 * inp.batch * prof.elems * (2 if inp.precision in ("bf16", "fp16") else 4)  # as bench predict
-        comm = prof.comm_s(act, 2, tp_link, True) + prof.step_s(2, tp_link, True, True)
-        compute = t1 * inp.contention_at(2) * s
+        # bench predict's own terms: the collectives are a micro-step with no compute (C_tp) and the
+        # once-a-step partial gradients' all-reduce; the compute is the rest of the predicted step
+        # but W (--strategy tp's FSDP terms are nil at one shard)
+        got = P.predict(inp, "tp", 2, 1, link, None)
+        comm = P._tp_micro_step(inp, 0.0, 2, 2, link, None) + P._tp_step_s(inp, 2, 2, link, None, True, True)
+        compute = (got["step_ms"] - got["wait_ms"]) / 1e3 - comm
         shown = []
         for r in ok:
             c, b = r["config"], r.get("breakdown")
