@@ -4,14 +4,16 @@ transformer (64 x 72 x 128 fp32), timed three ways:
 
     python tools/studies/meeting_probe.py [--rounds 3]
 
-  tight            back to back, as bench comm measures (both ranks arrive together, caches warm);
+  tight            back to back, no barrier (both ranks arrive together, caches warm; bench comm
+                   times its loop the same way, but as a mean and, for its tp_ ops, through DTensor);
   compute+barrier  after identical compute on both ranks (three 512 x 512 matmuls and a pass over
-                   32 MB, about 5 ms, tensor parallel's segment between collectives), then a barrier,
-                   so the ranks arrive together with the caches cold;
+                   32 MB; its time is printed), then a barrier, so the ranks arrive together with
+                   the caches cold;
   compute          the same compute and no barrier: the collective also holds the ranks' arrival
                    skew, as in a tensor-parallel step.
 
-Median of 50 calls (10 left out first), the slower rank's. About 30 s a round.
+Median of 50 calls (10 left out first), the slower rank's; the compute's own median beside them.
+About 30 s a round.
 """
 from __future__ import annotations
 
@@ -41,23 +43,25 @@ def work(rank: int, port: int) -> None:
             a @ a
         big.mul_(1.0001)
 
-    medians = []
+    medians, spent = [], []
     for mode in ("tight", "compute+barrier", "compute"):
         took = []
         for _ in range(60):
             if mode != "tight":
+                begin = time.perf_counter()
                 compute()
-            if mode != "compute":
+                spent.append(time.perf_counter() - begin)
+            if mode == "compute+barrier":
                 dist.barrier()
             start = time.perf_counter()
             dist.all_reduce(x)
             took.append(time.perf_counter() - start)
         medians.append(statistics.median(took[10:]) * 1000)
-    mine = torch.tensor(medians)
+    mine = torch.tensor([*medians, statistics.median(spent) * 1000])
     dist.all_reduce(mine, op=dist.ReduceOp.MAX)
     if rank == 0:
-        print("  ".join(f"{mode} {ms:.2f} ms" for mode, ms in zip(("tight", "compute+barrier", "compute"), mine.tolist())),
-              flush=True)
+        print("  ".join(f"{mode} {ms:.2f} ms" for mode, ms in zip(("tight", "compute+barrier", "compute", "(the compute itself)"),
+                                                                  mine.tolist())), flush=True)
     from bench.control import leave_group
 
     leave_group()

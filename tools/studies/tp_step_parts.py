@@ -14,9 +14,11 @@ Each round trains 14 steps (the first 4 left out) of, in turn:
            copies at degree 2, every collective a no-op (shards cut from each rank's own weights,
            each reduce-scatter given its input's slice, so the values stay finite);
   fake x2  two of those side by side, never meeting; "meeting" is what they would have waited for
-           each other had they met where tp x2's ranks do (meeting_ms);
+           each other had they met where tp x2's ranks do, at each communicating redistribute
+           (meeting_ms). A run whose loss is not finite stops (other garbage is not looked for);
   tp x2    the real thing, batch 64 shared by 2 ranks.
-It prints the slowest rank's median forward + backward and optimiser step (ms), and for tp the time
+It prints the slowest rank's median forward + backward and optimiser step (ms; for the fake pair, each
+column the larger of the two processes', so "outside" need not be one rank's), and for tp the time
 spent inside DTensor's redistribute_local_tensor (every tensor-parallel collective goes through it;
 each call is waited for there, so the collective is timed whole) and the rest, "outside". Each tp x2
 collective kind is listed with its calls a step and ms each: set them beside `bench comm`'s raw and
@@ -44,10 +46,20 @@ def _timed_redistribute(spent: dict, count: collections.Counter, fake: bool = Fa
     """Wrap DTensor's redistribute_local_tensor where torch looks it up (its module and the two that
     import it by name), each call waited for and timed per (placements, local shape). fake: on torch's
     fake process group a reduce-scatter leaves its output as allocated (garbage, NaN within a step);
-    give it this rank's slice of its input instead, as if every rank held the same partial sum, so
-    the run computes on finite values (the copy falls inside the timed redistribute, not outside).
-    marks: each call's start time is appended to it (where tp x2's ranks would meet)."""
-    from torch.distributed.tensor import Partial, Shard
+    give it this rank's slice of its own partial input instead, as though that were already the sum
+    (as the fake all-reduce leaves each rank's own), so the run computes on finite values (the copy
+    falls inside the timed redistribute, not outside). marks: the start time of each call that
+    communicates is appended to it (where tp x2's ranks meet; the local ones, R -> S, R -> P and a
+    shard kept on its dim, are left out)."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    def communicates(current, target) -> bool:
+        for was, now in zip(current.placements, target.placements):
+            if isinstance(was, Partial) and not isinstance(now, Partial):
+                return True  # all-reduce or reduce-scatter
+            if isinstance(was, Shard) and (isinstance(now, Replicate) or (isinstance(now, Shard) and now.dim != was.dim)):
+                return True  # all-gather or all-to-all
+        return False
 
     import torch.distributed.tensor._api as api
     import torch.distributed.tensor._dispatch as dispatch
@@ -58,7 +70,7 @@ def _timed_redistribute(spent: dict, count: collections.Counter, fake: bool = Fa
 
     def timed(local, current, target, *args, **kwargs):
         start = time.perf_counter()
-        if marks is not None:
+        if marks is not None and communicates(current, target):
             marks.append(start)
         out = original(local, current, target, *args, **kwargs)
         if isinstance(out, AsyncCollectiveTensor):
@@ -164,7 +176,7 @@ def work(rank: int, port: int, mode: str, world: int, out: str) -> None:
 
 def meeting_ms(a: list[list[float]], b: list[list[float]]) -> float:
     """What two fake-group ranks, side by side but never meeting, would have waited for each other had
-    they met where tp x2's ranks do (each redistribute's start): per step, the sum over its segments of
+    they met where tp x2's ranks do (each communicating redistribute's start): per step, the sum over its segments of
     the longer of the two ranks' segment less each rank's own whole, averaged over the two ranks; the
     median over steps (ms). The arrival skew a real pair pays on top of the collectives' own time."""
     per_step = []
