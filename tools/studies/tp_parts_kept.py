@@ -9,6 +9,7 @@ collectives (C_tp and the partial gradients' all-reduce at the tp_ fits), beside
 compute + optimiser + idle and its exposed communication, scaled to the timed step (the profiler
 stretches every step). The profiler counts DTensor's own copies inside a collective as compute, which
 the tp_ fits count as communication: the split is not exact, the sums are.
+Without the profiler the split can differ: the collectives short, not long (docs/measurements/tp-step-gap_*).
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ def main(folders: list[str]) -> None:
               f"profiled rounds (compute + optimiser + idle / exposed comm, timed ms): {', '.join(shown)}")
     print(f"{rounds} rounds: the profiled compute side above the predicted compute in {compute_above}, "
           f"the exposed communication below the predicted collectives in {comm_below}")
+    print("the split is the profiler's: unprofiled, tools/studies/tp_step_parts.py found the compute term only 4 to 33 "
+          "ms short on 2026-12-06 and the collectives 29 to 63 ms short, not long (docs/measurements/tp-step-gap_*): "
+          "read the sums, not the split")
 
 
 if __name__ == "__main__":
