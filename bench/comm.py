@@ -20,13 +20,29 @@ raw call leaves out and every tensor-parallel collective pays, DTensor's own Pyt
 of the result and the copy that rearranges a gather or scatter off dim 0 (funcol's chunk and cat).
 bench predict reads them for tensor parallel's collectives where they were measured
 (Link.tensor_parallel). A tp_ size under 2 rows is skipped, and every point records the bytes its
-buffer holds. Rank 0 writes one JSON file (`<run_id>.comm.json`) and a plot beside it.
+buffer holds.
+
+Each tp_ collective is also timed where a tensor-parallel step meets it (`meet`): after a compute
+segment of about --meet-compute-ms (matmuls and a pass over memory, the same on every rank, no
+barrier between), on a buffer of --meet-bytes (at most --max-bytes), each call timed. Its meeting
+cost is what a call costs there beyond back to back: the mean call after compute, averaged over the
+ranks (`_after_compute` says why that is what a step pays), less the mean call back to back, timed
+the same way just before. On 2 gloo CPU workers (AMD EPYC) a 2 MiB call costs 0.5 to 2.0 ms more
+after 3 ms of compute and 1.0 to 1.9 ms more after 10 ms
+(docs/measurements/tp-meeting-cost_2xcpu-epyc_20261206.md): the ranks' arrival skew and whatever a
+cold collective pays. The default segment, 5 ms, is about tensor parallel x2's in the base
+transformer (its compute over its 42 collectives a step: 6 ms). bench predict adds the cost to
+every tensor-parallel collective (Link.tensor_parallel).
+
+Rank 0 writes one JSON file (`<run_id>.comm.json`) and a plot beside it.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +68,9 @@ class CommConfig:
     max_bytes: int = 256 * 2**20
     warmup: int = 2  # untimed iterations per size
     target_s: float = 0.2  # timed iterations per size: as many as fit in this, at least 3
+    meet_bytes: int = 2 * 2**20  # the tp_ collectives' buffer where they are timed after compute
+    meet_compute_ms: float = 5.0  # the compute segment before each of those calls (0: not measured)
+    meet_iters: int = 60  # calls timed after compute
     out: str = "results/comm"
     run_id: str = ""
     extra: dict = field(default_factory=dict)  # what the launcher knew: devices, nodes, device type
@@ -164,6 +183,78 @@ def _time(fn, env, warmup: int, target_s: float) -> float:
     return control.max_over_ranks([(time.perf_counter() - t) / iters], env)[0]  # the slowest rank's time
 
 
+def _compute_unit(device: torch.device):
+    """A piece of training-like work: a 256 x 256 matmul and a pass over 4 MB (the caches left cold)."""
+    a, big = torch.randn(256, 256, device=device), torch.randn(2**20, device=device)
+
+    def unit() -> None:
+        a @ a
+        big.mul_(1.0000001)
+
+    return unit
+
+
+def _after_compute(fn, env, compute_ms: float, iters: int) -> dict:
+    """One collective timed where a step meets it: a compute segment of about compute_ms (the same count
+    of units on every rank), then the call, looped with no barrier between (each rank arrives with its
+    own skew), each call timed on its own; and the same calls back to back (tight) just before. A
+    step's period is one rank's compute plus its call, the same on both ranks, so the call averaged
+    over the ranks is what a step pays beyond its compute: the early rank's holds its wait for the
+    late one, the late one's none. Per rank the mean over iters and the median (which one descheduled
+    call does not move), each averaged over the ranks, in microseconds; the compute's own median."""
+    def sync():
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+
+    unit = _compute_unit(env.device)
+    for _ in range(3):
+        unit()
+    sync()
+    t = time.perf_counter()
+    for _ in range(5):
+        unit()
+    sync()
+    per = (time.perf_counter() - t) / 5
+    reps = int(control.max_over_ranks([float(min(10_000, math.ceil(compute_ms / 1000 / max(per, 1e-7))))], env)[0])
+
+    def timed(compute: bool) -> tuple[list[float], list[float]]:
+        calls, spent = [], []
+        control.barrier(env)
+        for i in range(iters + 3):  # the first 3 left out: warm-up
+            t = time.perf_counter()
+            for _ in range(reps if compute else 0):
+                unit()
+            sync()
+            t1 = time.perf_counter()
+            fn()
+            sync()
+            if i >= 3:
+                spent.append(t1 - t)
+                calls.append(time.perf_counter() - t1)
+        return calls, spent
+
+    tight, _ = timed(False)
+    calls, spent = timed(True)
+    figures = control.mean_over_ranks([statistics.median(calls), statistics.fmean(calls), statistics.median(tight),
+                                       statistics.fmean(tight), statistics.median(spent)], env)
+    return {k: v * 1e6 for k, v in zip(("call_median_us", "call_mean_us", "tight_median_us", "tight_mean_us",
+                                        "compute_us"), figures)} | {"iters": iters}
+
+
+def meeting(raw: dict, fits: dict, world: int) -> dict:
+    """Each tp_ collective's meeting cost (µs a call): its mean call after compute less its mean call back
+    to back, the two timed the same way seconds apart (against the fit instead, the fit's own run-to-run
+    noise of up to 1 ms at 2 MiB would be in it); signed (noise can make it negative), beside what it
+    came from and the fit's time at that buffer."""
+    out = {}
+    for kind, m in raw.items():
+        f = fits[kind]
+        fit_us = f["alpha_us"] + (m["bytes"] * busbw_factor(TP_OPS[kind], world) / (f["busbw_GBps"] * 1e3)
+                                  if f["busbw_GBps"] else 0.0)
+        out[kind] = {**m, "fit_us": fit_us, "meet_us": m["call_mean_us"] - m["tight_mean_us"]}
+    return out
+
+
 def fit(points: list[dict]) -> dict:
     """t = alpha + S_bus / B over a collective's sizes, least squares on relative error (weights
     1/t^2), so small messages set the latency and large ones the bandwidth: alpha (µs) and B, the
@@ -179,8 +270,11 @@ def fit(points: list[dict]) -> dict:
     return {"alpha_us": max(my - slope * mx, 0.0), "busbw_GBps": 1e-3 / slope if slope > 0 else None}
 
 
-def measure(cfg: CommConfig, env) -> dict:
+def measure(cfg: CommConfig, env) -> tuple[dict, dict]:
+    """Every op's points; and each tp_ op timed after compute (`_after_compute`, at cfg.meet_bytes),
+    right after its sizes."""
     results: dict[str, list[dict]] = {}
+    after: dict[str, dict] = {}
     world = env.world_size
     for kind in cfg.ops:
         rows = []
@@ -194,7 +288,13 @@ def measure(cfg: CommConfig, env) -> dict:
             rows.append({"bytes": nbytes, "time_us": seconds * 1e6, "algbw_GBps": algbw, "busbw_GBps": algbw * factor,
                          "bus_bytes": nbytes * factor})
         results[kind] = rows
-    return results
+        at = min(cfg.meet_bytes, cfg.max_bytes)  # within the sizes measured: the fit is not carried past them
+        nbytes = moved_bytes(kind, at, world)
+        if kind in TP_OPS and cfg.meet_compute_ms > 0 and nbytes:
+            after[kind] = {"bytes": nbytes, "compute_ms_asked": cfg.meet_compute_ms,
+                           **_after_compute(_op(kind, at, env.device, env.rank, world), env,
+                                            cfg.meet_compute_ms, cfg.meet_iters)}
+    return results, after
 
 
 def worker_main(cfg: CommConfig) -> int:
@@ -207,13 +307,15 @@ def worker_main(cfg: CommConfig) -> int:
     run_cfg = RunConfig(devices=int(os.environ["WORLD_SIZE"]), timeout_s=float(cfg.extra.get("timeout_s", 300)))
     set_threads(run_cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     env = init_env(run_cfg, device_type)
-    points = measure(cfg, env)
+    points, after = measure(cfg, env)
     if env.is_main:
+        fits = {k: fit(v) for k, v in points.items()}
         result = {"schema": COMM_SCHEMA, "kind": "comm", "run_id": cfg.run_id, "status": "ok",
                   "config": {"devices": env.world_size, "backend": env.backend, "device_type": device_type,
                              "nodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")), "ops": list(cfg.ops),
                              "min_bytes": cfg.min_bytes, "max_bytes": cfg.max_bytes},
-                  "env": fingerprint(), "ops": points, "fit": {k: fit(v) for k, v in points.items()}}
+                  "env": fingerprint(), "ops": points, "fit": fits,
+                  "meet": meeting({k: v for k, v in after.items() if points[k]}, fits, env.world_size)}
         path = Path(cfg.out) / f"{cfg.run_id}.comm.json"
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
         plot(result, path.with_name(f"{cfg.run_id}.comm.png"))
@@ -273,4 +375,9 @@ def fit_lines(result: dict) -> list[str]:
     for kind, f in result["fit"].items():
         bw = f"{f['busbw_GBps']:.2f} GB/s" if f["busbw_GBps"] else "n/a"
         lines.append(f"fit {kind}: latency alpha {f['alpha_us']:.1f} us, bus bandwidth {bw}")
+    for kind, m in result.get("meet", {}).items():
+        lines.append(f"{kind} after {m['compute_us'] / 1000:.1f} ms of compute ({m['bytes']:,} bytes): "
+                     f"{m['call_mean_us']:.0f} us a call, back to back {m['tight_mean_us']:.0f} (medians {m['call_median_us']:.0f}, "
+                     f"{m['tight_median_us']:.0f}; the fit {m['fit_us']:.0f}): meeting cost "
+                     f"{m['meet_us']:+.0f} us a call (bench predict adds it to tensor parallel's collectives)")
     return lines

@@ -97,9 +97,14 @@ class Link:
     # preset has none, and every collective reads the two above
     ops: tuple = ()
     devices: int = 0  # the ranks bench comm measured over (0: a preset)
+    # bench comm's meeting cost of tensor parallel's collectives, ((op, µs a call), ...): what a call
+    # costs after compute beyond its fit (bench/comm.py meeting); met: tensor_parallel added it
+    meet: tuple = ()
+    met: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "ops", tuple(tuple(o) for o in self.ops))  # read back from JSON as lists
+        for name in ("ops", "meet"):  # read back from JSON as lists
+            object.__setattr__(self, name, tuple(tuple(o) for o in getattr(self, name)))
 
     def op(self, kind: str) -> Link:
         """The link as one collective (all_reduce, all_gather, reduce_scatter) sees it: that op's own
@@ -116,13 +121,17 @@ class Link:
         Python, the wrapping and the copy off dim 0 on top of the raw call) over that many ranks, those
         fits stand for all_gather, reduce_scatter and all_reduce; else this link as it is. Only at the
         degree measured: DTensor's cost is per call, not per hop, and the alpha-beta form carries it to
-        another rank count by hops, which would shrink it from 8 ranks to 2 by 7 times."""
+        another rank count by hops, which would shrink it from 8 ranks to 2 by 7 times. Where bench comm
+        also timed them after compute, each call's meeting cost is added to its latency (met): a
+        tensor-parallel step meets every one of its collectives after compute, tens a step."""
         tp = {name[3:]: (name, bw, alpha) for name, bw, alpha in self.ops if name.startswith("tp_")}
         if not tp or degree != self.devices:
             return self
+        meet = {name[3:]: us for name, us in self.meet}
         ops = tuple((name, bw, alpha) for name, bw, alpha in self.ops if name not in tp and not name.startswith("tp_"))
         return Link(self.busbw_GBps, self.alpha_us, self.source,
-                    ops + tuple((plain, bw, alpha) for plain, (_, bw, alpha) in tp.items()), self.devices)
+                    ops + tuple((plain, bw, alpha + meet.get(plain, 0.0) / _hops(plain, degree))
+                                for plain, (_, bw, alpha) in tp.items()), self.devices, met=bool(meet))
 
     @classmethod
     def named(cls, name: str) -> Link:
@@ -138,8 +147,7 @@ class Link:
         n = comm["config"]["devices"]
 
         def figures(op: str, f: dict) -> tuple[float, float]:
-            hops = 2 * (n - 1) if op in ("all_reduce", "tp_all_reduce") else max(n - 1, 1)
-            return f["busbw_GBps"] or float("inf"), f["alpha_us"] / hops
+            return f["busbw_GBps"] or float("inf"), f["alpha_us"] / _hops(op.removeprefix("tp_"), n)
 
         # the link's own figures: kind's fit, else the first raw one (a tp_ fit holds DTensor's cost too)
         used = kind if kind in comm["fit"] else next((op for op in comm["fit"] if not op.startswith("tp_")),
@@ -148,8 +156,15 @@ class Link:
         ops = tuple((op, *figures(op, fit)) for op, fit in comm["fit"].items()
                     if op in ("all_reduce", "all_gather", "reduce_scatter", "tp_all_reduce", "tp_all_gather",
                               "tp_reduce_scatter"))
+        # a negative meeting cost is noise around none: read as 0
+        meet = tuple((op, max(m["meet_us"], 0.0)) for op, m in (comm.get("meet") or {}).items() if op in comm["fit"])
         return cls(*figures(kind, comm["fit"][used]), f"bench comm {comm['run_id']}: {n} x {c['device_type']} "
-                   f"({c['backend']}), {used} fit", ops, n)
+                   f"({c['backend']}), {used} fit", ops, n, meet)
+
+
+def _hops(op: str, n: int) -> int:
+    """Hops of a ring collective over n ranks: 2(n - 1) for an all-reduce, n - 1 for the others."""
+    return 2 * (n - 1) if op == "all_reduce" else max(n - 1, 1)
 
 
 def t_all_reduce(nbytes: float, n: int, link: Link) -> float:
@@ -468,6 +483,8 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
     contention = inp.contention_at(per_node)
     t1 *= contention * recompute_factor(inp, ac)[0] * accumulate_factor(inp, K, per_node)[0]  # one micro-step
     wait = inp.wait_at(strategy, n) if strategy in ("ddp", "fsdp", "hsdp", "tp") else 0.0
+    if strategy == "tp" and _tp_link(n, per_node, intra, inter).met:
+        wait = 0.0  # the collectives' meeting cost holds the ranks' skew at each of them: W would count it twice
     if strategy == "single" or n == 1:
         step = K * t1
     elif strategy == "ddp":
@@ -507,7 +524,7 @@ def _tp_micro_step(inp: Inputs, t1: float, degree: int, per_node: int, intra: Li
         return t1
     prof = tp_profile(inp.model, inp.model_size, degree)
     act = degree * inp.batch * prof.elems * (2 if inp.precision in ("bf16", "fp16") else 4)
-    tp_link = (intra if degree <= per_node or inter is None else inter).tensor_parallel(degree)
+    tp_link = _tp_link(degree, per_node, intra, inter)
     return t1 * tp_compute_share(inp, degree, sequence_parallel)[0] + prof.comm_s(act, degree, tp_link,
                                                                                    sequence_parallel)
 
@@ -528,8 +545,14 @@ def _tp_step_s(inp: Inputs, degree: int, per_node: int, intra: Link, inter: Link
     """Tensor parallel's once-per-optimiser-step collectives (TpProfile.step_s); 0 at degree 1."""
     if degree < 2:
         return 0.0
-    tp_link = (intra if degree <= per_node or inter is None else inter).tensor_parallel(degree)
+    tp_link = _tp_link(degree, per_node, intra, inter)
     return tp_profile(inp.model, inp.model_size, degree).step_s(degree, tp_link, sequence_parallel, flat)
+
+
+def _tp_link(degree: int, per_node: int, intra: Link, inter: Link | None) -> Link:
+    """The link tensor parallel's collectives over `degree` ranks go through (Link.tensor_parallel):
+    inside the node where the group fits in one."""
+    return (intra if degree <= per_node or inter is None else inter).tensor_parallel(degree)
 
 
 def _sharded_comm(inp: Inputs, n: int, nodes: int, degree: int, replicate: int, K: int, intra: Link,

@@ -17,11 +17,13 @@ model's sizes and the measured links, and prints predicted against measured thro
 error. The bar: each within 15 %, the error a user choosing a machine by the prediction can live
 with. Each row also shows the prediction without the independent runs (c = 1) and without the
 slowest rank's wait W, from the same measurements; a line gives tp's prediction by the FLOP share
-with the tp-rank runs left out, and another the prediction with bench comm's raw fits for tp's
-collectives in place of its tp_ ones (the collectives as DTensor issues them). The main table
-predicts from the medians over rounds. Below it each round is also predicted from its own inputs
-alone, and each cell gets a verdict: within the bar in every round, outside it in every round, or
-inconclusive, where this machine's rounds fall on both sides of it.
+with the tp-rank runs left out, another the prediction with bench comm's raw fits for tp's
+collectives in place of its tp_ ones (the collectives as DTensor issues them), and a third the
+prediction without bench comm's meeting cost of tp's collectives (what a call costs after compute
+beyond back to back; where it has one, bench predict leaves W out of tp, the skew being in it). The
+main table predicts from the medians over rounds. Below it each round is also predicted from its
+own inputs alone, and each cell gets a verdict: within the bar in every round, outside it in every
+round, or inconclusive, where this machine's rounds fall on both sides of it.
 
 --no-contention leaves the independent runs out of the run altogether; --from DIR measures nothing
 and reports on what an earlier --keep DIR kept (the runs docs/measurements/ quotes are under
@@ -160,7 +162,9 @@ def main() -> None:
     else:
         with out_folder(args) as out:
             link, results = measure(args, out)
-    print(f"link: {link.source}: alpha {link.alpha_us:.0f} us per hop, bus bandwidth {link.busbw_GBps:.2f} GB/s")
+    print(f"link: {link.source}: alpha {link.alpha_us:.0f} us per hop, bus bandwidth {link.busbw_GBps:.2f} GB/s"
+          + ("; meeting cost a tensor-parallel call (bench comm, after compute): "
+             + ", ".join(f"{op} {us / 1000:.2f} ms" for op, us in link.meet) if link.meet else ""))
     rows = check(results, link, None)
     plain = {_key(c): c for c in check([r for r in results if r["config"]["strategy"] != "independent"], link, None)}
     print(f"{'cell':24} {'measured':>9} {'predicted':>9} {'error':>7} {'overlap':>7} {'contention':>10} "
@@ -195,6 +199,11 @@ def main() -> None:
         for c in check(results, raw, None):
             if c.get("tp_compute"):
                 print(f"with bench comm's raw fits for tp's collectives instead of its tp_ ones: {c['model']} "
+                      f"{c['strategy']} x{c['devices']} predicted {c['predicted']:.1f} samples/s, error {c['error'] * 100:+.1f}%")
+    if link.meet:  # the same runs without bench comm's meeting cost: the tp_ fits as measured back to back, and W
+        for c in check(results, dataclasses.replace(link, meet=()), None):
+            if c.get("tp_compute") and c["strategy"] == "tp":
+                print(f"without the meeting cost (tp's collectives at the tp_ fits, W in its place): {c['model']} "
                       f"{c['strategy']} x{c['devices']} predicted {c['predicted']:.1f} samples/s, error {c['error'] * 100:+.1f}%")
     print("inputs (step time p50, ms; medians over rounds): "
           + by_cell(results, lambda r: r["throughput"]["step_time_ms_p50"]))

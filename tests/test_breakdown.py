@@ -525,6 +525,20 @@ def test_comm_benchmark_bandwidth_rises_with_size(tmp_path):
     assert rows[0]["busbw_GBps"] == pytest.approx(rows[0]["algbw_GBps"] * 2 * 1 / 2)
     assert result["fit"]["all_reduce"]["alpha_us"] > 0 and (tmp_path / (result["run_id"] + ".comm.png")).exists()
     assert "tp_all_reduce" in result["fit"] and len(result["ops"]["tp_all_reduce"]) == len(rows)  # every size measured
+    # the tp_ op also timed after compute, at the meet buffer capped by --max-bytes (1M); the raw ops not
+    from bench.comm import moved_bytes
+
+    (kind,) = result["meet"]
+    m = result["meet"][kind]
+    assert kind == "tp_all_reduce" and m["bytes"] == moved_bytes("tp_all_reduce", 2**20, 2) and m["iters"] == 60
+    assert m["compute_us"] > 0 and m["meet_us"] == pytest.approx(m["call_mean_us"] - m["tight_mean_us"])
+    assert "meeting cost" in proc.stdout + proc.stderr
+
+
+def test_bench_comm_refuses_a_negative_compute_segment_in_one_line(tmp_path):
+    proc = bench("comm", "--gpus", "2", "--device", "cpu", "--meet-compute-ms", "-1", "--out", tmp_path)
+    assert proc.returncode == 2 and "--meet-compute-ms -1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing launched, nothing written
 
 
 def test_bench_comm_records_the_bytes_its_buffers_hold():
@@ -659,6 +673,48 @@ def test_tensor_parallel_reads_the_collectives_as_dtensor_issues_them_where_benc
     assert (predict(inp, "fsdp", 4, 1, link, None, tp=2)["step_ms"] - predict(inp, "fsdp", 4, 1, raw, None, tp=2)["step_ms"]
             == pytest.approx(1000 * (tp_terms(by_hand) - tp_terms(raw))))
     assert tp_terms(by_hand) > tp_terms(raw)
+
+
+def test_each_tensor_parallel_call_pays_bench_comms_meeting_cost_and_w_is_then_left_out():
+    """bench comm's meeting cost (a tp_ call after compute beyond back to back) is added to every
+    tensor-parallel collective, once a call whatever its size; a negative one reads as none; ddp's
+    collectives keep the raw fits; and tp's profiled W (the ranks' skew, which the meeting cost
+    holds) is left out where the link has it. The oracle: the calls counted from the profile's rows,
+    columns and gathers (counted against torch's layers above), times the meeting costs by hand."""
+    from bench.comm import meeting
+    from bench.predict import tp_profile
+
+    fits = {"all_reduce": {"busbw_GBps": 2.0, "alpha_us": 400.0}, "tp_all_reduce": {"busbw_GBps": 1.0, "alpha_us": 800.0},
+            "tp_all_gather": {"busbw_GBps": 0.5, "alpha_us": 300.0},
+            "tp_reduce_scatter": {"busbw_GBps": 0.25, "alpha_us": 500.0}}
+    raw = {"tp_all_reduce": {"bytes": 2**20, "call_mean_us": 5000.0, "tight_mean_us": 3000.0},
+           "tp_all_gather": {"bytes": 2**20, "call_mean_us": 4000.0, "tight_mean_us": 3000.0},
+           "tp_reduce_scatter": {"bytes": 2**20, "call_mean_us": 2900.0, "tight_mean_us": 3000.0}}
+    meet = meeting(raw, fits, 2)
+    assert meet["tp_all_gather"]["fit_us"] == pytest.approx(300.0 + 2**20 / 2 / 0.5e3)  # alpha + S (n-1)/n / B
+    assert [meet[k]["meet_us"] for k in raw] == pytest.approx([2000.0, 1000.0, -100.0])
+    comm = {"run_id": "c3", "config": {"devices": 2, "device_type": "cpu", "backend": "gloo"}, "fit": fits, "meet": meet}
+    link, plain = Link.measured(comm), Link.measured({**comm, "meet": {}})
+    assert dict(link.meet) == {"tp_all_reduce": 2000.0, "tp_all_gather": 1000.0, "tp_reduce_scatter": 0.0}
+    tp, tp_plain = link.tensor_parallel(2), plain.tensor_parallel(2)
+    assert tp.met and not tp_plain.met and not link.met
+    assert t_all_reduce(1e6, 2, tp) == pytest.approx(t_all_reduce(1e6, 2, tp_plain) + 2000e-6)
+    assert t_all_reduce(1e3, 2, tp) == pytest.approx(t_all_reduce(1e3, 2, tp_plain) + 2000e-6)  # a call, any size
+    assert t_gather(1e6, 2, tp) == pytest.approx(t_gather(1e6, 2, tp_plain) + 1000e-6)
+    assert t_gather(1e6, 2, tp, "reduce_scatter") == pytest.approx(t_gather(1e6, 2, tp_plain, "reduce_scatter"))
+    assert link.tensor_parallel(4) == link  # measured over 2 ranks only
+    inp = Inputs("transformer", "base", "fp32", 8, 0.1, 80.0, 10**6, 4, wait={"tp": {2: 0.030}, "ddp": {2: 0.010}})
+    with_meet, without = predict(inp, "tp", 2, 1, link, None), predict(inp, "tp", 2, 1, plain, None)
+    prof = tp_profile("transformer", "base", 2)
+    gathers = prof.rows + prof.gathers + prof.gate_gathers  # row-parallel outputs backward, SP's gathers
+    all_reduces = prof.cols + 1  # the column-parallel inputs' gradients, the layer norms' one flat a step
+    assert (with_meet["wait_ms"], without["wait_ms"]) == (0.0, pytest.approx(30.0))
+    assert with_meet["step_ms"] - without["step_ms"] == pytest.approx(gathers * 1.0 + all_reduces * 2.0 - 30.0)
+    assert predict(inp, "ddp", 2, 1, link, None) == predict(inp, "ddp", 2, 1, plain, None)
+    import dataclasses
+    import json
+
+    assert Link(**json.loads(json.dumps(dataclasses.asdict(link)))) == link  # bench tune's anchors file
 
 
 def test_a_tp_rank_run_gives_tensor_parallels_compute_in_place_of_the_flop_share():

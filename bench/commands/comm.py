@@ -29,6 +29,10 @@ def comm(
     min_bytes: str = typer.Option("1K", help="Smallest message S, bytes (1K = 1024)."),
     max_bytes: str = typer.Option("256M", help="Largest message S, bytes (sizes double from the smallest)."),
     out: str = typer.Option("results/comm", help="Folder for <run_id>.comm.json and its plot.", callback=nonempty_out),
+    meet_compute_ms: float = typer.Option(5.0, help="Each tp_ collective is also timed after a compute segment of "
+                                                     "this many ms, as a tensor-parallel step meets it (its meeting "
+                                                     "cost, which bench predict adds to tp's collectives); 0: not."),
+    meet_bytes: str = typer.Option("2M", help="The buffer of those after-compute calls (at most --max-bytes)."),
     **settings,
 ):
     """Collective bandwidth as nccl-tests measures it (time, algbw, busbw per size) and an alpha-beta fit."""
@@ -36,7 +40,7 @@ def comm(
 
     if under_torchrun():
         _worker()  # never returns
-    cfg, comm_cfg, device_type = _plan(ops, min_bytes, max_bytes, out, settings)
+    cfg, comm_cfg, device_type = _plan(ops, min_bytes, max_bytes, out, settings, meet_compute_ms, meet_bytes)
     path = _launch(cfg, comm_cfg)
     if path is not None:
         _show(path, device_type)
@@ -51,7 +55,8 @@ def _worker() -> NoReturn:
     launch.worker_exit(worker_main(CommConfig(**{k: (tuple(v) if k == "ops" else v) for k, v in raw.items()})))
 
 
-def _plan(ops: str, min_bytes: str, max_bytes: str, out: str, settings: dict):
+def _plan(ops: str, min_bytes: str, max_bytes: str, out: str, settings: dict, meet_compute_ms: float = 5.0,
+          meet_bytes: str = "2M"):
     """The launch's RunConfig (its run id set), the workers' CommConfig and the device type; exit 2
     on a bad option."""
     from .. import launch
@@ -66,6 +71,9 @@ def _plan(ops: str, min_bytes: str, max_bytes: str, out: str, settings: dict):
         lo, hi = parse_bytes(min_bytes), parse_bytes(max_bytes)
         if lo > hi:
             raise ValueError(f"--min-bytes {min_bytes} is above --max-bytes {max_bytes}")
+        if not 0 <= meet_compute_ms <= 10_000:
+            raise ValueError(f"--meet-compute-ms {meet_compute_ms}: give 0 (not measured) to 10000 ms")
+        meet = parse_bytes(meet_bytes)
         cfg = RunConfig(strategy="ddp", out_dir=out, **settings)
         cfg.validate()
         if cfg.devices < 2:
@@ -74,7 +82,8 @@ def _plan(ops: str, min_bytes: str, max_bytes: str, out: str, settings: dict):
     except ValueError as exc:
         fail(str(exc))
     cfg = cfg.replace(run_id=launch.run_id("comm", cfg.devices, device_type))
-    comm_cfg = CommConfig(ops=kinds, min_bytes=lo, max_bytes=hi, out=out, run_id=cfg.run_id,
+    comm_cfg = CommConfig(ops=kinds, min_bytes=lo, max_bytes=hi, out=out, run_id=cfg.run_id, meet_bytes=meet,
+                          meet_compute_ms=meet_compute_ms,
                           extra={"device_type": device_type, "timeout_s": cfg.timeout_s})
     return cfg, comm_cfg, device_type
 
