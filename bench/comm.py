@@ -28,7 +28,7 @@ barrier between), on a buffer of --meet-bytes (at most --max-bytes), each call t
 cost is what a call costs there beyond back to back: the mean call after compute, averaged over the
 ranks (`_after_compute` says why that is what a step pays), less the mean call back to back, timed
 the same way just before. On 2 gloo CPU workers (AMD EPYC) a 2 MiB call costs 0.5 to 2.0 ms more
-after 3 ms of compute and 1.0 to 1.9 ms more after 10 ms
+after 3 ms of compute, 1.0 to 1.9 ms after 10 ms and 0.3 to 2.2 ms at the default 5 ms
 (docs/measurements/tp-meeting-cost_2xcpu-epyc_20261206.md): the ranks' arrival skew and whatever a
 cold collective pays. The default segment, 5 ms, is about tensor parallel x2's in the base
 transformer (its compute over its 42 collectives a step: 6 ms). bench predict adds the cost to
@@ -70,7 +70,7 @@ class CommConfig:
     target_s: float = 0.2  # timed iterations per size: as many as fit in this, at least 3
     meet_bytes: int = 2 * 2**20  # the tp_ collectives' buffer where they are timed after compute
     meet_compute_ms: float = 5.0  # the compute segment before each of those calls (0: not measured)
-    meet_iters: int = 60  # calls timed after compute
+    meet_iters: int = 60  # calls timed after compute, and as many back to back
     out: str = "results/comm"
     run_id: str = ""
     extra: dict = field(default_factory=dict)  # what the launcher knew: devices, nodes, device type
@@ -184,7 +184,7 @@ def _time(fn, env, warmup: int, target_s: float) -> float:
 
 
 def _compute_unit(device: torch.device):
-    """A piece of training-like work: a 256 x 256 matmul and a pass over 4 MB (the caches left cold)."""
+    """A piece of training-like work: a 256 x 256 matmul and a pass over 4 MB."""
     a, big = torch.randn(256, 256, device=device), torch.randn(2**20, device=device)
 
     def unit() -> None:
@@ -244,7 +244,7 @@ def _after_compute(fn, env, compute_ms: float, iters: int) -> dict:
 def meeting(raw: dict, fits: dict, world: int) -> dict:
     """Each tp_ collective's meeting cost (µs a call): its mean call after compute less its mean call back
     to back, the two timed the same way seconds apart (against the fit instead, the fit's own run-to-run
-    noise of up to 1 ms at 2 MiB would be in it); signed (noise can make it negative), beside what it
+    noise of up to 2 ms at 2 MiB would be in it); signed (noise can make it negative), beside what it
     came from and the fit's time at that buffer."""
     out = {}
     for kind, m in raw.items():

@@ -23,7 +23,9 @@ hop, B: bus bandwidth) from `bench comm` or a named preset. Weak scaling, N = no
               T the tensor-parallel degree (--strategy tp: N; fsdp:tpT); the T ranks of a group share
               T b samples; f the share of forward FLOPs TP divides (counted on the meta device: the
               model against one rank's shapes of it); A_tp = T b x one layer's output (bytes in the
-              compute dtype), inside the node; W from a profiled tp run, as for ddp and fsdp.
+              compute dtype), inside the node; W from a profiled tp run, as for ddp and fsdp, except
+              where bench comm measured the tp_ collectives' meeting cost m: each call of C_tp (and of
+              the once-a-step partial gradients) then costs m more, and --strategy tp's W is 0.
               C_tp, summed over the layers (r row-parallel, c column-parallel projections, q, k and v
               three, Megatron fuses them): without sequence parallel (r + c) T_ar(A_tp); with it
               r [T_rs(A_tp) + T_ag(A_tp)] + g T_ag(A_tp) + c T_ar(A_tp), g the gathers (attention
@@ -98,7 +100,7 @@ class Link:
     ops: tuple = ()
     devices: int = 0  # the ranks bench comm measured over (0: a preset)
     # bench comm's meeting cost of tensor parallel's collectives, ((op, µs a call), ...): what a call
-    # costs after compute beyond its fit (bench/comm.py meeting); met: tensor_parallel added it
+    # costs after compute beyond back to back (bench/comm.py meeting); met: tensor_parallel added it
     meet: tuple = ()
     met: bool = False
 
@@ -122,12 +124,16 @@ class Link:
         fits stand for all_gather, reduce_scatter and all_reduce; else this link as it is. Only at the
         degree measured: DTensor's cost is per call, not per hop, and the alpha-beta form carries it to
         another rank count by hops, which would shrink it from 8 ranks to 2 by 7 times. Where bench comm
-        also timed them after compute, each call's meeting cost is added to its latency (met): a
-        tensor-parallel step meets every one of its collectives after compute, tens a step."""
+        also timed every one of them after compute, each call's meeting cost is added to its latency
+        (met): a tensor-parallel step meets each of its collectives after compute, tens a step. Where
+        only some were (bench comm --ops), none is added: the others would go without it while W,
+        which predict leaves out when met, went too."""
         tp = {name[3:]: (name, bw, alpha) for name, bw, alpha in self.ops if name.startswith("tp_")}
         if not tp or degree != self.devices:
             return self
         meet = {name[3:]: us for name, us in self.meet}
+        if set(meet) != set(tp):
+            meet = {}
         ops = tuple((name, bw, alpha) for name, bw, alpha in self.ops if name not in tp and not name.startswith("tp_"))
         return Link(self.busbw_GBps, self.alpha_us, self.source,
                     ops + tuple((plain, bw, alpha + meet.get(plain, 0.0) / _hops(plain, degree))
@@ -484,7 +490,9 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
     t1 *= contention * recompute_factor(inp, ac)[0] * accumulate_factor(inp, K, per_node)[0]  # one micro-step
     wait = inp.wait_at(strategy, n) if strategy in ("ddp", "fsdp", "hsdp", "tp") else 0.0
     if strategy == "tp" and _tp_link(n, per_node, intra, inter).met:
-        wait = 0.0  # the collectives' meeting cost holds the ranks' skew at each of them: W would count it twice
+        # the collectives' meeting cost holds the ranks' skew at each of them: W would count it twice. fsdp
+        # --tp keeps its W (FSDP2's own collectives wait in it), the tp part's skew in both (a known overlap)
+        wait = 0.0
     if strategy == "single" or n == 1:
         step = K * t1
     elif strategy == "ddp":

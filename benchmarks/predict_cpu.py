@@ -198,7 +198,8 @@ def main() -> None:
     if raw != link:  # the same runs with tensor parallel's collectives at the raw fits
         for c in check(results, raw, None):
             if c.get("tp_compute"):
-                print(f"with bench comm's raw fits for tp's collectives instead of its tp_ ones: {c['model']} "
+                print(f"with bench comm's raw fits for tp's collectives instead of its tp_ ones (no meeting cost, W "
+                      f"back): {c['model']} "
                       f"{c['strategy']} x{c['devices']} predicted {c['predicted']:.1f} samples/s, error {c['error'] * 100:+.1f}%")
     if link.meet:  # the same runs without bench comm's meeting cost: the tp_ fits as measured back to back, and W
         for c in check(results, dataclasses.replace(link, meet=()), None):

@@ -71,9 +71,12 @@ def _plan(ops: str, min_bytes: str, max_bytes: str, out: str, settings: dict, me
         lo, hi = parse_bytes(min_bytes), parse_bytes(max_bytes)
         if lo > hi:
             raise ValueError(f"--min-bytes {min_bytes} is above --max-bytes {max_bytes}")
-        if not 0 <= meet_compute_ms <= 10_000:
-            raise ValueError(f"--meet-compute-ms {meet_compute_ms}: give 0 (not measured) to 10000 ms")
-        meet = parse_bytes(meet_bytes)
+        if not 0 <= meet_compute_ms <= 1000:  # 3 ops x 63 segments: at 1 s a segment over 3 minutes
+            raise ValueError(f"--meet-compute-ms {meet_compute_ms}: give 0 (not measured) to 1000 ms")
+        try:
+            meet = parse_bytes(meet_bytes)
+        except ValueError as exc:
+            raise ValueError(f"--meet-bytes: {exc}") from None
         cfg = RunConfig(strategy="ddp", out_dir=out, **settings)
         cfg.validate()
         if cfg.devices < 2:

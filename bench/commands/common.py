@@ -141,7 +141,10 @@ def parse_bytes(text: str) -> int:
     """'1K', '256M', '1G', '4096' -> bytes (binary multiples)."""
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(t[-1:], 1)
-    value = int(float(t[:-1] if mult > 1 else t) * mult)
+    try:
+        value = int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        value = 0
     if value < 4:
         raise ValueError(f"{text!r} is not a size like 1K, 256M or 4096 (bytes)")
     return value
