@@ -160,26 +160,28 @@ def _world_mesh(device_type: str, world: int):
     return init_device_mesh(device_type, (world,))
 
 
+def _sync(env) -> None:
+    """Wait for the device's queued work (CUDA); a CPU's is done when the call returns."""
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+
+
 def _time(fn, env, warmup: int, target_s: float) -> float:
     """Mean seconds per call over the timed iterations, the same count on every rank."""
-    def sync():
-        if env.device.type == "cuda":
-            torch.cuda.synchronize(env.device)
-
     for _ in range(warmup):
         fn()
-    sync()
+    _sync(env)
     control.barrier(env)
     t = time.perf_counter()
     fn()
-    sync()
+    _sync(env)
     probe_s = control.max_over_ranks([time.perf_counter() - t], env)[0]  # everyone agrees on the count
     iters = int(min(50, max(3, target_s / max(probe_s, 1e-6))))
     control.barrier(env)
     t = time.perf_counter()
     for _ in range(iters):
         fn()
-    sync()
+    _sync(env)
     return control.max_over_ranks([(time.perf_counter() - t) / iters], env)[0]  # the slowest rank's time
 
 
@@ -202,18 +204,14 @@ def _after_compute(fn, env, compute_ms: float, iters: int) -> dict:
     over the ranks is what a step pays beyond its compute: the early rank's holds its wait for the
     late one, the late one's none. Per rank the mean over iters and the median (which one descheduled
     call does not move), each averaged over the ranks, in microseconds; the compute's own median."""
-    def sync():
-        if env.device.type == "cuda":
-            torch.cuda.synchronize(env.device)
-
     unit = _compute_unit(env.device)
     for _ in range(3):
         unit()
-    sync()
+    _sync(env)
     t = time.perf_counter()
     for _ in range(5):
         unit()
-    sync()
+    _sync(env)
     per = (time.perf_counter() - t) / 5
     reps = int(control.max_over_ranks([float(min(10_000, math.ceil(compute_ms / 1000 / max(per, 1e-7))))], env)[0])
 
@@ -224,10 +222,10 @@ def _after_compute(fn, env, compute_ms: float, iters: int) -> dict:
             t = time.perf_counter()
             for _ in range(reps if compute else 0):
                 unit()
-            sync()
+            _sync(env)
             t1 = time.perf_counter()
             fn()
-            sync()
+            _sync(env)
             if i >= 3:
                 spent.append(t1 - t)
                 calls.append(time.perf_counter() - t1)

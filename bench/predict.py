@@ -489,7 +489,8 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
     contention = inp.contention_at(per_node)
     t1 *= contention * recompute_factor(inp, ac)[0] * accumulate_factor(inp, K, per_node)[0]  # one micro-step
     wait = inp.wait_at(strategy, n) if strategy in ("ddp", "fsdp", "hsdp", "tp") else 0.0
-    if strategy == "tp" and _tp_link(n, per_node, intra, inter).met:
+    in_meetings = strategy == "tp" and n > 1 and _tp_link(n, per_node, intra, inter).met
+    if in_meetings:
         # the collectives' meeting cost holds the ranks' skew at each of them: W would count it twice. fsdp
         # --tp keeps its W (FSDP2's own collectives wait in it), the tp part's skew in both (a known overlap)
         wait = 0.0
@@ -518,7 +519,7 @@ def predict(inp: Inputs, strategy: str, devices: int, nodes: int, intra: Link, i
     throughput = n * inp.batch * K / step
     return {"step_ms": step * 1000, "samples_per_s": throughput,
             "efficiency": throughput / (n * inp.single_throughput), "overlap": overlap, "contention": contention,
-            "wait_ms": wait * 1000}
+            "wait_ms": wait * 1000, "wait_in_meetings": in_meetings}
 
 
 def _tp_micro_step(inp: Inputs, t1: float, degree: int, per_node: int, intra: Link, inter: Link | None,
@@ -692,7 +693,8 @@ def prediction_table(inputs: list[Inputs], strategies: list[str], counts: list[i
                              f"{p['overlap']:.2f}" + ("" if inp.overlap and strategy in inp.overlap else " (none measured)"),
                              f"{p['contention']:.2f}" + ("" if inp.contention_measured(n // nodes) else " (none measured)"),
                              "" if strategy == "pipeline" or n < 2 else
-                             f"{p['wait_ms']:.1f}" + ("" if (inp.wait or {}).get(strategy) else " (none measured)"),
+                             f"{p['wait_ms']:.1f}" + (" (in the meeting cost)" if p["wait_in_meetings"] else
+                                                      "" if (inp.wait or {}).get(strategy) else " (none measured)"),
                              # a prediction rests on its single runs: their flags travel with every row
                              note + (f"; single baseline flagged: {inp.flags}" if inp.flags else "")
                              + ("" if recompute_factor(inp, ac)[1] else
